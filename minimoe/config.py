@@ -1,0 +1,242 @@
+"""Model configuration: one dataclass read from a Hugging Face ``config.json``.
+
+Two spellings of the same file exist in the wild and both are read here:
+
+* the Hub's original (transformers 4.x): ``rope_theta``, ``torch_dtype``;
+* transformers 5.x ``save_pretrained``: ``rope_parameters: {rope_theta, rope_type}``,
+  ``dtype`` and a per-layer ``layer_types`` list.
+
+Two architectures are supported: ``Qwen2MoeForCausalLM`` (model_type ``qwen2_moe``)
+and its dense sibling ``Qwen2ForCausalLM`` (model_type ``qwen2``), which is the
+same network with every layer a dense SwiGLU MLP.  Anything that would make the
+network compute something else (rope scaling, sliding-window attention, another
+activation) is refused with a :class:`~minimoe.errors.MinimoeError` rather than
+silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import MinimoeError
+
+SUPPORTED_MODEL_TYPES = ("qwen2_moe", "qwen2")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The architecture facts minimoe needs; field names follow ``config.json``."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = True
+    # Mixture-of-experts fields; a dense ``qwen2`` model has num_experts == 0.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    router_aux_loss_coef: float = 0.0
+    dtype: str = "bfloat16"
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+
+    def is_sparse_layer(self, layer: int) -> bool:
+        """True when decoder layer ``layer`` uses the MoE block (the one home of this rule).
+
+        Same rule as transformers' ``Qwen2MoeDecoderLayer``: sparse iff the layer is
+        not listed in ``mlp_only_layers``, the model has experts, and
+        ``(layer + 1) % decoder_sparse_step == 0``.
+        """
+        return (
+            layer not in self.mlp_only_layers
+            and self.num_experts > 0
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
+
+    @property
+    def sparse_layers(self) -> list[int]:
+        """Indices of the decoder layers that use the MoE block."""
+        return [layer for layer in range(self.num_hidden_layers) if self.is_sparse_layer(layer)]
+
+    @property
+    def num_kv_groups(self) -> int:
+        """How many query heads share one key/value head (grouped-query attention)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        """Read ``config.json`` (or a folder holding one)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise MinimoeError(f"{path}: no config.json found") from None
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise MinimoeError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise MinimoeError(f"{path}: expected a JSON object at the top level")
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "ModelConfig":
+        """Build a config from the parsed JSON of either spelling; refuse what we do not support."""
+        return _parse(raw, source)
+
+
+def _parse(raw: dict[str, Any], source: str) -> ModelConfig:
+    def fail(message: str) -> MinimoeError:
+        return MinimoeError(f"{source}: {message}")
+
+    def require(key: str, kind: type = int) -> Any:
+        if key not in raw or raw[key] is None:
+            raise fail(f"missing required field {key!r}")
+        return _typed(raw[key], kind, key, fail)
+
+    def optional(key: str, default: Any, kind: type) -> Any:
+        value = raw.get(key)
+        return default if value is None else _typed(value, kind, key, fail)
+
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise fail(
+            f"model_type {model_type!r} is not supported; minimoe runs "
+            f"{' and '.join(SUPPORTED_MODEL_TYPES)} (Qwen2MoeForCausalLM, Qwen2ForCausalLM)"
+        )
+    is_moe = model_type == "qwen2_moe"
+
+    activation = raw.get("hidden_act", "silu")
+    if activation != "silu":
+        raise fail(f"hidden_act {activation!r} is not supported (only 'silu', as in SwiGLU)")
+
+    rope_theta, rope_type = _rope(raw, fail)
+    if rope_type not in (None, "default"):
+        raise fail(f"rope scaling ({rope_type!r}) is not supported; only plain RoPE")
+
+    _refuse_sliding_window(raw, fail)
+
+    hidden = require("hidden_size")
+    heads = require("num_attention_heads")
+    kv_heads = optional("num_key_value_heads", heads, int)
+    if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
+        raise fail(f"num_attention_heads ({heads}) must be a positive multiple of num_key_value_heads ({kv_heads})")
+    head_dim = optional("head_dim", None, int)
+    if head_dim is None:
+        if hidden % heads:
+            raise fail(f"hidden_size ({hidden}) is not divisible by num_attention_heads ({heads})")
+        head_dim = hidden // heads
+    if head_dim % 2:
+        raise fail(f"head_dim ({head_dim}) must be even for rotate-half RoPE")
+
+    moe: dict[str, Any] = {}
+    if is_moe:
+        moe = dict(
+            num_experts=require("num_experts"),
+            num_experts_per_tok=require("num_experts_per_tok"),
+            moe_intermediate_size=require("moe_intermediate_size"),
+            shared_expert_intermediate_size=require("shared_expert_intermediate_size"),
+            norm_topk_prob=optional("norm_topk_prob", False, bool),
+            decoder_sparse_step=optional("decoder_sparse_step", 1, int),
+            mlp_only_layers=tuple(optional("mlp_only_layers", [], list)),
+            router_aux_loss_coef=optional("router_aux_loss_coef", 0.001, float),
+        )
+        if moe["num_experts"] > 0 and not 0 < moe["num_experts_per_tok"] <= moe["num_experts"]:
+            raise fail(
+                f"num_experts_per_tok ({moe['num_experts_per_tok']}) must be between 1 and "
+                f"num_experts ({moe['num_experts']})"
+            )
+        if moe["decoder_sparse_step"] < 1:
+            raise fail(f"decoder_sparse_step must be >= 1, got {moe['decoder_sparse_step']}")
+        if not all(isinstance(layer, int) for layer in moe["mlp_only_layers"]):
+            raise fail(f"mlp_only_layers must list layer indices, got {moe['mlp_only_layers']!r}")
+
+    config = ModelConfig(
+        model_type=model_type,
+        vocab_size=require("vocab_size"),
+        hidden_size=hidden,
+        num_hidden_layers=require("num_hidden_layers"),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=require("intermediate_size"),
+        max_position_embeddings=require("max_position_embeddings"),
+        rms_norm_eps=optional("rms_norm_eps", 1e-6, float),
+        rope_theta=rope_theta,
+        tie_word_embeddings=optional("tie_word_embeddings", False, bool),
+        qkv_bias=optional("qkv_bias", True, bool),
+        dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"),
+        bos_token_id=optional("bos_token_id", None, int),
+        eos_token_id=_eos(raw.get("eos_token_id"), fail),
+        **moe,
+    )
+    for field in ("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings"):
+        if getattr(config, field) <= 0:
+            raise fail(f"{field} must be positive, got {getattr(config, field)}")
+    return config
+
+
+def _typed(value: Any, kind: type, key: str, fail) -> Any:
+    """Check a JSON value's type (ints are accepted where floats are expected)."""
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, bool):
+        raise fail(f"field {key!r} must be an integer, got {value!r}")
+    if not isinstance(value, kind):
+        raise fail(f"field {key!r} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _rope(raw: dict[str, Any], fail) -> tuple[float, str | None]:
+    """(rope_theta, rope_type) from either spelling: ``rope_parameters`` (5.x) or ``rope_theta`` (4.x)."""
+    params = raw.get("rope_parameters")
+    scaling = raw.get("rope_scaling")
+    if params is not None:
+        if not isinstance(params, dict) or "rope_theta" not in params:
+            raise fail(f"rope_parameters must be an object with rope_theta, got {params!r}")
+        theta, rope_type = params["rope_theta"], params.get("rope_type", "default")
+    else:
+        theta = raw.get("rope_theta", 10000.0)
+        rope_type = None
+    if scaling is not None:
+        rope_type = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else str(scaling)
+    return _typed(theta, float, "rope_theta", fail), rope_type
+
+
+def _refuse_sliding_window(raw: dict[str, Any], fail) -> None:
+    """Sliding-window attention changes the mask; we only implement full causal attention."""
+    if raw.get("use_sliding_window"):
+        raise fail("use_sliding_window is true; sliding-window attention is not supported")
+    layer_types = raw.get("layer_types") or []
+    windowed = [i for i, kind in enumerate(layer_types) if kind != "full_attention"]
+    if windowed:
+        raise fail(
+            f"layer_types marks layers {windowed} as {layer_types[windowed[0]]!r}; "
+            "only 'full_attention' is supported"
+        )
+
+
+def _eos(value: Any, fail) -> int | tuple[int, ...] | None:
+    if value is None or isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, list) and all(isinstance(v, int) for v in value):
+        return tuple(value)
+    raise fail(f"eos_token_id must be an integer or a list of integers, got {value!r}")

@@ -1,0 +1,189 @@
+"""The layers of Qwen2-MoE, each a small function over an array module ``xp``.
+
+Shapes use: ``B`` batch, ``T`` new tokens, ``S`` all positions attended to
+(cache + new), ``H`` hidden size, ``nh`` query heads, ``nkv`` key/value heads,
+``D`` head dim, ``E`` experts, ``k`` experts per token, ``N`` flattened tokens.
+
+Weights arrive as callables (:class:`minimoe.backend.Linear`: ``W(x) = x @ W.T + b``)
+so that the same function runs on NumPy or on the GPU.  Everything computes
+in float32, which is also where transformers keeps its softmaxes and norms.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+Projection = Callable  # x [..., in] -> [..., out], e.g. minimoe.backend.Linear
+
+
+# --- normalisation and activations -------------------------------------------------
+
+def rms_norm(xp, x, weight, eps: float):
+    """Root-mean-square norm: ``x / sqrt(mean(x^2) + eps) * w``.  x ``[..., H]`` -> ``[..., H]``."""
+    variance = xp.mean(xp.square(x), axis=-1, keepdims=True)
+    return x / xp.sqrt(variance + eps) * weight
+
+
+def silu(xp, x):
+    """``x * sigmoid(x)``, elementwise."""
+    return x / (1.0 + xp.exp(-x))
+
+
+def sigmoid(xp, x):
+    return 1.0 / (1.0 + xp.exp(-x))
+
+
+def softmax(xp, x, axis: int = -1):
+    """Numerically stable softmax along ``axis`` (max subtracted first)."""
+    shifted = x - xp.max(x, axis=axis, keepdims=True)
+    exp = xp.exp(shifted)
+    return exp / xp.sum(exp, axis=axis, keepdims=True)
+
+
+# --- rotary position embedding ---------------------------------------------------
+
+def rope_tables(xp, positions, head_dim: int, theta: float):
+    """cos and sin tables for the given absolute positions.  positions ``[T]`` -> (``[T, D]``, ``[T, D]``).
+
+    ``inv_freq = theta^(-arange(0, D, 2) / D)``; each frequency appears twice, once
+    for the first half of the head and once for the second (the rotate-half layout).
+    Computed in float32 exactly as transformers does, so that long positions round
+    the same way.
+    """
+    exponents = xp.arange(0, head_dim, 2, dtype=xp.float32) / xp.float32(head_dim)
+    inv_freq = (1.0 / (xp.float32(theta) ** exponents)).astype(xp.float32)  # [D/2]
+    angles = positions.astype(xp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
+    angles = xp.concatenate([angles, angles], axis=-1)  # [T, D]
+    return xp.cos(angles), xp.sin(angles)
+
+
+def rotate_half(xp, x):
+    """``[x1, x2] -> [-x2, x1]`` on the last axis, halves split down the middle (not interleaved)."""
+    half = x.shape[-1] // 2
+    return xp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope(xp, x, cos, sin):
+    """Rotate each head's vector by its position's angles.  x ``[B, heads, T, D]``, cos/sin ``[T, D]``."""
+    return x * cos + rotate_half(xp, x) * sin
+
+
+# --- attention ---------------------------------------------------------------------
+
+def split_heads(x, num_heads: int, head_dim: int):
+    """``[B, T, heads * D]`` -> ``[B, heads, T, D]``."""
+    batch, tokens, _ = x.shape
+    return x.reshape(batch, tokens, num_heads, head_dim).transpose(0, 2, 1, 3)
+
+
+def causal_attention(xp, q, k, v, query_start: int):
+    """Grouped-query causal attention.
+
+    q ``[B, nh, T, D]`` for positions ``query_start .. query_start + T - 1``;
+    k, v ``[B, nkv, S, D]`` for positions ``0 .. S - 1``.  Returns ``[B, T, nh * D]``.
+
+    Query head ``h`` reads key/value head ``h // (nh / nkv)``: we view the query heads
+    as ``[nkv, groups]`` instead of repeating k and v, which is the same arithmetic
+    without the copies.  Scores are scaled by ``1/sqrt(D)``; a query at position ``p``
+    sees keys ``0..p``.
+    """
+    batch, num_heads, tokens, head_dim = q.shape
+    num_kv, keys = k.shape[1], k.shape[2]
+    groups = num_heads // num_kv
+    q = q.reshape(batch, num_kv, groups, tokens, head_dim)
+    scores = q @ k[:, :, None].swapaxes(-1, -2) / xp.float32(head_dim) ** 0.5  # [B, nkv, g, T, S]
+    query_pos = xp.arange(query_start, query_start + tokens)[:, None]
+    key_pos = xp.arange(keys)[None, :]
+    scores = xp.where(key_pos <= query_pos, scores, xp.float32(-xp.inf))
+    weights = softmax(xp, scores, axis=-1)
+    out = weights @ v[:, :, None]  # [B, nkv, g, T, D]
+    out = out.reshape(batch, num_heads, tokens, head_dim)
+    return out.transpose(0, 2, 1, 3).reshape(batch, tokens, num_heads * head_dim)
+
+
+# --- feed-forward ------------------------------------------------------------------
+
+def swiglu(xp, x, gate: Projection, up: Projection, down: Projection):
+    """The SwiGLU MLP: ``down(silu(gate(x)) * up(x))``.  x ``[..., H]`` -> ``[..., H]``."""
+    return down(silu(xp, gate(x)) * up(x))
+
+
+def route(xp, router_logits, top_k: int, norm_topk_prob: bool):
+    """The router's choice per token.
+
+    router_logits ``[N, E]`` -> (probs ``[N, E]``, expert_ids ``[N, k]``, expert_weights ``[N, k]``).
+
+    Softmax over *all* experts, then the k largest probabilities, highest first.
+    Without ``norm_topk_prob`` (Qwen1.5-MoE's setting) the k weights are those raw
+    probabilities and sum to less than 1; with it they are renormalised to sum to 1.
+    """
+    probs = softmax(xp, router_logits.astype(xp.float32), axis=-1)
+    candidates = xp.argpartition(-probs, top_k - 1, axis=-1)[:, :top_k]
+    candidate_probs = xp.take_along_axis(probs, candidates, axis=-1)
+    order = xp.argsort(-candidate_probs, axis=-1, kind="stable")
+    expert_ids = xp.take_along_axis(candidates, order, axis=-1)
+    expert_weights = xp.take_along_axis(candidate_probs, order, axis=-1)
+    if norm_topk_prob:
+        expert_weights = expert_weights / xp.sum(expert_weights, axis=-1, keepdims=True)
+    return probs, expert_ids, expert_weights
+
+
+def routed_experts(xp, h, expert_ids, expert_weights, experts: Sequence[tuple[Projection, Projection, Projection]]):
+    """Weighted sum of the chosen experts' outputs, each expert run only on its own tokens.
+
+    h ``[N, H]``, expert_ids / expert_weights ``[N, k]``, ``experts[e] = (gate, up, down)``
+    -> ``[N, H]``.
+
+    The N*k (token, expert) assignments are sorted by expert so that each expert
+    sees one contiguous batch of the tokens routed to it.
+    """
+    tokens, top_k = expert_ids.shape
+    flat_ids = expert_ids.reshape(-1)
+    flat_weights = expert_weights.reshape(-1)
+    slots = xp.argsort(flat_ids, kind="stable")  # assignment slots, grouped by expert
+    counts = xp.bincount(flat_ids, minlength=len(experts))
+    out = xp.zeros_like(h)
+    start = 0
+    for expert, count in enumerate(counts.tolist()):
+        if count == 0:
+            continue
+        chosen = slots[start : start + count]
+        start += count
+        rows = chosen // top_k  # token index of each assignment
+        y = swiglu(xp, h[rows], *experts[expert]) * flat_weights[chosen][:, None]
+        # A token picks an expert at most once, so `rows` has no repeats and += is safe.
+        out[rows] += y
+    return out
+
+
+def shared_expert(xp, h, gate: Projection, up: Projection, down: Projection, shared_gate: Projection):
+    """The always-on shared expert, scaled per token by a sigmoid gate.
+
+    h ``[N, H]`` -> (output ``[N, H]``, gate value ``[N]``).  ``shared_gate`` maps
+    ``H -> 1``; its sigmoid decides how much of the shared expert each token takes.
+    """
+    gate_value = sigmoid(xp, shared_gate(h))[:, 0]
+    return swiglu(xp, h, gate, up, down) * gate_value[:, None], gate_value
+
+
+# --- the router's auxiliary loss ---------------------------------------------------
+
+def load_balancing_loss(xp, router_logits: Sequence, num_experts: int, top_k: int) -> float:
+    """The Switch-Transformer load-balancing loss, computed as transformers computes it.
+
+    router_logits: one ``[N, E]`` array per sparse layer.  With ``f_e`` the share of
+    top-k slots (summed over layers, divided by the number of token rows, so
+    ``sum_e f_e = k``) and ``P_e`` the mean router probability of expert ``e``:
+    ``loss = E * sum_e f_e * P_e``.  Perfectly uniform routing gives ``k``.
+    """
+    if not router_logits:
+        return 0.0
+    slot_counts = xp.zeros(num_experts, dtype=xp.float32)
+    prob_sums = xp.zeros(num_experts, dtype=xp.float32)
+    rows = 0
+    for logits in router_logits:
+        probs, expert_ids, _ = route(xp, logits, top_k, norm_topk_prob=False)
+        slot_counts += xp.bincount(expert_ids.reshape(-1), minlength=num_experts)
+        prob_sums += probs.sum(axis=0)
+        rows += logits.shape[0]
+    return float(num_experts * xp.sum((slot_counts / rows) * (prob_sums / rows)))

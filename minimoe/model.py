@@ -1,0 +1,319 @@
+"""The Qwen2-MoE model: weights from a checkpoint, composed from :mod:`minimoe.layers`.
+
+Per decoder layer, in one residual stream ``x`` (see ``docs`` and DESIGN):
+
+    h = rms_norm(x);  x += attention(h)            # RoPE, grouped-query, KV cache
+    h = rms_norm(x);  x += moe(h)  or  mlp(h)      # sparse layers: routed + gated shared expert
+
+then a final norm and the output head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from . import layers, weights
+from .backend import Linear, array_module
+from .checkpoint import Checkpoint
+from .config import ModelConfig
+from .errors import MinimoeError
+
+
+# --- the KV cache ------------------------------------------------------------------
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, preallocated.
+
+    Per layer, ``keys``/``values`` are ``[B, nkv, capacity, D]`` float32.  Writing a
+    step copies its new rows into place; when capacity runs out it doubles (up to the
+    context length), so decoding never concatenates per token.  ``length`` is the
+    number of positions stored, i.e. the position of the next token.
+    """
+
+    def __init__(self, config: ModelConfig, capacity: int | None = None, xp=np):
+        self.config = config
+        self.xp = xp
+        self.max_length = config.max_position_embeddings
+        self.capacity = min(capacity or 256, self.max_length)
+        self.length = 0
+        self.batch_size: int | None = None
+        self.keys: list = []
+        self.values: list = []
+
+    def _allocate(self, batch_size: int, capacity: int) -> None:
+        c = self.config
+        shape = (batch_size, c.num_key_value_heads, capacity, c.head_dim)
+        new_keys = [self.xp.zeros(shape, dtype=self.xp.float32) for _ in range(c.num_hidden_layers)]
+        new_values = [self.xp.zeros(shape, dtype=self.xp.float32) for _ in range(c.num_hidden_layers)]
+        for old, new in zip(self.keys + self.values, new_keys + new_values):
+            new[:, :, : self.length] = old[:, :, : self.length]
+        self.keys, self.values, self.capacity = new_keys, new_values, capacity
+
+    def reserve(self, batch_size: int, new_tokens: int) -> None:
+        """Make room for ``new_tokens`` more positions of a ``batch_size`` batch."""
+        if self.batch_size is None:
+            self.batch_size = batch_size
+        elif batch_size != self.batch_size:
+            raise MinimoeError(f"this cache holds a batch of {self.batch_size} sequences, got a batch of {batch_size}")
+        needed = self.length + new_tokens
+        if not self.keys or needed > self.capacity:
+            capacity = self.capacity
+            while capacity < needed:
+                capacity *= 2
+            self._allocate(batch_size, min(capacity, self.max_length))
+
+    def update(self, layer: int, k, v):
+        """Store k, v ``[B, nkv, T, D]`` after the cached positions; return all ``[B, nkv, S, D]``."""
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, tokens: int) -> None:
+        """Mark ``tokens`` new positions as stored (after every layer has written them)."""
+        self.length += tokens
+
+
+# --- the blocks ----------------------------------------------------------------------
+
+@dataclass
+class Attention:
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    def __call__(self, xp, h, cos, sin, layer: int, cache: KVCache | None, start: int):
+        """h ``[B, T, H]`` -> ``[B, T, H]``; new keys/values go into ``cache`` when given."""
+        q = layers.apply_rope(xp, layers.split_heads(self.q(h), self.num_heads, self.head_dim), cos, sin)
+        k = layers.apply_rope(xp, layers.split_heads(self.k(h), self.num_kv_heads, self.head_dim), cos, sin)
+        v = layers.split_heads(self.v(h), self.num_kv_heads, self.head_dim)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        return self.o(layers.causal_attention(xp, q, k, v, query_start=start))
+
+
+@dataclass
+class SwiGLU:
+    gate: Linear
+    up: Linear
+    down: Linear
+
+    def __call__(self, xp, h):
+        """h ``[..., H]`` -> ``[..., H]``."""
+        return layers.swiglu(xp, h, self.gate, self.up, self.down)
+
+
+@dataclass
+class SparseMoeBlock:
+    """Router + fine-grained routed experts + the sigmoid-gated shared expert."""
+
+    router: Linear  # H -> E, no bias
+    experts: list[SwiGLU]
+    shared: SwiGLU
+    shared_gate: Linear  # H -> 1
+    top_k: int
+    norm_topk_prob: bool
+
+    def __call__(self, xp, h, router_logits_out: list | None = None):
+        """h ``[B, T, H]`` -> ``[B, T, H]``; appends this layer's router logits ``[B*T, E]`` if asked."""
+        flat = h.reshape(-1, h.shape[-1])
+        router_logits = self.router(flat)
+        if router_logits_out is not None:
+            router_logits_out.append(router_logits)
+        _, expert_ids, expert_weights = layers.route(xp, router_logits, self.top_k, self.norm_topk_prob)
+        expert_mlps = [(e.gate, e.up, e.down) for e in self.experts]
+        routed = layers.routed_experts(xp, flat, expert_ids, expert_weights, expert_mlps)
+        shared, _ = layers.shared_expert(xp, flat, self.shared.gate, self.shared.up, self.shared.down, self.shared_gate)
+        return (routed + shared).reshape(h.shape)
+
+
+@dataclass
+class DecoderLayer:
+    index: int
+    input_norm: np.ndarray
+    post_attention_norm: np.ndarray
+    attention: Attention
+    mlp: SwiGLU | SparseMoeBlock
+    eps: float
+
+    @property
+    def is_sparse(self) -> bool:
+        return isinstance(self.mlp, SparseMoeBlock)
+
+    def __call__(self, xp, x, cos, sin, cache, start, router_logits_out=None):
+        """x ``[B, T, H]`` -> ``[B, T, H]``: attention then feed-forward, each added to the residual."""
+        h = layers.rms_norm(xp, x, self.input_norm, self.eps)
+        x = x + self.attention(xp, h, cos, sin, self.index, cache, start)
+        h = layers.rms_norm(xp, x, self.post_attention_norm, self.eps)
+        if self.is_sparse:
+            return x + self.mlp(xp, h, router_logits_out)
+        return x + self.mlp(xp, h)
+
+
+# --- the model -----------------------------------------------------------------------
+
+@dataclass
+class Model:
+    """A Qwen2-MoE (or dense Qwen2) causal language model ready to run.
+
+    Build one with :func:`minimoe.load`.  Weights stay memory-mapped in their
+    stored dtype; see :class:`minimoe.backend.Linear`.
+    """
+
+    config: ModelConfig
+    embed: Linear
+    decoder: list[DecoderLayer]
+    final_norm: np.ndarray
+    lm_head: Linear
+    checkpoint: Checkpoint | None = None
+    backend: str = "numpy"
+    xp: object = field(default=np, repr=False)
+
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        """An empty KV cache for incremental decoding (``capacity`` positions preallocated)."""
+        return KVCache(self.config, capacity, self.xp)
+
+    def forward(self, ids, cache: KVCache | None = None, *, router_logits: list | None = None):
+        """Logits for every position.  ids ``[T]`` -> ``[T, V]``; ids ``[B, T]`` -> ``[B, T, V]``.
+
+        With ``cache``, the ids continue the cached sequence (positions start at
+        ``cache.length``) and their keys/values are added to it.  Pass a list as
+        ``router_logits`` to receive each sparse layer's router logits ``[B*T, E]``
+        (what :meth:`aux_loss` uses).
+        """
+        xp = self.xp
+        batch = self._check_ids(ids)
+        unbatched = batch.ndim == 1
+        if unbatched:
+            batch = batch[None]
+        start = cache.length if cache is not None else 0
+        tokens = batch.shape[1]
+        if start + tokens > self.config.max_position_embeddings:
+            raise MinimoeError(
+                f"{start} cached + {tokens} new tokens exceed the context of "
+                f"{self.config.max_position_embeddings} positions (max_position_embeddings)"
+            )
+        if cache is not None:
+            cache.reserve(batch.shape[0], tokens)
+
+        cos, sin = layers.rope_tables(xp, xp.arange(start, start + tokens), self.config.head_dim, self.config.rope_theta)
+        x = self.embed.rows(batch)  # [B, T, H]
+        for layer in self.decoder:
+            x = layer(xp, x, cos, sin, cache, start, router_logits)
+        if cache is not None:
+            cache.advance(tokens)
+        x = layers.rms_norm(xp, x, self.final_norm, self.config.rms_norm_eps)
+        logits = self.lm_head(x)
+        return logits[0] if unbatched else logits
+
+    __call__ = forward
+
+    def aux_loss(self, ids) -> float:
+        """The router's load-balancing loss on ``ids`` (unscaled, as transformers' ``aux_loss``)."""
+        router_logits: list = []
+        self.forward(ids, router_logits=router_logits)
+        c = self.config
+        return layers.load_balancing_loss(self.xp, router_logits, c.num_experts, c.num_experts_per_tok)
+
+    def _check_ids(self, ids) -> np.ndarray:
+        array = np.asarray(ids)
+        if array.ndim not in (1, 2) or array.size == 0:
+            raise MinimoeError(f"token ids must be a non-empty [T] or [B, T] array, got shape {array.shape}")
+        if not np.issubdtype(array.dtype, np.integer):
+            raise MinimoeError(f"token ids must be integers, got dtype {array.dtype}")
+        bad = np.flatnonzero((array < 0) | (array >= self.config.vocab_size))
+        if bad.size:
+            where = np.unravel_index(bad[0], array.shape)
+            raise MinimoeError(
+                f"token id {int(array[where])} at position {tuple(int(i) for i in where)} is outside the "
+                f"vocabulary [0, {self.config.vocab_size})"
+            )
+        return array.astype(np.int64)
+
+
+# --- loading -----------------------------------------------------------------------
+
+def load(path: str | Path, backend: str = "numpy", progress: Callable[[Iterable], Iterable] | None = None) -> Model:
+    """Open a Hugging Face checkpoint folder (config.json + safetensors) as a :class:`Model`.
+
+    Weights are memory-mapped, not read: opening the 28.6 GB Qwen1.5-MoE-A2.7B
+    takes seconds and little memory.  Every tensor's presence and shape is checked
+    against the config first.
+    """
+    xp = array_module(backend)
+    folder = Path(path)
+    config = ModelConfig.from_file(folder)
+    checkpoint = Checkpoint(folder, progress=progress)
+    _check_shapes(checkpoint, config)
+    return _build(config, checkpoint, backend, xp)
+
+
+def _check_shapes(checkpoint: Checkpoint, config: ModelConfig) -> None:
+    for name, shape in weights.expected_shapes(config).items():
+        if name not in checkpoint:
+            raise MinimoeError(f"{checkpoint.folder}: tensor {name!r} is missing")
+        found = checkpoint.info(name).shape
+        if found != shape:
+            raise MinimoeError(
+                f"{checkpoint.folder}: tensor {name!r} has shape {list(found)}, expected {list(shape)} from config.json"
+            )
+
+
+def _build(config: ModelConfig, checkpoint: Checkpoint, backend: str, xp) -> Model:
+    def tensor(name):
+        return checkpoint.array(name)
+
+    def small(name):
+        return np.asarray(tensor(name), dtype=np.float32)
+
+    def mlp(prefix) -> SwiGLU:
+        names = weights.swiglu_names(prefix)
+        return SwiGLU(Linear(tensor(names["gate"])), Linear(tensor(names["up"])), Linear(tensor(names["down"])))
+
+    def attention(layer) -> Attention:
+        n = weights.attention_names(layer)
+        bias = (lambda key: small(n[key])) if config.qkv_bias else (lambda key: None)
+        return Attention(
+            q=Linear(tensor(n["q_weight"]), bias("q_bias")),
+            k=Linear(tensor(n["k_weight"]), bias("k_bias")),
+            v=Linear(tensor(n["v_weight"]), bias("v_bias")),
+            o=Linear(tensor(n["o_weight"])),
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=config.head_dim,
+        )
+
+    def feed_forward(layer):
+        if not config.is_sparse_layer(layer):
+            return mlp(weights.dense_mlp_prefix(layer))
+        return SparseMoeBlock(
+            router=Linear(tensor(weights.router_name(layer))),
+            experts=[mlp(weights.expert_prefix(layer, e)) for e in range(config.num_experts)],
+            shared=mlp(weights.shared_expert_prefix(layer)),
+            shared_gate=Linear(tensor(weights.shared_expert_gate_name(layer))),
+            top_k=config.num_experts_per_tok,
+            norm_topk_prob=config.norm_topk_prob,
+        )
+
+    decoder = []
+    for layer in range(config.num_hidden_layers):
+        norms = weights.norm_names(layer)
+        decoder.append(DecoderLayer(
+            index=layer,
+            input_norm=small(norms["input"]),
+            post_attention_norm=small(norms["post_attention"]),
+            attention=attention(layer),
+            mlp=feed_forward(layer),
+            eps=config.rms_norm_eps,
+        ))
+    embed = Linear(tensor(weights.EMBED))
+    lm_head = embed if config.tie_word_embeddings else Linear(tensor(weights.LM_HEAD))
+    return Model(config, embed, decoder, small(weights.FINAL_NORM), lm_head, checkpoint, backend, xp)

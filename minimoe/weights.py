@@ -1,0 +1,94 @@
+"""The Hub's tensor names and the shapes the config implies: the one home of both.
+
+Linear weights are stored ``[out_features, in_features]`` (``y = x @ W.T``), as
+PyTorch's ``nn.Linear`` keeps them.  :func:`expected_shapes` lists every tensor a
+checkpoint must hold for a config; the loader checks them all before anything runs.
+"""
+
+from __future__ import annotations
+
+from .config import ModelConfig
+
+EMBED = "model.embed_tokens.weight"
+FINAL_NORM = "model.norm.weight"
+LM_HEAD = "lm_head.weight"
+
+
+def layer_prefix(layer: int) -> str:
+    return f"model.layers.{layer}"
+
+
+def attention_names(layer: int) -> dict[str, str]:
+    """Names of one layer's attention tensors, keyed by role."""
+    p = f"{layer_prefix(layer)}.self_attn"
+    return {
+        "q_weight": f"{p}.q_proj.weight", "q_bias": f"{p}.q_proj.bias",
+        "k_weight": f"{p}.k_proj.weight", "k_bias": f"{p}.k_proj.bias",
+        "v_weight": f"{p}.v_proj.weight", "v_bias": f"{p}.v_proj.bias",
+        "o_weight": f"{p}.o_proj.weight",
+    }
+
+
+def norm_names(layer: int) -> dict[str, str]:
+    p = layer_prefix(layer)
+    return {"input": f"{p}.input_layernorm.weight", "post_attention": f"{p}.post_attention_layernorm.weight"}
+
+
+def swiglu_names(prefix: str) -> dict[str, str]:
+    """gate/up/down projections of one SwiGLU MLP under ``prefix`` (dense MLP, expert or shared expert)."""
+    return {proj: f"{prefix}.{proj}_proj.weight" for proj in ("gate", "up", "down")}
+
+
+def dense_mlp_prefix(layer: int) -> str:
+    return f"{layer_prefix(layer)}.mlp"
+
+
+def router_name(layer: int) -> str:
+    return f"{layer_prefix(layer)}.mlp.gate.weight"
+
+
+def expert_prefix(layer: int, expert: int) -> str:
+    return f"{layer_prefix(layer)}.mlp.experts.{expert}"
+
+
+def shared_expert_prefix(layer: int) -> str:
+    return f"{layer_prefix(layer)}.mlp.shared_expert"
+
+
+def shared_expert_gate_name(layer: int) -> str:
+    return f"{layer_prefix(layer)}.mlp.shared_expert_gate.weight"
+
+
+def _swiglu_shapes(prefix: str, hidden: int, intermediate: int) -> dict[str, tuple[int, ...]]:
+    names = swiglu_names(prefix)
+    return {
+        names["gate"]: (intermediate, hidden),
+        names["up"]: (intermediate, hidden),
+        names["down"]: (hidden, intermediate),
+    }
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the model reads, with its shape, in the Hub's naming."""
+    h, d = config.hidden_size, config.head_dim
+    q_out, kv_out = config.num_attention_heads * d, config.num_key_value_heads * d
+    shapes: dict[str, tuple[int, ...]] = {EMBED: (config.vocab_size, h), FINAL_NORM: (h,)}
+    if not config.tie_word_embeddings:
+        shapes[LM_HEAD] = (config.vocab_size, h)
+    for layer in range(config.num_hidden_layers):
+        attn = attention_names(layer)
+        shapes.update({attn["q_weight"]: (q_out, h), attn["k_weight"]: (kv_out, h),
+                       attn["v_weight"]: (kv_out, h), attn["o_weight"]: (h, q_out)})
+        if config.qkv_bias:
+            shapes.update({attn["q_bias"]: (q_out,), attn["k_bias"]: (kv_out,), attn["v_bias"]: (kv_out,)})
+        for name in norm_names(layer).values():
+            shapes[name] = (h,)
+        if config.is_sparse_layer(layer):
+            shapes[router_name(layer)] = (config.num_experts, h)
+            for expert in range(config.num_experts):
+                shapes.update(_swiglu_shapes(expert_prefix(layer, expert), h, config.moe_intermediate_size))
+            shapes.update(_swiglu_shapes(shared_expert_prefix(layer), h, config.shared_expert_intermediate_size))
+            shapes[shared_expert_gate_name(layer)] = (1, h)
+        else:
+            shapes.update(_swiglu_shapes(dense_mlp_prefix(layer), h, config.intermediate_size))
+    return shapes

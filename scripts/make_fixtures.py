@@ -1,0 +1,212 @@
+#!/usr/bin/env python
+"""Make the small reference checkpoints that minimoe's parity tests read.
+
+For each configuration below this script builds a random model with transformers
+(the reference implementation), gives its weights a scale at which routing is
+decisive, saves it in the Hub's layout (config.json + safetensors, in the dtype and
+sharding the fixture asks for), and records what *transformers* computes on it:
+
+* logits for a batch of prompts (reloaded in float32 from the saved file, so both
+  sides use exactly the stored weights),
+* each sparse layer's router logits (``output_router_logits=True``) and ``aux_loss``,
+* a greedy continuation decoded token by token through transformers' own KV cache.
+
+Rerun with ``python scripts/make_fixtures.py`` (needs the ``test`` extra: torch and
+transformers).  Output goes to ``tests/fixtures/<name>/`` and stays a few hundred KB.
+The live tests import :func:`build_fixture` from here to run the same comparison on
+freshly made models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+
+FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+
+TINY = dict(
+    vocab_size=96,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=48,
+    max_position_embeddings=48,
+    rms_norm_eps=1e-6,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+TINY_MOE = dict(TINY, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24)
+
+
+@dataclass
+class FixtureSpec:
+    """One reference checkpoint: architecture, config overrides, storage dtype and sharding."""
+
+    name: str
+    architecture: str  # "qwen2_moe" or "qwen2"
+    config: dict
+    dtype: str = "float32"  # how the weights are stored: float32, float16 or bfloat16
+    shard_size: str | None = None  # e.g. "40KB" to split into several shards
+    hub_spelling: bool = False  # rewrite config.json with transformers-4 keys (rope_theta, torch_dtype)
+    seed: int = 0
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+SPECS = [
+    FixtureSpec("moe_gqa", "qwen2_moe", dict(TINY_MOE, num_hidden_layers=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+                notes="grouped-query attention (4 query heads over 2 kv heads), norm_topk_prob false"),
+    FixtureSpec("moe_norm_topk", "qwen2_moe", dict(TINY_MOE, num_hidden_layers=2, num_key_value_heads=4, norm_topk_prob=True,
+                                                   num_experts_per_tok=3, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+                seed=1, notes="norm_topk_prob true, top-3, full multi-head attention"),
+    FixtureSpec("moe_dense_layer", "qwen2_moe", dict(TINY_MOE, num_hidden_layers=3, mlp_only_layers=[1]),
+                dtype="float16", seed=2, notes="layer 1 is a dense MLP among sparse layers (mlp_only_layers), f16 storage"),
+    FixtureSpec("moe_sparse_step2", "qwen2_moe", dict(TINY_MOE, num_hidden_layers=4, decoder_sparse_step=2),
+                seed=3, notes="decoder_sparse_step 2: layers 1 and 3 sparse, 0 and 2 dense"),
+    FixtureSpec("moe_tied", "qwen2_moe", dict(TINY_MOE, num_hidden_layers=2, tie_word_embeddings=True),
+                seed=4, notes="tied input embedding and output head"),
+    FixtureSpec("moe_bf16_sharded", "qwen2_moe", dict(TINY_MOE, num_hidden_layers=3, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+                dtype="bfloat16", shard_size="40KB", hub_spelling=True, seed=5,
+                notes="bf16 weights in several shards with an index; config.json in the Hub's transformers-4 spelling"),
+    FixtureSpec("dense_qwen2", "qwen2", dict(TINY, num_hidden_layers=2), seed=6, notes="dense Qwen2ForCausalLM"),
+]
+
+# Prompts: a batch of 2 sequences of 12 tokens, and greedy continuation of the first for 10 tokens.
+BATCH, PROMPT_TOKENS, GREEDY_TOKENS = 2, 12, 10
+MIN_TOPK_MARGIN = 5e-4
+
+
+def _transformers_classes(architecture: str):
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    return {"qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[architecture]
+
+
+def _decisive_init(model, seed: int) -> None:
+    """Weights at a scale where signals survive every layer and routing is clear-cut.
+
+    transformers' default init (std 0.02) leaves router probabilities within 1e-3 of
+    uniform, so a rounding difference can swap the k-th and (k+1)-th expert.  Here
+    every matrix gets std 1/sqrt(fan_in) (activations keep unit scale), the router
+    std 2/sqrt(H) (router logits spread over a few units), embeddings std 1.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                values = 1.0 + 0.2 * torch.randn(param.shape, generator=generator)
+            elif name.endswith("bias"):
+                values = 0.3 * torch.randn(param.shape, generator=generator)
+            elif "embed_tokens" in name:
+                values = torch.randn(param.shape, generator=generator)
+            elif name.endswith("mlp.gate.weight"):
+                values = 2.0 / math.sqrt(param.shape[-1]) * torch.randn(param.shape, generator=generator)
+            else:
+                values = torch.randn(param.shape, generator=generator) / math.sqrt(param.shape[-1])
+            param.copy_(values)
+
+
+def _to_hub_spelling(config_path: Path) -> None:
+    """Rewrite a transformers-5 config.json with the Hub's transformers-4 keys."""
+    config = json.loads(config_path.read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope["rope_theta"]
+    config["torch_dtype"] = config.pop("dtype")
+    config.pop("layer_types", None)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def build_fixture(spec: FixtureSpec, folder: Path) -> dict[str, np.ndarray]:
+    """Save ``spec``'s checkpoint under ``folder`` and return transformers' outputs on it."""
+    config_class, model_class = _transformers_classes(spec.architecture)
+    torch.manual_seed(spec.seed)
+    model = model_class(config_class(**spec.config))
+    _decisive_init(model, spec.seed)
+    if folder.exists():
+        shutil.rmtree(folder)
+    model.to(getattr(torch, spec.dtype)).save_pretrained(folder, max_shard_size=spec.shard_size or "50GB")
+    for stray in ("generation_config.json",):
+        (folder / stray).unlink(missing_ok=True)
+    if spec.hub_spelling:
+        _to_hub_spelling(folder / "config.json")
+    return reference_outputs(spec, folder)
+
+
+def reference_outputs(spec: FixtureSpec, folder: Path) -> dict[str, np.ndarray]:
+    """What transformers computes on the saved checkpoint, in float32 over the stored weights.
+
+    Prompts are drawn until every token's k-th router probability beats the (k+1)-th
+    by at least ``MIN_TOPK_MARGIN``: on a near-tie, a last-bit rounding difference
+    may legitimately pick the other expert, and that would test luck, not code.
+    """
+    _, model_class = _transformers_classes(spec.architecture)
+    model = model_class.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    moe = spec.architecture == "qwen2_moe"
+    rng = np.random.default_rng(spec.seed + 100)
+    with torch.no_grad():
+        for _ in range(200):
+            ids = torch.from_numpy(rng.integers(0, model.config.vocab_size, (BATCH, PROMPT_TOKENS)))
+            out = model(ids, output_router_logits=moe)
+            margin = min((topk_margin(r.numpy(), model.config.num_experts_per_tok) for r in out.router_logits),
+                         default=np.inf) if moe else np.inf
+            if margin >= MIN_TOPK_MARGIN:
+                break
+        else:
+            raise RuntimeError(f"{spec.name}: no prompt with decisive routing found; raise the router scale")
+        result = {"ids": ids.numpy(), "logits": out.logits.numpy()}
+        if moe:
+            result["aux_loss"] = np.array(out.aux_loss.item(), dtype=np.float32)
+            result["min_topk_margin"] = np.array(margin, dtype=np.float32)
+            for layer, logits in enumerate(out.router_logits):
+                result[f"router_logits.{layer}"] = logits.numpy()
+        result["greedy"] = _greedy(model, ids[:1], GREEDY_TOKENS)
+    return result
+
+
+def _greedy(model, ids, steps: int) -> np.ndarray:
+    """Greedy continuation through transformers' own KV cache: ``[1, T]`` -> ``[steps]`` token ids."""
+    out = model(ids, use_cache=True)
+    cache, tokens = out.past_key_values, []
+    for _ in range(steps):
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(int(token))
+        out = model(token, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+    return np.array(tokens, dtype=np.int64)
+
+
+def topk_margin(router_logits: np.ndarray, k: int) -> float:
+    """Smallest gap between the k-th and (k+1)-th router probability over all tokens."""
+    z = router_logits - router_logits.max(-1, keepdims=True)
+    probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    ranked = -np.sort(-probs, axis=-1)
+    return float((ranked[:, k - 1] - ranked[:, k]).min())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=FIXTURES, help="where to write the fixtures")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    manifest = {}
+    for spec in SPECS:
+        reference = build_fixture(spec, args.out / spec.name)
+        save_file({k: np.ascontiguousarray(v) for k, v in reference.items()}, str(args.out / spec.name / "reference.safetensors"))
+        entry = {"architecture": spec.architecture, "dtype": spec.dtype, "notes": spec.notes}
+        if "min_topk_margin" in reference:
+            entry["min_topk_margin"] = round(float(reference["min_topk_margin"]), 5)
+        manifest[spec.name] = entry
+        print(f"{spec.name:20s} {entry}")
+    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
