@@ -250,6 +250,8 @@ def load(path: str | Path, backend: str = "numpy", progress: Callable[[Iterable]
     """
     xp = array_module(backend)
     folder = Path(path)
+    if not folder.is_dir():
+        raise MinimoeError(f"{folder}: not a folder (expected a Hugging Face checkpoint folder)")
     config = ModelConfig.from_file(folder)
     checkpoint = Checkpoint(folder, progress=progress)
     _check_shapes(checkpoint, config)

@@ -20,6 +20,7 @@ freshly made models.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import shutil
@@ -173,13 +174,14 @@ def reference_outputs(spec: FixtureSpec, folder: Path) -> dict[str, np.ndarray]:
 
 def _greedy(model, ids, steps: int) -> np.ndarray:
     """Greedy continuation through transformers' own KV cache: ``[1, T]`` -> ``[steps]`` token ids."""
+    # transformers 5.x renamed past_key_values to cache (the old name goes in 5.40).
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(ids, use_cache=True)
-    cache, tokens = out.past_key_values, []
+    tokens = []
     for _ in range(steps):
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(int(token))
-        out = model(token, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(token, use_cache=True, **{cache_arg: getattr(out, cache_arg)})
     return np.array(tokens, dtype=np.int64)
 
 

@@ -1,0 +1,69 @@
+"""The comparisons shared by the recorded-fixture and live parity tests.
+
+Each function takes a minimoe model and what transformers computed on the same
+checkpoint, and asserts that minimoe reproduces it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from minimoe.layers import route
+
+LOGIT_TOLERANCE = 1e-4  # relative to the largest reference logit
+
+
+def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
+    """Largest absolute difference, relative to the largest reference logit."""
+    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+
+
+def router_logits_of(reference: dict[str, np.ndarray]) -> list[np.ndarray]:
+    keys = sorted((k for k in reference if k.startswith("router_logits.")), key=lambda k: int(k.split(".")[1]))
+    return [reference[k] for k in keys]
+
+
+def check_logits(model, reference) -> None:
+    ids, expected = reference["ids"], reference["logits"]
+    batched = model.forward(ids)
+    assert batched.shape == expected.shape
+    assert relative_error(batched, expected) < LOGIT_TOLERANCE
+    for row in range(ids.shape[0]):
+        single = model.forward(ids[row])
+        assert single.shape == expected[row].shape
+        assert relative_error(single, expected[row]) < LOGIT_TOLERANCE
+
+
+def check_cached_decoding(model, reference) -> None:
+    """Token-by-token decoding through the cache: same logits as one full forward, and
+    the same greedy continuation as transformers' (decoded through its own cache)."""
+    prompt, greedy = reference["ids"][0], reference["greedy"]
+    cache = model.new_cache(capacity=4)  # small, so that decoding has to grow it
+    step_logits = [model.forward(prompt[:5], cache=cache)]
+    for token in prompt[5:]:
+        step_logits.append(model.forward([token], cache=cache))
+    assert cache.length == len(prompt)
+    assert relative_error(np.concatenate(step_logits), reference["logits"][0]) < LOGIT_TOLERANCE
+
+    generated, logits = [], step_logits[-1]
+    for _ in range(len(greedy)):
+        token = int(logits[-1].argmax())
+        generated.append(token)
+        logits = model.forward([token], cache=cache)
+    assert generated == greedy.tolist()
+
+
+def check_routing(model, reference) -> None:
+    """Router logits per sparse layer equal transformers', and so do the chosen experts and aux loss."""
+    expected = router_logits_of(reference)
+    ours: list = []
+    model.forward(reference["ids"], router_logits=ours)
+    assert len(ours) == len(expected) == len(model.config.sparse_layers)
+    k = model.config.num_experts_per_tok
+    for layer_ours, layer_theirs in zip(ours, expected):
+        assert np.abs(layer_ours - layer_theirs).max() < 1e-4 * np.abs(layer_theirs).max()
+        _, our_experts, _ = route(np, layer_ours, k, model.config.norm_topk_prob)
+        their_experts = np.argsort(-layer_theirs, axis=-1, kind="stable")[:, :k]
+        assert (np.sort(our_experts, axis=-1) == np.sort(their_experts, axis=-1)).all()
+    aux = model.aux_loss(reference["ids"])
+    assert abs(aux - reference["aux_loss"].item()) < 1e-5 * abs(reference["aux_loss"].item())

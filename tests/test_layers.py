@@ -1,0 +1,147 @@
+"""Layer functions and model plumbing, each held against an independent, plainer formulation."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import minimoe
+from minimoe import MinimoeError, backend, layers
+from minimoe.backend import Linear
+
+from conftest import FIXTURES
+
+rng = np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32])
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_linear_blocked_upcast_equals_float32_matmul(monkeypatch, dtype, tokens):
+    monkeypatch.setattr(backend, "SMALL_MATRIX_ELEMENTS", 0)
+    monkeypatch.setattr(backend, "BLOCK_ELEMENTS_DECODE", 7 * 24)  # 7 rows: blocks do not divide 50 rows
+    monkeypatch.setattr(backend, "BLOCK_ELEMENTS_PREFILL", 11 * 24)
+    weight = rng.standard_normal((50, 24)).astype(dtype)
+    bias = rng.standard_normal(50).astype(np.float32)
+    x = rng.standard_normal((tokens, 24)).astype(np.float32)
+    expected = x.astype(np.float64) @ weight.astype(np.float64).T + bias
+    linear = Linear(weight, bias)
+    assert linear.weight.dtype == dtype  # kept as stored
+    np.testing.assert_allclose(linear(x), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(linear(x.reshape(1, tokens, 24)), expected[None], rtol=1e-5, atol=1e-5)
+
+
+def test_rope_is_rotate_half_with_positions_from_the_cache():
+    """Against the complex-number form: pair (x[i], x[i + D/2]) rotated by angle p * theta^(-2i/D)."""
+    head_dim, theta = 8, 10000.0
+    positions = np.array([5, 6, 7])
+    x = rng.standard_normal((1, 2, 3, head_dim)).astype(np.float32)
+    cos, sin = layers.rope_tables(np, positions, head_dim, theta)
+    rotated = layers.apply_rope(np, x, cos, sin)
+    half = head_dim // 2
+    freqs = theta ** (-np.arange(half) * 2.0 / head_dim)
+    z = (x[..., :half] + 1j * x[..., half:]) * np.exp(1j * positions[:, None] * freqs)
+    np.testing.assert_allclose(rotated, np.concatenate([z.real, z.imag], axis=-1), rtol=1e-5, atol=1e-5)
+
+
+def test_route_softmax_over_all_then_topk():
+    logits = np.array([[0.0, 3.0, 1.0, 2.0], [5.0, 5.5, -1.0, 0.0]], dtype=np.float32)
+    probs, ids, weights = layers.route(np, logits, top_k=2, norm_topk_prob=False)
+    full = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    np.testing.assert_allclose(probs, full, rtol=1e-6)
+    assert ids.tolist() == [[1, 3], [1, 0]]  # highest first
+    np.testing.assert_allclose(weights, np.take_along_axis(full, ids, -1), rtol=1e-6)
+    assert (weights.sum(-1) < 1).all()  # Qwen1.5-MoE: the top-k weights do not sum to 1
+    _, _, normalised = layers.route(np, logits, top_k=2, norm_topk_prob=True)
+    np.testing.assert_allclose(normalised.sum(-1), 1.0, rtol=1e-6)
+
+
+def test_routed_experts_equal_dense_masked_sum():
+    """Dispatching tokens per expert gives the same as running every expert on every token."""
+    tokens, hidden, inter, num_experts, k = 9, 6, 4, 5, 2
+    h = rng.standard_normal((tokens, hidden)).astype(np.float32)
+    experts = [tuple(Linear(rng.standard_normal(shape).astype(np.float32))
+                     for shape in ((inter, hidden), (inter, hidden), (hidden, inter))) for _ in range(num_experts)]
+    _, ids, weights = layers.route(np, rng.standard_normal((tokens, num_experts)).astype(np.float32), k, False)
+    got = layers.routed_experts(np, h, ids, weights, experts)
+    expected = np.zeros_like(h)
+    for t in range(tokens):
+        for slot in range(k):
+            gate, up, down = experts[ids[t, slot]]
+            expected[t] += weights[t, slot] * down(layers.silu(np, gate(h[t:t + 1])) * up(h[t:t + 1]))[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_causal_attention_matches_explicit_loop():
+    batch, heads, kv_heads, tokens, head_dim, start = 1, 4, 2, 3, 8, 2
+    q = rng.standard_normal((batch, heads, tokens, head_dim)).astype(np.float32)
+    k = rng.standard_normal((batch, kv_heads, start + tokens, head_dim)).astype(np.float32)
+    v = rng.standard_normal((batch, kv_heads, start + tokens, head_dim)).astype(np.float32)
+    got = layers.causal_attention(np, q, k, v, query_start=start).reshape(batch, tokens, heads, head_dim)
+    for head in range(heads):
+        kv = head // (heads // kv_heads)
+        for i in range(tokens):
+            visible = start + i + 1
+            scores = k[0, kv, :visible] @ q[0, head, i] / np.sqrt(head_dim)
+            weights = np.exp(scores - scores.max())
+            weights /= weights.sum()
+            np.testing.assert_allclose(got[0, i, head], weights @ v[0, kv, :visible], rtol=1e-5, atol=1e-6)
+
+
+def test_load_balancing_loss_on_uniform_routing_is_k():
+    """Equal router logits: every expert gets share k/E and probability 1/E, so the loss is k."""
+    logits = [np.zeros((8, 4), np.float32)] * 3
+    # with all-equal probabilities the top-k choice is arbitrary but always k distinct experts per row
+    assert layers.load_balancing_loss(np, logits, num_experts=4, top_k=2) == pytest.approx(2.0)
+
+
+# --- the model's inputs and cache ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model():
+    return minimoe.load(FIXTURES / "moe_gqa")
+
+
+@pytest.mark.parametrize(
+    "ids, message",
+    [
+        ([3, 96, 4], r"token id 96 at position \(1,\) is outside the vocabulary \[0, 96\)"),
+        ([[1, 2], [3, -1]], r"token id -1 at position \(1, 1\)"),
+        ([], "non-empty"),
+        ([[[1]]], "non-empty"),
+        ([1.5, 2.0], "must be integers"),
+    ],
+)
+def test_bad_token_ids(model, ids, message):
+    with pytest.raises(MinimoeError, match=message):
+        model.forward(ids)
+
+
+def test_prompt_past_the_context(model):
+    context = model.config.max_position_embeddings
+    model.forward(np.zeros(context, np.int64))  # exactly the context is fine
+    with pytest.raises(MinimoeError, match=f"0 cached \\+ {context + 1} new tokens exceed the context of {context}"):
+        model.forward(np.zeros(context + 1, np.int64))
+    cache = model.new_cache()
+    model.forward(np.zeros(context - 1, np.int64), cache=cache)
+    model.forward([1], cache=cache)
+    with pytest.raises(MinimoeError, match=f"{context} cached \\+ 1 new tokens exceed"):
+        model.forward([1], cache=cache)
+
+
+def test_cache_is_preallocated_and_grows_by_doubling(model):
+    cache = model.new_cache(capacity=4)
+    model.forward([[1, 2, 3]], cache=cache)
+    first = cache.keys[0]
+    assert first.shape[2] == 4
+    model.forward([[4]], cache=cache)
+    assert cache.keys[0] is first  # written in place, no new arrays
+    model.forward([[5]], cache=cache)
+    assert cache.keys[0].shape[2] == 8 and cache.length == 5
+    with pytest.raises(MinimoeError, match="holds a batch of 1 sequences, got a batch of 2"):
+        model.forward([[1], [2]], cache=cache)
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(MinimoeError, match="unknown backend 'jax'"):
+        minimoe.load(FIXTURES / "moe_gqa", backend="jax")
