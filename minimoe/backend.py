@@ -14,9 +14,14 @@ checkpoint's bytes are read only when a layer (or an expert) actually runs.
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
+from typing import Sequence
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from .errors import MinimoeError
 
@@ -28,11 +33,20 @@ BACKENDS = ("numpy",)
 SMALL_MATRIX_ELEMENTS = 1 << 18
 
 # Rows per upcast block are chosen so that one block holds about this many
-# float32 elements: 1 MiB for decode (fits in L2 beside the BLAS working set),
-# 4 MiB once there are enough tokens for the GEMM to dominate.
-BLOCK_ELEMENTS_DECODE = 1 << 18
+# float32 elements: 2 MiB for decode (in L2/L3 between the cast and the GEMV, and
+# large enough that the per-call overhead and the threads' GIL hand-offs stay
+# small), 4 MiB once there are enough tokens for the GEMM to dominate.
+BLOCK_ELEMENTS_DECODE = 1 << 20
 BLOCK_ELEMENTS_PREFILL = 1 << 20
 PREFILL_TOKENS = 16
+
+# The bf16 -> f32 upcast runs on one core inside NumPy, and at decode it costs more
+# than the matmul.  So minimoe parallelises over row blocks itself: a matrix's rows
+# are split over this many threads (NumPy releases the GIL in both the cast and the
+# BLAS call), each upcasting and multiplying its own blocks, while BLAS is held to
+# one thread for the duration of a forward (see `single_threaded_blas`) so that the
+# two kinds of threads do not fight over the same cores.
+NUM_THREADS = int(os.environ.get("MINIMOE_NUM_THREADS", 0)) or len(os.sched_getaffinity(0))
 
 
 def array_module(backend: str) -> ModuleType:
@@ -47,12 +61,12 @@ def array_module(backend: str) -> ModuleType:
     raise MinimoeError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
 
 
-class _Scratch:
-    """One float32 buffer, grown on demand and reused by every blocked upcast.
+class _Scratch(threading.local):
+    """A float32 buffer per thread, grown on demand and reused by every blocked upcast.
 
-    minimoe runs one forward at a time per process, so a single buffer suffices;
-    reusing it keeps the allocator (and the page faults of fresh memory) out of
-    the decode loop.
+    Reusing it keeps the allocator (and the page faults of fresh memory) out of the
+    decode loop; one per thread because the row blocks of a matrix are upcast in
+    parallel.
     """
 
     def __init__(self) -> None:
@@ -65,19 +79,109 @@ class _Scratch:
 
 
 _scratch = _Scratch()
+_pool: ThreadPoolExecutor | None = None
+_blas: ThreadpoolController | None = None
+
+
+def single_threaded_blas():
+    """Context manager: BLAS uses one thread inside it (minimoe's own threads split the work)."""
+    global _blas
+    if _blas is None:
+        _blas = ThreadpoolController()
+    return _blas.limit(limits=1, user_api="blas")
+
+
+_worker = threading.local()
+
+
+def _in_worker() -> bool:
+    return getattr(_worker, "active", False)
+
+
+def _thread_pool() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(NUM_THREADS, thread_name_prefix="minimoe", initializer=_mark_worker)
+    return _pool
+
+
+def _mark_worker() -> None:
+    _worker.active = True
+
+
+def parallel_map(function, items) -> list:
+    """``[function(item) for item in items]``, spread over minimoe's threads.
+
+    Work already running on one of those threads runs serially (a worker waiting
+    on its own pool would deadlock it), so callers can nest freely: the outermost
+    parallel_map -- over experts, or over one matrix's row blocks -- takes the threads.
+    """
+    items = list(items)
+    if len(items) <= 1 or NUM_THREADS <= 1 or _in_worker():
+        return [function(item) for item in items]
+    return list(_thread_pool().map(function, items))
+
+
+def project(linears: Sequence["Linear"], x: np.ndarray) -> list[np.ndarray]:
+    """``[W(x) for W in linears]``, with all their row blocks shared out over the threads as one job.
+
+    x ``[..., in]`` -> one ``[..., out_i]`` per weight.  For independent projections of
+    the same input (q/k/v, an MLP's gate/up) this is one hand-off to the threads
+    instead of one per matrix, and the threads get equal shares of the total work.
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    outputs = [np.empty((flat.shape[0], linear.shape[0]), dtype=np.float32) for linear in linears]
+    budget = BLOCK_ELEMENTS_DECODE if flat.shape[0] < PREFILL_TOKENS else BLOCK_ELEMENTS_PREFILL
+    blocks = []  # (linear, output, first row, last row)
+    for linear, y in zip(linears, outputs):
+        if linear.small:
+            np.matmul(flat, linear.weight.T, out=y)
+            continue
+        out_features, in_features = linear.shape
+        rows = max(1, min(out_features, budget // in_features))
+        blocks += [(linear, y, start, min(start + rows, out_features)) for start in range(0, out_features, rows)]
+
+    def run(group):
+        for linear, y, start, stop in group:
+            linear.matmul_rows(flat, y, start, stop)
+
+    parallel_map(run, balanced_groups(blocks, 1 if _in_worker() else NUM_THREADS))
+    results = []
+    for linear, y in zip(linears, outputs):
+        if linear.bias is not None:
+            y += linear.bias
+        results.append(y.reshape(*x.shape[:-1], linear.shape[0]))
+    return results
+
+
+def balanced_groups(blocks: list, parts: int) -> list[list]:
+    """Cut a list of ``(linear, y, start, stop)`` blocks into at most ``parts`` contiguous
+    groups of about equal work (weight elements)."""
+    costs = [(stop - start) * linear.shape[1] for linear, _, start, stop in blocks]
+    total, groups, current, done = sum(costs), [], [], 0
+    for block, cost in zip(blocks, costs):
+        current.append(block)
+        done += cost
+        if done >= total * (len(groups) + 1) / parts and len(groups) < parts - 1:
+            groups.append(current)
+            current = []
+    if current:
+        groups.append(current)
+    return groups
 
 
 class Linear:
     """``y = x @ W.T (+ b)`` for a weight ``W [out, in]`` kept in its stored dtype.
 
     ``W`` may be a memory-mapped bf16/f16 view straight from the checkpoint; it
-    is read, upcast and multiplied one block of rows at a time.  Small weights
-    and float32 weights are used as float32 directly.
+    is read, upcast and multiplied one block of rows at a time (see :func:`project`).
+    Small weights are upcast once, here, and used as float32 directly.
     """
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray | None = None):
-        if weight.dtype != np.float32 and weight.size <= SMALL_MATRIX_ELEMENTS:
-            weight = weight.astype(np.float32)
+        self.small = weight.size <= SMALL_MATRIX_ELEMENTS
+        if self.small:
+            weight = np.asarray(weight, dtype=np.float32)
         self.weight = weight
         self.bias = None if bias is None else np.asarray(bias, dtype=np.float32)
 
@@ -88,28 +192,15 @@ class Linear:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x ``[..., in]`` float32 -> ``[..., out]`` float32."""
-        lead = x.shape[:-1]
-        flat = x.reshape(-1, x.shape[-1])
-        if self.weight.dtype == np.float32:
-            y = flat @ self.weight.T
-        else:
-            y = self._blocked_matmul(flat)
-        if self.bias is not None:
-            y += self.bias
-        return y.reshape(*lead, self.weight.shape[0])
+        return project([self], x)[0]
 
-    def _blocked_matmul(self, x: np.ndarray) -> np.ndarray:
-        """x ``[N, in]`` -> ``[N, out]``, upcasting ``W`` a block of rows at a time."""
-        out_features, in_features = self.weight.shape
-        budget = BLOCK_ELEMENTS_PREFILL if x.shape[0] >= PREFILL_TOKENS else BLOCK_ELEMENTS_DECODE
-        rows = max(1, min(out_features, budget // in_features))
-        y = np.empty((x.shape[0], out_features), dtype=np.float32)
-        for start in range(0, out_features, rows):
-            stop = min(start + rows, out_features)
-            block = _scratch.take(stop - start, in_features)
+    def matmul_rows(self, x: np.ndarray, y: np.ndarray, start: int, stop: int) -> None:
+        """``y[:, start:stop] = x @ W[start:stop].T`` for x ``[N, in]``, upcasting that block of ``W``."""
+        block = self.weight[start:stop]
+        if block.dtype != np.float32:
+            block = _scratch.take(stop - start, self.weight.shape[1])
             np.copyto(block, self.weight[start:stop], casting="unsafe")  # bf16 -> f32
-            np.matmul(x, block.T, out=y[:, start:stop])
-        return y
+        np.matmul(x, block.T, out=y[:, start:stop])
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows ``W[ids]`` as float32 (an embedding lookup): ids ``[...]`` -> ``[..., in]``."""

@@ -103,9 +103,14 @@ def causal_attention(xp, q, k, v, query_start: int):
 
 # --- feed-forward ------------------------------------------------------------------
 
-def swiglu(xp, x, gate: Projection, up: Projection, down: Projection):
-    """The SwiGLU MLP: ``down(silu(gate(x)) * up(x))``.  x ``[..., H]`` -> ``[..., H]``."""
-    return down(silu(xp, gate(x)) * up(x))
+def swiglu(xp, x, gate: Projection, up: Projection, down: Projection, project: Callable | None = None):
+    """The SwiGLU MLP: ``down(silu(gate(x)) * up(x))``.  x ``[..., H]`` -> ``[..., H]``.
+
+    ``project((gate, up), x)``, when given, computes both input projections at once
+    (the CPU backend's :func:`minimoe.backend.project` shares them over its threads).
+    """
+    gated, lifted = project((gate, up), x) if project else (gate(x), up(x))
+    return down(silu(xp, gated) * lifted)
 
 
 def route(xp, router_logits, top_k: int, norm_topk_prob: bool):
@@ -128,42 +133,49 @@ def route(xp, router_logits, top_k: int, norm_topk_prob: bool):
     return probs, expert_ids, expert_weights
 
 
-def routed_experts(xp, h, expert_ids, expert_weights, experts: Sequence[tuple[Projection, Projection, Projection]]):
+def routed_experts(xp, h, expert_ids, expert_weights, experts: Sequence[tuple[Projection, Projection, Projection]],
+                   map_fn: Callable = map, project: Callable | None = None):
     """Weighted sum of the chosen experts' outputs, each expert run only on its own tokens.
 
     h ``[N, H]``, expert_ids / expert_weights ``[N, k]``, ``experts[e] = (gate, up, down)``
     -> ``[N, H]``.
 
     The N*k (token, expert) assignments are sorted by expert so that each expert
-    sees one contiguous batch of the tokens routed to it.
+    sees one contiguous batch of the tokens routed to it.  The experts are
+    independent; ``map_fn`` may run them in parallel (the CPU backend passes its
+    thread pool's map); ``project`` is passed on to :func:`swiglu`.
     """
     tokens, top_k = expert_ids.shape
     flat_ids = expert_ids.reshape(-1)
     flat_weights = expert_weights.reshape(-1)
     slots = xp.argsort(flat_ids, kind="stable")  # assignment slots, grouped by expert
-    counts = xp.bincount(flat_ids, minlength=len(experts))
-    out = xp.zeros_like(h)
-    start = 0
-    for expert, count in enumerate(counts.tolist()):
-        if count == 0:
-            continue
-        chosen = slots[start : start + count]
-        start += count
+    counts = xp.bincount(flat_ids, minlength=len(experts)).tolist()
+    starts = [0]
+    for count in counts:
+        starts.append(starts[-1] + count)
+    active = [expert for expert, count in enumerate(counts) if count]
+
+    def run(expert):
+        chosen = slots[starts[expert] : starts[expert + 1]]
         rows = chosen // top_k  # token index of each assignment
-        y = swiglu(xp, h[rows], *experts[expert]) * flat_weights[chosen][:, None]
+        return rows, swiglu(xp, h[rows], *experts[expert], project) * flat_weights[chosen][:, None]
+
+    out = xp.zeros_like(h)
+    for rows, y in map_fn(run, active):
         # A token picks an expert at most once, so `rows` has no repeats and += is safe.
         out[rows] += y
     return out
 
 
-def shared_expert(xp, h, gate: Projection, up: Projection, down: Projection, shared_gate: Projection):
+def shared_expert(xp, h, gate: Projection, up: Projection, down: Projection, shared_gate: Projection,
+                  project: Callable | None = None):
     """The always-on shared expert, scaled per token by a sigmoid gate.
 
     h ``[N, H]`` -> (output ``[N, H]``, gate value ``[N]``).  ``shared_gate`` maps
     ``H -> 1``; its sigmoid decides how much of the shared expert each token takes.
     """
     gate_value = sigmoid(xp, shared_gate(h))[:, 0]
-    return swiglu(xp, h, gate, up, down) * gate_value[:, None], gate_value
+    return swiglu(xp, h, gate, up, down, project) * gate_value[:, None], gate_value
 
 
 # --- the router's auxiliary loss ---------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from . import layers, weights
-from .backend import Linear, array_module
+from .backend import Linear, array_module, parallel_map, project, single_threaded_blas
 from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .errors import MinimoeError
@@ -92,9 +92,10 @@ class Attention:
 
     def __call__(self, xp, h, cos, sin, layer: int, cache: KVCache | None, start: int):
         """h ``[B, T, H]`` -> ``[B, T, H]``; new keys/values go into ``cache`` when given."""
-        q = layers.apply_rope(xp, layers.split_heads(self.q(h), self.num_heads, self.head_dim), cos, sin)
-        k = layers.apply_rope(xp, layers.split_heads(self.k(h), self.num_kv_heads, self.head_dim), cos, sin)
-        v = layers.split_heads(self.v(h), self.num_kv_heads, self.head_dim)
+        q, k, v = project((self.q, self.k, self.v), h)
+        q = layers.apply_rope(xp, layers.split_heads(q, self.num_heads, self.head_dim), cos, sin)
+        k = layers.apply_rope(xp, layers.split_heads(k, self.num_kv_heads, self.head_dim), cos, sin)
+        v = layers.split_heads(v, self.num_kv_heads, self.head_dim)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         return self.o(layers.causal_attention(xp, q, k, v, query_start=start))
@@ -108,7 +109,7 @@ class SwiGLU:
 
     def __call__(self, xp, h):
         """h ``[..., H]`` -> ``[..., H]``."""
-        return layers.swiglu(xp, h, self.gate, self.up, self.down)
+        return layers.swiglu(xp, h, self.gate, self.up, self.down, project)
 
 
 @dataclass
@@ -130,8 +131,12 @@ class SparseMoeBlock:
             router_logits_out.append(router_logits)
         _, expert_ids, expert_weights = layers.route(xp, router_logits, self.top_k, self.norm_topk_prob)
         expert_mlps = [(e.gate, e.up, e.down) for e in self.experts]
-        routed = layers.routed_experts(xp, flat, expert_ids, expert_weights, expert_mlps)
-        shared, _ = layers.shared_expert(xp, flat, self.shared.gate, self.shared.up, self.shared.down, self.shared_gate)
+        # The routed experts and the shared expert are independent: run them side by side.
+        routed, (shared, _) = parallel_map(lambda job: job(), (
+            lambda: layers.routed_experts(xp, flat, expert_ids, expert_weights, expert_mlps, parallel_map, project),
+            lambda: layers.shared_expert(xp, flat, self.shared.gate, self.shared.up, self.shared.down, self.shared_gate,
+                                         project),
+        ))
         return (routed + shared).reshape(h.shape)
 
 
@@ -205,13 +210,14 @@ class Model:
             cache.reserve(batch.shape[0], tokens)
 
         cos, sin = layers.rope_tables(xp, xp.arange(start, start + tokens), self.config.head_dim, self.config.rope_theta)
-        x = self.embed.rows(batch)  # [B, T, H]
-        for layer in self.decoder:
-            x = layer(xp, x, cos, sin, cache, start, router_logits)
+        with single_threaded_blas():
+            x = self.embed.rows(batch)  # [B, T, H]
+            for layer in self.decoder:
+                x = layer(xp, x, cos, sin, cache, start, router_logits)
+            x = layers.rms_norm(xp, x, self.final_norm, self.config.rms_norm_eps)
+            logits = self.lm_head(x)
         if cache is not None:
             cache.advance(tokens)
-        x = layers.rms_norm(xp, x, self.final_norm, self.config.rms_norm_eps)
-        logits = self.lm_head(x)
         return logits[0] if unbatched else logits
 
     __call__ = forward
