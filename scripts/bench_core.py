@@ -5,9 +5,10 @@ Each engine runs in its own process (so neither's memory or threads affect the
 other); this process samples each child's ``RssAnon`` (anonymous memory: what the
 process allocated itself, not the page cache behind memory-mapped files) every
 10 ms and keeps the peak.  Each worker loads the checkpoint, then runs the same
-job twice -- a prefill of ``--prefill`` random tokens and ``--decode`` greedy steps
-through its KV cache -- and reports both runs ("cold": first touch of the weights;
-"warm": the second).  transformers runs in bf16 (the checkpoint's dtype), minimoe
+job ``1 + --repeat`` times -- a prefill of ``--prefill`` random tokens and ``--decode``
+greedy steps through its KV cache -- and reports the first run ("cold": first touch
+of the weights) and the median of the others ("warm"; this machine is a shared VM
+whose speed drifts by 10-15% between runs, so one warm run is not enough).  transformers runs in bf16 (the checkpoint's dtype), minimoe
 in float32 over its bf16 weights.
 
     python scripts/make_real_shape_checkpoint.py /tmp/moe-2layer --layers 2
@@ -31,7 +32,13 @@ import numpy as np
 
 # --- workers (run in a child process) -----------------------------------------------------
 
-def run_minimoe(path: Path, prompt: np.ndarray, decode: int) -> dict:
+def summarise(jobs: list[dict]) -> dict:
+    """First run as "cold", the median of the rest as "warm"."""
+    warm = {key: float(np.median([job[key] for job in jobs[1:]])) for key in jobs[0]}
+    return {"cold": jobs[0], "warm": warm}
+
+
+def run_minimoe(path: Path, prompt: np.ndarray, decode: int, repeat: int) -> dict:
     import minimoe
 
     start = time.perf_counter()
@@ -48,10 +55,10 @@ def run_minimoe(path: Path, prompt: np.ndarray, decode: int) -> dict:
         t2 = time.perf_counter()
         return {"prefill_s": t1 - t0, "decode_s": t2 - t1}
 
-    return result | {"cold": job(), "warm": job()}
+    return result | summarise([job() for _ in range(1 + repeat)])
 
 
-def run_transformers(path: Path, prompt: np.ndarray, decode: int) -> dict:
+def run_transformers(path: Path, prompt: np.ndarray, decode: int, repeat: int) -> dict:
     import inspect
 
     import torch
@@ -74,7 +81,7 @@ def run_transformers(path: Path, prompt: np.ndarray, decode: int) -> dict:
             t2 = time.perf_counter()
         return {"prefill_s": t1 - t0, "decode_s": t2 - t1}
 
-    return result | {"cold": job(), "warm": job()}
+    return result | summarise([job() for _ in range(1 + repeat)])
 
 
 WORKERS = {"minimoe": run_minimoe, "transformers": run_transformers}
@@ -96,7 +103,8 @@ def rss_anon_bytes(pid: int) -> int | None:
 def measure(engine: str, args: argparse.Namespace) -> dict:
     """Run one engine in a child process; return its timings plus peak RssAnon."""
     command = [sys.executable, __file__, str(args.checkpoint), "--worker", engine,
-               "--prefill", str(args.prefill), "--decode", str(args.decode), "--seed", str(args.seed)]
+               "--prefill", str(args.prefill), "--decode", str(args.decode), "--seed", str(args.seed),
+               "--repeat", str(args.repeat)]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = 0
     done = threading.Event()
@@ -127,7 +135,8 @@ def rates(result: dict, args: argparse.Namespace, run: str) -> tuple[float, floa
 
 
 def report(results: list[dict], args: argparse.Namespace) -> None:
-    print(f"\n{args.checkpoint}: prefill {args.prefill} tokens, then {args.decode} decode steps (batch 1)")
+    print(f"\n{args.checkpoint}: prefill {args.prefill} tokens, then {args.decode} decode steps (batch 1); "
+          f"warm = median of {args.repeat} runs")
     print(f"{'engine':14s} {'run':5s} {'load s':>7s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'peak RssAnon':>13s}")
     for result in results:
         if "error" in result:
@@ -150,6 +159,7 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=64)
     parser.add_argument("--decode", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=3, help="warm runs after the cold one (median reported)")
     parser.add_argument("--engines", nargs="+", default=list(WORKERS), choices=list(WORKERS))
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
@@ -158,7 +168,7 @@ def main() -> None:
     if args.worker:
         vocab = json.loads((args.checkpoint / "config.json").read_text())["vocab_size"]
         prompt = np.random.default_rng(args.seed).integers(0, vocab, args.prefill)
-        print(json.dumps(WORKERS[args.worker](args.checkpoint, prompt, args.decode)))
+        print(json.dumps(WORKERS[args.worker](args.checkpoint, prompt, args.decode, args.repeat)))
         return
 
     results = [measure(engine, args) for engine in args.engines]

@@ -145,3 +145,20 @@ def test_cache_is_preallocated_and_grows_by_doubling(model):
 def test_unknown_backend_is_refused():
     with pytest.raises(MinimoeError, match="unknown backend 'jax'"):
         minimoe.load(FIXTURES / "moe_gqa", backend="jax")
+
+
+def test_project_shares_all_blocks_and_matches_separate_calls(monkeypatch):
+    """project() over several weights equals calling each; its work split covers every block once."""
+    monkeypatch.setattr(backend, "SMALL_MATRIX_ELEMENTS", 0)
+    monkeypatch.setattr(backend, "BLOCK_ELEMENTS_DECODE", 5 * 16)
+    weights = [Linear(rng.standard_normal((rows, 16)).astype(ml_dtypes.bfloat16), rng.standard_normal(rows).astype(np.float32))
+               for rows in (23, 7, 40)]
+    x = rng.standard_normal((2, 16)).astype(np.float32)
+    for together, alone in zip(backend.project(weights, x), (w(x) for w in weights)):
+        np.testing.assert_array_equal(together, alone)
+
+    blocks = [(w, None, start, min(start + 5, w.shape[0])) for w in weights for start in range(0, w.shape[0], 5)]
+    groups = backend.balanced_groups(blocks, 3)
+    assert len(groups) == 3 and [b for g in groups for b in g] == blocks
+    shares = [sum((stop - start) for _, _, start, stop in g) for g in groups]
+    assert max(shares) - min(shares) <= 10  # within two blocks of each other
