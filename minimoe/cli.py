@@ -1,20 +1,27 @@
-"""The ``minimoe`` command line.
+"""The ``minimoe`` command line: demo, generate, chat, params.
 
-Exit codes: 0 success, 1 a :class:`~minimoe.errors.MinimoeError` (bad input; the
-message says what and where), 2 a usage error (argparse).
+``--model`` defaults to the small MoE bundled with minimoe, so every command runs
+offline on a fresh install.  Exit codes: 0 success; 1 bad input (a
+:class:`~minimoe.errors.MinimoeError`: the message says what and where); 2 a usage
+error; 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
+
+from .assets import default_model_path
 from .config import ModelConfig
 from .errors import MinimoeError
 from .params import count_parameters, format_billions
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
+DEMO_PROMPT = "def read_config(path):\n"
 
 
 def shipped_configs() -> dict[str, Path]:
@@ -33,6 +40,27 @@ def resolve_config(spec: str) -> Path:
     raise MinimoeError(f"{spec}: no such folder or file, and not a shipped config (one of: {', '.join(shipped)})")
 
 
+def open_model(path: Path):
+    """Load a model and its tokenizer, with a progress bar for large checkpoints."""
+    from tqdm import tqdm
+
+    from .model import load
+    from .tokenizer import load_tokenizer
+
+    model = load(path, progress=lambda items, **kw: tqdm(list(items), leave=False, disable=None, **kw))
+    return model, load_tokenizer(path)
+
+
+def describe(model) -> str:
+    c, counts = model.config, count_parameters(model.config)
+    experts = (f"{c.num_experts} experts (top-{c.num_experts_per_tok}) + a gated shared expert"
+               if c.num_experts else "dense")
+    return (f"{c.num_hidden_layers} layers, hidden {c.hidden_size}, {experts}; "
+            f"{counts.total:,} parameters, {counts.activated:,} active per token")
+
+
+# --- params --------------------------------------------------------------------------
+
 def cmd_params(args: argparse.Namespace) -> None:
     config = ModelConfig.from_file(resolve_config(args.model))
     counts = count_parameters(config)
@@ -42,16 +70,160 @@ def cmd_params(args: argparse.Namespace) -> None:
         print(f"  {label:26s} {format_billions(count):>8s}  ({count:,})")
 
 
+# --- generate ------------------------------------------------------------------------
+
+def sampling_options(args: argparse.Namespace, model) -> dict:
+    """Sampling flags, defaulting to the checkpoint's generation_config.json (greedy if it has none)."""
+    defaults = model.generation_config
+    sample = defaults.get("do_sample", False)
+    temperature = args.temperature if args.temperature is not None else (defaults.get("temperature", 1.0) if sample else 0.0)
+    return dict(
+        temperature=temperature,
+        top_k=args.top_k if args.top_k is not None else (defaults.get("top_k") if sample else None),
+        top_p=args.top_p if args.top_p is not None else (defaults.get("top_p") if sample else None),
+        seed=args.seed,
+    )
+
+
+def stream_text(model, tokenizer, ids: list[int], args: argparse.Namespace, out=sys.stdout) -> tuple[list[int], float]:
+    """Generate after ``ids``, printing text as it completes; returns (new ids, seconds)."""
+    decoder = tokenizer.stream(skip_special_tokens=True)
+    generated: list[int] = []
+    start = time.perf_counter()
+    for token in model.generate_stream(ids, args.max_new_tokens, stop_strings=args.stop, tokenizer=tokenizer,
+                                       **sampling_options(args, model)):
+        generated.append(token)
+        out.write(decoder.push(token))
+        out.flush()
+    out.write(decoder.flush())
+    return generated, time.perf_counter() - start
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    model, tokenizer = open_model(args.model)
+    prompt = args.prompt
+    if args.chat:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise MinimoeError("the prompt is empty")
+    if not args.chat:
+        sys.stdout.write(prompt)
+    generated, seconds = stream_text(model, tokenizer, ids, args)
+    print()
+    print(f"[{len(generated)} tokens in {seconds:.2f} s: {len(generated) / seconds:.1f} tokens/s]", file=sys.stderr)
+
+
+# --- chat ----------------------------------------------------------------------------
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    model, tokenizer = open_model(args.model)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"minimoe chat with {args.model} ({describe(model)}). Empty line or Ctrl-D to quit.")
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        ids = tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=True)
+        sys.stdout.write("assistant> ")
+        generated, _ = stream_text(model, tokenizer, ids, args)
+        print()
+        history.append({"role": "assistant", "content": tokenizer.decode(generated, skip_special_tokens=True)})
+
+
+# --- demo ----------------------------------------------------------------------------
+
+def routing_table(model, tokenizer, ids: list[int]) -> list[str]:
+    """One line per token: the experts it chose in each sparse layer, highest weight first."""
+    from .layers import route
+
+    router_logits: list = []
+    model.forward(ids, router_logits=router_logits)
+    c = model.config
+    chosen = [route(np, logits, c.num_experts_per_tok, c.norm_topk_prob) for logits in router_logits]
+    width = 3 * c.num_experts_per_tok + 7
+    lines = ["token".ljust(16) + "".join(f"layer {layer}".ljust(width) for layer in c.sparse_layers)]
+    for position, token in enumerate(ids):
+        cells = []
+        for _, expert_ids, weights in chosen:
+            experts = " ".join(f"{e:2d}" for e in expert_ids[position])
+            cells.append(f"{experts} ({weights[position].sum():.2f})".ljust(width))
+        lines.append(repr(tokenizer.decode([token]))[:15].ljust(16) + "".join(cells))
+    return lines
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    model, tokenizer = open_model(args.model)
+    print(f"minimoe demo: {args.model}")
+    print(f"  {describe(model)}\n")
+    ids = tokenizer.encode(args.prompt)
+    print("--- generated (prompt, then the model's continuation) ---")
+    sys.stdout.write(args.prompt)
+    generated, seconds = stream_text(model, tokenizer, ids, args)
+    print(f"\n--- {len(generated)} tokens in {seconds:.2f} s ({len(generated) / seconds:.1f} tokens/s) ---\n")
+    c = model.config
+    print(f"Routing: the {c.num_experts_per_tok} experts (of {c.num_experts}) each token chose in each layer, highest "
+          "weight first;\nin brackets the sum of their weights, the router's softmax probabilities, which is below 1 "
+          "because\nthe top-k weights are not renormalised (norm_topk_prob is false, as in Qwen1.5-MoE).\n")
+    print("\n".join(routing_table(model, tokenizer, ids + generated[:-1] if len(generated) > 1 else ids)))
+
+
+# --- the parser ----------------------------------------------------------------------
+
+def add_model_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, default=default_model_path(),
+                        help="checkpoint folder (config.json, *.safetensors, tokenizer files); default: the bundled model")
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
+    parser.add_argument("--temperature", type=float, help="0 is greedy; default from generation_config.json")
+    parser.add_argument("--top-k", type=int, help="keep the k most likely tokens")
+    parser.add_argument("--top-p", type=float, help="keep the most likely tokens up to this probability mass")
+    parser.add_argument("--seed", type=int, default=0, help="random seed, for reproducible sampling (default 0)")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="stop once the generated text contains TEXT (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minimoe", description="A readable NumPy Qwen1.5-MoE (Qwen2-MoE).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="generate with the bundled model and show the experts each token chose",
+                               description="Generate a short continuation, then show per token and layer which "
+                                           "experts the router chose.")
+    add_model_flag(demo)
+    demo.add_argument("--prompt", default=DEMO_PROMPT, help=f"default {DEMO_PROMPT!r}")
+    add_sampling_flags(demo, max_new_tokens=24)
+    demo.set_defaults(run=cmd_demo)
+
+    generate = commands.add_parser("generate", help="stream a continuation of a prompt, then report tokens/s",
+                                   description="Stream a continuation of --prompt; tokens/s is printed to stderr.")
+    add_model_flag(generate)
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user message")
+    add_sampling_flags(generate, max_new_tokens=64)
+    generate.set_defaults(run=cmd_generate)
+
+    chat = commands.add_parser("chat", help="interactive chat using the checkpoint's chat template",
+                               description="Chat line by line; the whole history goes through the chat template.")
+    add_model_flag(chat)
+    chat.add_argument("--system", help="a system message to start the conversation with")
+    add_sampling_flags(chat, max_new_tokens=128)
+    chat.set_defaults(run=cmd_chat)
+
     params = commands.add_parser(
-        "params",
-        help="count total, activated and activated non-embedding parameters from config.json",
+        "params", help="count total, activated and activated non-embedding parameters from config.json",
         description="Count parameters from a config alone. MODEL is a checkpoint folder, a config.json, "
-        f"or a shipped config: {', '.join(shipped_configs())}.",
-    )
-    params.add_argument("model", help="checkpoint folder, config.json, or shipped config name")
+                    f"or a shipped config: {', '.join(shipped_configs())}. Default: the bundled model.")
+    params.add_argument("model", nargs="?", default=str(default_model_path()),
+                        help="checkpoint folder, config.json, or shipped config name")
     params.set_defaults(run=cmd_params)
     return parser
 
@@ -63,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     except MinimoeError as exc:
         print(f"minimoe: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
     return 0
 
 

@@ -85,22 +85,25 @@ class ModelConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise MinimoeError(f"{path}: no config.json found") from None
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise MinimoeError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(raw, dict):
-            raise MinimoeError(f"{path}: expected a JSON object at the top level")
-        return cls.from_dict(raw, source=str(path))
+        if not path.is_file():
+            raise MinimoeError(f"{path}: no config.json found")
+        return cls.from_dict(read_json_object(path), source=str(path))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "ModelConfig":
         """Build a config from the parsed JSON of either spelling; refuse what we do not support."""
         return _parse(raw, source)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file whose top level is an object (config.json, tokenizer_config.json, ...)."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MinimoeError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise MinimoeError(f"{path}: expected a JSON object at the top level")
+    return value
 
 
 def _parse(raw: dict[str, Any], source: str) -> ModelConfig:

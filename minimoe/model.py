@@ -12,15 +12,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from . import layers, weights
 from .backend import Linear, array_module, parallel_map, project, single_threaded_blas
 from .checkpoint import Checkpoint
-from .config import ModelConfig
+from .config import ModelConfig, read_json_object
 from .errors import MinimoeError
+from .generate import generate_stream
 
 
 # --- the KV cache ------------------------------------------------------------------
@@ -181,6 +182,26 @@ class Model:
     checkpoint: Checkpoint | None = None
     backend: str = "numpy"
     xp: object = field(default=np, repr=False)
+    generation_config: dict = field(default_factory=dict)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Ids that end a generation: generation_config.json's ``eos_token_id``, else config.json's."""
+        eos = self.generation_config.get("eos_token_id", self.config.eos_token_id)
+        if eos is None:
+            return []
+        return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+
+    def generate(self, ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, **options) -> list[int]:
+        """New token ids after ``ids`` ``[T]`` (see :func:`minimoe.generate.generate_stream` for ``options``:
+        ``eos_token_ids``, ``stop_strings`` + ``tokenizer``, ``router_logits``).  ``temperature=0`` is greedy."""
+        return list(self.generate_stream(ids, max_new_tokens, temperature, top_k, top_p, seed, **options))
+
+    def generate_stream(self, ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                        top_p: float | None = None, seed: int | None = None, **options) -> Iterator[int]:
+        """Like :meth:`generate`, yielding each new token id as soon as it is chosen."""
+        return generate_stream(self, ids, max_new_tokens, temperature, top_k, top_p, seed, **options)
 
     def new_cache(self, capacity: int | None = None) -> KVCache:
         """An empty KV cache for incremental decoding (``capacity`` positions preallocated)."""
@@ -247,25 +268,31 @@ class Model:
 
 # --- loading -----------------------------------------------------------------------
 
-def load(path: str | Path, backend: str = "numpy", progress: Callable[[Iterable], Iterable] | None = None) -> Model:
+def load(path: str | Path, backend: str = "numpy", progress: Callable[..., Iterable] | None = None) -> Model:
     """Open a Hugging Face checkpoint folder (config.json + safetensors) as a :class:`Model`.
 
     Weights are memory-mapped, not read: opening the 28.6 GB Qwen1.5-MoE-A2.7B
     takes seconds and little memory.  Every tensor's presence and shape is checked
-    against the config first.
+    against the config first.  ``progress`` (e.g. ``tqdm.tqdm``) wraps the shards as
+    they are opened and the tensors as they are checked.
     """
     xp = array_module(backend)
     folder = Path(path)
     if not folder.is_dir():
         raise MinimoeError(f"{folder}: not a folder (expected a Hugging Face checkpoint folder)")
     config = ModelConfig.from_file(folder)
-    checkpoint = Checkpoint(folder, progress=progress)
-    _check_shapes(checkpoint, config)
-    return _build(config, checkpoint, backend, xp)
+    opening = (lambda shards: progress(shards, desc="opening shards", unit="file")) if progress else None
+    checkpoint = Checkpoint(folder, progress=opening)
+    expected = weights.expected_shapes(config).items()
+    _check_shapes(checkpoint, progress(expected, desc="checking tensors", unit="tensor") if progress else expected)
+    model = _build(config, checkpoint, backend, xp)
+    if (folder / "generation_config.json").exists():
+        model.generation_config = read_json_object(folder / "generation_config.json")
+    return model
 
 
-def _check_shapes(checkpoint: Checkpoint, config: ModelConfig) -> None:
-    for name, shape in weights.expected_shapes(config).items():
+def _check_shapes(checkpoint: Checkpoint, expected: Iterable[tuple[str, tuple[int, ...]]]) -> None:
+    for name, shape in expected:
         if name not in checkpoint:
             raise MinimoeError(f"{checkpoint.folder}: tensor {name!r} is missing")
         found = checkpoint.info(name).shape

@@ -55,5 +55,5 @@ def test_cli_errors_are_clear_with_nonzero_exit(tmp_path):
                              capture_output=True, text=True)
     assert missing.returncode == 1
     assert "minimoe: error:" in missing.stderr and "not a shipped config" in missing.stderr
-    usage = subprocess.run([sys.executable, "-m", "minimoe", "params"], capture_output=True, text=True)
+    usage = subprocess.run([sys.executable, "-m", "minimoe", "params", "--bogus"], capture_output=True, text=True)
     assert usage.returncode == 2 and "usage:" in usage.stderr

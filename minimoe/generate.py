@@ -1,0 +1,113 @@
+"""Text generation over the KV cache: greedy, temperature, top-k, top-p, with a seed.
+
+The sampling filters follow transformers' logits warpers, in the same order
+(temperature, then top-k, then top-p), so the same settings keep the same tokens:
+
+* top-k keeps every token whose logit is at least the k-th largest (ties kept);
+* top-p keeps the smallest set of most likely tokens whose probability reaches p
+  (always at least one).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+import numpy as np
+
+from .errors import MinimoeError
+
+if TYPE_CHECKING:
+    from .model import Model
+    from .tokenizer import Tokenizer
+
+
+def filter_top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    """Logits ``[V]`` with everything below the k-th largest set to -inf."""
+    if k >= logits.size:
+        return logits
+    kth = np.partition(logits, -k)[-k]
+    return np.where(logits >= kth, logits, -np.inf)
+
+
+def filter_top_p(logits: np.ndarray, p: float) -> np.ndarray:
+    """Logits ``[V]`` keeping the smallest most-likely set whose probability mass reaches ``p``."""
+    probs = softmax64(logits)
+    order = np.argsort(-probs, kind="stable")
+    mass_before = np.cumsum(probs[order]) - probs[order]  # mass of strictly more likely tokens
+    keep = order[mass_before < p]  # a token stays while the tokens ahead of it have not reached p
+    filtered = np.full_like(logits, -np.inf)
+    filtered[keep] = logits[keep]
+    return filtered
+
+
+def softmax64(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - np.max(logits)
+    e = np.exp(z)
+    return e / e.sum()
+
+
+def next_token_distribution(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None) -> np.ndarray:
+    """The probabilities ``[V]`` the sampler draws from, after temperature, top-k and top-p."""
+    logits = np.asarray(logits, dtype=np.float64) / temperature
+    if top_k is not None:
+        logits = filter_top_k(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = filter_top_p(logits, top_p)
+    return softmax64(logits)
+
+
+def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0,
+                top_k: int | None = None, top_p: float | None = None) -> int:
+    """One token id from logits ``[V]``; ``temperature == 0`` is greedy (argmax)."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    probs = next_token_distribution(logits, temperature, top_k, top_p)
+    return int(min(np.searchsorted(np.cumsum(probs), rng.random() * probs.sum(), side="right"), probs.size - 1))
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise MinimoeError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise MinimoeError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise MinimoeError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise MinimoeError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def generate_stream(model: "Model", ids: Iterable[int], max_new_tokens: int, temperature: float = 1.0,
+                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                    eos_token_ids: Iterable[int] | None = None, stop_strings: Iterable[str] = (),
+                    tokenizer: "Tokenizer | None" = None, router_logits: list | None = None) -> Iterator[int]:
+    """Yield new token ids one at a time, decoding through a KV cache.
+
+    Stops after ``max_new_tokens``, after an id in ``eos_token_ids`` (which is yielded),
+    or once the generated text contains one of ``stop_strings`` (needs ``tokenizer``).
+    Raises :class:`MinimoeError` up front when prompt + new tokens exceed the context.
+    """
+    prompt = np.asarray(list(ids), dtype=np.int64)
+    if prompt.ndim != 1 or prompt.size == 0:
+        raise MinimoeError(f"generate takes a non-empty [T] list of ids, got shape {prompt.shape}")
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    context = model.config.max_position_embeddings
+    if prompt.size + max_new_tokens > context:
+        raise MinimoeError(
+            f"prompt of {prompt.size} tokens + {max_new_tokens} new tokens exceeds the context of {context} positions"
+        )
+    stop_strings = list(stop_strings)
+    if stop_strings and tokenizer is None:
+        raise MinimoeError("stop_strings need a tokenizer to decode the generated text")
+    eos = set(model.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    rng = np.random.default_rng(seed)
+    cache = model.new_cache(capacity=prompt.size + max_new_tokens)
+    logits = model.forward(prompt, cache=cache, router_logits=router_logits)[-1]
+    generated: list[int] = []
+    for step in range(max_new_tokens):
+        token = sample_next(logits, rng, temperature, top_k, top_p)
+        generated.append(token)
+        yield token
+        if token in eos or (stop_strings and any(s in tokenizer.decode(generated) for s in stop_strings)):
+            return
+        if step + 1 < max_new_tokens:
+            logits = model.forward([token], cache=cache, router_logits=router_logits)[-1]
