@@ -139,22 +139,14 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 # --- demo ----------------------------------------------------------------------------
 
-def routing_table(model, tokenizer, ids: list[int]) -> list[str]:
+def routing_table(trace) -> list[str]:
     """One line per token: the experts it chose in each sparse layer, highest weight first."""
-    from .layers import route
-
-    router_logits: list = []
-    model.forward(ids, router_logits=router_logits)
-    c = model.config
-    chosen = [route(np, logits, c.num_experts_per_tok, c.norm_topk_prob) for logits in router_logits]
-    width = 3 * c.num_experts_per_tok + 7
-    lines = ["token".ljust(16) + "".join(f"layer {layer}".ljust(width) for layer in c.sparse_layers)]
-    for position, token in enumerate(ids):
-        cells = []
-        for _, expert_ids, weights in chosen:
-            experts = " ".join(f"{e:2d}" for e in expert_ids[position])
-            cells.append(f"{experts} ({weights[position].sum():.2f})".ljust(width))
-        lines.append(repr(tokenizer.decode([token]))[:15].ljust(16) + "".join(cells))
+    width = 3 * trace.top_k + 7
+    lines = ["token".ljust(16) + "".join(f"layer {layer}".ljust(width) for layer in trace.layers)]
+    for t, text in enumerate(trace.tokens):
+        cells = [" ".join(f"{e:2d}" for e in trace.expert_ids[s, t]) + f" ({trace.expert_weights[s, t].sum():.2f})"
+                 for s in range(len(trace.layers))]
+        lines.append(repr(text)[:15].ljust(16) + "".join(cell.ljust(width) for cell in cells))
     return lines
 
 
@@ -171,7 +163,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"Routing: the {c.num_experts_per_tok} experts (of {c.num_experts}) each token chose in each layer, highest "
           "weight first;\nin brackets the sum of their weights, the router's softmax probabilities, which is below 1 "
           "because\nthe top-k weights are not renormalised (norm_topk_prob is false, as in Qwen1.5-MoE).\n")
-    print("\n".join(routing_table(model, tokenizer, ids + generated[:-1] if len(generated) > 1 else ids)))
+    print("\n".join(routing_table(model.trace(ids + generated[:-1], tokenizer=tokenizer))))
 
 
 # --- the parser ----------------------------------------------------------------------

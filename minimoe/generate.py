@@ -79,11 +79,14 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
 def generate_stream(model: "Model", ids: Iterable[int], max_new_tokens: int, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                     eos_token_ids: Iterable[int] | None = None, stop_strings: Iterable[str] = (),
-                    tokenizer: "Tokenizer | None" = None, router_logits: list | None = None) -> Iterator[int]:
+                    tokenizer: "Tokenizer | None" = None, record=None,
+                    interventions: dict | None = None) -> Iterator[int]:
     """Yield new token ids one at a time, decoding through a KV cache.
 
     Stops after ``max_new_tokens``, after an id in ``eos_token_ids`` (which is yielded),
     or once the generated text contains one of ``stop_strings`` (needs ``tokenizer``).
+    ``record`` and ``interventions`` (a dict of :meth:`Model.forward` keywords) apply to
+    every step.
     Raises :class:`MinimoeError` up front when prompt + new tokens exceed the context.
     """
     prompt = np.asarray(list(ids), dtype=np.int64)
@@ -101,7 +104,8 @@ def generate_stream(model: "Model", ids: Iterable[int], max_new_tokens: int, tem
     eos = set(model.eos_token_ids if eos_token_ids is None else eos_token_ids)
     rng = np.random.default_rng(seed)
     cache = model.new_cache(capacity=prompt.size + max_new_tokens)
-    logits = model.forward(prompt, cache=cache, router_logits=router_logits)[-1]
+    step_options = dict(record=record, **(interventions or {}))
+    logits = model.forward(prompt, cache=cache, **step_options)[-1]
     generated: list[int] = []
     for step in range(max_new_tokens):
         token = sample_next(logits, rng, temperature, top_k, top_p)
@@ -110,4 +114,4 @@ def generate_stream(model: "Model", ids: Iterable[int], max_new_tokens: int, tem
         if token in eos or (stop_strings and any(s in tokenizer.decode(generated) for s in stop_strings)):
             return
         if step + 1 < max_new_tokens:
-            logits = model.forward([token], cache=cache, router_logits=router_logits)[-1]
+            logits = model.forward([token], cache=cache, **step_options)[-1]

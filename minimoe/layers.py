@@ -11,9 +11,10 @@ in float32, which is also where transformers keeps its softmaxes and norms.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 Projection = Callable  # x [..., in] -> [..., out], e.g. minimoe.backend.Linear
+Array = object  # a NumPy or CuPy array; shapes are given in each docstring
 
 
 # --- normalisation and activations -------------------------------------------------
@@ -113,24 +114,44 @@ def swiglu(xp, x, gate: Projection, up: Projection, down: Projection, project: C
     return down(silu(xp, gated) * lifted)
 
 
-def route(xp, router_logits, top_k: int, norm_topk_prob: bool):
-    """The router's choice per token.
+class RouterChoice(NamedTuple):
+    """What the router decided for N tokens."""
 
-    router_logits ``[N, E]`` -> (probs ``[N, E]``, expert_ids ``[N, k]``, expert_weights ``[N, k]``).
+    logits: "Array"  # [N, E] as used: a disabled expert's logit is -inf
+    probs: "Array"  # [N, E] softmax over all (enabled) experts
+    expert_ids: "Array"  # [N, k] chosen experts, highest probability first
+    raw_weights: "Array"  # [N, k] their probabilities
+    expert_weights: "Array"  # [N, k] what their outputs are scaled by (renormalised if norm_topk_prob)
+
+
+def route(xp, router_logits, top_k: int, norm_topk_prob: bool, disabled: Sequence[int] = (),
+          forced: Sequence[int] | None = None) -> RouterChoice:
+    """The router's choice per token.  router_logits ``[N, E]`` -> :class:`RouterChoice`.
 
     Softmax over *all* experts, then the k largest probabilities, highest first.
     Without ``norm_topk_prob`` (Qwen1.5-MoE's setting) the k weights are those raw
     probabilities and sum to less than 1; with it they are renormalised to sum to 1.
+
+    Interventions: ``disabled`` experts are removed from the router (their logits
+    set to -inf before the softmax, as if the router had no row for them);
+    ``forced`` experts are used by every token instead of its top-k, each weighted by
+    its router probability.
     """
-    probs = softmax(xp, router_logits.astype(xp.float32), axis=-1)
-    candidates = xp.argpartition(-probs, top_k - 1, axis=-1)[:, :top_k]
-    candidate_probs = xp.take_along_axis(probs, candidates, axis=-1)
-    order = xp.argsort(-candidate_probs, axis=-1, kind="stable")
-    expert_ids = xp.take_along_axis(candidates, order, axis=-1)
-    expert_weights = xp.take_along_axis(candidate_probs, order, axis=-1)
-    if norm_topk_prob:
-        expert_weights = expert_weights / xp.sum(expert_weights, axis=-1, keepdims=True)
-    return probs, expert_ids, expert_weights
+    logits = router_logits.astype(xp.float32)
+    if len(disabled):
+        logits = logits.copy()
+        logits[:, list(disabled)] = -xp.inf
+    probs = softmax(xp, logits, axis=-1)
+    if forced is not None:
+        expert_ids = xp.broadcast_to(xp.asarray(forced), (probs.shape[0], len(forced)))
+        expert_ids = xp.take_along_axis(expert_ids, xp.argsort(-xp.take_along_axis(probs, expert_ids, -1), -1), -1)
+    else:
+        candidates = xp.argpartition(-probs, top_k - 1, axis=-1)[:, :top_k]
+        order = xp.argsort(-xp.take_along_axis(probs, candidates, axis=-1), axis=-1, kind="stable")
+        expert_ids = xp.take_along_axis(candidates, order, axis=-1)
+    raw_weights = xp.take_along_axis(probs, expert_ids, axis=-1)
+    weights = raw_weights / xp.sum(raw_weights, axis=-1, keepdims=True) if norm_topk_prob else raw_weights
+    return RouterChoice(logits, probs, expert_ids, raw_weights, weights)
 
 
 def routed_experts(xp, h, expert_ids, expert_weights, experts: Sequence[tuple[Projection, Projection, Projection]],
@@ -194,8 +215,8 @@ def load_balancing_loss(xp, router_logits: Sequence, num_experts: int, top_k: in
     prob_sums = xp.zeros(num_experts, dtype=xp.float32)
     rows = 0
     for logits in router_logits:
-        probs, expert_ids, _ = route(xp, logits, top_k, norm_topk_prob=False)
-        slot_counts += xp.bincount(expert_ids.reshape(-1), minlength=num_experts)
-        prob_sums += probs.sum(axis=0)
+        choice = route(xp, logits, top_k, norm_topk_prob=False)
+        slot_counts += xp.bincount(choice.expert_ids.reshape(-1), minlength=num_experts)
+        prob_sums += choice.probs.sum(axis=0)
         rows += logits.shape[0]
     return float(num_experts * xp.sum((slot_counts / rows) * (prob_sums / rows)))

@@ -22,6 +22,7 @@ from .checkpoint import Checkpoint
 from .config import ModelConfig, read_json_object
 from .errors import MinimoeError
 from .generate import generate_stream
+from .routing import NO_INTERVENTIONS, OUTPUT, Interventions, LayerInterventions, Recorder, RoutingTrace
 
 
 # --- the KV cache ------------------------------------------------------------------
@@ -124,20 +125,26 @@ class SparseMoeBlock:
     top_k: int
     norm_topk_prob: bool
 
-    def __call__(self, xp, h, router_logits_out: list | None = None):
-        """h ``[B, T, H]`` -> ``[B, T, H]``; appends this layer's router logits ``[B*T, E]`` if asked."""
+    def __call__(self, xp, h, layer: int, change: LayerInterventions = NO_INTERVENTIONS, record=None):
+        """h ``[B, T, H]`` -> ``[B, T, H]``: the routed experts' weighted sum plus the gated shared expert."""
         flat = h.reshape(-1, h.shape[-1])
-        router_logits = self.router(flat)
-        if router_logits_out is not None:
-            router_logits_out.append(router_logits)
-        _, expert_ids, expert_weights = layers.route(xp, router_logits, self.top_k, self.norm_topk_prob)
+        choice = layers.route(xp, self.router(flat), change.top_k or self.top_k, self.norm_topk_prob,
+                              change.disabled, change.forced)
         expert_mlps = [(e.gate, e.up, e.down) for e in self.experts]
-        # The routed experts and the shared expert are independent: run them side by side.
-        routed, (shared, _) = parallel_map(lambda job: job(), (
-            lambda: layers.routed_experts(xp, flat, expert_ids, expert_weights, expert_mlps, parallel_map, project),
-            lambda: layers.shared_expert(xp, flat, self.shared.gate, self.shared.up, self.shared.down, self.shared_gate,
-                                         project),
-        ))
+        jobs = [lambda: layers.routed_experts(xp, flat, choice.expert_ids, choice.expert_weights, expert_mlps,
+                                              parallel_map, project)]
+        if change.shared_expert:  # independent of the routed experts: run them side by side
+            jobs.append(lambda: layers.shared_expert(xp, flat, self.shared.gate, self.shared.up, self.shared.down,
+                                                     self.shared_gate, project))
+        routed, *rest = parallel_map(lambda job: job(), jobs)
+        if rest:
+            shared, gate = rest[0]
+        else:  # switched off: contributes nothing, but its gate is still worth reporting
+            shared, gate = xp.zeros_like(routed), layers.sigmoid(xp, self.shared_gate(flat))[:, 0]
+        if record is not None:
+            record(layer, router_logits=choice.logits, router_probs=choice.probs, expert_ids=choice.expert_ids,
+                   raw_weights=choice.raw_weights, expert_weights=choice.expert_weights, shared_gate=gate,
+                   shared_norm=xp.linalg.norm(shared, axis=-1), routed_norm=xp.linalg.norm(routed, axis=-1))
         return (routed + shared).reshape(h.shape)
 
 
@@ -154,13 +161,17 @@ class DecoderLayer:
     def is_sparse(self) -> bool:
         return isinstance(self.mlp, SparseMoeBlock)
 
-    def __call__(self, xp, x, cos, sin, cache, start, router_logits_out=None):
+    def __call__(self, xp, x, cos, sin, cache, start, interventions: Interventions | None = None, record=None):
         """x ``[B, T, H]`` -> ``[B, T, H]``: attention then feed-forward, each added to the residual."""
         h = layers.rms_norm(xp, x, self.input_norm, self.eps)
-        x = x + self.attention(xp, h, cos, sin, self.index, cache, start)
+        attended = self.attention(xp, h, cos, sin, self.index, cache, start)
+        if record is not None:
+            record(self.index, attention_norm=xp.linalg.norm(attended, axis=-1).reshape(-1))
+        x = x + attended
         h = layers.rms_norm(xp, x, self.post_attention_norm, self.eps)
         if self.is_sparse:
-            return x + self.mlp(xp, h, router_logits_out)
+            change = interventions.for_layer(self.index) if interventions else NO_INTERVENTIONS
+            return x + self.mlp(xp, h, self.index, change, record)
         return x + self.mlp(xp, h)
 
 
@@ -195,7 +206,7 @@ class Model:
     def generate(self, ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, **options) -> list[int]:
         """New token ids after ``ids`` ``[T]`` (see :func:`minimoe.generate.generate_stream` for ``options``:
-        ``eos_token_ids``, ``stop_strings`` + ``tokenizer``, ``router_logits``).  ``temperature=0`` is greedy."""
+        ``eos_token_ids``, ``stop_strings`` + ``tokenizer``, ``record``, ``interventions``).  ``temperature=0`` is greedy."""
         return list(self.generate_stream(ids, max_new_tokens, temperature, top_k, top_p, seed, **options))
 
     def generate_stream(self, ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -207,13 +218,14 @@ class Model:
         """An empty KV cache for incremental decoding (``capacity`` positions preallocated)."""
         return KVCache(self.config, capacity, self.xp)
 
-    def forward(self, ids, cache: KVCache | None = None, *, router_logits: list | None = None):
+    def forward(self, ids, cache: KVCache | None = None, *, record: Recorder | None = None, **interventions):
         """Logits for every position.  ids ``[T]`` -> ``[T, V]``; ids ``[B, T]`` -> ``[B, T, V]``.
 
         With ``cache``, the ids continue the cached sequence (positions start at
-        ``cache.length``) and their keys/values are added to it.  Pass a list as
-        ``router_logits`` to receive each sparse layer's router logits ``[B*T, E]``
-        (what :meth:`aux_loss` uses).
+        ``cache.length``) and their keys/values are added to it.  ``record`` (a
+        :class:`minimoe.routing.Recorder`) receives every layer's routing arrays; the
+        keyword arguments are routing interventions (``disabled_experts``,
+        ``forced_experts``, ``top_k``, ``shared_expert``; see :class:`~minimoe.routing.Interventions`).
         """
         xp = self.xp
         batch = self._check_ids(ids)
@@ -227,6 +239,7 @@ class Model:
                 f"{start} cached + {tokens} new tokens exceed the context of "
                 f"{self.config.max_position_embeddings} positions (max_position_embeddings)"
             )
+        changes = Interventions.build(self.config, **interventions) if interventions else None
         if cache is not None:
             cache.reserve(batch.shape[0], tokens)
 
@@ -234,20 +247,42 @@ class Model:
         with single_threaded_blas():
             x = self.embed.rows(batch)  # [B, T, H]
             for layer in self.decoder:
-                x = layer(xp, x, cos, sin, cache, start, router_logits)
+                x = layer(xp, x, cos, sin, cache, start, changes, record)
             x = layers.rms_norm(xp, x, self.final_norm, self.config.rms_norm_eps)
             logits = self.lm_head(x)
         if cache is not None:
             cache.advance(tokens)
+        if record is not None:
+            record(OUTPUT, token_ids=batch.reshape(-1), positions=np.tile(np.arange(start, start + tokens), len(batch)),
+                   logits=logits.reshape(-1, logits.shape[-1]))
         return logits[0] if unbatched else logits
 
     __call__ = forward
 
+    def trace(self, ids, cache: KVCache | None = None, tokenizer=None, **interventions) -> RoutingTrace:
+        """Run ``ids`` ``[T]`` and return what the router did (a :class:`~minimoe.routing.RoutingTrace`).
+
+        Takes the same ``cache`` and intervention keywords as :meth:`forward`; with a
+        ``tokenizer``, the trace also holds each token's text.
+        """
+        if np.asarray(ids).ndim != 1:
+            raise MinimoeError("trace takes one sequence of ids [T]; trace a batch one row at a time")
+        recorder = Recorder()
+        self.forward(ids, cache, record=recorder, **interventions)
+        return RoutingTrace.from_recorder(recorder, self.config, tokenizer)
+
+    def step_through(self, ids, layer: int, position: int = -1):
+        """Every stage of decoder ``layer`` for one token, named (see :mod:`minimoe.stepthrough`)."""
+        from .stepthrough import step_through
+
+        return step_through(self, ids, layer, position)
+
     def aux_loss(self, ids) -> float:
         """The router's load-balancing loss on ``ids`` (unscaled, as transformers' ``aux_loss``)."""
-        router_logits: list = []
-        self.forward(ids, router_logits=router_logits)
+        recorder = Recorder()
+        self.forward(ids, record=recorder)
         c = self.config
+        router_logits = list(recorder.stacked("router_logits", c.sparse_layers)) if c.sparse_layers else []
         return layers.load_balancing_loss(self.xp, router_logits, c.num_experts, c.num_experts_per_tok)
 
     def _check_ids(self, ids) -> np.ndarray:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from minimoe.layers import route
-
 LOGIT_TOLERANCE = 1e-4  # relative to the largest reference logit
 
 
@@ -54,16 +52,20 @@ def check_cached_decoding(model, reference) -> None:
 
 
 def check_routing(model, reference) -> None:
-    """Router logits per sparse layer equal transformers', and so do the chosen experts and aux loss."""
+    """The trace's router logits per sparse layer equal transformers', and so do the chosen experts and aux loss."""
     expected = router_logits_of(reference)
-    ours: list = []
-    model.forward(reference["ids"], router_logits=ours)
-    assert len(ours) == len(expected) == len(model.config.sparse_layers)
     k = model.config.num_experts_per_tok
-    for layer_ours, layer_theirs in zip(ours, expected):
-        assert np.abs(layer_ours - layer_theirs).max() < 1e-4 * np.abs(layer_theirs).max()
-        _, our_experts, _ = route(np, layer_ours, k, model.config.norm_topk_prob)
-        their_experts = np.argsort(-layer_theirs, axis=-1, kind="stable")[:, :k]
-        assert (np.sort(our_experts, axis=-1) == np.sort(their_experts, axis=-1)).all()
+    for row, ids in enumerate(reference["ids"]):
+        trace = model.trace(ids)
+        assert len(trace.layers) == len(expected) == len(model.config.sparse_layers)
+        tokens = slice(row * len(ids), (row + 1) * len(ids))  # transformers flattens the batch
+        for s, theirs in enumerate(expected):
+            theirs = theirs[tokens]
+            assert np.abs(trace.router_logits[s] - theirs).max() < 1e-4 * np.abs(theirs).max()
+            their_probs = np.exp(theirs - theirs.max(-1, keepdims=True))
+            their_probs /= their_probs.sum(-1, keepdims=True)
+            assert np.abs(trace.router_probs[s] - their_probs).max() < 1e-5
+            their_experts = np.argsort(-theirs, axis=-1, kind="stable")[:, :k]
+            assert (np.sort(trace.expert_ids[s], axis=-1) == np.sort(their_experts, axis=-1)).all()
     aux = model.aux_loss(reference["ids"])
     assert abs(aux - reference["aux_loss"].item()) < 1e-5 * abs(reference["aux_loss"].item())

@@ -46,13 +46,13 @@ def test_rope_is_rotate_half_with_positions_from_the_cache():
 
 def test_route_softmax_over_all_then_topk():
     logits = np.array([[0.0, 3.0, 1.0, 2.0], [5.0, 5.5, -1.0, 0.0]], dtype=np.float32)
-    probs, ids, weights = layers.route(np, logits, top_k=2, norm_topk_prob=False)
+    probs, ids, weights = layers.route(np, logits, top_k=2, norm_topk_prob=False)[1:4]
     full = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
     np.testing.assert_allclose(probs, full, rtol=1e-6)
     assert ids.tolist() == [[1, 3], [1, 0]]  # highest first
     np.testing.assert_allclose(weights, np.take_along_axis(full, ids, -1), rtol=1e-6)
     assert (weights.sum(-1) < 1).all()  # Qwen1.5-MoE: the top-k weights do not sum to 1
-    _, _, normalised = layers.route(np, logits, top_k=2, norm_topk_prob=True)
+    normalised = layers.route(np, logits, top_k=2, norm_topk_prob=True).expert_weights
     np.testing.assert_allclose(normalised.sum(-1), 1.0, rtol=1e-6)
 
 
@@ -62,7 +62,8 @@ def test_routed_experts_equal_dense_masked_sum():
     h = rng.standard_normal((tokens, hidden)).astype(np.float32)
     experts = [tuple(Linear(rng.standard_normal(shape).astype(np.float32))
                      for shape in ((inter, hidden), (inter, hidden), (hidden, inter))) for _ in range(num_experts)]
-    _, ids, weights = layers.route(np, rng.standard_normal((tokens, num_experts)).astype(np.float32), k, False)
+    choice = layers.route(np, rng.standard_normal((tokens, num_experts)).astype(np.float32), k, False)
+    ids, weights = choice.expert_ids, choice.expert_weights
     got = layers.routed_experts(np, h, ids, weights, experts)
     expected = np.zeros_like(h)
     for t in range(tokens):

@@ -1,0 +1,350 @@
+"""Routing traces: what the router did, token by token and layer by layer.
+
+A :class:`RoutingTrace` holds, for one sequence of ``T`` tokens through a model with
+``S`` sparse layers (of ``L`` decoder layers), ``E`` routed experts and ``k`` chosen per
+token, everything needed to study the routing:
+
+==================== ============= ==========================================================
+field                shape         meaning
+==================== ============= ==========================================================
+``token_ids``        ``[T]``       the tokens, in order
+``positions``        ``[T]``       their positions in the sequence (they continue a cache)
+``layers``           ``[S]``       decoder-layer index of each sparse layer
+``router_logits``    ``[S, T, E]`` ``h @ gate.T``; a disabled expert's logit is ``-inf``
+``router_probs``     ``[S, T, E]`` softmax over all (enabled) experts
+``expert_ids``       ``[S, T, k]`` the chosen experts, highest probability first
+``raw_weights``      ``[S, T, k]`` their router probabilities (before ``norm_topk_prob``)
+``expert_weights``   ``[S, T, k]`` the weights the experts' outputs are scaled by
+``shared_gate``      ``[S, T]``    ``sigmoid(h @ shared_expert_gate.T)``, the shared expert's scale
+``attention_norm``   ``[L, T]``    L2 norm of what attention adds to the residual stream
+``shared_norm``      ``[S, T]``    L2 norm of what the gated shared expert adds
+``routed_norm``      ``[S, T]``    L2 norm of what the routed experts add (weighted sum)
+``logits``           ``[T, V]``    the model's output logits
+==================== ============= ==========================================================
+
+plus ``num_experts`` (E), ``top_k`` (k as run, after any intervention) and, when a
+tokenizer was given, ``tokens``: each token's text.  Traces of consecutive pieces of
+one sequence (a prompt, then generated tokens through the cache) join with
+:meth:`RoutingTrace.concat`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import MinimoeError
+
+ARRAY_FIELDS = ("token_ids", "positions", "layers", "router_logits", "router_probs", "expert_ids", "raw_weights",
+                "expert_weights", "shared_gate", "attention_norm", "shared_norm", "routed_norm", "logits")
+# The recorder's key for model-level arrays (token ids, positions, logits), beside the layer indices.
+OUTPUT = -1
+# Fields whose token axis is not the first one (it is axis 1 for per-layer arrays).
+TOKEN_AXIS = {"token_ids": 0, "positions": 0, "logits": 0, "layers": None}
+
+
+@dataclass
+class RoutingTrace:
+    token_ids: np.ndarray
+    positions: np.ndarray
+    layers: np.ndarray
+    router_logits: np.ndarray
+    router_probs: np.ndarray
+    expert_ids: np.ndarray
+    raw_weights: np.ndarray
+    expert_weights: np.ndarray
+    shared_gate: np.ndarray
+    attention_norm: np.ndarray
+    shared_norm: np.ndarray
+    routed_norm: np.ndarray
+    logits: np.ndarray
+    num_experts: int
+    top_k: int
+    tokens: list[str] | None = field(default=None)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    def layer_index(self, layer: int) -> int:
+        """Position of decoder layer ``layer`` among the sparse layers (the S axis)."""
+        matches = np.flatnonzero(self.layers == layer)
+        if matches.size == 0:
+            raise MinimoeError(f"layer {layer} is not a sparse layer of this trace (sparse layers: {self.layers.tolist()})")
+        return int(matches[0])
+
+    @classmethod
+    def from_recorder(cls, recorder: "Recorder", config, tokenizer=None) -> "RoutingTrace":
+        """Assemble a trace from what a :class:`Recorder` collected during one or more forwards."""
+        sparse = config.sparse_layers
+        per_layer = {name: recorder.stacked(name, sparse) for name in (
+            "router_logits", "router_probs", "expert_ids", "raw_weights", "expert_weights",
+            "shared_gate", "shared_norm", "routed_norm")} if sparse else {}
+        token_ids = recorder.stacked("token_ids", [OUTPUT])[0]
+        if not sparse:
+            raise MinimoeError("this model has no sparse layers: there is no routing to trace")
+        return cls(
+            token_ids=token_ids,
+            positions=recorder.stacked("positions", [OUTPUT])[0],
+            layers=np.array(sparse),
+            attention_norm=recorder.stacked("attention_norm", range(config.num_hidden_layers)),
+            logits=recorder.stacked("logits", [OUTPUT])[0],
+            num_experts=config.num_experts,
+            top_k=int(per_layer["expert_ids"].shape[2]),
+            tokens=None if tokenizer is None else [tokenizer.decode([int(t)]) for t in token_ids],
+            **per_layer,
+        )
+
+    # --- joining and slicing ---------------------------------------------------------
+
+    @classmethod
+    def concat(cls, traces: Sequence["RoutingTrace"]) -> "RoutingTrace":
+        """One trace from consecutive pieces of the same sequence (joined along the token axis)."""
+        if not traces:
+            raise MinimoeError("concat needs at least one trace")
+        first = traces[0]
+        for other in traces[1:]:
+            if not np.array_equal(other.layers, first.layers) or other.num_experts != first.num_experts:
+                raise MinimoeError("traces to concat must come from the same model")
+        joined = {}
+        for name in ARRAY_FIELDS:
+            axis = TOKEN_AXIS.get(name, 1)
+            values = [getattr(t, name) for t in traces]
+            joined[name] = values[0] if axis is None else np.concatenate(values, axis=axis)
+        tokens = None if any(t.tokens is None for t in traces) else [s for t in traces for s in t.tokens]
+        top_k = first.top_k if all(t.top_k == first.top_k for t in traces) else max(t.top_k for t in traces)
+        return cls(**joined, num_experts=first.num_experts, top_k=top_k, tokens=tokens)
+
+    # --- export ----------------------------------------------------------------------
+
+    def save_npz(self, path: str | Path) -> None:
+        """All arrays plus metadata in one ``.npz`` (no pickles: plain numeric arrays and a JSON string)."""
+        meta = {"num_experts": self.num_experts, "top_k": self.top_k, "tokens": self.tokens}
+        np.savez_compressed(path, **{name: getattr(self, name) for name in ARRAY_FIELDS},
+                            meta=np.array(json.dumps(meta)))
+
+    @classmethod
+    def load_npz(cls, path: str | Path) -> "RoutingTrace":
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {name: data[name] for name in ARRAY_FIELDS}
+                meta = json.loads(str(data["meta"]))
+        except (OSError, KeyError, ValueError) as exc:
+            raise MinimoeError(f"{path}: not a minimoe routing trace ({exc})") from None
+        return cls(**arrays, num_experts=meta["num_experts"], top_k=meta["top_k"], tokens=meta["tokens"])
+
+    def to_json(self, path: str | Path | None = None, include_logits: bool = False) -> dict[str, Any]:
+        """A JSON-ready dict of the trace (logits left out unless asked: they are large); written if ``path``."""
+        data = {name: getattr(self, name).tolist() for name in ARRAY_FIELDS if include_logits or name != "logits"}
+        data = _finite(data)
+        data.update(num_experts=self.num_experts, top_k=self.top_k, tokens=self.tokens)
+        if path is not None:
+            Path(path).write_text(json.dumps(data))
+        return data
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The tidy table: one row per token x sparse layer x chosen expert."""
+        table = []
+        for s, layer in enumerate(self.layers.tolist()):
+            for t in range(self.num_tokens):
+                for rank in range(self.expert_ids.shape[2]):
+                    table.append({
+                        "position": int(self.positions[t]), "token_id": int(self.token_ids[t]),
+                        "token": None if self.tokens is None else self.tokens[t],
+                        "layer": layer, "rank": rank, "expert": int(self.expert_ids[s, t, rank]),
+                        "weight": float(self.expert_weights[s, t, rank]),
+                        "probability": float(self.raw_weights[s, t, rank]),
+                        "shared_gate": float(self.shared_gate[s, t]),
+                    })
+        return table
+
+    def to_dataframe(self):
+        """:meth:`rows` as a pandas DataFrame (pandas is optional: install it to use this)."""
+        try:
+            import pandas
+        except ImportError:
+            raise MinimoeError("to_dataframe needs pandas (pip install pandas); rows() gives the same table") from None
+        return pandas.DataFrame(self.rows())
+
+    def write_csv(self, path: str | Path) -> None:
+        """:meth:`rows` as CSV, which pandas, R or a spreadsheet reads."""
+        import csv
+
+        rows = self.rows()
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["position"])
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def _finite(value):
+    """JSON has no -inf: disabled experts' logits become None."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(RoutingTrace)]
+
+
+# --- interventions -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayerInterventions:
+    """What to change in one sparse layer's routing (see :class:`Interventions`)."""
+
+    disabled: tuple[int, ...] = ()
+    forced: tuple[int, ...] | None = None
+    top_k: int | None = None
+    shared_expert: bool = True
+
+
+@dataclass(frozen=True)
+class Interventions:
+    """Changes to the routing, as keyword arguments of ``Model.forward``/``Model.trace``.
+
+    * ``disabled_experts={layer: [expert, ...]}``: those experts are removed from the
+      router of that decoder layer (logit -inf before the softmax), as if it never had them;
+    * ``forced_experts={layer: [expert, ...]}``: every token in that layer uses exactly
+      these experts, weighted by their router probabilities;
+    * ``top_k``: how many experts each token uses, for all sparse layers (an int) or per
+      layer (``{layer: k}``);
+    * ``shared_expert=False``: the shared expert is switched off in every sparse layer
+      (or pass a collection of decoder layers to switch it off only there).
+    """
+
+    disabled_experts: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    forced_experts: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    top_k: int | dict[int, int] | None = None
+    shared_expert: bool | frozenset[int] = True
+
+    @classmethod
+    def build(cls, config, disabled_experts=None, forced_experts=None, top_k=None, shared_expert=True) -> "Interventions":
+        """Validated interventions for a model ``config``; bad layers, experts or k raise MinimoeError."""
+        sparse = set(config.sparse_layers)
+
+        def layers_of(name: str, mapping) -> dict[int, tuple[int, ...]]:
+            result = {}
+            for layer, experts in (mapping or {}).items():
+                if layer not in sparse:
+                    raise MinimoeError(f"{name}: layer {layer} is not a sparse layer (sparse layers: {sorted(sparse)})")
+                experts = tuple(int(e) for e in experts)
+                bad = [e for e in experts if not 0 <= e < config.num_experts]
+                if bad:
+                    raise MinimoeError(f"{name}: expert {bad[0]} in layer {layer} is outside [0, {config.num_experts})")
+                if len(set(experts)) != len(experts):
+                    raise MinimoeError(f"{name}: layer {layer} lists an expert twice: {list(experts)}")
+                result[int(layer)] = experts
+            return result
+
+        disabled = layers_of("disabled_experts", disabled_experts)
+        forced = layers_of("forced_experts", forced_experts)
+        for layer, experts in forced.items():
+            if set(experts) & set(disabled.get(layer, ())):
+                raise MinimoeError(f"forced_experts: layer {layer} forces an expert it also disables")
+            if not experts:
+                raise MinimoeError(f"forced_experts: layer {layer} forces no experts")
+        ks = top_k if isinstance(top_k, dict) else {layer: top_k for layer in sparse} if top_k is not None else {}
+        for layer, k in ks.items():
+            if layer not in sparse:
+                raise MinimoeError(f"top_k: layer {layer} is not a sparse layer")
+            enabled = config.num_experts - len(disabled.get(layer, ()))
+            if not (isinstance(k, int) and 1 <= k <= enabled):
+                raise MinimoeError(f"top_k: {k!r} for layer {layer} must be an integer in [1, {enabled}]")
+        if not isinstance(shared_expert, bool):
+            shared_expert = frozenset(layer for layer in sparse if layer not in set(shared_expert))
+        return cls(disabled, forced, ks or None, shared_expert)
+
+    def for_layer(self, layer: int) -> LayerInterventions:
+        shared = self.shared_expert if isinstance(self.shared_expert, bool) else layer in self.shared_expert
+        k = self.top_k.get(layer) if isinstance(self.top_k, dict) else self.top_k
+        return LayerInterventions(self.disabled_experts.get(layer, ()), self.forced_experts.get(layer), k, shared)
+
+
+NO_INTERVENTIONS = LayerInterventions()
+
+
+# --- recording a forward pass ---------------------------------------------------------------
+
+class Recorder:
+    """Collects named per-layer arrays as a forward pass runs (the raw material of a trace).
+
+    Layers call ``recorder(layer, name=array, ...)``; repeated calls (decoding token by
+    token through a cache) append, and :meth:`stacked` joins them along the token axis.
+    """
+
+    def __init__(self) -> None:
+        self.values: dict[str, dict[int, list]] = {}
+
+    def __call__(self, layer: int, **arrays) -> None:
+        for name, array in arrays.items():
+            self.values.setdefault(name, {}).setdefault(layer, []).append(array)
+
+    def stacked(self, name: str, layers: Sequence[int]) -> np.ndarray:
+        """``[len(layers), T, ...]``: the named array of each layer, tokens joined in call order."""
+        return np.stack([np.concatenate(self.values[name][layer], axis=0) for layer in layers])
+
+
+def trace_generation(model, ids, max_new_tokens: int, tokenizer=None, interventions: dict | None = None,
+                     **sampling) -> tuple[list[int], RoutingTrace]:
+    """Generate after ``ids`` and trace every token the model read: (new ids, trace).
+
+    The trace grows token by token through the KV cache: it covers the prompt and each
+    generated token that was fed back (all but the last, which no forward pass reads).
+    ``sampling`` takes :meth:`Model.generate`'s keywords (temperature, top_k, top_p, seed, ...).
+    """
+    recorder = Recorder()
+    new_ids = list(model.generate_stream(ids, max_new_tokens, record=recorder, interventions=interventions,
+                                         tokenizer=tokenizer, **sampling))
+    return new_ids, RoutingTrace.from_recorder(recorder, model.config, tokenizer)
+
+
+# --- measuring an intervention ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class InterventionEffect:
+    """How an intervention changed the next-token distribution, position by position."""
+
+    kl_per_token: np.ndarray  # [T] KL(original || intervened) of each position's next-token distribution, nats
+    mean_kl: float
+    last_kl: float  # at the last position: the distribution the next generated token comes from
+    loss: float  # mean cross-entropy of the actual next tokens (positions 0..T-2), intervened
+    base_loss: float  # the same without the intervention
+    top1_changed: float  # fraction of positions whose most likely next token changed
+
+    @property
+    def loss_change(self) -> float:
+        return self.loss - self.base_loss
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def measure_intervention(model, ids, base_logits: np.ndarray | None = None, **interventions) -> InterventionEffect:
+    """Run ``ids`` ``[T]`` with and without ``interventions`` and compare the next-token distributions.
+
+    ``base_logits`` (``[T, V]``, from ``model.forward(ids)``) saves the plain run when
+    several interventions are measured on the same text.
+    """
+    ids = np.asarray(ids)
+    base = _log_softmax(model.forward(ids) if base_logits is None else base_logits)
+    changed = _log_softmax(model.forward(ids, **interventions))
+    kl = (np.exp(base) * (base - changed)).sum(-1)
+    targets = ids[1:]
+
+    def loss(log_probs: np.ndarray) -> float:
+        return float(-log_probs[np.arange(len(targets)), targets].mean()) if len(targets) else float("nan")
+
+    return InterventionEffect(kl_per_token=kl, mean_kl=float(kl.mean()), last_kl=float(kl[-1]), loss=loss(changed),
+                              base_loss=loss(base), top1_changed=float((base.argmax(-1) != changed.argmax(-1)).mean()))

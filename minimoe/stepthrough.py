@@ -1,0 +1,105 @@
+"""Walk one token through one decoder layer, stage by stage, every intermediate named.
+
+:func:`step_through` recomputes a decoder layer with the functions of
+:mod:`minimoe.layers`, one visible step at a time, in the order the model runs them:
+
+    input_norm -> q, k, v -> RoPE -> attention scores -> attention weights -> attention output
+    -> o_proj -> residual -> post-attention norm -> router logits -> router probabilities
+    -> top-k -> each chosen expert's output -> shared expert and its gate -> layer output
+
+Every stage is an entry of the returned :class:`LayerWalk`, for the one token at
+``position`` (attention still reads all the positions before it).  The walk never
+uses the model's own block code for the inspected layer, and a test holds its result
+to the model's forward, so the walkthrough and the model cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+from . import layers
+from .errors import MinimoeError
+
+
+class LayerWalk(OrderedDict):
+    """Named intermediates of one token through one layer (``walk["router_probs"]``, ...).
+
+    ``walk.describe()`` lists each stage with its shape.
+    """
+
+    def describe(self) -> str:
+        return "\n".join(f"{name:28s} {tuple(np.shape(value))}" for name, value in self.items())
+
+
+def residual_before(model, ids: np.ndarray, layer: int) -> np.ndarray:
+    """The residual stream entering decoder layer ``layer``: ids ``[T]`` -> ``[T, H]``."""
+    xp, c = model.xp, model.config
+    cos, sin = layers.rope_tables(xp, xp.arange(len(ids)), c.head_dim, c.rope_theta)
+    x = model.embed.rows(ids[None])
+    for block in model.decoder[:layer]:
+        x = block(xp, x, cos, sin, None, 0)
+    return x[0]
+
+
+def step_through(model, ids, layer: int, position: int = -1) -> LayerWalk:
+    """The stages of decoder layer ``layer`` for the token at ``position`` of ids ``[T]``."""
+    xp, c = model.xp, model.config
+    ids = model._check_ids(ids)
+    if ids.ndim != 1:
+        raise MinimoeError("step_through takes one sequence of ids [T]")
+    if not 0 <= layer < c.num_hidden_layers:
+        raise MinimoeError(f"layer {layer} is outside [0, {c.num_hidden_layers})")
+    tokens = len(ids)
+    position = position % tokens if -tokens <= position < tokens else None
+    if position is None:
+        raise MinimoeError(f"position is outside the {tokens} tokens")
+    block = model.decoder[layer]
+    attention = block.attention
+    walk = LayerWalk()
+
+    x = residual_before(model, ids[: position + 1], layer)  # [P+1, H]: the token and everything before it
+    walk["residual_in"] = x[position]
+    h = layers.rms_norm(xp, x, block.input_norm, c.rms_norm_eps)
+    walk["input_norm"] = h[position]
+    q = layers.split_heads(attention.q(h)[None], c.num_attention_heads, c.head_dim)  # [1, nh, P+1, D]
+    k = layers.split_heads(attention.k(h)[None], c.num_key_value_heads, c.head_dim)
+    v = layers.split_heads(attention.v(h)[None], c.num_key_value_heads, c.head_dim)
+    walk["q"], walk["k"], walk["v"] = q[0, :, position], k[0, :, position], v[0, :, position]  # [heads, D]
+    cos, sin = layers.rope_tables(xp, xp.arange(position + 1), c.head_dim, c.rope_theta)
+    q, k = layers.apply_rope(xp, q, cos, sin), layers.apply_rope(xp, k, cos, sin)
+    walk["q_rotated"], walk["k_rotated"] = q[0, :, position], k[0, :, position]
+    # Scores of this token's query heads against every key up to and including it.
+    keys = xp.repeat(k[0], c.num_kv_groups, axis=0)  # [nh, P+1, D]: head h reads kv head h // groups
+    values = xp.repeat(v[0], c.num_kv_groups, axis=0)
+    walk["attention_scores"] = xp.einsum("hd,hsd->hs", q[0, :, position], keys) / np.sqrt(c.head_dim)  # [nh, P+1]
+    walk["attention_weights"] = layers.softmax(xp, walk["attention_scores"], axis=-1)
+    heads = xp.einsum("hs,hsd->hd", walk["attention_weights"], values)  # [nh, D]
+    walk["attention_heads"] = heads
+    walk["attention_output"] = attention.o(heads.reshape(1, -1))[0]  # [H]
+    residual = walk["residual_in"] + walk["attention_output"]
+    walk["residual_after_attention"] = residual
+    h = layers.rms_norm(xp, residual[None], block.post_attention_norm, c.rms_norm_eps)  # [1, H]
+    walk["post_attention_norm"] = h[0]
+
+    if not block.is_sparse:
+        walk["mlp_output"] = layers.swiglu(xp, h, block.mlp.gate, block.mlp.up, block.mlp.down)[0]
+        walk["residual_out"] = residual + walk["mlp_output"]
+        return walk
+    moe = block.mlp
+    choice = layers.route(xp, moe.router(h), moe.top_k, moe.norm_topk_prob)
+    walk["router_logits"], walk["router_probs"] = choice.logits[0], choice.probs[0]
+    walk["expert_ids"], walk["expert_weights"] = choice.expert_ids[0], choice.expert_weights[0]
+    routed = xp.zeros_like(residual)
+    for expert, weight in zip(choice.expert_ids[0].tolist(), choice.expert_weights[0].tolist()):
+        mlp = moe.experts[expert]
+        out = layers.swiglu(xp, h, mlp.gate, mlp.up, mlp.down)[0]
+        walk[f"expert_{expert}_output"] = out
+        routed = routed + weight * out
+    walk["routed_output"] = routed
+    shared, gate = layers.shared_expert(xp, h, moe.shared.gate, moe.shared.up, moe.shared.down, moe.shared_gate)
+    walk["shared_gate"], walk["shared_output"] = gate[0], shared[0]
+    walk["moe_output"] = routed + shared[0]
+    walk["residual_out"] = residual + walk["moe_output"]
+    return walk

@@ -1,0 +1,187 @@
+"""Routing traces, interventions and the layer walk: against transformers where it has an equivalent."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import minimoe
+from minimoe import MinimoeError
+from minimoe.checkpoint import Checkpoint
+from minimoe.routing import RoutingTrace, measure_intervention, trace_generation
+
+from conftest import FIXTURES, load_reference
+from parity import LOGIT_TOLERANCE, check_routing, relative_error
+
+torch = pytest.importorskip("torch", reason="the reference model needs torch + transformers")
+transformers = pytest.importorskip("transformers")
+
+SOURCE = FIXTURES / "moe_gqa"  # float32, 2 sparse layers, 8 experts, top-2
+
+
+def transformers_logits(folder: Path, ids) -> np.ndarray:
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([list(ids)])).logits[0].numpy()
+
+
+def variant(tmp_path: Path, edit_tensors=None, **config_changes) -> Path:
+    """A copy of SOURCE with some tensors edited and config.json fields changed."""
+    folder = tmp_path / "variant"
+    folder.mkdir()
+    checkpoint = Checkpoint(SOURCE)
+    tensors = {name: np.array(checkpoint.array(name)) for name in checkpoint.names}
+    save_file(edit_tensors(tensors) if edit_tensors else tensors, str(folder / "model.safetensors"))
+    config = json.loads((SOURCE / "config.json").read_text())
+    config.update(config_changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_trace_matches_transformers_router_on_every_fixture():
+    for name in sorted(p.name for p in FIXTURES.iterdir() if p.name.startswith("moe_")):
+        check_routing(minimoe.load(FIXTURES / name), load_reference(FIXTURES / name))
+
+
+def test_disabling_an_expert_equals_transformers_without_it(tmp_path):
+    """disabled_experts removes the expert from the router: the same as a model built without it."""
+    removed, ids = 3, load_reference(SOURCE)["ids"][0]
+
+    def drop_expert(tensors):
+        out = {}
+        for name, value in tensors.items():
+            match = re.match(r"(model\.layers\.\d+\.mlp\.experts\.)(\d+)(\..*)", name)
+            if match and int(match[2]) == removed:
+                continue
+            if match and int(match[2]) > removed:
+                name = f"{match[1]}{int(match[2]) - 1}{match[3]}"
+            if name.endswith("mlp.gate.weight"):
+                value = np.delete(value, removed, axis=0)
+            out[name] = value
+        return out
+
+    without = variant(tmp_path, drop_expert, num_experts=7)
+    model = minimoe.load(SOURCE)
+    sparse = model.config.sparse_layers
+    ours = model.forward(ids, disabled_experts={layer: [removed] for layer in sparse})
+    assert relative_error(ours, transformers_logits(without, ids)) < LOGIT_TOLERANCE
+    assert relative_error(model.forward(ids), transformers_logits(without, ids)) > 1e-3  # it did change something
+    trace = model.trace(ids, disabled_experts={layer: [removed] for layer in sparse})
+    assert not (trace.expert_ids == removed).any()
+    assert np.isneginf(trace.router_logits[:, :, removed]).all() and (trace.router_probs[:, :, removed] == 0).all()
+
+
+def test_disabling_in_one_layer_only_touches_that_layer():
+    model, ids = minimoe.load(SOURCE), load_reference(SOURCE)["ids"][0]
+    plain = model.trace(ids)
+    popular = int(np.bincount(plain.expert_ids[1].reshape(-1)).argmax())  # layer 1's busiest expert
+    trace = model.trace(ids, disabled_experts={1: [popular]})
+    assert not (trace.expert_ids[1] == popular).any()
+    np.testing.assert_array_equal(trace.expert_ids[0], plain.expert_ids[0])  # layer 0 runs before it
+
+
+def test_changing_k_equals_transformers_with_that_k(tmp_path):
+    ids = load_reference(SOURCE)["ids"][0]
+    ours = minimoe.load(SOURCE).forward(ids, top_k=3)
+    assert relative_error(ours, transformers_logits(variant(tmp_path, num_experts_per_tok=3), ids)) < LOGIT_TOLERANCE
+
+
+def test_switching_the_shared_expert_off_equals_transformers_with_it_zeroed(tmp_path):
+    def zero_shared(tensors):
+        return {name: np.zeros_like(v) if "shared_expert.down_proj" in name else v for name, v in tensors.items()}
+
+    ids = load_reference(SOURCE)["ids"][0]
+    model = minimoe.load(SOURCE)
+    ours = model.forward(ids, shared_expert=False)
+    assert relative_error(ours, transformers_logits(variant(tmp_path, zero_shared), ids)) < LOGIT_TOLERANCE
+    trace = model.trace(ids, shared_expert=False)
+    assert (trace.shared_norm == 0).all() and (trace.shared_gate > 0).all()  # gate still reported
+    only_layer_1 = model.trace(ids, shared_expert=[1])
+    assert (only_layer_1.shared_norm[1] == 0).all() and (only_layer_1.shared_norm[0] > 0).all()
+
+
+def test_forced_experts_are_used_with_their_router_probabilities():
+    model, ids = minimoe.load(SOURCE), load_reference(SOURCE)["ids"][0]
+    trace = model.trace(ids, forced_experts={0: [6, 1]})
+    assert (np.sort(trace.expert_ids[0], axis=-1) == [1, 6]).all()
+    np.testing.assert_allclose(trace.raw_weights[0], np.take_along_axis(trace.router_probs[0], trace.expert_ids[0], -1))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(disabled_experts={5: [0]}), "layer 5 is not a sparse layer"),
+    (dict(disabled_experts={0: [8]}), "expert 8 in layer 0 is outside \\[0, 8\\)"),
+    (dict(forced_experts={0: [1, 1]}), "lists an expert twice"),
+    (dict(forced_experts={0: [2]}, disabled_experts={0: [2]}), "forces an expert it also disables"),
+    (dict(top_k=8, disabled_experts={0: [1]}), "top_k: 8 for layer 0 must be an integer in \\[1, 7\\]"),
+    (dict(top_k=0), "top_k: 0"),
+])
+def test_bad_interventions_are_refused(kwargs, message):
+    with pytest.raises(MinimoeError, match=message):
+        minimoe.load(SOURCE).forward([1, 2, 3], **kwargs)
+
+
+def test_measure_intervention_against_transformers_loss():
+    model, ids = minimoe.load(SOURCE), load_reference(SOURCE)["ids"][0]
+    reference = transformers.AutoModelForCausalLM.from_pretrained(SOURCE, dtype=torch.float32).eval()
+    with torch.no_grad():
+        their_loss = reference(torch.from_numpy(ids)[None], labels=torch.from_numpy(ids)[None]).loss.item()
+    effect = measure_intervention(model, ids, disabled_experts={0: [0, 1, 2]})
+    assert effect.base_loss == pytest.approx(their_loss, rel=1e-5)
+    assert effect.mean_kl > 0 and effect.kl_per_token.shape == (len(ids),)
+    assert measure_intervention(model, ids, top_k=model.config.num_experts_per_tok).mean_kl == pytest.approx(0, abs=1e-9)
+
+
+def test_trace_grows_through_generation_like_one_pass():
+    model = minimoe.load(SOURCE)
+    new_ids, grown = trace_generation(model, [5, 6, 7, 8], 6, temperature=0, eos_token_ids=[])
+    assert new_ids == model.generate([5, 6, 7, 8], 6, temperature=0, eos_token_ids=[])
+    whole = model.trace([5, 6, 7, 8] + new_ids[:-1])
+    np.testing.assert_array_equal(grown.token_ids, whole.token_ids)
+    np.testing.assert_array_equal(grown.positions, np.arange(9))
+    np.testing.assert_array_equal(grown.expert_ids, whole.expert_ids)
+    np.testing.assert_allclose(grown.router_probs, whole.router_probs, atol=1e-5)
+    pieces = RoutingTrace.concat([model.trace([5, 6, 7, 8]), whole])
+    assert pieces.num_tokens == 4 + whole.num_tokens
+
+
+def test_step_through_reproduces_the_forward():
+    model = minimoe.load(FIXTURES / "moe_dense_layer")  # layer 1 dense, layers 0 and 2 sparse
+    ids = load_reference(FIXTURES / "moe_dense_layer")["ids"][0]
+    trace = model.trace(ids)
+    for layer in range(3):
+        walk = model.step_through(ids, layer, position=7)
+        after = minimoe.stepthrough.residual_before(model, ids, layer + 1)
+        np.testing.assert_allclose(walk["residual_out"], after[7], rtol=1e-5, atol=1e-5)
+        if model.decoder[layer].is_sparse:
+            s = trace.layer_index(layer)
+            np.testing.assert_allclose(walk["router_probs"], trace.router_probs[s, 7], atol=1e-6)
+            assert walk["expert_ids"].tolist() == trace.expert_ids[s, 7].tolist()
+            assert f"expert_{walk['expert_ids'][0]}_output" in walk
+    assert "router_logits" not in model.step_through(ids, 1)
+    with pytest.raises(MinimoeError, match="layer 3 is outside"):
+        model.step_through(ids, 3)
+
+
+def test_exports_round_trip(tmp_path):
+    model = minimoe.load(minimoe.default_model_path())
+    tok = minimoe.load_tokenizer(minimoe.default_model_path())
+    trace = model.trace(tok.encode("for i in range(10):"), tokenizer=tok, disabled_experts={0: [1]})
+    trace.save_npz(tmp_path / "t.npz")
+    again = RoutingTrace.load_npz(tmp_path / "t.npz")
+    np.testing.assert_array_equal(again.expert_ids, trace.expert_ids)
+    assert again.tokens == trace.tokens and again.top_k == trace.top_k
+    rows = trace.rows()
+    assert len(rows) == len(trace.layers) * trace.num_tokens * trace.top_k
+    assert rows[0]["token"] == trace.tokens[0] and rows[0]["expert"] == int(trace.expert_ids[0, 0, 0])
+    trace.write_csv(tmp_path / "t.csv")
+    assert (tmp_path / "t.csv").read_text().count("\n") == len(rows) + 1
+    data = json.loads(json.dumps(trace.to_json(tmp_path / "t.json")))
+    assert data["router_logits"][0][0][1] is None  # the disabled expert's -inf
+    with pytest.raises(MinimoeError, match="not a minimoe routing trace"):
+        RoutingTrace.load_npz(tmp_path / "t.csv")
