@@ -225,7 +225,7 @@ class Interventions:
     disabled_experts: dict[int, tuple[int, ...]] = field(default_factory=dict)
     forced_experts: dict[int, tuple[int, ...]] = field(default_factory=dict)
     top_k: int | dict[int, int] | None = None
-    shared_expert: bool | frozenset[int] = True
+    shared_expert: bool | frozenset[int] = True  # after build(): a bool, or the layers where it stays on
 
     @classmethod
     def build(cls, config, disabled_experts=None, forced_experts=None, top_k=None, shared_expert=True) -> "Interventions":

@@ -30,17 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minimoe.tokenizer import CHATML_TEMPLATE  # Qwen's ChatML, the bundled model's chat template
+
 OUT = Path(__file__).resolve().parent.parent / "minimoe" / "assets" / "tiny-moe"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
-    "{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
 MODEL = dict(
     vocab_size=4096,
