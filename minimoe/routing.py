@@ -81,18 +81,18 @@ class RoutingTrace:
     def from_recorder(cls, recorder: "Recorder", config, tokenizer=None) -> "RoutingTrace":
         """Assemble a trace from what a :class:`Recorder` collected during one or more forwards."""
         sparse = config.sparse_layers
-        per_layer = {name: recorder.stacked(name, sparse) for name in (
-            "router_logits", "router_probs", "expert_ids", "raw_weights", "expert_weights",
-            "shared_gate", "shared_norm", "routed_norm")} if sparse else {}
-        token_ids = recorder.stacked("token_ids", [OUTPUT])[0]
         if not sparse:
             raise MinimoeError("this model has no sparse layers: there is no routing to trace")
+        per_layer = {name: recorder.stacked(name, sparse) for name in (
+            "router_logits", "router_probs", "expert_ids", "raw_weights", "expert_weights",
+            "shared_gate", "shared_norm", "routed_norm")}
+        token_ids = recorder.joined("token_ids", OUTPUT)
         return cls(
             token_ids=token_ids,
-            positions=recorder.stacked("positions", [OUTPUT])[0],
+            positions=recorder.joined("positions", OUTPUT),
             layers=np.array(sparse),
             attention_norm=recorder.stacked("attention_norm", range(config.num_hidden_layers)),
-            logits=recorder.stacked("logits", [OUTPUT])[0],
+            logits=recorder.joined("logits", OUTPUT),
             num_experts=config.num_experts,
             top_k=int(per_layer["expert_ids"].shape[2]),
             tokens=None if tokenizer is None else [tokenizer.decode([int(t)]) for t in token_ids],
@@ -289,9 +289,14 @@ class Recorder:
         for name, array in arrays.items():
             self.values.setdefault(name, {}).setdefault(layer, []).append(array)
 
+    def joined(self, name: str, layer: int) -> np.ndarray:
+        """``[T, ...]``: one layer's named array, the pieces of successive calls joined in order."""
+        pieces = self.values[name][layer]
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)  # no copy for one forward
+
     def stacked(self, name: str, layers: Sequence[int]) -> np.ndarray:
         """``[len(layers), T, ...]``: the named array of each layer, tokens joined in call order."""
-        return np.stack([np.concatenate(self.values[name][layer], axis=0) for layer in layers])
+        return np.stack([self.joined(name, layer) for layer in layers])
 
 
 def trace_generation(model, ids, max_new_tokens: int, tokenizer=None, interventions: dict | None = None,
