@@ -185,3 +185,8 @@ def test_exports_round_trip(tmp_path):
     assert data["router_logits"][0][0][1] is None  # the disabled expert's -inf
     with pytest.raises(MinimoeError, match="not a minimoe routing trace"):
         RoutingTrace.load_npz(tmp_path / "t.csv")
+
+
+def test_a_dense_model_has_no_routing_to_trace():
+    with pytest.raises(MinimoeError, match="no sparse layers"):
+        minimoe.load(FIXTURES / "dense_qwen2").trace([1, 2, 3])
