@@ -25,7 +25,9 @@ field                shape         meaning
 plus ``num_experts`` (E), ``top_k`` (k as run, after any intervention) and, when a
 tokenizer was given, ``tokens``: each token's text.  Traces of consecutive pieces of
 one sequence (a prompt, then generated tokens through the cache) join with
-:meth:`RoutingTrace.concat`.
+:meth:`RoutingTrace.concat`.  When an intervention gave layers different k
+(``top_k={layer: k}``, ``forced_experts``), the k axis has the largest k and the
+other layers are padded with expert ``-1`` and weight ``0``.
 """
 
 from __future__ import annotations
@@ -84,8 +86,11 @@ class RoutingTrace:
         if not sparse:
             raise MinimoeError("this model has no sparse layers: there is no routing to trace")
         per_layer = {name: recorder.stacked(name, sparse) for name in (
-            "router_logits", "router_probs", "expert_ids", "raw_weights", "expert_weights",
-            "shared_gate", "shared_norm", "routed_norm")}
+            "router_logits", "router_probs", "shared_gate", "shared_norm", "routed_norm")}
+        # Interventions may give layers different k: pad with expert -1 and weight 0 to the largest.
+        per_layer["expert_ids"] = recorder.stacked("expert_ids", sparse, fill=-1)
+        per_layer["raw_weights"] = recorder.stacked("raw_weights", sparse, fill=0.0)
+        per_layer["expert_weights"] = recorder.stacked("expert_weights", sparse, fill=0.0)
         token_ids = recorder.joined("token_ids", OUTPUT)
         return cls(
             token_ids=token_ids,
@@ -294,9 +299,18 @@ class Recorder:
         pieces = self.values[name][layer]
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)  # no copy for one forward
 
-    def stacked(self, name: str, layers: Sequence[int]) -> np.ndarray:
-        """``[len(layers), T, ...]``: the named array of each layer, tokens joined in call order."""
-        return np.stack([self.joined(name, layer) for layer in layers])
+    def stacked(self, name: str, layers: Sequence[int], fill=None) -> np.ndarray:
+        """``[len(layers), T, ...]``: the named array of each layer, tokens joined in call order.
+
+        With ``fill``, layers whose last axis is shorter (fewer experts per token, after a
+        per-layer intervention) are padded to the longest with ``fill``.
+        """
+        arrays = [self.joined(name, layer) for layer in layers]
+        if fill is not None:
+            width = max(a.shape[-1] for a in arrays)
+            pad = [(0, 0)] * (arrays[0].ndim - 1)
+            arrays = [np.pad(a, pad + [(0, width - a.shape[-1])], constant_values=fill) for a in arrays]
+        return np.stack(arrays)
 
 
 def trace_generation(model, ids, max_new_tokens: int, tokenizer=None, interventions: dict | None = None,

@@ -190,3 +190,18 @@ def test_exports_round_trip(tmp_path):
 def test_a_dense_model_has_no_routing_to_trace():
     with pytest.raises(MinimoeError, match="no sparse layers"):
         minimoe.load(FIXTURES / "dense_qwen2").trace([1, 2, 3])
+
+
+def test_layers_with_different_k_are_padded_and_analysable():
+    from minimoe import analysis
+
+    model, ids = minimoe.load(SOURCE), load_reference(SOURCE)["ids"][0]
+    trace = model.trace(ids, top_k={0: 3, 1: 1})
+    assert trace.expert_ids.shape[2] == 3 and trace.top_k == 3
+    assert (trace.expert_ids[1, :, 1:] == -1).all() and (trace.expert_weights[1, :, 1:] == 0).all()
+    assert (trace.expert_ids[0] >= 0).all()
+    load = analysis.expert_load(trace)
+    assert load.counts[0].sum() == 3 * len(ids) and load.counts[1].sum() == len(ids)
+    assert analysis.coactivation(trace)[1].sum() == np.count_nonzero(load.counts[1])  # only the diagonal in layer 1
+    forced = model.trace(ids, forced_experts={1: [4]})
+    assert (forced.expert_ids[1, :, 0] == 4).all() and (forced.expert_ids[1, :, 1:] == -1).all()

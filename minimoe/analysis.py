@@ -1,0 +1,362 @@
+"""Routing analyses from the MoE literature, computed over :class:`~minimoe.routing.RoutingTrace` objects.
+
+Every function takes ``traces``: one trace or a list of them.  A list is pooled: all
+tokens of all traces count as one sample, except where token order matters
+(:func:`consecutive_same_expert`), where a pair of tokens is only adjacent inside one
+trace.  The traces must come from the same model (same sparse layers, same number of
+experts) and have run with the same k.
+
+Shapes use the trace's letters: ``S`` sparse layers, ``E`` routed experts, ``k``
+experts chosen per token, ``N`` tokens pooled over all traces, ``D`` domains.  Layers
+are indexed along the S axis (``trace.layers[s]`` is the decoder layer), except where
+a function takes a decoder-layer number (``layer``, ``from_layer``, ``to_layer``).
+
+What each function measures, and where it comes from:
+
+* :func:`expert_load` -- how evenly the experts are used, and the Switch-Transformer
+  load-balancing loss per layer;
+* :func:`routing_entropy` -- how confident the router is (entropy, top-1 and top-k mass);
+* :func:`coactivation` -- which experts are chosen together (OLMoE);
+* :func:`consecutive_same_expert` -- whether neighbouring tokens go to the same expert (Mixtral);
+* :func:`vocabulary_specialization` -- which token ids each expert takes (OLMoE, ST-MoE);
+* :func:`domain_specialization` -- how each text domain spreads over the experts (Mixtral, OLMoE);
+* :func:`layer_transitions` -- how the top-1 expert in one layer predicts the next;
+* :func:`shared_vs_routed` -- how much the always-on shared expert contributes (Qwen-MoE, DeepSeekMoE).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from . import layers
+from .errors import MinimoeError
+from .routing import RoutingTrace
+
+Traces = RoutingTrace | Sequence[RoutingTrace]  # one trace, or several pooled
+
+
+# --- input -----------------------------------------------------------------------------
+
+def _trace_list(traces: Traces) -> list[RoutingTrace]:
+    """``traces`` as a non-empty list of traces of one model, run with one k, holding at least one token."""
+    items = [traces] if isinstance(traces, RoutingTrace) else list(traces)
+    if not items:
+        raise MinimoeError("no routing traces given: pass a RoutingTrace or a non-empty list of them")
+    for i, trace in enumerate(items):
+        if not isinstance(trace, RoutingTrace):
+            raise MinimoeError(f"traces[{i}] is a {type(trace).__name__}, not a RoutingTrace")
+    _check_same_model(items)
+    ks = {trace.expert_ids.shape[2] for trace in items}
+    if len(ks) > 1:
+        # Pooling mixes distributions that are not comparable (and arrays that do not stack).
+        raise MinimoeError(f"traces ran with different numbers of experts per token {sorted(ks)}: analyse them apart")
+    if sum(trace.num_tokens for trace in items) == 0:
+        raise MinimoeError("the traces hold no tokens")
+    return items
+
+
+def _check_same_model(items: Sequence[RoutingTrace]) -> None:
+    first = items[0]
+    for i, other in enumerate(items[1:], start=1):
+        if not np.array_equal(other.layers, first.layers) or other.num_experts != first.num_experts:
+            raise MinimoeError(
+                f"traces come from different models: trace {i} has sparse layers {other.layers.tolist()} and "
+                f"{other.num_experts} experts, trace 0 has {first.layers.tolist()} and {first.num_experts}"
+            )
+
+
+def _pooled(items: Sequence[RoutingTrace], name: str) -> np.ndarray:
+    """A per-layer field ``[S, T, ...]`` of every trace, joined along the token axis: ``[S, N, ...]``."""
+    if len(items) == 1:
+        return getattr(items[0], name)  # no copy in the common case
+    return np.concatenate([getattr(trace, name) for trace in items], axis=1)
+
+
+def _chosen_mask(expert_ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """expert_ids ``[..., k]`` -> ``[..., E]`` booleans: which experts each token chose (any rank).
+
+    Padding (expert -1, in layers that ran with fewer experts than the trace's k) matches no expert.
+    """
+    return (expert_ids[..., :, None] == np.arange(num_experts)).any(axis=-2)
+
+
+def _bincount_rows(ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """ids ``[S, ...]`` -> ``[S, E]``: how often each expert id occurs in each layer, in one bincount.
+
+    Padding ids (-1) are not counted.
+    """
+    flat = ids.reshape(ids.shape[0], -1)
+    offsets = np.arange(flat.shape[0])[:, None] * num_experts  # layer s counts into bins s*E .. s*E+E-1
+    cells = (flat + offsets)[flat >= 0]
+    return np.bincount(cells, minlength=flat.shape[0] * num_experts).reshape(-1, num_experts)
+
+
+def _normalise_rows(counts: np.ndarray) -> np.ndarray:
+    """Each row divided by its sum along the last axis; rows that sum to 0 stay 0 (not NaN)."""
+    totals = counts.sum(axis=-1, keepdims=True)
+    return np.divide(counts, totals, out=np.zeros(counts.shape, dtype=np.float64), where=totals > 0)
+
+
+# --- load --------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)  # eq=False: arrays do not compare with ==
+class ExpertLoad:
+    """How the routed-expert assignments spread over the experts, per sparse layer."""
+
+    counts: np.ndarray  # [S, E] int: times each expert was chosen, any rank
+    share: np.ndarray  # [S, E] counts / (N * k); each row sums to 1
+    cv: np.ndarray  # [S] coefficient of variation of counts over experts (population std / mean); 0 = even
+    max_over_mean: np.ndarray  # [S] busiest expert's count / mean count; 1 = even, E/k = one expert per slot
+    balance_loss: np.ndarray  # [S] the transformers load-balancing loss of that layer alone; k when uniform
+
+
+def expert_load(traces: Traces) -> ExpertLoad:
+    """Expert load per sparse layer (see :class:`ExpertLoad` for the fields and shapes).
+
+    ``counts[s, e]`` counts the tokens that chose expert ``e`` in layer ``s`` at any of
+    the k ranks, so a row sums to ``N * k``.  ``balance_loss[s]`` is
+    :func:`minimoe.layers.load_balancing_loss` on layer ``s``'s router logits alone
+    (all traces' tokens pooled): ``E * sum_e f_e * P_e``, where ``f_e`` is the share of
+    tokens choosing ``e`` and ``P_e`` its mean router probability.  It re-routes from the
+    logits with the traces' k, as transformers does, so forced experts do not enter it.
+    It is ``k`` for uniform routing and grows towards ``E`` as routing collapses.
+    """
+    items = _trace_list(traces)
+    num_experts = items[0].num_experts
+    expert_ids = _pooled(items, "expert_ids")
+    counts = _bincount_rows(expert_ids, num_experts)
+    mean = counts.mean(axis=1)  # N * k / E > 0: _trace_list guarantees a token
+    logits = _pooled(items, "router_logits")
+    layer_k = (expert_ids >= 0).sum(axis=-1).max(axis=-1)  # [S] each layer's own k (padding excluded)
+    # One call per layer: the library's loss sums over the layers it is given.
+    balance = [layers.load_balancing_loss(np, [logits[s]], num_experts, int(layer_k[s])) for s in range(logits.shape[0])]
+    return ExpertLoad(
+        counts=counts,
+        share=_normalise_rows(counts),
+        cv=counts.std(axis=1) / mean,
+        max_over_mean=counts.max(axis=1) / mean,
+        balance_loss=np.array(balance, dtype=np.float64),
+    )
+
+
+# --- confidence -----------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class RoutingEntropy:
+    """How sharp the router's distribution is, per sparse layer."""
+
+    entropy: np.ndarray  # [S, N] nats, of each token's router_probs (tokens in trace order, traces in list order)
+    mean_entropy: np.ndarray  # [S] entropy averaged over tokens
+    max_entropy: float  # log E: the entropy of a uniform router
+    top1_mass: np.ndarray  # [S] mean over tokens of the largest router probability (1/E when uniform)
+    topk_mass: np.ndarray  # [S] mean over tokens of the k chosen experts' total probability (k/E when uniform)
+
+
+def routing_entropy(traces: Traces) -> RoutingEntropy:
+    """Entropy ``H = -sum_e p_e log p_e`` of the router's distribution per token (see :class:`RoutingEntropy`).
+
+    Experts with zero probability (disabled ones, whose logit is -inf, or underflow)
+    contribute ``0 * log 0 = 0``.  ``max_entropy`` is ``log E`` even when experts are
+    disabled, so that layers and interventions compare on one scale.
+    """
+    items = _trace_list(traces)
+    probs = _pooled(items, "router_probs").astype(np.float64)
+    # log(1) = 0 where p = 0: the term vanishes without a log(0) warning or 0 * -inf = NaN.
+    entropy = -(probs * np.log(np.where(probs > 0, probs, 1.0))).sum(axis=-1)
+    return RoutingEntropy(
+        entropy=entropy,
+        mean_entropy=entropy.mean(axis=1),
+        max_entropy=float(np.log(items[0].num_experts)),
+        top1_mass=probs.max(axis=-1).mean(axis=1),
+        topk_mass=_pooled(items, "raw_weights").astype(np.float64).sum(axis=-1).mean(axis=1),
+    )
+
+
+# --- which experts go together ---------------------------------------------------------------
+
+def coactivation(traces: Traces) -> np.ndarray:
+    """``[S, E, E]``: ``[s, i, j]`` = P(expert j is chosen | expert i is chosen) in layer s, over tokens.
+
+    Both "chosen" mean among a token's k experts, any rank.  The diagonal is 1 for every
+    expert that was chosen at least once; the row of a never-chosen expert is all 0.
+    The matrix is not symmetric: a popular expert is a likely partner of a rare one,
+    not the other way round.
+    """
+    items = _trace_list(traces)
+    chosen = _chosen_mask(_pooled(items, "expert_ids"), items[0].num_experts).astype(np.float32)  # [S, N, E]
+    # together[s, i, j] = tokens choosing both i and j; float32 sums of 0/1 are exact below 2^24 tokens,
+    # and the batched matmul runs on BLAS.
+    together = np.matmul(chosen.transpose(0, 2, 1), chosen).astype(np.float64)  # [S, E, E]
+    alone = np.diagonal(together, axis1=1, axis2=2)[:, :, None]  # [S, E, 1] tokens choosing i
+    return np.divide(together, alone, out=np.zeros_like(together), where=alone > 0)
+
+
+# --- neighbouring tokens ---------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class ConsecutiveRate:
+    """How often neighbouring tokens share an expert, per sparse layer, with the chance rates to compare."""
+
+    top1_rate: np.ndarray  # [S] fraction of adjacent pairs whose top-1 experts are equal
+    topk_overlap: np.ndarray  # [S] fraction of adjacent pairs whose chosen sets share at least one expert
+    chance_uniform: float  # 1/E: top1_rate if the top-1 expert were uniformly random
+    chance_given_load: np.ndarray  # [S] sum_e q_e^2, q = observed top-1 share: top1_rate if tokens were independent
+
+
+def consecutive_same_expert(traces: Traces) -> ConsecutiveRate:
+    """Temporal locality of routing, as in the Mixtral paper (see :class:`ConsecutiveRate`).
+
+    A pair ``(t, t+1)`` counts only inside one trace (never the last token of one
+    trace with the first of the next) and only when ``positions[t+1] = positions[t] + 1``,
+    so that a trace joined from unrelated sequences does not invent neighbours.
+
+    Two baselines, because the first alone flatters the router: ``chance_uniform = 1/E``
+    is the rate Mixtral compares against (top-1 experts drawn uniformly), but with
+    uneven load two *unrelated* tokens already agree more often than that -- both
+    likely land on the busy experts.  ``chance_given_load = sum_e q_e^2``, with ``q`` the
+    observed top-1 load, is the rate if each token drew its top-1 expert independently
+    from that load; only a ``top1_rate`` above it says that neighbours really route alike.
+    """
+    items = _trace_list(traces)
+    num_experts = items[0].num_experts
+    same = overlap = 0
+    pairs = 0
+    for trace in items:  # per trace, so that no pair straddles two traces
+        adjacent = np.diff(trace.positions) == 1  # [T-1]
+        top1 = trace.expert_ids[:, :, 0]  # [S, T]
+        chosen = _chosen_mask(trace.expert_ids, num_experts)  # [S, T, E]
+        same = same + ((top1[:, 1:] == top1[:, :-1]) & adjacent).sum(axis=1)
+        overlap = overlap + ((chosen[:, 1:] & chosen[:, :-1]).any(axis=-1) & adjacent).sum(axis=1)
+        pairs += int(adjacent.sum())
+    if pairs == 0:
+        raise MinimoeError("consecutive_same_expert needs a trace with at least two consecutive tokens")
+    top1_share = _normalise_rows(_bincount_rows(_pooled(items, "expert_ids")[:, :, 0], num_experts))
+    return ConsecutiveRate(
+        top1_rate=same / pairs,
+        topk_overlap=overlap / pairs,
+        chance_uniform=1.0 / num_experts,
+        chance_given_load=(top1_share**2).sum(axis=1),
+    )
+
+
+# --- what the experts read -----------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class ExpertVocabulary:
+    """The token ids one expert takes most often in one layer."""
+
+    expert: int
+    token_ids: np.ndarray  # [<=top] most frequent first (ties: smaller id first); only ids it took at least once
+    counts: np.ndarray  # [<=top] how many times this expert was chosen for each of them
+    exclusivity: np.ndarray  # [<=top] counts / occurrences of that id: 1.0 = every occurrence chose this expert
+
+
+def vocabulary_specialization(traces: Traces, layer: int, top: int = 10) -> list[ExpertVocabulary]:
+    """Per expert of decoder layer ``layer``, the ``top`` token ids routed to it most often (E entries, by expert).
+
+    A token counts for an expert if the expert is among its k chosen.  ``exclusivity``
+    tells a specialist from a generalist: an expert whose top ids are just the most
+    frequent tokens of the text has low exclusivity; one that takes every occurrence of
+    its ids has 1.0.  An expert that took fewer than ``top`` distinct ids lists fewer.
+    """
+    items = _trace_list(traces)
+    if top < 1:
+        raise MinimoeError(f"top must be at least 1, got {top}")
+    s = items[0].layer_index(layer)
+    num_experts = items[0].num_experts
+    token_ids = np.concatenate([trace.token_ids for trace in items])  # [N]
+    expert_ids = np.concatenate([trace.expert_ids[s] for trace in items])  # [N, k]
+    # Count over the distinct ids only: E x (ids present) instead of E x vocabulary.
+    vocab, column = np.unique(token_ids, return_inverse=True)
+    column = column.reshape(-1)  # numpy 2 may keep the input's shape
+    occurrences = np.bincount(column, minlength=len(vocab))  # [U]
+    pair = expert_ids * len(vocab) + column[:, None]  # [N, k] (expert, id) cell of each assignment
+    pair = pair[expert_ids >= 0]  # padding (-1) is no assignment
+    table = np.bincount(pair, minlength=num_experts * len(vocab)).reshape(num_experts, len(vocab))
+    result = []
+    for expert in range(num_experts):
+        row = table[expert]
+        best = np.argsort(-row, kind="stable")[:top]  # stable: ties keep vocab's ascending id order
+        best = best[row[best] > 0]
+        result.append(ExpertVocabulary(expert=expert, token_ids=vocab[best], counts=row[best],
+                                       exclusivity=row[best] / occurrences[best]))
+    return result
+
+
+@dataclass(frozen=True, eq=False)
+class DomainSpecialization:
+    """How each domain's assignments spread over the experts, per layer."""
+
+    domains: list[str]  # [D] names, in the order given
+    share: np.ndarray  # [D, S, E] the domain's share of assignments going to each expert (sums to 1 over E)
+    ratio: np.ndarray  # [D, S, E] share / (1/E): 1 = uniform, E = every assignment of the domain to that expert
+
+
+def domain_specialization(domains: Mapping[str, Traces]) -> DomainSpecialization:
+    """Expert load per text domain, relative to uniform (the OLMoE paper's view; see :class:`DomainSpecialization`).
+
+    ``domains`` maps a name (``"code"``, ``"arxiv"``, ...) to that domain's traces.
+    A ratio well above 1 for one domain only marks an expert specialised in it; the
+    same ratio in every domain marks an expert that is just busy.
+    """
+    if not domains:
+        raise MinimoeError("domain_specialization needs at least one domain")
+    names = list(domains)
+    pools = [_trace_list(domains[name]) for name in names]
+    _check_same_model([pool[0] for pool in pools])  # within a pool it is checked; here across domains
+    share = np.stack([expert_load(pool).share for pool in pools])
+    return DomainSpecialization(domains=names, share=share, ratio=share * pools[0][0].num_experts)
+
+
+# --- across layers --------------------------------------------------------------------------
+
+def layer_transitions(traces: Traces, from_layer: int, to_layer: int) -> np.ndarray:
+    """``[E, E]``: ``[i, j]`` = P(top-1 expert at decoder layer ``to_layer`` is j | top-1 at ``from_layer`` is i).
+
+    Rows are normalised over tokens; a row is 0 where expert i was never top-1 at
+    ``from_layer``.  A near-permutation matrix means the experts of the two layers
+    form paths; rows close to the ``to_layer`` load mean the layers route independently.
+    """
+    items = _trace_list(traces)
+    source, target = items[0].layer_index(from_layer), items[0].layer_index(to_layer)
+    num_experts = items[0].num_experts
+    top1 = _pooled(items, "expert_ids")[:, :, 0]  # [S, N]
+    cells = top1[source] * num_experts + top1[target]  # row-major (i, j) index of each token
+    counts = np.bincount(cells, minlength=num_experts * num_experts).reshape(num_experts, num_experts)
+    return _normalise_rows(counts)
+
+
+# --- the shared expert ------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class SharedVsRouted:
+    """What the always-on shared expert adds beside the routed experts, per sparse layer."""
+
+    mean_shared_gate: np.ndarray  # [S] mean sigmoid gate of the shared expert
+    mean_shared_norm: np.ndarray  # [S] mean L2 norm of the gated shared expert's output
+    mean_routed_norm: np.ndarray  # [S] mean L2 norm of the routed experts' weighted sum
+    shared_fraction: np.ndarray  # [S] mean over tokens of shared_norm / (shared_norm + routed_norm)
+
+
+def shared_vs_routed(traces: Traces) -> SharedVsRouted:
+    """The shared expert's share of each sparse layer's MoE output, by norm (see :class:`SharedVsRouted`).
+
+    ``shared_fraction`` is averaged per token (a ratio of norms, not of the mean norms),
+    so that a few tokens with large outputs do not decide it.  A token where both norms
+    are 0 counts as 0.  With the shared expert switched off its norm and fraction are 0,
+    while its gate is still the router's value.
+    """
+    items = _trace_list(traces)
+    shared = _pooled(items, "shared_norm").astype(np.float64)  # [S, N]
+    routed = _pooled(items, "routed_norm").astype(np.float64)
+    total = shared + routed
+    fraction = np.divide(shared, total, out=np.zeros_like(total), where=total > 0)
+    return SharedVsRouted(
+        mean_shared_gate=_pooled(items, "shared_gate").astype(np.float64).mean(axis=1),
+        mean_shared_norm=shared.mean(axis=1),
+        mean_routed_norm=routed.mean(axis=1),
+        shared_fraction=fraction.mean(axis=1),
+    )

@@ -1,0 +1,319 @@
+"""Routing analyses on hand-made traces whose answers are known by construction (no model is loaded)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from minimoe import MinimoeError
+from minimoe.analysis import (
+    coactivation,
+    consecutive_same_expert,
+    domain_specialization,
+    expert_load,
+    layer_transitions,
+    routing_entropy,
+    shared_vs_routed,
+    vocabulary_specialization,
+)
+from minimoe.layers import load_balancing_loss
+from minimoe.routing import RoutingTrace
+
+
+def make_trace(expert_ids, num_experts: int, router_probs=None, layers=None, token_ids=None, positions=None,
+               shared_gate=None, shared_norm=None, routed_norm=None) -> RoutingTrace:
+    """A valid RoutingTrace around ``expert_ids`` ``[S, T, k]`` (a ``[S, T]`` list means k = 1).
+
+    Without ``router_probs`` the chosen experts get logits k, k-1, ..., 1 by rank and
+    the others 0, so that the softmax puts them on top in the given order.  Logits are
+    ``log(router_probs)`` (-inf where a probability is 0), raw and scaled weights are the
+    chosen experts' probabilities; per-token extras default to arange / 0.5 / 1.
+    """
+    ids = np.asarray(expert_ids, dtype=np.int64)
+    if ids.ndim == 2:
+        ids = ids[:, :, None]
+    num_layers, tokens, k = ids.shape
+    if router_probs is None:
+        logits = np.zeros((num_layers, tokens, num_experts))
+        np.put_along_axis(logits, ids, np.arange(k, 0, -1, dtype=np.float64), axis=-1)
+        probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    else:
+        probs = np.broadcast_to(np.asarray(router_probs, dtype=np.float64), (num_layers, tokens, num_experts))
+    with np.errstate(divide="ignore"):
+        logits = np.log(probs)
+    raw = np.take_along_axis(probs, ids, axis=-1)
+    layers = np.arange(num_layers) if layers is None else np.asarray(layers)
+
+    def per_token(value, default):
+        return np.broadcast_to(np.asarray(default if value is None else value, dtype=np.float32),
+                               (num_layers, tokens)).copy()
+
+    return RoutingTrace(
+        token_ids=np.arange(tokens) if token_ids is None else np.asarray(token_ids),
+        positions=np.arange(tokens) if positions is None else np.asarray(positions),
+        layers=layers,
+        router_logits=logits.astype(np.float32),
+        router_probs=probs.astype(np.float32),
+        expert_ids=ids,
+        raw_weights=raw.astype(np.float32),
+        expert_weights=raw.astype(np.float32),
+        shared_gate=per_token(shared_gate, 0.5),
+        attention_norm=np.ones((int(layers.max()) + 1, tokens), dtype=np.float32),
+        shared_norm=per_token(shared_norm, 1.0),
+        routed_norm=per_token(routed_norm, 1.0),
+        logits=np.zeros((tokens, 3), dtype=np.float32),
+        num_experts=num_experts,
+        top_k=k,
+    )
+
+
+def pair_01(tokens: int = 5, num_experts: int = 4) -> RoutingTrace:
+    """One layer where every token picks experts 0 and 1."""
+    return make_trace([[[0, 1]] * tokens], num_experts)
+
+
+# --- expert_load ---------------------------------------------------------------------------
+
+def test_load_of_a_fixed_pair():
+    load = expert_load(pair_01(tokens=5))
+    np.testing.assert_array_equal(load.counts, [[5, 5, 0, 0]])
+    np.testing.assert_allclose(load.share, [[0.5, 0.5, 0, 0]])
+    # counts 5,5,0,0: mean 2.5, population std 2.5
+    np.testing.assert_allclose(load.cv, [1.0])
+    np.testing.assert_allclose(load.max_over_mean, [2.0])
+
+
+def test_load_of_even_routing_and_pooling():
+    # Layer 0 cycles through all 4 experts (even); layer 1 always picks expert 2.
+    a = make_trace([[0, 1, 2, 3], [2, 2, 2, 2]], 4)
+    b = make_trace([[3, 2, 1, 0], [2, 2, 2, 2]], 4)
+    load = expert_load([a, b])
+    np.testing.assert_array_equal(load.counts, [[2, 2, 2, 2], [0, 0, 8, 0]])
+    np.testing.assert_allclose(load.share.sum(axis=1), [1, 1])
+    np.testing.assert_allclose(load.cv, [0.0, np.sqrt(3)])  # counts 0,0,8,0: mean 2, std sqrt(12)
+    np.testing.assert_allclose(load.max_over_mean, [1.0, 4.0])
+    np.testing.assert_array_equal(expert_load(a).counts, expert_load([a]).counts)  # one trace = a list of one
+
+
+def test_balance_loss_known_values():
+    uniform = make_trace([[[0, 1]] * 6], 8, router_probs=np.full(8, 1 / 8))
+    np.testing.assert_allclose(expert_load(uniform).balance_loss, [2.0], rtol=1e-6)  # k
+    # All probability on expert 0 (the others disabled): f_0 = 1, P_0 = 1, loss = E * 1 * 1.
+    collapsed = make_trace([[0] * 5], 4, router_probs=[1.0, 0, 0, 0])
+    np.testing.assert_allclose(expert_load(collapsed).balance_loss, [4.0], rtol=1e-6)
+
+
+def test_balance_loss_is_the_transformers_loss_per_layer_pooled_over_traces():
+    rng = np.random.default_rng(0)
+    traces = []
+    for tokens in (7, 4):
+        logits = rng.normal(size=(3, tokens, 6))
+        probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+        ids = np.argsort(-probs, axis=-1)[:, :, :2]
+        traces.append(make_trace(ids, 6, router_probs=probs))
+    loss = expert_load(traces).balance_loss
+    for s in range(3):
+        pooled = np.concatenate([t.router_logits[s] for t in traces])
+        assert loss[s] == pytest.approx(load_balancing_loss(np, [pooled], 6, 2), rel=1e-6)
+    assert len(set(np.round(loss, 6))) == 3  # really one loss per layer, not one for all
+
+
+# --- routing_entropy ----------------------------------------------------------------------------
+
+def test_entropy_of_a_uniform_router():
+    result = routing_entropy([make_trace([[[0, 1]] * 3] * 2, 8, router_probs=np.full(8, 1 / 8)),
+                              make_trace([[[2, 3]] * 2] * 2, 8, router_probs=np.full(8, 1 / 8))])
+    assert result.entropy.shape == (2, 5)  # [S, tokens of both traces]
+    np.testing.assert_allclose(result.entropy, np.log(8), rtol=1e-6)
+    np.testing.assert_allclose(result.mean_entropy, [np.log(8)] * 2, rtol=1e-6)
+    assert result.max_entropy == pytest.approx(np.log(8))
+    np.testing.assert_allclose(result.top1_mass, [1 / 8] * 2, rtol=1e-6)
+    np.testing.assert_allclose(result.topk_mass, [2 / 8] * 2, rtol=1e-6)
+
+
+def test_entropy_with_zero_probability_experts():
+    # Token 0 is certain (entropy 0), token 1 splits evenly over two experts (log 2); the rest are disabled.
+    trace = make_trace([[[0, 1], [2, 3]]], 4, router_probs=[[[1.0, 0, 0, 0], [0, 0, 0.5, 0.5]]])
+    assert np.isneginf(trace.router_logits).any()
+    result = routing_entropy(trace)
+    np.testing.assert_allclose(result.entropy, [[0.0, np.log(2)]], atol=1e-7)
+    np.testing.assert_allclose(result.mean_entropy, [np.log(2) / 2], rtol=1e-6)
+    np.testing.assert_allclose(result.top1_mass, [0.75])
+    np.testing.assert_allclose(result.topk_mass, [1.0])
+
+
+# --- coactivation ---------------------------------------------------------------------------
+
+def test_coactivation_of_a_fixed_pair():
+    matrix = coactivation(pair_01())
+    expected = np.zeros((1, 4, 4))
+    expected[0, :2, :2] = 1  # 0 and 1 always together; 2 and 3 never chosen: zero rows, not NaN
+    np.testing.assert_array_equal(matrix, expected)
+
+
+def test_coactivation_is_conditional_and_asymmetric():
+    trace = make_trace([[[0, 1], [0, 2], [1, 0], [3, 0]]], 4)
+    matrix = coactivation(trace)[0]
+    np.testing.assert_allclose(matrix[0], [1, 0.5, 0.25, 0.25])  # expert 0 chosen 4 times, with 1 twice
+    np.testing.assert_allclose(matrix[1], [1, 1, 0, 0])  # expert 1 only ever with 0
+    np.testing.assert_allclose(np.diagonal(matrix), [1, 1, 1, 1])
+
+
+# --- consecutive_same_expert -----------------------------------------------------------------
+
+@pytest.mark.parametrize("top1, rate", [([0, 1, 0, 1], 0.0), ([0, 0, 0, 1], 2 / 3), ([2, 2, 2, 2], 1.0)])
+def test_consecutive_top1_rate(top1, rate):
+    result = consecutive_same_expert(make_trace([top1], 8))
+    np.testing.assert_allclose(result.top1_rate, [rate])
+    assert result.chance_uniform == pytest.approx(1 / 8)
+
+
+def test_consecutive_pairs_never_cross_traces():
+    # Within each trace: (0,0) same, (0,1) not.  Counting across the boundary would add (0,0): 2/3.
+    # The second trace's positions even continue the first's: the list, not the positions, separates them.
+    result = consecutive_same_expert([make_trace([[0, 0]], 4), make_trace([[0, 1]], 4, positions=[2, 3])])
+    np.testing.assert_allclose(result.top1_rate, [0.5])
+    # q = (3/4, 1/4) over all four tokens
+    np.testing.assert_allclose(result.chance_given_load, [0.75**2 + 0.25**2])
+
+
+def test_consecutive_pairs_follow_positions():
+    # Two sequences in one trace (positions restart): the pair (1, 2) is not adjacent.
+    trace = make_trace([[0, 0, 1, 1]], 4, positions=[0, 1, 0, 1])
+    np.testing.assert_allclose(consecutive_same_expert(trace).top1_rate, [1.0])
+
+
+def test_consecutive_topk_overlap():
+    # {0,1}->{1,2} share expert 1; {1,2}->{3,0} share none; {3,0}->{0,2} share 0 (at another rank).
+    trace = make_trace([[[0, 1], [1, 2], [3, 0], [0, 2]]], 4)
+    result = consecutive_same_expert(trace)
+    np.testing.assert_allclose(result.topk_overlap, [2 / 3])
+    np.testing.assert_allclose(result.top1_rate, [0.0])
+    np.testing.assert_allclose(result.chance_given_load, [0.25 + 0.0625 + 0.0625])  # top-1 0,1,3,0
+
+
+def test_consecutive_needs_a_pair():
+    with pytest.raises(MinimoeError, match="two consecutive"):
+        consecutive_same_expert([make_trace([[0]], 4), make_trace([[1]], 4)])
+
+
+# --- vocabulary_specialization --------------------------------------------------------------
+
+def test_vocabulary_of_each_expert():
+    tokens = [5, 5, 7, 5, 9, 7, 4]
+    # Decoder layers 1 and 3 are sparse; layer 1's routing is a decoy (all to expert 3).
+    trace = make_trace([[3] * 7, [2, 2, 2, 2, 1, 0, 1]], 4, layers=[1, 3], token_ids=tokens)
+    vocab = vocabulary_specialization(trace, layer=3)
+    assert [v.expert for v in vocab] == [0, 1, 2, 3]
+    by_expert = {v.expert: (v.token_ids.tolist(), v.counts.tolist(), v.exclusivity.tolist()) for v in vocab}
+    assert by_expert[2] == ([5, 7], [3, 1], [1.0, 0.5])  # every 5 goes to expert 2, one of the two 7s
+    assert by_expert[0] == ([7], [1], [0.5])
+    assert by_expert[1] == ([4, 9], [1, 1], [1.0, 1.0])  # a tie: the smaller id first
+    assert by_expert[3] == ([], [], [])  # never chosen in layer 3
+    assert vocabulary_specialization(trace, layer=1)[3].token_ids.tolist() == [5, 7, 4, 9]
+    assert vocabulary_specialization(trace, layer=3, top=1)[2].token_ids.tolist() == [5]
+
+
+def test_vocabulary_counts_every_rank_and_pools():
+    a = make_trace([[[0, 1], [1, 0]]], 2, token_ids=[8, 8])
+    b = make_trace([[[1, 0]]], 2, token_ids=[6])
+    vocab = vocabulary_specialization([a, b], layer=0)
+    assert vocab[0].token_ids.tolist() == [8, 6] and vocab[0].counts.tolist() == [2, 1]
+    np.testing.assert_allclose(vocab[0].exclusivity, [1.0, 1.0])  # k = 2: every token reaches both experts
+
+
+def test_vocabulary_rejects_bad_layer_and_top():
+    trace = make_trace([[0, 1]], 2, layers=[1])
+    with pytest.raises(MinimoeError, match="not a sparse layer"):
+        vocabulary_specialization(trace, layer=0)
+    with pytest.raises(MinimoeError, match="top"):
+        vocabulary_specialization(trace, layer=1, top=0)
+
+
+# --- domain_specialization -------------------------------------------------------------------
+
+def test_domain_ratio():
+    code = make_trace([[3] * 6, [3] * 6], 4)  # only expert 3
+    prose = [make_trace([[0, 1, 2, 3], [3, 2, 1, 0]], 4), make_trace([[1, 0, 3, 2], [0, 1, 2, 3]], 4)]
+    result = domain_specialization({"code": code, "prose": prose})
+    assert result.domains == ["code", "prose"]
+    assert result.share.shape == result.ratio.shape == (2, 2, 4)
+    np.testing.assert_allclose(result.ratio[0], [[0, 0, 0, 4], [0, 0, 0, 4]])  # E at expert 3
+    np.testing.assert_allclose(result.ratio[1], np.ones((2, 4)))  # uniform
+    np.testing.assert_allclose(result.share[0, :, 3], [1, 1])
+
+
+def test_domains_must_share_a_model():
+    with pytest.raises(MinimoeError, match="different models"):
+        domain_specialization({"a": make_trace([[0]], 4), "b": make_trace([[0]], 5)})
+    with pytest.raises(MinimoeError):
+        domain_specialization({})
+
+
+# --- layer_transitions ----------------------------------------------------------------------
+
+def test_transitions_of_a_deterministic_mapping():
+    top1 = np.arange(8) % 4
+    trace = make_trace([top1, (top1 + 1) % 4, np.zeros(8, int)], 4, layers=[0, 2, 5])
+    shift = np.roll(np.eye(4), 1, axis=1)  # row i has its 1 at (i + 1) % 4
+    np.testing.assert_array_equal(layer_transitions(trace, 0, 2), shift)
+    np.testing.assert_array_equal(layer_transitions(trace, 2, 0), shift.T)  # the inverse permutation
+    np.testing.assert_array_equal(layer_transitions(trace, 0, 5), np.tile([[1, 0, 0, 0]], (4, 1)))
+    with pytest.raises(MinimoeError, match="not a sparse layer"):
+        layer_transitions(trace, 0, 1)
+
+
+def test_transitions_are_row_normalised_with_zero_rows():
+    # From layer 0 expert 0: twice to 1, once to 2.  Expert 3 is never top-1 at layer 0.
+    trace = make_trace([[[0, 3], [0, 3], [0, 3], [1, 3]], [[1, 0], [1, 0], [2, 0], [1, 0]]], 4)
+    matrix = layer_transitions(trace, 0, 1)
+    np.testing.assert_allclose(matrix[0], [0, 2 / 3, 1 / 3, 0])
+    np.testing.assert_allclose(matrix[1], [0, 1, 0, 0])
+    np.testing.assert_array_equal(matrix[2:], 0)
+
+
+# --- shared_vs_routed -----------------------------------------------------------------------
+
+def test_shared_vs_routed():
+    trace = make_trace([[0, 1, 2]], 4, shared_gate=[[0.2, 0.6, 0.4]], shared_norm=[[1.0, 1.0, 0.0]],
+                       routed_norm=[[3.0, 0.0, 0.0]])
+    result = shared_vs_routed(trace)
+    np.testing.assert_allclose(result.mean_shared_gate, [0.4], rtol=1e-6)
+    np.testing.assert_allclose(result.mean_shared_norm, [2 / 3], rtol=1e-6)
+    np.testing.assert_allclose(result.mean_routed_norm, [1.0], rtol=1e-6)
+    # per token 1/4, 1, and 0 for 0/0; the ratio of the means would be 0.4
+    np.testing.assert_allclose(result.shared_fraction, [(0.25 + 1.0 + 0.0) / 3], rtol=1e-6)
+
+
+# --- input validation ------------------------------------------------------------------------
+
+EVERY_FUNCTION = [
+    expert_load, routing_entropy, coactivation, consecutive_same_expert, shared_vs_routed,
+    lambda traces: vocabulary_specialization(traces, layer=0),
+    lambda traces: layer_transitions(traces, 0, 0),
+    lambda traces: domain_specialization({"only": traces}),
+]
+
+
+@pytest.mark.parametrize("function", EVERY_FUNCTION)
+def test_every_function_validates_its_traces(function):
+    trace = make_trace([[0, 1]], 4)
+    assert function(trace) is not None and function([trace, trace]) is not None
+    with pytest.raises(MinimoeError, match="no routing traces"):
+        function([])
+    with pytest.raises(MinimoeError, match="different models"):
+        function([trace, make_trace([[0, 1]], 5)])  # other number of experts
+    with pytest.raises(MinimoeError, match="different models"):
+        function([trace, make_trace([[0, 1]], 4, layers=[1])])  # other sparse layers
+    with pytest.raises(MinimoeError, match="experts per token"):
+        function([trace, make_trace([[[0, 1], [1, 2]]], 4)])
+    with pytest.raises(MinimoeError, match="not a RoutingTrace"):
+        function([trace, "trace"])
+
+
+def test_results_are_frozen():
+    load = expert_load(pair_01())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        load.cv = np.zeros(1)
