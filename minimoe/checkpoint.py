@@ -66,7 +66,9 @@ class SafetensorsFile:
         if self._map is None:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         raw = self._map[self._data_start + info.begin : self._data_start + info.end]
-        return raw.view(info.dtype).reshape(info.shape)
+        # A plain ndarray view (its base is the map): slicing a np.memmap runs Python code
+        # in __array_finalize__, which the blocked matmul would pay on every block.
+        return raw.view(np.ndarray).view(info.dtype).reshape(info.shape)
 
 
 def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict, int]:
