@@ -1,4 +1,4 @@
-"""The ``minimoe`` command line: demo, generate, chat, params.
+"""The ``minimoe`` command line: demo, generate, chat, inspect, params.
 
 ``--model`` defaults to the small MoE bundled with minimoe, so every command runs
 offline on a fresh install.  Exit codes: 0 success; 1 bad input (a
@@ -18,7 +18,7 @@ import numpy as np
 from .assets import default_model_path
 from .config import ModelConfig
 from .errors import MinimoeError
-from .params import count_parameters, format_billions
+from .params import count_parameters, describe_model, format_billions
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 DEMO_PROMPT = "def read_config(path):\n"
@@ -49,14 +49,6 @@ def open_model(path: Path):
 
     model = load(path, progress=lambda items, **kw: tqdm(list(items), leave=False, disable=None, **kw))
     return model, load_tokenizer(path)
-
-
-def describe(model) -> str:
-    c, counts = model.config, count_parameters(model.config)
-    experts = (f"{c.num_experts} experts (top-{c.num_experts_per_tok}) + a gated shared expert"
-               if c.num_experts else "dense")
-    return (f"{c.num_hidden_layers} layers, hidden {c.hidden_size}, {experts}; "
-            f"{counts.total:,} parameters, {counts.activated:,} active per token")
 
 
 # --- params --------------------------------------------------------------------------
@@ -121,7 +113,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     history = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"minimoe chat with {args.model} ({describe(model)}). Empty line or Ctrl-D to quit.")
+        print(f"minimoe chat with {args.model} ({describe_model(model.config)}). Empty line or Ctrl-D to quit.")
     while True:
         try:
             line = input("you> " if interactive else "")
@@ -153,7 +145,7 @@ def routing_table(trace) -> list[str]:
 def cmd_demo(args: argparse.Namespace) -> None:
     model, tokenizer = open_model(args.model)
     print(f"minimoe demo: {args.model}")
-    print(f"  {describe(model)}\n")
+    print(f"  {describe_model(model.config)}\n")
     ids = tokenizer.encode(args.prompt)
     print("--- generated (prompt, then the model's continuation) ---")
     sys.stdout.write(args.prompt)
@@ -164,6 +156,31 @@ def cmd_demo(args: argparse.Namespace) -> None:
           "weight first;\nin brackets the sum of their weights, the router's softmax probabilities, which is below 1 "
           "because\nthe top-k weights are not renormalised (norm_topk_prob is false, as in Qwen1.5-MoE).\n")
     print("\n".join(routing_table(model.trace(ids + generated[:-1], tokenizer=tokenizer))))
+
+
+# --- inspect -------------------------------------------------------------------------
+
+def read_text(args: argparse.Namespace) -> str:
+    """The text to inspect: --text, or the contents of --file (UTF-8)."""
+    if args.text is not None:
+        return args.text
+    try:
+        return args.file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MinimoeError(f"{args.file}: no such file") from None
+    except UnicodeDecodeError as exc:
+        raise MinimoeError(f"{args.file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise MinimoeError(f"{args.file}: cannot read it ({exc.strerror or exc})") from None
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from .report import write_report_files
+
+    text = read_text(args)
+    model, tokenizer = open_model(args.model)
+    for path in write_report_files(model, tokenizer, text, args.out):
+        print(path)
 
 
 # --- the parser ----------------------------------------------------------------------
@@ -209,6 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="a system message to start the conversation with")
     add_sampling_flags(chat, max_new_tokens=128)
     chat.set_defaults(run=cmd_chat)
+
+    inspect = commands.add_parser(
+        "inspect", help="write an HTML report of how a text is routed (plots, per-token experts, interventions)",
+        description="Trace a text, analyse its routing and write report.html (self-contained: plots embedded), "
+                    "the plots as PNG, and the trace as trace.npz, trace.json and routing.csv into --out.")
+    add_model_flag(inspect)
+    source = inspect.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="the text to inspect")
+    source.add_argument("--file", type=Path, help="a UTF-8 text file to inspect")
+    inspect.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write the report into")
+    inspect.set_defaults(run=cmd_inspect)
 
     params = commands.add_parser(
         "params", help="count total, activated and activated non-embedding parameters from config.json",

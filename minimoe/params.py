@@ -66,3 +66,12 @@ def count_parameters(config: ModelConfig) -> ParameterCount:
 
 def format_billions(count: int) -> str:
     return f"{count / 1e9:.2f}B"
+
+
+def describe_model(config: ModelConfig) -> str:
+    """One line about a model: layers, width, experts, parameter counts (what the CLI and reports print)."""
+    counts = count_parameters(config)
+    experts = (f"{config.num_experts} experts (top-{config.num_experts_per_tok}) + a gated shared expert"
+               if config.num_experts else "dense")
+    return (f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {experts}; "
+            f"{counts.total:,} parameters, {counts.activated:,} active per token")

@@ -124,13 +124,31 @@ class RoutingTrace:
         top_k = first.top_k if all(t.top_k == first.top_k for t in traces) else max(t.top_k for t in traces)
         return cls(**joined, num_experts=first.num_experts, top_k=top_k, tokens=tokens)
 
+    def first(self, count: int) -> "RoutingTrace":
+        """The trace of the first ``count`` tokens (this trace itself if it is no longer)."""
+        if self.num_tokens <= count:
+            return self
+        cut = {}
+        for name in ARRAY_FIELDS:
+            axis = TOKEN_AXIS.get(name, 1)
+            value = getattr(self, name)
+            cut[name] = value if axis is None else value[(slice(None),) * axis + (slice(0, count),)]
+        tokens = None if self.tokens is None else self.tokens[:count]
+        return RoutingTrace(**cut, num_experts=self.num_experts, top_k=self.top_k, tokens=tokens)
+
     # --- export ----------------------------------------------------------------------
 
-    def save_npz(self, path: str | Path) -> None:
-        """All arrays plus metadata in one ``.npz`` (no pickles: plain numeric arrays and a JSON string)."""
+    def save_npz(self, path: str | Path, include_logits: bool = True) -> None:
+        """All arrays plus metadata in one ``.npz`` (no pickles: plain numeric arrays and a JSON string).
+
+        ``include_logits=False`` leaves out the ``[T, vocab]`` logits (for Qwen1.5-MoE, 0.6 MB a
+        token); such a file loads back with an empty ``[T, 0]`` logits array.
+        """
         meta = {"num_experts": self.num_experts, "top_k": self.top_k, "tokens": self.tokens}
-        np.savez_compressed(path, **{name: getattr(self, name) for name in ARRAY_FIELDS},
-                            meta=np.array(json.dumps(meta)))
+        arrays = {name: getattr(self, name) for name in ARRAY_FIELDS}
+        if not include_logits:
+            arrays["logits"] = np.zeros((self.num_tokens, 0), dtype=np.float32)
+        np.savez_compressed(path, **arrays, meta=np.array(json.dumps(meta)))
 
     @classmethod
     def load_npz(cls, path: str | Path) -> "RoutingTrace":

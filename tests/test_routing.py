@@ -179,6 +179,10 @@ def test_exports_round_trip(tmp_path):
     rows = trace.rows()
     assert len(rows) == len(trace.layers) * trace.num_tokens * trace.top_k
     assert rows[0]["token"] == trace.tokens[0] and rows[0]["expert"] == int(trace.expert_ids[0, 0, 0])
+    trace.save_npz(tmp_path / "small.npz", include_logits=False)
+    small = RoutingTrace.load_npz(tmp_path / "small.npz")
+    assert small.logits.shape == (trace.num_tokens, 0)
+    np.testing.assert_array_equal(small.router_probs, trace.router_probs)
     trace.write_csv(tmp_path / "t.csv")
     assert (tmp_path / "t.csv").read_text().count("\n") == len(rows) + 1
     data = json.loads(json.dumps(trace.to_json(tmp_path / "t.json")))

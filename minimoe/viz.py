@@ -1,0 +1,359 @@
+"""Plots of expert routing, one small function per view, each returning a matplotlib ``Figure``.
+
+Every function builds its figure with the object API (``Figure()``, ``fig.subplots()``),
+never with pyplot's global state, so it needs no GUI backend: it works headless (save
+with ``fig.savefig("x.png")``) and displays inline in a notebook (a ``Figure`` is the
+last value of a cell).  Every plot colours an expert with the same colour,
+:func:`expert_colors`, so expert 7 looks the same in the token grid and elsewhere.
+
+    trace = model.trace(ids, tokenizer=tok)
+    plot_token_experts(trace).savefig("tokens.png")
+    plot_expert_load(analysis.expert_load(trace), trace.layers).savefig("load.png")
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.colors import BoundaryNorm, ListedColormap, TwoSlopeNorm
+from matplotlib.figure import Figure
+
+from .errors import MinimoeError
+
+# Cells in the token grid up to which each cell gets its expert id written in it.
+ANNOTATE_CELLS = 12_000
+TOKENS_PER_PANEL = 64  # the token grid wraps into panels of this many tokens
+PADDING = (0.85, 0.85, 0.85, 1.0)  # cells without an expert (padding -1 after a per-layer intervention)
+
+
+# --- colours and labels ----------------------------------------------------------------
+
+def expert_colors(num_experts: int) -> list[tuple[float, float, float, float]]:
+    """One RGBA colour per expert id, the same in every plot; up to 60 are clearly distinct.
+
+    The first 10 are tab20's strong colours, then its 10 light ones, then tab20b and
+    tab20c shade by shade (each of their 5 hue groups at its darkest, then the next
+    shade, ...), so that neighbouring ids never get two shades of one hue.  Beyond 60
+    (no Qwen-MoE has more) the colours are spread evenly over ``turbo``.
+    """
+    if num_experts < 0:
+        raise MinimoeError(f"num_experts must be non-negative, got {num_experts}")
+    tab20 = colormaps["tab20"].colors
+    palette = [tab20[i] for i in range(0, 20, 2)] + [tab20[i] for i in range(1, 20, 2)]
+    for name in ("tab20b", "tab20c"):
+        colors = colormaps[name].colors
+        palette += [colors[group * 4 + shade] for shade in range(4) for group in range(5)]
+    if num_experts > len(palette):
+        turbo = colormaps["turbo"]
+        return [tuple(turbo(x)) for x in np.linspace(0.0, 1.0, num_experts)]
+    return [(*rgb, 1.0) for rgb in palette[:num_experts]]
+
+
+def text_color(rgba: Sequence[float]) -> str:
+    """``"black"`` or ``"white"``, whichever reads better on a background of colour ``rgba``."""
+    r, g, b = rgba[:3]
+    return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.55 else "white"
+
+
+def token_label(text: str | None, token_id: int | None = None, width: int = 12) -> str:
+    """A token as a tick label: ``repr`` (quotes show its spaces, ``\\n`` its newlines), shortened to ``width``."""
+    label = repr(text) if text is not None else str(token_id)
+    return label if len(label) <= width else label[: width - 1] + "…"
+
+
+def trace_labels(trace) -> list[str]:
+    """Tick labels for every token of a trace (its text when traced with a tokenizer, else its id)."""
+    if trace.tokens is None:
+        return [token_label(None, int(t)) for t in trace.token_ids]
+    return [token_label(text) for text in trace.tokens]
+
+
+def _layer_index(layer: int, count: int, layers: Sequence[int] | None) -> int:
+    """The S-axis index of decoder layer ``layer`` (``layers`` lists the sparse layers; default 0..count-1)."""
+    layers = list(range(count)) if layers is None else [int(x) for x in layers]
+    if len(layers) != count:
+        raise MinimoeError(f"{len(layers)} layer numbers given for {count} sparse layers")
+    if layer not in layers:
+        raise MinimoeError(f"layer {layer} is not one of the sparse layers {layers}")
+    return layers.index(layer)
+
+
+# --- token x layer grid ----------------------------------------------------------------
+
+def plot_token_experts(trace, rank: int = 0, tokens_per_panel: int = TOKENS_PER_PANEL) -> Figure:
+    """The token x layer grid: each cell is coloured by the token's rank-``rank`` expert (0 = top-1) in that layer.
+
+    One row per sparse layer, one column per token, the expert id written in the cell;
+    texts longer than ``tokens_per_panel`` wrap into several panels, one under the other.
+    """
+    k = trace.expert_ids.shape[2]
+    if not 0 <= rank < k:
+        raise MinimoeError(f"rank must be in [0, {k}) for this trace (k = {k}), got {rank}")
+    if tokens_per_panel < 1:
+        raise MinimoeError(f"tokens_per_panel must be at least 1, got {tokens_per_panel}")
+    ids = trace.expert_ids[:, :, rank]  # [S, T]
+    num_layers, num_tokens = ids.shape
+    labels = trace_labels(trace)
+    panels = max(1, math.ceil(num_tokens / tokens_per_panel))
+    per_panel = min(tokens_per_panel, max(num_tokens, 1))
+    panel_height = 0.32 * num_layers + 1.1  # rows plus the rotated token labels
+    fig = Figure(figsize=(max(6.5, 0.26 * per_panel + 1.6), panel_height * panels + 0.7), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(panels, 1, squeeze=False)[:, 0])
+    colors = expert_colors(trace.num_experts)
+    cmap = ListedColormap(colors).with_extremes(bad=PADDING)
+    norm = BoundaryNorm(np.arange(-0.5, trace.num_experts + 0.5), trace.num_experts)
+    annotate = ids.size <= ANNOTATE_CELLS
+    for p, ax in enumerate(axes):
+        start, stop = p * tokens_per_panel, min(num_tokens, (p + 1) * tokens_per_panel)
+        _token_panel(ax, ids[:, start:stop], start, labels[start:stop], trace.layers, cmap, norm, colors, annotate)
+        ax.set_xlim(start - 0.5, start + per_panel - 0.5)  # a short last panel keeps the others' cell width
+    which = "top-1" if rank == 0 else f"rank-{rank + 1}"
+    fig.suptitle(f"The {which} expert of each token in each sparse layer\n({trace.num_experts} experts, k = {k})")
+    return fig
+
+
+def _token_panel(ax, ids, start, labels, layers, cmap, norm, colors, annotate) -> None:
+    """One panel of the token grid: tokens ``start .. start + len(labels)``."""
+    stop = start + ids.shape[1]
+    ax.imshow(np.ma.masked_less(ids, 0), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest",
+              extent=(start - 0.5, stop - 0.5, ids.shape[0] - 0.5, -0.5))
+    ax.set_xticks(np.arange(start, stop), labels, rotation=90, fontsize=7, fontfamily="monospace")
+    ax.set_yticks(np.arange(ids.shape[0]), [f"layer {int(layer)}" for layer in layers], fontsize=8)
+    ax.tick_params(length=0)
+    if annotate:
+        for (row, column), expert in np.ndenumerate(ids):
+            if expert >= 0:
+                ax.text(start + column, row, str(expert), ha="center", va="center", fontsize=6,
+                        color=text_color(colors[expert]))
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+# --- load, co-activation, entropy ------------------------------------------------------
+
+def _heatmap_size(rows: int, columns: int) -> tuple[float, float]:
+    return max(5.0, 0.32 * columns + 3.2), max(2.6, 0.32 * rows + 1.6)
+
+
+def plot_expert_load(load, layers: Sequence[int]) -> Figure:
+    """Each expert's share of the assignments per sparse layer (an ``ExpertLoad``), layers x experts.
+
+    The colour bar marks the uniform share 1/E; the y labels give each layer's
+    coefficient of variation of the counts (0 = perfectly even).
+    """
+    share = np.asarray(load.share)
+    num_layers, num_experts = share.shape
+    if len(layers) != num_layers:
+        raise MinimoeError(f"{len(layers)} layer numbers given for {num_layers} sparse layers")
+    fig = Figure(figsize=_heatmap_size(num_layers, num_experts), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(share, cmap="viridis", vmin=0, aspect="auto", interpolation="nearest")
+    uniform = 1.0 / num_experts
+    bar = fig.colorbar(image, ax=ax, label=f"share of the layer's assignments\n(uniform = 1/E = {uniform:.3f}, line)")
+    bar.ax.axhline(uniform, color="white", linewidth=2)
+    bar.ax.axhline(uniform, color="black", linewidth=1)
+    _expert_ticks(ax, num_experts, axis="x")
+    ax.set_yticks(np.arange(num_layers), [f"layer {int(layer)}  CV {cv:.2f}" for layer, cv in zip(layers, load.cv)])
+    ax.set_xlabel("expert")
+    ax.set_title("Expert load: share of the top-k assignments per layer")
+    return fig
+
+
+def _expert_ticks(ax, num_experts: int, axis: str) -> None:
+    """Every expert id as a tick, or every 2nd/5th one when there are many."""
+    step = 1 if num_experts <= 32 else 2 if num_experts <= 64 else 5
+    ticks = np.arange(0, num_experts, step)
+    (ax.set_xticks if axis == "x" else ax.set_yticks)(ticks, [str(t) for t in ticks], fontsize=7)
+
+
+def plot_coactivation(matrix, layer: int, layers: Sequence[int] | None = None) -> Figure:
+    """The co-activation matrix of one layer: cell (i, j) = P(expert j chosen | expert i chosen).
+
+    ``matrix`` is one layer's ``[E, E]`` or :func:`minimoe.analysis.coactivation`'s
+    ``[S, E, E]``; for the latter ``layer`` is a decoder layer, looked up in ``layers``
+    (the trace's sparse layers; default 0..S-1).  The diagonal (always 1) is greyed out
+    so that the colour scale shows the pairs.
+    """
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.ndim == 3:
+        matrix = matrix[_layer_index(layer, matrix.shape[0], layers)]
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise MinimoeError(f"a co-activation matrix is [E, E] or [S, E, E], got shape {matrix.shape}")
+    num_experts = matrix.shape[0]
+    pairs = np.ma.masked_array(matrix, mask=np.eye(num_experts, dtype=bool))
+    cmap = colormaps["magma"].with_extremes(bad=PADDING)
+    size = max(4.5, 0.22 * num_experts + 2.5)
+    fig = Figure(figsize=(size + 1.0, size), layout="constrained")
+    ax = fig.subplots()
+    top = float(pairs.max()) if pairs.count() else 1.0
+    image = ax.imshow(pairs, cmap=cmap, vmin=0, vmax=max(top, 1e-9), interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="P(expert j chosen | expert i chosen)", shrink=0.85)
+    _expert_ticks(ax, num_experts, axis="x")
+    _expert_ticks(ax, num_experts, axis="y")
+    ax.set_xlabel("expert j (chosen together with i)")
+    ax.set_ylabel("expert i")
+    ax.set_title(f"Co-activation in layer {layer}")
+    return fig
+
+
+def plot_entropy(entropy, layers: Sequence[int], top_k: int | None = None) -> Figure:
+    """Router confidence per sparse layer, from a ``RoutingEntropy``: two panels.
+
+    Left: mean entropy of the router's distribution (bars, with the tokens' standard
+    deviation) against the uniform router's ``log E``.  Right: the mean probability of
+    the top-1 expert and of the k chosen together, with the uniform values 1/E (and
+    k/E when ``top_k`` is given).
+    """
+    num_layers = len(np.asarray(entropy.mean_entropy))
+    if len(layers) != num_layers:
+        raise MinimoeError(f"{len(layers)} layer numbers given for {num_layers} sparse layers")
+    names = [str(int(layer)) for layer in layers]
+    x = np.arange(num_layers)
+    num_experts = round(math.exp(entropy.max_entropy))
+    fig = Figure(figsize=(max(8.0, 0.5 * num_layers + 5.0), 4.2), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    left.bar(x, entropy.mean_entropy, yerr=np.asarray(entropy.entropy).std(axis=1), color="tab:blue",
+             capsize=2, label="mean over tokens (± std)")
+    left.axhline(entropy.max_entropy, color="black", linestyle="--",
+                 label=f"uniform: log E = {entropy.max_entropy:.2f}")
+    left.set_ylim(0, entropy.max_entropy * 1.15)
+    left.set(xticks=x, xlabel="layer", ylabel="entropy (nats)", title="Routing entropy")
+    left.set_xticklabels(names)
+    left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8)
+    right.plot(x, entropy.top1_mass, "o-", color="tab:orange", label="top-1 expert")
+    right.plot(x, entropy.topk_mass, "s-", color="tab:green", label="k chosen experts")
+    right.axhline(1 / num_experts, color="tab:orange", linestyle=":", label=f"uniform 1/E = {1 / num_experts:.3f}")
+    if top_k is not None:
+        right.axhline(top_k / num_experts, color="tab:green", linestyle=":",
+                      label=f"uniform k/E = {top_k / num_experts:.3f}")
+    right.set_ylim(0, 1)
+    right.set(xticks=x, xlabel="layer", ylabel="router probability (mean over tokens)", title="Probability mass chosen")
+    right.set_xticklabels(names)
+    right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8)
+    return fig
+
+
+def plot_consecutive_rate(rate, layers: Sequence[int]) -> Figure:
+    """How often neighbouring tokens share their top-1 expert, per layer (a ``ConsecutiveRate``), against chance.
+
+    Two baselines: 1/E (uniform routing) and the rate two unrelated tokens would
+    agree given the observed top-1 load; only bars above the second mean that
+    neighbours really route alike.
+    """
+    num_layers = len(np.asarray(rate.top1_rate))
+    if len(layers) != num_layers:
+        raise MinimoeError(f"{len(layers)} layer numbers given for {num_layers} sparse layers")
+    x = np.arange(num_layers)
+    fig = Figure(figsize=(max(5.5, 0.5 * num_layers + 3.0), 3.4), layout="constrained")
+    ax = fig.subplots()
+    ax.bar(x, rate.top1_rate, color="tab:blue", label="same top-1 expert as the previous token")
+    ax.plot(x, rate.chance_given_load, "D", color="tab:red", label="chance given the load (sum of q²)")
+    ax.axhline(rate.chance_uniform, color="black", linestyle="--", label=f"chance 1/E = {rate.chance_uniform:.3f}")
+    ax.set(xticks=x, xlabel="layer", ylabel="fraction of adjacent token pairs",
+           title="Consecutive tokens routed to the same expert")
+    ax.set_xticklabels([str(int(layer)) for layer in layers])
+    top = max(float(np.max(rate.top1_rate)), float(np.max(rate.chance_given_load)), rate.chance_uniform)
+    ax.set_ylim(0, min(1.0, top * 1.6) if top > 0 else 1.0)
+    ax.legend(fontsize=8, loc="best")
+    return fig
+
+
+# --- shared expert, domains, interventions ----------------------------------------------
+
+def plot_shared_gate(trace, tokens_per_panel: int = TOKENS_PER_PANEL, layers: Sequence[int] | None = None) -> Figure:
+    """The shared expert's gate ``sigmoid(h @ w)`` per token, one line per sparse layer.
+
+    ``layers`` picks the decoder layers to draw (default: every sparse layer; with
+    many layers a few spread out read better).  Every token has its tick label; texts
+    longer than ``tokens_per_panel`` wrap into several panels, one under the other, as
+    in :func:`plot_token_experts`.
+    """
+    if tokens_per_panel < 1:
+        raise MinimoeError(f"tokens_per_panel must be at least 1, got {tokens_per_panel}")
+    rows = [_layer_index(int(layer), len(trace.layers), trace.layers) for layer in
+            (trace.layers if layers is None else layers)]
+    if not rows:
+        raise MinimoeError("plot_shared_gate: no layers to draw")
+    gate = np.asarray(trace.shared_gate)[rows]
+    drawn = [int(trace.layers[s]) for s in rows]
+    num_layers, num_tokens = gate.shape
+    panels = max(1, math.ceil(num_tokens / tokens_per_panel))
+    per_panel = min(tokens_per_panel, max(num_tokens, 1))
+    fig = Figure(figsize=(max(7.0, 0.26 * per_panel + 2.6), 2.9 * panels + 0.5), layout="constrained")
+    axes = fig.subplots(panels, 1, squeeze=False)[:, 0]
+    line_colors = colormaps["viridis"](np.linspace(0.0, 0.9, num_layers))
+    labels = trace_labels(trace)
+    for p, ax in enumerate(axes):
+        start, stop = p * tokens_per_panel, min(num_tokens, (p + 1) * tokens_per_panel)
+        x = np.arange(start, stop)
+        for s, layer in enumerate(drawn):
+            ax.plot(x, gate[s, start:stop], color=line_colors[s], linewidth=1.2, marker=".", label=f"layer {layer}")
+        ax.set_xticks(x, labels[start:stop], rotation=90, fontsize=7, fontfamily="monospace")
+        ax.set_xlim(start - 0.5, start + per_panel - 0.5)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("gate (sigmoid)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower left", bbox_to_anchor=(1.0, 0.0), ncol=math.ceil(num_layers / 16))
+    fig.suptitle("The shared expert's gate per token:\nhow much of the always-on expert each token takes")
+    return fig
+
+
+def plot_domain_specialization(spec, layer: int, layers: Sequence[int] | None = None) -> Figure:
+    """Domains x experts in one layer (a ``DomainSpecialization``): each domain's share relative to uniform.
+
+    Diverging colours centred on 1 (uniform): red cells are experts a domain uses more
+    than 1/E, blue less.  ``layer`` is a decoder layer, looked up in ``layers`` (the
+    traces' sparse layers; default 0..S-1).
+    """
+    ratio = np.asarray(spec.ratio, dtype=np.float64)
+    matrix = ratio[:, _layer_index(layer, ratio.shape[1], layers)]  # [D, E]
+    num_domains, num_experts = matrix.shape
+    fig = Figure(figsize=_heatmap_size(num_domains, num_experts), layout="constrained")
+    ax = fig.subplots()
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(2.0, float(matrix.max())))
+    image = ax.imshow(matrix, cmap="RdBu_r", norm=norm, aspect="auto", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="share / uniform share 1/E\n(1 = uniform)")
+    if matrix.size <= 400:
+        for (row, column), value in np.ndenumerate(matrix):
+            ax.text(column, row, f"{value:.1f}", ha="center", va="center", fontsize=6,
+                    color="white" if abs(norm(value) - 0.5) > 0.3 else "black")
+    _expert_ticks(ax, num_experts, axis="x")
+    ax.set_yticks(np.arange(num_domains), list(spec.domains))
+    ax.set_xlabel("expert")
+    ax.set_title(f"Domain specialization in layer {layer}")
+    return fig
+
+
+def plot_intervention_effects(effects: Mapping[str, object]) -> Figure:
+    """Horizontal bars per named ``InterventionEffect``: mean KL from the unmodified model, and the loss change.
+
+    A loss change that could not be measured (a one-token text) is shown as "n/a".
+    """
+    if not effects:
+        raise MinimoeError("plot_intervention_effects needs at least one intervention")
+    names = list(effects)
+    y = np.arange(len(names))
+    kl = np.array([effects[name].mean_kl for name in names], dtype=np.float64)
+    change = np.array([effects[name].loss_change for name in names], dtype=np.float64)
+    fig = Figure(figsize=(9.0, 1.2 + 0.45 * len(names)), layout="constrained")
+    left, right = fig.subplots(1, 2, sharey=True)
+    _labelled_bars(left, y, kl, "tab:purple", "{:.3f}")
+    left.set(xlabel="mean KL(original || intervened), nats", title="Change in next-token predictions")
+    left.set_yticks(y, names)
+    left.invert_yaxis()  # first intervention on top
+    _labelled_bars(right, y, change, "tab:red", "{:+.3f}")
+    right.axvline(0, color="black", linewidth=0.8)
+    right.set(xlabel="loss change, nats per token", title="Change in loss on the text")
+    return fig
+
+
+def _labelled_bars(ax, y, values, color, fmt: str) -> None:
+    finite = np.where(np.isfinite(values), values, 0.0)
+    bars = ax.barh(y, finite, color=color)
+    ax.bar_label(bars, labels=[fmt.format(v) if np.isfinite(v) else "n/a" for v in values], fontsize=8, padding=2)
+    low, high = min(0.0, finite.min()), max(0.0, finite.max())
+    margin = 0.25 * (high - low) or 0.1
+    ax.set_xlim(low - (margin if low < 0 else 0), high + margin)
