@@ -33,7 +33,7 @@ other layers are padded with expert ``-1`` and weight ``0``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -214,9 +214,6 @@ def _finite(value):
         return None
     return value
 
-
-def field_names() -> list[str]:
-    return [f.name for f in fields(RoutingTrace)]
 
 
 # --- interventions -------------------------------------------------------------------------
