@@ -145,7 +145,7 @@ def project(linears: Sequence["Linear"], x: np.ndarray) -> list[np.ndarray]:
         for linear, y, start, stop in group:
             linear.matmul_rows(flat, y, start, stop)
 
-    parallel_map(run, balanced_groups(blocks, 1 if _in_worker() else NUM_THREADS))
+    parallel_map(run, balanced_groups(blocks, NUM_THREADS))  # serial when already on a worker
     results = []
     for linear, y in zip(linears, outputs):
         if linear.bias is not None:

@@ -228,7 +228,7 @@ class Model:
         ``forced_experts``, ``top_k``, ``shared_expert``; see :class:`~minimoe.routing.Interventions`).
         """
         xp = self.xp
-        batch = self._check_ids(ids)
+        batch = self.check_ids(ids)
         unbatched = batch.ndim == 1
         if unbatched:
             batch = batch[None]
@@ -282,10 +282,11 @@ class Model:
         recorder = Recorder()
         self.forward(ids, record=recorder)
         c = self.config
-        router_logits = list(recorder.stacked("router_logits", c.sparse_layers)) if c.sparse_layers else []
+        router_logits = [recorder.joined("router_logits", layer) for layer in c.sparse_layers]
         return layers.load_balancing_loss(self.xp, router_logits, c.num_experts, c.num_experts_per_tok)
 
-    def _check_ids(self, ids) -> np.ndarray:
+    def check_ids(self, ids) -> np.ndarray:
+        """ids as an int64 ``[T]`` or ``[B, T]`` array; MinimoeError for any other shape, dtype or an id outside the vocabulary."""
         array = np.asarray(ids)
         if array.ndim not in (1, 2) or array.size == 0:
             raise MinimoeError(f"token ids must be a non-empty [T] or [B, T] array, got shape {array.shape}")

@@ -46,7 +46,7 @@ def residual_before(model, ids: np.ndarray, layer: int) -> np.ndarray:
 def step_through(model, ids, layer: int, position: int = -1) -> LayerWalk:
     """The stages of decoder layer ``layer`` for the token at ``position`` of ids ``[T]``."""
     xp, c = model.xp, model.config
-    ids = model._check_ids(ids)
+    ids = model.check_ids(ids)
     if ids.ndim != 1:
         raise MinimoeError("step_through takes one sequence of ids [T]")
     if not 0 <= layer < c.num_hidden_layers:
