@@ -24,6 +24,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from .errors import MinimoeError
+from .weight_cache import WeightCache
 
 BACKENDS = ("numpy",)
 
@@ -132,20 +133,27 @@ def project(linears: Sequence["Linear"], x: np.ndarray) -> list[np.ndarray]:
     flat = x.reshape(-1, x.shape[-1])
     outputs = [np.empty((flat.shape[0], linear.shape[0]), dtype=np.float32) for linear in linears]
     budget = BLOCK_ELEMENTS_DECODE if flat.shape[0] < PREFILL_TOKENS else BLOCK_ELEMENTS_PREFILL
-    blocks = []  # (linear, output, first row, last row)
+    blocks = []  # (linear, output, first row, last row, float32 copy or None, fill the copy?)
+    filled = []  # (linear, copy) to hand to the weight cache once written
     for linear, y in zip(linears, outputs):
         if linear.small:
             np.matmul(flat, linear.weight.T, out=y)
             continue
+        copy, fill = linear.working_copy()
+        if fill:
+            filled.append((linear, copy))
         out_features, in_features = linear.shape
         rows = max(1, min(out_features, budget // in_features))
-        blocks += [(linear, y, start, min(start + rows, out_features)) for start in range(0, out_features, rows)]
+        blocks += [(linear, y, start, min(start + rows, out_features), copy, fill)
+                   for start in range(0, out_features, rows)]
 
     def run(group):
-        for linear, y, start, stop in group:
-            linear.matmul_rows(flat, y, start, stop)
+        for linear, y, start, stop, copy, fill in group:
+            linear.matmul_rows(flat, y, start, stop, copy, fill)
 
     parallel_map(run, balanced_groups(blocks, NUM_THREADS))  # serial when already on a worker
+    for linear, copy in filled:
+        linear.cache.store(linear, copy)
     results = []
     for linear, y in zip(linears, outputs):
         if linear.bias is not None:
@@ -155,9 +163,9 @@ def project(linears: Sequence["Linear"], x: np.ndarray) -> list[np.ndarray]:
 
 
 def balanced_groups(blocks: list, parts: int) -> list[list]:
-    """Cut a list of ``(linear, y, start, stop)`` blocks into at most ``parts`` contiguous
+    """Cut a list of ``(linear, y, start, stop, ...)`` blocks into at most ``parts`` contiguous
     groups of about equal work (weight elements)."""
-    costs = [(stop - start) * linear.shape[1] for linear, _, start, stop in blocks]
+    costs = [(block[3] - block[2]) * block[0].shape[1] for block in blocks]
     total, groups, current, done = sum(costs), [], [], 0
     for block, cost in zip(blocks, costs):
         current.append(block)
@@ -175,15 +183,18 @@ class Linear:
 
     ``W`` may be a memory-mapped bf16/f16 view straight from the checkpoint; it
     is read, upcast and multiplied one block of rows at a time (see :func:`project`).
-    Small weights are upcast once, here, and used as float32 directly.
+    Small weights are upcast once, here, and used as float32 directly.  With a
+    ``cache`` (:class:`minimoe.weight_cache.WeightCache`), the float32 copy made by a
+    call is kept for the next one while the cache's byte budget allows.
     """
 
-    def __init__(self, weight: np.ndarray, bias: np.ndarray | None = None):
+    def __init__(self, weight: np.ndarray, bias: np.ndarray | None = None, cache: WeightCache | None = None):
         self.small = weight.size <= SMALL_MATRIX_ELEMENTS
         if self.small:
             weight = np.asarray(weight, dtype=np.float32)
         self.weight = weight
         self.bias = None if bias is None else np.asarray(bias, dtype=np.float32)
+        self.cache = None if self.small or weight.dtype == np.float32 else cache
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -194,12 +205,36 @@ class Linear:
         """x ``[..., in]`` float32 -> ``[..., out]`` float32."""
         return project([self], x)[0]
 
-    def matmul_rows(self, x: np.ndarray, y: np.ndarray, start: int, stop: int) -> None:
-        """``y[:, start:stop] = x @ W[start:stop].T`` for x ``[N, in]``, upcasting that block of ``W``."""
-        block = self.weight[start:stop]
-        if block.dtype != np.float32:
+    def working_copy(self) -> tuple[np.ndarray | None, bool]:
+        """Where this call's float32 rows come from, as ``(copy, fill)``.
+
+        ``(cached copy, False)`` on a cache hit; ``(empty [out, in] array, True)`` on a
+        miss the cache has made room for -- the blocks are upcast into it, and it is
+        stored afterwards; ``(None, False)`` without a cache or room: blocks go through
+        the scratch buffer.
+        """
+        if self.cache is None:
+            return None, False
+        copy = self.cache.lookup(self)
+        if copy is not None:
+            return copy, False
+        if self.cache.reserve(self.weight.size * 4):
+            return np.empty(self.shape, dtype=np.float32), True
+        return None, False
+
+    def matmul_rows(self, x: np.ndarray, y: np.ndarray, start: int, stop: int,
+                    copy: np.ndarray | None = None, fill: bool = False) -> None:
+        """``y[:, start:stop] = x @ W[start:stop].T`` for x ``[N, in]``, upcasting that block of ``W``
+        (into the scratch buffer, or into ``copy`` when ``fill``; a filled ``copy`` is used as it is)."""
+        if copy is not None:
+            block = copy[start:stop]
+            if fill:
+                np.copyto(block, self.weight[start:stop], casting="unsafe")  # bf16 -> f32, kept
+        elif self.weight.dtype != np.float32:
             block = _scratch.take(stop - start, self.weight.shape[1])
             np.copyto(block, self.weight[start:stop], casting="unsafe")  # bf16 -> f32
+        else:
+            block = self.weight[start:stop]
         np.matmul(x, block.T, out=y[:, start:stop])
 
     def rows(self, ids: np.ndarray) -> np.ndarray:

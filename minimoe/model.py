@@ -23,6 +23,7 @@ from .config import ModelConfig, read_json_object
 from .errors import MinimoeError
 from .generate import generate_stream
 from .routing import NO_INTERVENTIONS, OUTPUT, Interventions, LayerInterventions, Recorder, RoutingTrace
+from .weight_cache import WeightCache, parse_bytes
 
 
 # --- the KV cache ------------------------------------------------------------------
@@ -113,6 +114,11 @@ class SwiGLU:
         """h ``[..., H]`` -> ``[..., H]``."""
         return layers.swiglu(xp, h, self.gate, self.up, self.down, project)
 
+    @property
+    def is_cached(self) -> bool:
+        """Whether all three weights have float32 copies in the weight cache (no upcast needed)."""
+        return all(w.cache is not None and w in w.cache for w in (self.gate, self.up, self.down))
+
 
 @dataclass
 class SparseMoeBlock:
@@ -130,6 +136,8 @@ class SparseMoeBlock:
         flat = h.reshape(-1, h.shape[-1])
         choice = layers.route(xp, self.router(flat), change.top_k or self.top_k, self.norm_topk_prob,
                               change.disabled, change.forced)
+        if record is not None:  # before the experts run (and fill the cache)
+            cached = xp.asarray([e.is_cached for e in self.experts])[choice.expert_ids]
         expert_mlps = [(e.gate, e.up, e.down) for e in self.experts]
         jobs = [lambda: layers.routed_experts(xp, flat, choice.expert_ids, choice.expert_weights, expert_mlps,
                                               parallel_map, project)]
@@ -144,7 +152,8 @@ class SparseMoeBlock:
         if record is not None:
             record(layer, router_logits=choice.logits, router_probs=choice.probs, expert_ids=choice.expert_ids,
                    raw_weights=choice.raw_weights, expert_weights=choice.expert_weights, shared_gate=gate,
-                   shared_norm=xp.linalg.norm(shared, axis=-1), routed_norm=xp.linalg.norm(routed, axis=-1))
+                   shared_norm=xp.linalg.norm(shared, axis=-1), routed_norm=xp.linalg.norm(routed, axis=-1),
+                   cache_hit=cached)
         return (routed + shared).reshape(h.shape)
 
 
@@ -194,6 +203,7 @@ class Model:
     backend: str = "numpy"
     xp: object = field(default=np, repr=False)
     generation_config: dict = field(default_factory=dict)
+    weight_cache: WeightCache | None = None
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -213,6 +223,10 @@ class Model:
                         top_p: float | None = None, seed: int | None = None, **options) -> Iterator[int]:
         """Like :meth:`generate`, yielding each new token id as soon as it is chosen."""
         return generate_stream(self, ids, max_new_tokens, temperature, top_k, top_p, seed, **options)
+
+    def cache_stats(self) -> dict | None:
+        """The float32 weight cache's counters (see :class:`~minimoe.weight_cache.WeightCache`), or None without ``max_memory``."""
+        return self.weight_cache.stats() if self.weight_cache is not None else None
 
     def new_cache(self, capacity: int | None = None) -> KVCache:
         """An empty KV cache for incremental decoding (``capacity`` positions preallocated)."""
@@ -304,13 +318,20 @@ class Model:
 
 # --- loading -----------------------------------------------------------------------
 
-def load(path: str | Path, backend: str = "numpy", progress: Callable[..., Iterable] | None = None) -> Model:
+def load(path: str | Path, backend: str = "numpy", progress: Callable[..., Iterable] | None = None,
+         max_memory: int | str | None = None) -> Model:
     """Open a Hugging Face checkpoint folder (config.json + safetensors) as a :class:`Model`.
 
     Weights are memory-mapped, not read: opening the 28.6 GB Qwen1.5-MoE-A2.7B
     takes seconds and little memory.  Every tensor's presence and shape is checked
     against the config first.  ``progress`` (e.g. ``tqdm.tqdm``) wraps the shards as
     they are opened and the tensors as they are checked.
+
+    ``max_memory`` (bytes, or a string such as ``"4GB"``) is a budget for float32
+    copies of the routed experts' weights: up to that much, the upcast copy an
+    expert's matmuls make is kept (least recently used out first) instead of being
+    made again the next time the expert is chosen; see :mod:`minimoe.weight_cache`.
+    Without it, weights are upcast block by block into a small reused buffer.
     """
     xp = array_module(backend)
     folder = Path(path)
@@ -321,7 +342,8 @@ def load(path: str | Path, backend: str = "numpy", progress: Callable[..., Itera
     checkpoint = Checkpoint(folder, progress=opening)
     expected = weights.expected_shapes(config).items()
     _check_shapes(checkpoint, progress(expected, desc="checking tensors", unit="tensor") if progress else expected)
-    model = _build(config, checkpoint, backend, xp)
+    cache = WeightCache(parse_bytes(max_memory)) if max_memory is not None else None
+    model = _build(config, checkpoint, backend, xp, cache)
     if (folder / "generation_config.json").exists():
         model.generation_config = read_json_object(folder / "generation_config.json")
     return model
@@ -338,16 +360,16 @@ def _check_shapes(checkpoint: Checkpoint, expected: Iterable[tuple[str, tuple[in
             )
 
 
-def _build(config: ModelConfig, checkpoint: Checkpoint, backend: str, xp) -> Model:
+def _build(config: ModelConfig, checkpoint: Checkpoint, backend: str, xp, cache: WeightCache | None) -> Model:
     def tensor(name):
         return checkpoint.array(name)
 
     def small(name):
         return np.asarray(tensor(name), dtype=np.float32)
 
-    def mlp(prefix) -> SwiGLU:
+    def mlp(prefix, cache: WeightCache | None = None) -> SwiGLU:
         names = weights.swiglu_names(prefix)
-        return SwiGLU(Linear(tensor(names["gate"])), Linear(tensor(names["up"])), Linear(tensor(names["down"])))
+        return SwiGLU(*(Linear(tensor(names[part]), cache=cache) for part in ("gate", "up", "down")))
 
     def attention(layer) -> Attention:
         n = weights.attention_names(layer)
@@ -367,7 +389,9 @@ def _build(config: ModelConfig, checkpoint: Checkpoint, backend: str, xp) -> Mod
             return mlp(weights.dense_mlp_prefix(layer))
         return SparseMoeBlock(
             router=Linear(tensor(weights.router_name(layer))),
-            experts=[mlp(weights.expert_prefix(layer, e)) for e in range(config.num_experts)],
+            # Only the routed experts are cached: every other weight is used by every token, so
+            # in one LRU with the experts it would just push out the experts that do get reused.
+            experts=[mlp(weights.expert_prefix(layer, e), cache) for e in range(config.num_experts)],
             shared=mlp(weights.shared_expert_prefix(layer)),
             shared_gate=Linear(tensor(weights.shared_expert_gate_name(layer))),
             top_k=config.num_experts_per_tok,
@@ -387,4 +411,5 @@ def _build(config: ModelConfig, checkpoint: Checkpoint, backend: str, xp) -> Mod
         ))
     embed = Linear(tensor(weights.EMBED))
     lm_head = embed if config.tie_word_embeddings else Linear(tensor(weights.LM_HEAD))
-    return Model(config, embed, decoder, small(weights.FINAL_NORM), lm_head, checkpoint, backend, xp)
+    return Model(config, embed, decoder, small(weights.FINAL_NORM), lm_head, checkpoint, backend, xp,
+                 weight_cache=cache)

@@ -1,0 +1,124 @@
+"""A memory budget for float32 working copies of the routed experts, kept least-recently-used.
+
+The checkpoint's weights stay bf16 and memory-mapped; a matmul upcasts the rows it
+needs into a small scratch buffer and forgets them (see :mod:`minimoe.backend`).
+With a budget (``minimoe.load(path, max_memory="4GB")``), the upcast copy of each
+weight is kept instead, up to that many bytes in all: the experts a text keeps
+choosing stay float32 and skip the upcast, while cold ones are evicted (least
+recently used first) and re-read from the mapped bf16 when next chosen.  This is
+the expert cache of offloading engines (mixtral-offloading keeps hot experts on the
+GPU; here the "fast tier" is float32 in RAM), with its hit rate on show in
+:meth:`WeightCache.stats` so you can see how much reuse routing really has.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+
+import numpy as np
+
+from .errors import MinimoeError
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """A byte count from ``4_000_000_000``, ``"4GB"``, ``"512 MiB"`` or ``"1.5GB"``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number, unit = float(value), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+        if not match or match.group(2).upper() not in _UNITS:
+            raise MinimoeError(f"cannot read {value!r} as a memory size; write e.g. 4GB, 512MB or 2GiB")
+        number, unit = float(match.group(1)), match.group(2).upper()
+    if number < 0:
+        raise MinimoeError(f"a memory size cannot be negative, got {value!r}")
+    return int(number * _UNITS[unit])
+
+
+class WeightCache:
+    """float32 copies of weight matrices, at most ``budget_bytes`` in all, least-recently-used out first.
+
+    Keys are the weight objects themselves (:class:`minimoe.backend.Linear`).  The
+    protocol, used by :func:`minimoe.backend.project`:
+
+    - :meth:`lookup` returns the cached copy (a hit, which also makes it the most
+      recently used) or ``None`` (a miss);
+    - after a miss, :meth:`reserve` makes room for ``nbytes`` by evicting the least
+      recently used copies and says whether the weight fits the budget at all; the
+      caller then fills a fresh array and hands it to :meth:`store`.
+
+    Reserved bytes count against the budget from the moment they are reserved, so
+    the budget holds even while a copy is being filled.  Thread-safe.
+    """
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = int(budget_bytes)
+        self.used_bytes = 0
+        self.hits = self.misses = self.evictions = 0
+        self._copies: OrderedDict[object, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __contains__(self, key) -> bool:
+        return key in self._copies
+
+    def __len__(self) -> int:
+        return len(self._copies)
+
+    def keys(self) -> list:
+        """Cached keys, least recently used first."""
+        with self._lock:
+            return list(self._copies)
+
+    def lookup(self, key) -> np.ndarray | None:
+        """The float32 copy of ``key``'s weight, or ``None`` when it is not cached."""
+        with self._lock:
+            copy = self._copies.get(key)
+            if copy is None:
+                self.misses += 1
+                return None
+            self._copies.move_to_end(key)
+            self.hits += 1
+            return copy
+
+    def reserve(self, nbytes: int) -> bool:
+        """Evict least-recently-used copies until ``nbytes`` more fit; False if they never can."""
+        with self._lock:
+            if nbytes > self.budget_bytes:  # would evict everything and still not fit
+                return False
+            while self.used_bytes + nbytes > self.budget_bytes and self._copies:
+                _, evicted = self._copies.popitem(last=False)
+                self.used_bytes -= evicted.nbytes
+                self.evictions += 1
+            if self.used_bytes + nbytes > self.budget_bytes:  # other threads' fills still pending
+                return False
+            self.used_bytes += nbytes
+            return True
+
+    def store(self, key, copy: np.ndarray) -> None:
+        """Keep ``copy`` (filled after a successful :meth:`reserve` of its size) as the most recent."""
+        with self._lock:
+            previous = self._copies.pop(key, None)
+            if previous is not None:  # filled twice (two threads missed at once): keep one
+                self.used_bytes -= previous.nbytes
+            self._copies[key] = copy
+
+    def clear(self) -> None:
+        """Drop every copy (the counters stay)."""
+        with self._lock:
+            self._copies.clear()
+            self.used_bytes = 0
+
+    def stats(self) -> dict:
+        """Counters since the model was loaded: hits, misses, evictions, bytes used and budget, hit rate."""
+        with self._lock:
+            lookups = self.hits + self.misses
+            return {
+                "hits": self.hits, "misses": self.misses, "evictions": self.evictions,
+                "hit_rate": self.hits / lookups if lookups else 0.0,
+                "cached_weights": len(self._copies),
+                "used_bytes": self.used_bytes, "budget_bytes": self.budget_bytes,
+            }
