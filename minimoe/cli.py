@@ -1,14 +1,17 @@
-"""The ``minimoe`` command line: demo, generate, chat, inspect, params.
+"""The ``minimoe`` command line: demo, generate, chat, inspect, params, bench.
 
 ``--model`` defaults to the small MoE bundled with minimoe, so every command runs
 offline on a fresh install.  Exit codes: 0 success; 1 bad input (a
 :class:`~minimoe.errors.MinimoeError`: the message says what and where); 2 a usage
-error; 130 interrupted.
+error; 130 interrupted.  ``bench`` exits 1 when an engine could not be run at all
+(e.g. transformers not installed), after printing the others' results; an engine
+stopped for lack of memory is a result, reported as such, and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -183,6 +186,21 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         print(path)
 
 
+# --- bench --------------------------------------------------------------------------
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from . import bench
+
+    engines = ["minimoe"] + ([args.against] if args.against else [])
+    summary = bench.benchmark(args.model, engines, args.prompt_tokens, args.new_tokens, args.repeat, seed=args.seed,
+                              threads=args.threads, max_memory=args.max_memory, memory_limit_gb=args.memory_limit_gb)
+    print("\n".join(bench.format_table(summary)))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    if failures := bench.unfinished(summary):
+        raise MinimoeError("; ".join(failures))
+
+
 # --- the parser ----------------------------------------------------------------------
 
 def add_model_flag(parser: argparse.ArgumentParser) -> None:
@@ -245,6 +263,24 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("model", nargs="?", default=str(default_model_path()),
                         help="checkpoint folder, config.json, or shipped config name")
     params.set_defaults(run=cmd_params)
+
+    bench = commands.add_parser(
+        "bench", help="measure prefill and decode tokens/s, time to first token, load time and peak memory",
+        description="Benchmark minimoe (and, with --against, transformers in bf16) on one checkpoint, each engine in "
+                    "its own child process: load, then a cold run and --repeat warm runs of a prefill of random "
+                    "tokens and greedy decoding. Exits 1 if an engine could not be run (e.g. not installed); one "
+                    "stopped for lack of memory is reported as out of memory.")
+    add_model_flag(bench)
+    bench.add_argument("--against", choices=["transformers"], help="also measure this engine, and the ratios")
+    bench.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (default 64)")
+    bench.add_argument("--new-tokens", type=int, default=16, help="tokens to generate, at least 2 (default 16)")
+    bench.add_argument("--repeat", type=int, default=3, help="warm runs after the cold one; their median is reported")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the random prompt (default 0)")
+    bench.add_argument("--threads", type=int, help="threads for each engine (default: all cores)")
+    bench.add_argument("--max-memory", metavar="BYTES", help="minimoe's budget for float32 weight copies, e.g. 4GB")
+    bench.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
+    bench.add_argument("--memory-limit-gb", type=float, help=argparse.SUPPRESS)  # a tighter watchdog, for tests
+    bench.set_defaults(run=cmd_bench)
     return parser
 
 

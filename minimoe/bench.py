@@ -1,0 +1,397 @@
+"""``minimoe bench``: prefill, decode, time to first token, load time and memory, against transformers.
+
+Each engine runs in its own child process (``python -m minimoe.bench worker``), one
+after the other, so neither's memory or threads affect the other.  The parent hands
+the child its job as JSON on stdin, then samples the child's ``RssAnon`` every 10 ms
+(anonymous memory: what the process allocated itself, not the page cache behind
+memory-mapped files) and keeps the peak.  It also acts as a watchdog: a child about to
+exhaust the machine's memory (``MemAvailable`` under 1 GB) is killed and reported as
+"out of memory", before the kernel's OOM killer or swapping takes the machine down.
+
+A job is: load the checkpoint, then ``1 + repeat`` runs of "prefill a prompt of random
+token ids (the same ids, from a seed, for both engines), then greedy-decode through the
+KV cache until ``new_tokens`` new tokens exist".  The first run is reported as "cold"
+(first touch of the weights), the median of the others as "warm": the shared VM this
+was written on drifts by 10-15% between runs, so one warm run is not enough.
+
+Timings per run: ``prefill_s`` (the forward over the prompt), ``ttft_s`` (time to first
+token: that forward plus choosing the first new token) and ``decode_s`` (the
+``new_tokens - 1`` forwards that produce the other tokens).  minimoe runs in float32 over
+its bf16 weights; transformers in bf16 (the checkpoint's dtype), eager attention.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import MinimoeError
+
+SAMPLE_INTERVAL_S = 0.01
+RESERVE_BYTES = 1 << 30  # the watchdog stops a child when the machine has less than this left
+GB = 1e9
+INSTALL_HINT = "pip install -e '.[test]' installs torch and transformers"
+
+# Statuses a child ends with.  "ok" and "out of memory" are results; the others mean the engine could not be run.
+OK, OUT_OF_MEMORY, NOT_INSTALLED, FAILED = "ok", "out of memory", "not installed", "failed"
+
+
+@dataclass
+class Job:
+    """What a worker runs; sent to the child as JSON."""
+
+    engine: str
+    model: str
+    prompt: list[int]
+    new_tokens: int
+    repeat: int
+    threads: int | None = None
+    max_memory: str | None = None
+
+
+def progress(engine: str, message: str) -> None:
+    """A progress line on stderr (the children's stderr is the parent's)."""
+    print(f"minimoe bench [{engine}]: {message}", file=sys.stderr, flush=True)
+
+
+# --- the workers (run in a child process) -------------------------------------------------
+
+class MinimoeEngine:
+    """minimoe behind the calls a run needs: load, a fresh cache, a forward returning the last logits."""
+
+    def __init__(self, job: Job):
+        import minimoe
+        from minimoe import backend
+
+        self.job, self.minimoe, self.threads = job, minimoe, backend.NUM_THREADS
+
+    def load(self) -> None:
+        max_memory = self.job.max_memory
+        self.model = self.minimoe.load(self.job.model, **({"max_memory": max_memory} if max_memory else {}))
+
+    def reset(self) -> None:
+        self.cache = self.model.new_cache()
+
+    def forward(self, ids: list[int]) -> np.ndarray:
+        return self.model.forward(ids, cache=self.cache)[-1]
+
+    def extra(self) -> dict:
+        """The weight cache's counters and hit rate, when it has one (``--max-memory``)."""
+        stats = self.model.cache_stats()
+        return {"cache": stats} if stats else {}
+
+
+class TransformersEngine:
+    """transformers' Qwen2MoeForCausalLM in bf16, eager attention, behind the same calls."""
+
+    def __init__(self, job: Job):
+        import inspect
+
+        import torch
+        import transformers
+
+        self.job, self.torch, self.transformers = job, torch, transformers
+        torch.set_num_threads(job.threads or len(os.sched_getaffinity(0)))
+        self.threads = torch.get_num_threads()
+        forward = inspect.signature(transformers.Qwen2MoeForCausalLM.forward).parameters
+        self.cache_arg = "cache" if "cache" in forward else "past_key_values"  # renamed in transformers 5.x
+
+    def load(self) -> None:
+        self.model = self.transformers.AutoModelForCausalLM.from_pretrained(
+            self.job.model, dtype=self.torch.bfloat16, attn_implementation="eager").eval()
+
+    def reset(self) -> None:
+        self.cache = None
+
+    def forward(self, ids: list[int]) -> np.ndarray:
+        with self.torch.inference_mode():
+            out = self.model(self.torch.tensor([ids]), use_cache=True, **{self.cache_arg: self.cache})
+        self.cache = getattr(out, self.cache_arg)
+        return out.logits[0, -1].float().numpy()
+
+    def extra(self) -> dict:
+        return {}
+
+
+ENGINES = {"minimoe": MinimoeEngine, "transformers": TransformersEngine}
+
+
+def timed_run(engine, prompt: list[int], new_tokens: int) -> dict:
+    """One prefill + greedy decode; the seconds each part took and the tokens chosen."""
+    engine.reset()
+    t0 = time.perf_counter()
+    logits = engine.forward(prompt)
+    t1 = time.perf_counter()
+    tokens = [int(logits.argmax())]
+    t2 = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        tokens.append(int(engine.forward(tokens[-1:]).argmax()))
+    t3 = time.perf_counter()
+    return {"prefill_s": t1 - t0, "ttft_s": t2 - t0, "decode_s": t3 - t2, "tokens": tokens}
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A MemoryError, or PyTorch's CPU allocator failing (a RuntimeError)."""
+    return isinstance(exc, MemoryError) or "can't allocate memory" in str(exc)
+
+
+def run_job(job: Job) -> dict:
+    """Load the engine and time ``1 + repeat`` runs; never raises for the failures the report names."""
+    try:
+        engine = ENGINES[job.engine](job)
+        progress(job.engine, f"loading {job.model}")
+        start = time.perf_counter()
+        engine.load()
+        load_s = time.perf_counter() - start
+        runs = []
+        for i in range(1 + job.repeat):
+            progress(job.engine, f"run {i + 1} of {1 + job.repeat} ({'cold' if i == 0 else 'warm'})")
+            runs.append(timed_run(engine, job.prompt, job.new_tokens))
+    except ImportError as exc:
+        return {"status": NOT_INSTALLED, "message": str(exc)}
+    except MinimoeError as exc:
+        return {"status": FAILED, "message": str(exc)}
+    except (MemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        return {"status": OUT_OF_MEMORY, "message": str(exc)}
+    return {"status": OK, "load_s": load_s, "threads": engine.threads, "runs": runs} | engine.extra()
+
+
+def worker_main() -> None:
+    """``python -m minimoe.bench worker``: a Job as JSON on stdin, the result as the last line of stdout."""
+    job = Job(**json.load(sys.stdin))
+    print(json.dumps(run_job(job)), flush=True)
+
+
+# --- the parent: spawn, watch memory, summarise ---------------------------------------------
+
+def proc_field_bytes(path: str, field: str) -> int | None:
+    """A ``kB`` field of a /proc file (``RssAnon`` of /proc/PID/status, ``MemAvailable`` of /proc/meminfo)."""
+    try:
+        with open(path) as lines:
+            for line in lines:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+class MemoryWatch:
+    """Samples a child's RssAnon; says when it must be stopped to leave the machine ``RESERVE_BYTES``.
+
+    ``limit_bytes`` caps the child further (the hidden ``--memory-limit-gb``, for tests).
+    """
+
+    def __init__(self, pid: int, limit_bytes: int | None = None):
+        self.pid, self.limit_bytes = pid, limit_bytes
+        self.peak = 0
+        self.available: int | None = None  # what the child could have had, when it was stopped
+
+    def over_limit(self) -> bool:
+        rss = proc_field_bytes(f"/proc/{self.pid}/status", "RssAnon")
+        if rss is None:
+            return False
+        self.peak = max(self.peak, rss)
+        available = rss + (proc_field_bytes("/proc/meminfo", "MemAvailable") or 0) - RESERVE_BYTES
+        if self.limit_bytes is not None:
+            available = min(available, self.limit_bytes)
+        if rss > available:
+            self.available = available
+            return True
+        return False
+
+
+def run_child(job: Job, limit_bytes: int | None = None) -> dict:
+    """Run ``job`` in a child process under a MemoryWatch; its result plus ``peak_rss_anon_bytes``."""
+    env = dict(os.environ)
+    if job.threads and job.engine == "minimoe":
+        env["MINIMOE_NUM_THREADS"] = str(job.threads)
+    with tempfile.TemporaryFile("w+") as stdout:
+        child = subprocess.Popen([sys.executable, "-m", "minimoe.bench", "worker"], stdin=subprocess.PIPE,
+                                 stdout=stdout, env=env, text=True)
+        try:
+            child.stdin.write(json.dumps(asdict(job)))
+            child.stdin.close()
+            watch = MemoryWatch(child.pid, limit_bytes)
+            while child.poll() is None:
+                if watch.over_limit():
+                    child.kill()
+                    child.wait()
+                    break
+                time.sleep(SAMPLE_INTERVAL_S)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        stdout.seek(0)
+        lines = stdout.read().strip().splitlines()
+    result = child_outcome(child.returncode, lines[-1] if lines else "", watch)
+    return {"engine": job.engine, "peak_rss_anon_bytes": watch.peak} | result
+
+
+def child_outcome(returncode: int, last_line: str, watch: MemoryWatch) -> dict:
+    """What a finished child's exit code and last stdout line say about its run."""
+    if watch.available is not None:
+        return {"status": OUT_OF_MEMORY, "available_bytes": watch.available,
+                "message": "stopped by the watchdog before it exhausted the machine's memory"}
+    if returncode == -9:
+        return {"status": OUT_OF_MEMORY, "message": "killed by signal 9 (the kernel's OOM killer, most likely)"}
+    if returncode != 0 or not last_line.startswith("{"):
+        cause = f"killed by signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
+        return {"status": FAILED, "message": f"{cause}; see the messages above"}
+    return json.loads(last_line)
+
+
+# --- metrics and the report -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    fmt: str
+
+
+METRICS = (
+    Metric("load_s", "load (s)", "{:.3f}"),
+    Metric("ttft_cold_s", "time to first token, cold (s)", "{:.3f}"),
+    Metric("ttft_warm_s", "time to first token, warm (s)", "{:.3f}"),
+    Metric("prefill_cold_tok_s", "prefill, cold (tokens/s)", "{:.1f}"),
+    Metric("prefill_warm_tok_s", "prefill, warm (tokens/s)", "{:.1f}"),
+    Metric("decode_cold_tok_s", "decode, cold (tokens/s)", "{:.2f}"),
+    Metric("decode_warm_tok_s", "decode, warm (tokens/s)", "{:.2f}"),
+    Metric("peak_rss_anon_gb", "peak RssAnon (GB)", "{:.3f}"),
+)
+
+
+def metrics(result: dict, prompt_tokens: int, new_tokens: int) -> dict[str, float]:
+    """The table's figures from one engine's raw result: cold = first run, warm = median of the rest."""
+    cold, warm_runs = result["runs"][0], result["runs"][1:]
+    warm = {key: float(np.median([run[key] for run in warm_runs])) for key in ("prefill_s", "ttft_s", "decode_s")}
+    figures = {"load_s": result["load_s"], "peak_rss_anon_gb": result["peak_rss_anon_bytes"] / GB}
+    for name, run in (("cold", cold), ("warm", warm)):
+        figures[f"ttft_{name}_s"] = run["ttft_s"]
+        figures[f"prefill_{name}_tok_s"] = prompt_tokens / run["prefill_s"]
+        figures[f"decode_{name}_tok_s"] = (new_tokens - 1) / run["decode_s"]
+    return figures
+
+
+def ratios(ours: dict[str, float], theirs: dict[str, float]) -> dict[str, float]:
+    """minimoe / transformers, metric by metric."""
+    return {key: ours[key] / theirs[key] for key in ours if theirs.get(key)}
+
+
+def status_text(result: dict) -> str:
+    """One phrase for an engine that did not finish: what happened, and its peak memory."""
+    peak = result["peak_rss_anon_bytes"] / GB
+    if result["status"] == OUT_OF_MEMORY:
+        of = f" of {result['available_bytes'] / GB:.2f} GB available" if "available_bytes" in result else ""
+        return f"{result['engine']} ran out of memory (peak {peak:.2f} GB{of}; {result['message']})"
+    if result["status"] == NOT_INSTALLED:
+        return f"{result['engine']} is not installed ({result['message']}); {INSTALL_HINT}"
+    return f"{result['engine']} failed: {result['message']}"
+
+
+def summarise(results: list[dict], prompt_tokens: int, new_tokens: int) -> dict:
+    """Every engine's metrics (where it finished) and, for two finished engines, their ratios."""
+    for result in results:
+        if result["status"] == OK:
+            result["metrics"] = metrics(result, prompt_tokens, new_tokens)
+        else:
+            result["report"] = status_text(result)
+    summary = {"engines": {result["engine"]: result for result in results}}
+    if len(results) == 2 and all(result["status"] == OK for result in results):
+        summary["ratios"] = ratios(results[0]["metrics"], results[1]["metrics"])
+        summary["same_tokens"] = all(a["tokens"] == b["tokens"] for a, b in zip(results[0]["runs"], results[1]["runs"]))
+    return summary
+
+
+def table_rows(summary: dict) -> list[list[str]]:
+    """The table's cells: a header, each engine's status, one row per metric, the weight cache's hit rate."""
+    engines = list(summary["engines"].values())
+    compared = "ratios" in summary
+
+    def row(label: str, cells: list[str], ratio: str = "") -> list[str]:
+        return [label] + cells + ([ratio] if compared else [])
+
+    rows = [row("", [r["engine"] for r in engines], "/".join(summary["engines"])),
+            row("status", [r["status"] for r in engines])]
+    for metric in METRICS:
+        cells = [metric.fmt.format(r["metrics"][metric.key]) if "metrics" in r else "-" for r in engines]
+        ratio = summary["ratios"].get(metric.key) if compared else None  # none where transformers' figure is 0
+        rows.append(row(metric.label, cells, "-" if ratio is None else f"{ratio:.2f}x"))
+    if any("cache" in r for r in engines):
+        rows.append(row("weight cache hit rate", [hit_rate_text(r["cache"]) if "cache" in r else "-" for r in engines]))
+    return rows
+
+
+def hit_rate_text(cache: dict) -> str:
+    """The weight cache's hit rate and how many lookups it is of (small weights never go through the cache)."""
+    lookups = cache["hits"] + cache["misses"]
+    return f"{100 * cache['hit_rate']:.1f}% of {lookups}" if lookups else "no lookups"
+
+
+def align(rows: list[list[str]]) -> list[str]:
+    """Rows of cells as lines: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]) for row in rows]
+
+
+def format_table(summary: dict) -> list[str]:
+    """What the run measured, the aligned table, then a line per engine that did not finish."""
+    lines = [f"{summary['model']}: prompt of {summary['prompt_tokens']} random tokens, {summary['new_tokens']} new "
+             f"tokens (greedy, batch 1); cold = first run, warm = median of {summary['repeat']}", ""]
+    lines += align(table_rows(summary))
+    lines += [r["report"] for r in summary["engines"].values() if "report" in r]
+    if "same_tokens" in summary:
+        lines.append("greedy tokens: " + ("the same in every run" if summary["same_tokens"] else "differ"))
+    return lines
+
+
+def prompt_ids(config: ModelConfig, prompt_tokens: int, new_tokens: int, seed: int) -> list[int]:
+    """The random prompt both engines get; checks it and the new tokens fit the context."""
+    if prompt_tokens < 1 or new_tokens < 2:
+        raise MinimoeError("--prompt-tokens must be at least 1 and --new-tokens at least 2 (one decode step)")
+    if prompt_tokens + new_tokens > config.max_position_embeddings:
+        raise MinimoeError(f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} exceeds the model's "
+                           f"context of {config.max_position_embeddings}")
+    return np.random.default_rng(seed).integers(0, config.vocab_size, prompt_tokens).tolist()
+
+
+def benchmark(model: Path, engines: list[str], prompt_tokens: int, new_tokens: int, repeat: int, seed: int = 0,
+              threads: int | None = None, max_memory: str | None = None, memory_limit_gb: float | None = None) -> dict:
+    """Run each engine in turn in its own child process; the JSON-ready summary (see :func:`summarise`)."""
+    if repeat < 1:
+        raise MinimoeError("--repeat must be at least 1 (the warm figures are the median of the repeats)")
+    prompt = prompt_ids(ModelConfig.from_file(model), prompt_tokens, new_tokens, seed)
+    limit = int(memory_limit_gb * GB) if memory_limit_gb is not None else None
+    results = []
+    for engine in engines:
+        progress(engine, "starting a child process")
+        job = Job(engine, str(model), prompt, new_tokens, repeat, threads, max_memory if engine == "minimoe" else None)
+        results.append(run_child(job, limit))
+        progress(engine, f"{results[-1]['status']}, peak RssAnon {results[-1]['peak_rss_anon_bytes'] / GB:.2f} GB")
+    settings = {"model": str(model), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeat": repeat,
+                "seed": seed, "threads": threads, "max_memory": max_memory, "prompt": prompt}
+    return settings | summarise(results, prompt_tokens, new_tokens)
+
+
+def unfinished(summary: dict) -> list[str]:
+    """The engines that could not be run at all (out of memory is a result, not a failure)."""
+    return [r["report"] for r in summary["engines"].values() if r["status"] not in (OK, OUT_OF_MEMORY)]
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["worker"]:
+        sys.exit("usage: python -m minimoe.bench worker  (a job as JSON on stdin; run by `minimoe bench`)")
+    worker_main()
