@@ -43,15 +43,16 @@ def resolve_config(spec: str) -> Path:
     raise MinimoeError(f"{spec}: no such folder or file, and not a shipped config (one of: {', '.join(shipped)})")
 
 
-def open_model(path: Path):
-    """Load a model and its tokenizer, with a progress bar for large checkpoints."""
+def open_model(args: argparse.Namespace):
+    """Load ``--model`` (with ``--max-memory``) and its tokenizer, with a progress bar for large checkpoints."""
     from tqdm import tqdm
 
     from .model import load
     from .tokenizer import load_tokenizer
 
-    model = load(path, progress=lambda items, **kw: tqdm(list(items), leave=False, disable=None, **kw))
-    return model, load_tokenizer(path)
+    model = load(args.model, progress=lambda items, **kw: tqdm(list(items), leave=False, disable=None, **kw),
+                 max_memory=args.max_memory)
+    return model, load_tokenizer(args.model)
 
 
 # --- params --------------------------------------------------------------------------
@@ -95,7 +96,7 @@ def stream_text(model, tokenizer, ids: list[int], args: argparse.Namespace, out=
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    model, tokenizer = open_model(args.model)
+    model, tokenizer = open_model(args)
     prompt = args.prompt
     if args.chat:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
@@ -112,7 +113,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 # --- chat ----------------------------------------------------------------------------
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    model, tokenizer = open_model(args.model)
+    model, tokenizer = open_model(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     if interactive:
@@ -146,7 +147,7 @@ def routing_table(trace) -> list[str]:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    model, tokenizer = open_model(args.model)
+    model, tokenizer = open_model(args)
     print(f"minimoe demo: {args.model}")
     print(f"  {describe_model(model.config)}\n")
     ids = tokenizer.encode(args.prompt)
@@ -181,7 +182,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from .report import write_report_files
 
     text = read_text(args)
-    model, tokenizer = open_model(args.model)
+    model, tokenizer = open_model(args)
     for path in write_report_files(model, tokenizer, text, args.out):
         print(path)
 
@@ -206,6 +207,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def add_model_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=default_model_path(),
                         help="checkpoint folder (config.json, *.safetensors, tokenizer files); default: the bundled model")
+    parser.add_argument("--max-memory", metavar="SIZE",
+                        help="keep float32 copies of the routed experts up to this size, e.g. 4GB (default: none)")
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -277,7 +280,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=int, default=3, help="warm runs after the cold one; their median is reported")
     bench.add_argument("--seed", type=int, default=0, help="seed of the random prompt (default 0)")
     bench.add_argument("--threads", type=int, help="threads for each engine (default: all cores)")
-    bench.add_argument("--max-memory", metavar="BYTES", help="minimoe's budget for float32 weight copies, e.g. 4GB")
     bench.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
     bench.add_argument("--memory-limit-gb", type=float, help=argparse.SUPPRESS)  # a tighter watchdog, for tests
     bench.set_defaults(run=cmd_bench)
