@@ -47,7 +47,8 @@ ROWS = [
     ("bf16 weights read per token (GB)", "active_gb_per_token", "{:.2f}"),
     ("prefill, warm (tokens/s)", "prefill_warm_tok_s", "{:.2f}"),
     ("decode, warm (tokens/s)", "decode_warm_tok_s", "{:.3f}"),
-    ("read from disk per warm run (GB)", "disk_read_warm_gb", "{:.2f}"),
+    ("read from disk, cold run (GB)", "disk_read_cold_gb", "{:.2f}"),
+    ("read from disk, warm run (GB)", "disk_read_warm_gb", "{:.2f}"),
     ("peak RssAnon (GB)", "peak_rss_anon_gb", "{:.2f}"),
 ]
 
