@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import ModelConfig, read_json_object
+from .config import ModelConfig, read_config_file
 from .errors import MinimoeError
 
 # Every MLP of these models is gated (SwiGLU, or GeGLU for Gemma): gate, up and down matrices.
@@ -73,12 +73,7 @@ class Architecture:
     @classmethod
     def from_file(cls, path: str | Path) -> "Architecture":
         """Read ``config.json`` (or a folder holding one)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise MinimoeError(f"{path}: no config.json found")
-        return cls.from_config(read_json_object(path), source=str(path))
+        return cls.from_config(*read_config_file(path))
 
     @classmethod
     def from_model_config(cls, config: ModelConfig) -> "Architecture":
