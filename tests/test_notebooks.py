@@ -28,6 +28,15 @@ def test_there_are_notebooks():
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[path.name for path in NOTEBOOKS])
+def test_notebook_is_saved_with_its_outputs(notebook: Path):
+    """Committed executed in one pass, top to bottom, so that it reads well where it is hosted."""
+    cells = [cell for cell in nbformat.read(notebook, as_version=4).cells if cell.cell_type == "code"]
+    assert [cell.execution_count for cell in cells] == list(range(1, len(cells) + 1))
+    errors = [out for cell in cells for out in cell.outputs if out.output_type == "error"]
+    assert not errors, errors
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[path.name for path in NOTEBOOKS])
 def test_notebook_runs_top_to_bottom(notebook: Path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     nb = nbformat.read(notebook, as_version=4)
