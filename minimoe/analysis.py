@@ -21,11 +21,14 @@ What each function measures, and where it comes from:
 * :func:`vocabulary_specialization` -- which token ids each expert takes (OLMoE, ST-MoE);
 * :func:`domain_specialization` -- how each text domain spreads over the experts (Mixtral, OLMoE);
 * :func:`layer_transitions` -- how the top-1 expert in one layer predicts the next;
-* :func:`shared_vs_routed` -- how much the always-on shared expert contributes (Qwen-MoE, DeepSeekMoE).
+* :func:`shared_vs_routed` -- how much the always-on shared expert contributes (Qwen-MoE, DeepSeekMoE);
+* :func:`expert_cache_hit_rate` -- how often an LRU cache of experts would already hold the ones a
+  token needs (the reuse that mixtral-offloading's expert cache lives on).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -360,3 +363,57 @@ def shared_vs_routed(traces: Traces) -> SharedVsRouted:
         mean_routed_norm=routed.mean(axis=1),
         shared_fraction=fraction.mean(axis=1),
     )
+
+
+# --- offloading: an LRU cache of experts ------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class ExpertCacheHits:
+    """Simulated hit rate of a least-recently-used expert cache, per sparse layer and cache size."""
+
+    cache_sizes: np.ndarray  # [C] experts each layer's cache holds
+    hit_rate: np.ndarray  # [S, C] fraction of expert requests found in the cache
+    requests: int  # expert requests per layer (N * k, padding excluded in the first layer)
+
+
+def expert_cache_hit_rate(traces: Traces, cache_sizes: Sequence[int] | None = None) -> ExpertCacheHits:
+    """Replay the routing through an LRU cache of experts, one cache per sparse layer (see :class:`ExpertCacheHits`).
+
+    This is what an offloading engine that keeps ``C`` experts of each layer in fast
+    memory (mixtral-offloading keeps them on the GPU) would see: token by token, in
+    order, each of the ``k`` experts a token chose is a request; a hit if the cache
+    holds it, else it is loaded and the least recently used expert is evicted.  Every
+    trace starts from an empty cache, so its first loads are misses.  Default sizes:
+    ``k, 2k, ...`` up to ``E`` (at ``E`` only those first loads miss).
+    """
+    items = _trace_list(traces)
+    num_experts, k = items[0].num_experts, items[0].expert_ids.shape[2]
+    sizes = np.asarray(cache_sizes if cache_sizes is not None else sorted({*range(k, num_experts, k), num_experts}))
+    if sizes.size == 0 or (sizes < 1).any():
+        raise MinimoeError(f"cache sizes must be at least 1, got {sizes.tolist()}")
+    num_layers = items[0].expert_ids.shape[0]
+    hits = np.zeros((num_layers, len(sizes)), dtype=np.int64)
+    requests = np.zeros(num_layers, dtype=np.int64)
+    for trace in items:
+        for s in range(num_layers):
+            wanted = [[e for e in token if e >= 0] for token in trace.expert_ids[s].tolist()]  # padding is no request
+            requests[s] += sum(len(token) for token in wanted)
+            for c, size in enumerate(sizes.tolist()):
+                hits[s, c] += _lru_hits(wanted, size)
+    return ExpertCacheHits(cache_sizes=sizes, hit_rate=hits / np.maximum(requests, 1)[:, None], requests=int(requests[0]))
+
+
+def _lru_hits(requests: Sequence[Sequence[int]], size: int) -> int:
+    """Hits of an LRU cache of ``size`` entries, starting empty, over per-token request lists."""
+    cache: OrderedDict[int, None] = OrderedDict()  # least recently used first
+    hits = 0
+    for token in requests:
+        for expert in token:
+            if expert in cache:
+                hits += 1
+                cache.move_to_end(expert)
+            else:
+                cache[expert] = None
+                if len(cache) > size:
+                    cache.popitem(last=False)
+    return hits

@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from .assets import default_model_path
-from .config import ModelConfig
 from .errors import MinimoeError
-from .params import count_parameters, describe_model, format_billions
+from .params import Architecture, count_parameters, describe_architecture, describe_model, format_billions
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 DEMO_PROMPT = "def read_config(path):\n"
@@ -58,10 +57,9 @@ def open_model(args: argparse.Namespace):
 # --- params --------------------------------------------------------------------------
 
 def cmd_params(args: argparse.Namespace) -> None:
-    config = ModelConfig.from_file(resolve_config(args.model))
-    counts = count_parameters(config)
-    print(f"{args.model}: {config.model_type}, {config.num_hidden_layers} layers, "
-          f"{len(config.sparse_layers)} sparse, {config.num_experts} experts (top-{config.num_experts_per_tok})")
+    architecture = Architecture.from_file(resolve_config(args.model))
+    counts = count_parameters(architecture)
+    print(f"{args.model}: {describe_architecture(architecture)}")
     for label, count in counts.rows():
         print(f"  {label:26s} {format_billions(count):>8s}  ({count:,})")
 

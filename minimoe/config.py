@@ -82,17 +82,22 @@ class ModelConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
         """Read ``config.json`` (or a folder holding one)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise MinimoeError(f"{path}: no config.json found")
-        return cls.from_dict(read_json_object(path), source=str(path))
+        return cls.from_dict(*read_config_file(path))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "ModelConfig":
         """Build a config from the parsed JSON of either spelling; refuse what we do not support."""
         return _parse(raw, source)
+
+
+def read_config_file(path: str | Path) -> tuple[dict[str, Any], str]:
+    """The parsed ``config.json`` at ``path`` (the file, or a folder holding it), and its path for messages."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise MinimoeError(f"{path}: no config.json found")
+    return read_json_object(path), str(path)
 
 
 def read_json_object(path: Path) -> dict[str, Any]:

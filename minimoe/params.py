@@ -4,14 +4,149 @@
 norm weight, the router, the shared expert, ``k`` of the routed experts, the
 embedding row and the output head.  "Non-embedding" leaves out the input
 embedding table and the output head, as the Qwen1.5-MoE blog's table does.
+
+The counting rules live in one place, :func:`count_parameters`, over an
+:class:`Architecture`: a short description of a decoder-only transformer (attention
+widths, MLP widths, which layers are mixture-of-experts and what their experts look
+like).  :meth:`Architecture.from_config` reads one from the ``config.json`` of the
+architectures the Qwen1.5-MoE blog compares against: Qwen2 / Qwen2-MoE (through
+:class:`~minimoe.config.ModelConfig`, so the sparse-layer rule keeps its one home),
+Mistral, Gemma and DeepSeekMoE.  minimoe *runs* only the Qwen ones; the others are
+counted, never loaded.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
-from .config import ModelConfig
+from .config import ModelConfig, read_config_file
+from .errors import MinimoeError
 
+# Every MLP of these models is gated (SwiGLU, or GeGLU for Gemma): gate, up and down matrices.
+GATED_MLP_MATRICES = 3
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What parameter counting needs to know about a decoder-only transformer.
+
+    Attention is grouped-query with ``num_key_value_heads`` key/value heads of
+    ``head_dim``; ``qkv_bias`` adds biases to q/k/v (Qwen) but never to o.  A layer
+    listed in ``moe_layers`` has a router, ``num_experts`` routed experts of
+    ``moe_intermediate_size`` (``top_k`` of them per token) and a shared expert of
+    ``shared_intermediate_size`` (0: none), scaled by a sigmoid gate if
+    ``shared_expert_gate``; every other layer has a dense MLP of ``intermediate_size``.
+    """
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    qkv_bias: bool = False
+    tie_word_embeddings: bool = False
+    moe_layers: tuple[int, ...] = ()
+    num_experts: int = 0
+    top_k: int = 0
+    moe_intermediate_size: int = 0
+    shared_intermediate_size: int = 0
+    shared_expert_gate: bool = False
+
+    @classmethod
+    def from_config(cls, raw: dict[str, Any], source: str = "config") -> "Architecture":
+        """Read a parsed ``config.json`` of a Qwen2(-MoE), Mistral, Gemma or DeepSeekMoE model."""
+        model_type = raw.get("model_type")
+        reader = READERS.get(model_type)
+        if reader is None:
+            raise MinimoeError(f"{source}: cannot count parameters of model_type {model_type!r} "
+                               f"(known: {', '.join(READERS)})")
+        try:
+            return reader(raw, source)
+        except (KeyError, TypeError) as exc:
+            raise MinimoeError(f"{source}: not a valid {model_type} config ({exc!r})") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Architecture":
+        """Read ``config.json`` (or a folder holding one)."""
+        return cls.from_config(*read_config_file(path))
+
+    @classmethod
+    def from_model_config(cls, config: ModelConfig) -> "Architecture":
+        """The architecture of a model minimoe runs (Qwen2-MoE or dense Qwen2)."""
+        return cls(
+            model_type=config.model_type, vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim,
+            intermediate_size=config.intermediate_size, qkv_bias=config.qkv_bias,
+            tie_word_embeddings=config.tie_word_embeddings, moe_layers=tuple(config.sparse_layers),
+            num_experts=config.num_experts, top_k=config.num_experts_per_tok,
+            moe_intermediate_size=config.moe_intermediate_size,
+            shared_intermediate_size=config.shared_expert_intermediate_size,
+            shared_expert_gate=config.num_experts > 0,
+        )
+
+
+# --- reading each architecture's config.json ----------------------------------------------
+
+def _attention_fields(raw: dict[str, Any]) -> dict[str, int]:
+    """Heads and head width; ``head_dim`` defaults to hidden / heads (Gemma sets it apart)."""
+    heads = raw["num_attention_heads"]
+    return dict(
+        vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"], num_hidden_layers=raw["num_hidden_layers"],
+        num_attention_heads=heads, num_key_value_heads=raw.get("num_key_value_heads") or heads,
+        head_dim=raw.get("head_dim") or raw["hidden_size"] // heads, intermediate_size=raw["intermediate_size"],
+    )
+
+
+def _qwen(raw: dict[str, Any], source: str) -> Architecture:
+    return Architecture.from_model_config(ModelConfig.from_dict(raw, source))
+
+
+def _dense(tie_default: bool) -> Callable[[dict[str, Any], str], Architecture]:
+    """Mistral and Gemma: every layer dense, no attention bias; they differ in tying by default.
+
+    transformers' ``GemmaConfig`` ties the output head to the embedding unless told
+    otherwise (and google/gemma-7b's config.json does not say), ``MistralConfig`` does not.
+    """
+    def read(raw: dict[str, Any], source: str) -> Architecture:
+        return Architecture(model_type=raw["model_type"], **_attention_fields(raw),
+                            qkv_bias=bool(raw.get("attention_bias", False)),
+                            tie_word_embeddings=bool(raw.get("tie_word_embeddings", tie_default)))
+    return read
+
+
+def _deepseek(raw: dict[str, Any], source: str) -> Architecture:
+    """DeepSeekMoE (``DeepseekForCausalLM``, code shipped with the checkpoint, not in transformers).
+
+    Its modeling code makes layer ``l`` a MoE layer iff ``l >= first_k_dense_replace``
+    and ``l % moe_layer_freq == 0``; its ``n_shared_experts`` shared experts are one
+    MLP of ``n_shared_experts * moe_intermediate_size``, always on and ungated.
+    """
+    fields = _attention_fields(raw)
+    first_dense, every = raw.get("first_k_dense_replace", 0), raw.get("moe_layer_freq", 1)
+    experts = raw.get("n_routed_experts") or 0
+    moe_layers = tuple(layer for layer in range(fields["num_hidden_layers"])
+                       if experts and layer >= first_dense and layer % every == 0)
+    return Architecture(
+        model_type="deepseek", **fields, qkv_bias=bool(raw.get("attention_bias", False)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)), moe_layers=moe_layers,
+        num_experts=experts, top_k=raw["num_experts_per_tok"], moe_intermediate_size=raw["moe_intermediate_size"],
+        shared_intermediate_size=(raw.get("n_shared_experts") or 0) * raw["moe_intermediate_size"],
+    )
+
+
+READERS: dict[str, Callable[[dict[str, Any], str], Architecture]] = {
+    "qwen2_moe": _qwen, "qwen2": _qwen, "mistral": _dense(tie_default=False), "gemma": _dense(tie_default=True),
+    "deepseek": _deepseek,
+}
+
+
+# --- counting ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class ParameterCount:
@@ -31,41 +166,95 @@ class ParameterCount:
         ]
 
 
-def _swiglu(hidden: int, intermediate: int) -> int:
-    return 3 * hidden * intermediate
+def _gated_mlp(hidden: int, intermediate: int) -> int:
+    return GATED_MLP_MATRICES * hidden * intermediate
 
 
-def count_parameters(config: ModelConfig) -> ParameterCount:
-    """Exact counts for ``config`` (every tensor of :func:`minimoe.weights.expected_shapes`)."""
-    h = config.hidden_size
-    q_out = config.num_attention_heads * config.head_dim
-    kv_out = config.num_key_value_heads * config.head_dim
-    attention = h * q_out + 2 * h * kv_out + q_out * h
-    if config.qkv_bias:
-        attention += q_out + 2 * kv_out
-    norms = 2 * h
+def _attention(arch: Architecture) -> int:
+    h = arch.hidden_size
+    q_out = arch.num_attention_heads * arch.head_dim
+    kv_out = arch.num_key_value_heads * arch.head_dim
+    weights = h * q_out + 2 * h * kv_out + q_out * h  # q, k, v, o
+    return weights + (q_out + 2 * kv_out if arch.qkv_bias else 0)
 
+
+def count_parameters(config: ModelConfig | Architecture) -> ParameterCount:
+    """Exact counts for a model (for Qwen, every tensor of :func:`minimoe.weights.expected_shapes`)."""
+    arch = Architecture.from_model_config(config) if isinstance(config, ModelConfig) else config
+    h = arch.hidden_size
+    common = _attention(arch) + 2 * h  # + input and post-attention norms
+    moe_layers = set(arch.moe_layers)
     total = activated = 0
-    for layer in range(config.num_hidden_layers):
-        common = attention + norms
-        if config.is_sparse_layer(layer):
-            expert = _swiglu(h, config.moe_intermediate_size)
-            always_on = config.num_experts * h + _swiglu(h, config.shared_expert_intermediate_size) + h
-            total += common + always_on + config.num_experts * expert
-            activated += common + always_on + config.num_experts_per_tok * expert
+    for layer in range(arch.num_hidden_layers):
+        if layer in moe_layers:
+            expert = _gated_mlp(h, arch.moe_intermediate_size)
+            always_on = (arch.num_experts * h  # the router
+                         + _gated_mlp(h, arch.shared_intermediate_size) + (h if arch.shared_expert_gate else 0))
+            total += common + always_on + arch.num_experts * expert
+            activated += common + always_on + arch.top_k * expert
         else:
-            dense = _swiglu(h, config.intermediate_size)
+            dense = _gated_mlp(h, arch.intermediate_size)
             total += common + dense
             activated += common + dense
 
-    embedding = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
+    embedding = arch.vocab_size * h * (1 if arch.tie_word_embeddings else 2)
     total += embedding + h  # + final norm
     activated += embedding + h
     return ParameterCount(total=total, activated=activated, embedding=embedding)
 
 
+# --- what a token costs -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TokenCost:
+    """The work of one token at decode (batch 1), after ``context`` cached positions."""
+
+    matmul_flops: int  # 2 per multiply-add with a weight: the activated weights, less the embedding lookup
+    attention_flops: int  # q.k scores and the weighted sum of values over the context
+    weight_bytes: int  # activated weights read once (the embedding table only for one row)
+    kv_cache_bytes: int  # keys and values of every layer for the context, read once
+
+    @property
+    def flops(self) -> int:
+        return self.matmul_flops + self.attention_flops
+
+    @property
+    def bytes_read(self) -> int:
+        return self.weight_bytes + self.kv_cache_bytes
+
+
+def token_cost(arch: Architecture, context: int, weight_bytes: int = 2, cache_bytes: int = 2) -> TokenCost:
+    """FLOPs and bytes of one decoded token (bf16 weights and cache by default).
+
+    The input embedding is a row lookup, not a matmul, so it costs no FLOPs and reads
+    one row; a tied table is read whole anyway, as the output head.  Attention adds
+    ``2 * 2 * heads * head_dim * context`` per layer (scores, then the weighted values).
+    """
+    counts = count_parameters(arch)
+    lookup = 0 if arch.tie_word_embeddings else arch.vocab_size * arch.hidden_size
+    multiplied = counts.activated - lookup
+    kv_width = arch.num_key_value_heads * arch.head_dim
+    return TokenCost(
+        matmul_flops=2 * multiplied,
+        attention_flops=arch.num_hidden_layers * 4 * arch.num_attention_heads * arch.head_dim * context,
+        weight_bytes=weight_bytes * (multiplied + arch.hidden_size),
+        kv_cache_bytes=cache_bytes * arch.num_hidden_layers * 2 * kv_width * context,
+    )
+
+
+# --- printing --------------------------------------------------------------------------
+
 def format_billions(count: int) -> str:
     return f"{count / 1e9:.2f}B"
+
+
+def describe_architecture(arch: Architecture) -> str:
+    """``qwen2_moe, 24 layers, 24 sparse: 60 experts (top-4) of width 1408 + shared expert of 5632`` and the like."""
+    if not arch.moe_layers:
+        return f"{arch.model_type}, {arch.num_hidden_layers} layers, all dense"
+    shared = f" + shared expert of {arch.shared_intermediate_size}" if arch.shared_intermediate_size else ""
+    return (f"{arch.model_type}, {arch.num_hidden_layers} layers, {len(arch.moe_layers)} sparse: "
+            f"{arch.num_experts} experts (top-{arch.top_k}) of width {arch.moe_intermediate_size}{shared}")
 
 
 def describe_model(config: ModelConfig) -> str:
@@ -75,3 +264,7 @@ def describe_model(config: ModelConfig) -> str:
                if config.num_experts else "dense")
     return (f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {experts}; "
             f"{counts.total:,} parameters, {counts.activated:,} active per token")
+
+
+__all__ = ["Architecture", "ParameterCount", "TokenCost", "count_parameters", "token_cost", "describe_architecture",
+           "describe_model", "format_billions"]

@@ -350,6 +350,28 @@ def plot_intervention_effects(effects: Mapping[str, object]) -> Figure:
     return fig
 
 
+def plot_expert_cache_hits(hits, layers: Sequence[int]) -> Figure:
+    """Hit rate of an LRU expert cache against its size, one line per sparse layer (an ``ExpertCacheHits``).
+
+    The dashed line is what a cache would hit if the experts a token needs were drawn
+    uniformly at random: ``size / E``, the share of experts it holds.
+    """
+    rates = np.asarray(hits.hit_rate)
+    if len(layers) != rates.shape[0]:
+        raise MinimoeError(f"{len(layers)} layer numbers given for {rates.shape[0]} sparse layers")
+    sizes = np.asarray(hits.cache_sizes)
+    fig = Figure(figsize=(5.5, 3.6), layout="constrained")
+    ax = fig.subplots()
+    for s, layer in enumerate(layers):
+        ax.plot(sizes, rates[s], marker="o", label=f"layer {int(layer)}")
+    num_experts = int(sizes.max())
+    ax.plot(sizes, np.minimum(sizes / num_experts, 1.0), "k--", label="no reuse (size / E)")
+    ax.set(xlabel="experts cached per layer", ylabel="hit rate", ylim=(0, 1.02),
+           title="LRU expert cache, replayed on the trace")
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
 def _labelled_bars(ax, y, values, color, fmt: str) -> None:
     finite = np.where(np.isfinite(values), values, 0.0)
     bars = ax.barh(y, finite, color=color)

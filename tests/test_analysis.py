@@ -12,6 +12,7 @@ from minimoe.analysis import (
     coactivation,
     consecutive_same_expert,
     domain_specialization,
+    expert_cache_hit_rate,
     expert_load,
     layer_transitions,
     routing_entropy,
@@ -73,6 +74,35 @@ def make_trace(expert_ids, num_experts: int, router_probs=None, layers=None, tok
 def pair_01(tokens: int = 5, num_experts: int = 4) -> RoutingTrace:
     """One layer where every token picks experts 0 and 1."""
     return make_trace([[[0, 1]] * tokens], num_experts)
+
+
+# --- expert_cache_hit_rate -----------------------------------------------------------------
+
+def test_lru_hits_by_hand():
+    """Top-1 experts 0 1 0 2 0 1 through caches of 1, 2 and 3 experts, worked out on paper.
+
+    size 1: every request differs from the one before: 0 hits.  size 2: 0 1 [0 hit] 2 (evicts 1)
+    [0 hit] 1 (evicts 2): 2 hits.  size 3: only the first 0, 1 and 2 miss: 3 hits.
+    """
+    hits = expert_cache_hit_rate(make_trace([[0, 1, 0, 2, 0, 1]], num_experts=4), cache_sizes=[1, 2, 3])
+    np.testing.assert_allclose(hits.hit_rate, [[0 / 6, 2 / 6, 3 / 6]])
+    assert hits.requests == 6
+
+
+def test_lru_default_sizes_and_every_rank_is_a_request():
+    """With k = 2, every token needs 2 experts; at cache size E only the first load of each expert misses."""
+    trace = make_trace([[[0, 1], [2, 3], [0, 1], [2, 3]]], num_experts=4)
+    hits = expert_cache_hit_rate(trace)
+    assert hits.cache_sizes.tolist() == [2, 4]
+    # size 2 holds exactly the previous token's pair, which the next token never reuses; size 4 misses 4 of 8
+    np.testing.assert_allclose(hits.hit_rate, [[0.0, 0.5]])
+
+
+def test_lru_each_trace_starts_cold_and_sizes_are_checked():
+    one = make_trace([[0, 0, 0]], num_experts=4)
+    assert expert_cache_hit_rate([one, one], cache_sizes=[1]).hit_rate[0, 0] == pytest.approx(4 / 6)
+    with pytest.raises(MinimoeError, match="at least 1"):
+        expert_cache_hit_rate(one, cache_sizes=[0])
 
 
 # --- expert_load ---------------------------------------------------------------------------
@@ -291,7 +321,7 @@ def test_shared_vs_routed():
 # --- input validation ------------------------------------------------------------------------
 
 EVERY_FUNCTION = [
-    expert_load, routing_entropy, coactivation, consecutive_same_expert, shared_vs_routed,
+    expert_load, routing_entropy, coactivation, consecutive_same_expert, shared_vs_routed, expert_cache_hit_rate,
     lambda traces: vocabulary_specialization(traces, layer=0),
     lambda traces: layer_transitions(traces, 0, 0),
     lambda traces: domain_specialization({"only": traces}),

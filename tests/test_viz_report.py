@@ -117,6 +117,16 @@ def test_consecutive_plot(trace):
     assert [bar.get_height() for bar in ax.patches] == pytest.approx(rate.top1_rate)
 
 
+def test_expert_cache_plot_draws_each_layers_hit_rates(trace):
+    hits = analysis.expert_cache_hit_rate(trace)
+    ax = viz.plot_expert_cache_hits(hits, trace.layers).axes[0]
+    per_layer = ax.get_lines()[: len(trace.layers)]
+    for line, rates in zip(per_layer, hits.hit_rate):
+        np.testing.assert_allclose(line.get_ydata(), rates)
+    with pytest.raises(minimoe.MinimoeError, match="layer numbers"):
+        viz.plot_expert_cache_hits(hits, [0])
+
+
 def test_shared_gate_has_a_line_per_layer(trace):
     fig = viz.plot_shared_gate(trace)
     (ax,) = fig.axes
