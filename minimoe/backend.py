@@ -37,7 +37,7 @@ SMALL_MATRIX_ELEMENTS = 1 << 18
 # float32 elements: 2 MiB for decode (in L2/L3 between the cast and the GEMV, and
 # large enough that the per-call overhead and the threads' GIL hand-offs stay
 # small), 4 MiB once there are enough tokens for the GEMM to dominate.
-BLOCK_ELEMENTS_DECODE = 1 << 20
+BLOCK_ELEMENTS_DECODE = 1 << 19
 BLOCK_ELEMENTS_PREFILL = 1 << 20
 PREFILL_TOKENS = 16
 
