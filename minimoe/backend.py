@@ -218,9 +218,8 @@ class Linear:
         copy = self.cache.lookup(self)
         if copy is not None:
             return copy, False
-        if self.cache.reserve(self.weight.size * 4):
-            return np.empty(self.shape, dtype=np.float32), True
-        return None, False
+        copy = self.cache.allocate(self.shape)
+        return copy, copy is not None
 
     def matmul_rows(self, x: np.ndarray, y: np.ndarray, start: int, stop: int,
                     copy: np.ndarray | None = None, fill: bool = False) -> None:

@@ -13,7 +13,9 @@ GPU; here the "fast tier" is float32 in RAM), with its hit rate on show in
 
 from __future__ import annotations
 
+import math
 import re
+import sys
 import threading
 from collections import OrderedDict
 
@@ -47,12 +49,15 @@ class WeightCache:
 
     - :meth:`lookup` returns the cached copy (a hit, which also makes it the most
       recently used) or ``None`` (a miss);
-    - after a miss, :meth:`reserve` makes room for ``nbytes`` by evicting the least
-      recently used copies and says whether the weight fits the budget at all; the
-      caller then fills a fresh array and hands it to :meth:`store`.
+    - after a miss, :meth:`allocate` returns a float32 array for the new copy, making
+      room by evicting the least recently used copies (``None`` if it can never fit);
+      the caller fills it and hands it to :meth:`store`.
 
-    Reserved bytes count against the budget from the moment they are reserved, so
-    the budget holds even while a copy is being filled.  Thread-safe.
+    Allocated bytes count against the budget from the moment they are handed out, so
+    the budget holds even while a copy is being filled.  An evicted copy's memory is
+    reused for the new one when the sizes match (the experts' matrices all have the
+    same size) and nothing else still holds it: freeing and re-allocating blocks of
+    ~10 MB from several threads grows malloc's heaps well past the budget.  Thread-safe.
     """
 
     def __init__(self, budget_bytes: int):
@@ -84,22 +89,27 @@ class WeightCache:
             self.hits += 1
             return copy
 
-    def reserve(self, nbytes: int) -> bool:
-        """Evict least-recently-used copies until ``nbytes`` more fit; False if they never can."""
+    def allocate(self, shape: tuple[int, ...]) -> np.ndarray | None:
+        """An uninitialised float32 array of ``shape`` for a new copy, within the budget, or None."""
+        nbytes = 4 * math.prod(shape)
         with self._lock:
             if nbytes > self.budget_bytes:  # would evict everything and still not fit
-                return False
+                return None
             while self.used_bytes + nbytes > self.budget_bytes and self._copies:
                 _, evicted = self._copies.popitem(last=False)
-                self.used_bytes -= evicted.nbytes
                 self.evictions += 1
+                # Reuse its memory unless a matmul still reads it (held by more than `evicted` and
+                # getrefcount's own argument).  Its bytes stay counted: they move to the new copy.
+                if evicted.nbytes == nbytes and sys.getrefcount(evicted) == 2:
+                    return evicted.reshape(shape)
+                self.used_bytes -= evicted.nbytes
             if self.used_bytes + nbytes > self.budget_bytes:  # other threads' fills still pending
-                return False
+                return None
             self.used_bytes += nbytes
-            return True
+            return np.empty(shape, dtype=np.float32)
 
     def store(self, key, copy: np.ndarray) -> None:
-        """Keep ``copy`` (filled after a successful :meth:`reserve` of its size) as the most recent."""
+        """Keep ``copy`` (an array from :meth:`allocate`, now filled) as the most recently used."""
         with self._lock:
             previous = self._copies.pop(key, None)
             if previous is not None:  # filled twice (two threads missed at once): keep one
