@@ -170,19 +170,20 @@ def routed_experts(xp, h, expert_ids, expert_weights, experts: Sequence[tuple[Pr
     flat_ids = expert_ids.reshape(-1)
     flat_weights = expert_weights.reshape(-1)
     slots = xp.argsort(flat_ids, kind="stable")  # assignment slots, grouped by expert
-    counts = xp.bincount(flat_ids, minlength=len(experts)).tolist()
-    starts = [0]
-    for count in counts:
-        starts.append(starts[-1] + count)
-    active = [expert for expert, count in enumerate(counts) if count]
+    # The experts that were chosen and where each one's slots begin.  Only chosen experts
+    # are visited: nothing per token grows with the number of experts (60 here, 64+ elsewhere).
+    active, starts = xp.unique(flat_ids[slots], return_index=True)
+    bounds = starts.tolist() + [flat_ids.shape[0]]
 
-    def run(expert):
-        chosen = slots[starts[expert] : starts[expert + 1]]
+    def run(index):
+        chosen = slots[bounds[index] : bounds[index + 1]]
         rows = chosen // top_k  # token index of each assignment
-        return rows, swiglu(xp, h[rows], *experts[expert], project) * flat_weights[chosen][:, None]
+        expert = experts[active_ids[index]]
+        return rows, swiglu(xp, h[rows], *expert, project) * flat_weights[chosen][:, None]
 
+    active_ids = active.tolist()
     out = xp.zeros_like(h)
-    for rows, y in map_fn(run, active):
+    for rows, y in map_fn(run, range(len(active_ids))):
         # A token picks an expert at most once, so `rows` has no repeats and += is safe.
         out[rows] += y
     return out

@@ -131,15 +131,18 @@ class SparseMoeBlock:
     top_k: int
     norm_topk_prob: bool
 
+    def __post_init__(self):
+        # (gate, up, down) per expert, as layers.routed_experts takes them: built once, not per token.
+        self.expert_mlps = [(e.gate, e.up, e.down) for e in self.experts]
+
     def __call__(self, xp, h, layer: int, change: LayerInterventions = NO_INTERVENTIONS, record=None):
         """h ``[B, T, H]`` -> ``[B, T, H]``: the routed experts' weighted sum plus the gated shared expert."""
         flat = h.reshape(-1, h.shape[-1])
         choice = layers.route(xp, self.router(flat), change.top_k or self.top_k, self.norm_topk_prob,
                               change.disabled, change.forced)
         if record is not None:  # before the experts run (and fill the cache)
-            cached = xp.asarray([e.is_cached for e in self.experts])[choice.expert_ids]
-        expert_mlps = [(e.gate, e.up, e.down) for e in self.experts]
-        jobs = [lambda: layers.routed_experts(xp, flat, choice.expert_ids, choice.expert_weights, expert_mlps,
+            cached = self.cached_experts(xp, choice.expert_ids)
+        jobs = [lambda: layers.routed_experts(xp, flat, choice.expert_ids, choice.expert_weights, self.expert_mlps,
                                               parallel_map, project)]
         if change.shared_expert:  # independent of the routed experts: run them side by side
             jobs.append(lambda: layers.shared_expert(xp, flat, self.shared.gate, self.shared.up, self.shared.down,
@@ -155,6 +158,13 @@ class SparseMoeBlock:
                    shared_norm=xp.linalg.norm(shared, axis=-1), routed_norm=xp.linalg.norm(routed, axis=-1),
                    cache_hit=cached)
         return (routed + shared).reshape(h.shape)
+
+    def cached_experts(self, xp, expert_ids):
+        """expert_ids ``[N, k]`` -> ``[N, k]`` bool: whose float32 copies are in the weight cache (chosen ones only)."""
+        chosen = xp.unique(expert_ids).tolist()
+        cached = xp.zeros(len(self.experts), dtype=bool)
+        cached[chosen] = [self.experts[e].is_cached for e in chosen]
+        return cached[expert_ids]
 
 
 @dataclass

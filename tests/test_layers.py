@@ -73,6 +73,33 @@ def test_routed_experts_equal_dense_masked_sum():
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
+class OnlyIndexed:
+    """A list of experts that records which ones are looked up and refuses to be scanned."""
+
+    def __init__(self, experts):
+        self.experts, self.looked_up = experts, []
+
+    def __getitem__(self, index):
+        self.looked_up.append(index)
+        return self.experts[index]
+
+    def __iter__(self):
+        raise AssertionError("routed_experts scanned every expert")
+
+    def __len__(self):
+        raise AssertionError("routed_experts asked for the number of experts")
+
+
+def test_routed_experts_touch_only_the_chosen_experts():
+    """Per-token work must not grow with the number of experts: a token of a 1000-expert layer visits its k."""
+    hidden, num_experts, k = 4, 1000, 3
+    expert = tuple(Linear(rng.standard_normal(shape).astype(np.float32)) for shape in ((2, hidden), (2, hidden), (hidden, 2)))
+    experts = OnlyIndexed([expert] * num_experts)
+    ids = np.array([[917, 3, 500]])
+    layers.routed_experts(np, rng.standard_normal((1, hidden)).astype(np.float32), ids, np.ones((1, k), np.float32), experts)
+    assert sorted(experts.looked_up) == [3, 500, 917]
+
+
 def test_causal_attention_matches_explicit_loop():
     batch, heads, kv_heads, tokens, head_dim, start = 1, 4, 2, 3, 8, 2
     q = rng.standard_normal((batch, heads, tokens, head_dim)).astype(np.float32)
