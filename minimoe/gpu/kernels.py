@@ -37,7 +37,12 @@ def kernel(file_name: str, name: str):
 def _contiguous(x):
     """x as a C-contiguous float32 array whose data starts 16-byte aligned (the vector loads need it)."""
     x = cp.ascontiguousarray(x, dtype=cp.float32)
-    return x if x.data.ptr % 16 == 0 else x.copy()
+    return x if address(x) % 16 == 0 else x.copy()
+
+
+def address(x) -> int:
+    """The device address of x's first element."""
+    return x.data.ptr
 
 
 def _optional(x):
