@@ -38,7 +38,7 @@ def test_format_table_aligns_columns():
 
 def test_parse_args_defaults_and_options(tmp_path):
     args = gpu_check.parse_args([])
-    assert (args.no_bench, args.bench_layers, args.prefill, args.decode, args.checkpoint) == (False, 4, 512, 64, None)
+    assert (args.no_bench, args.bench_layers, args.prefill, args.decode, args.checkpoint) == (False, 8, 512, 64, None)
     args = gpu_check.parse_args(["--no-bench", "--decode", "8", "--checkpoint", str(tmp_path)])
     assert args.no_bench and args.decode == 8 and args.checkpoint == tmp_path
 

@@ -24,7 +24,10 @@ WARP = 32
 MAX_BLOCK = 1024
 ELEMENTWISE_BLOCK = 256  # threads per block of the one-thread-per-element kernels (RoPE, SwiGLU, combine)
 ROUTER_WARPS = 4  # tokens per block of route_topk (one warp each)
-ATTENTION_WARPS = 4  # queries per block in prefill (one warp each); key-strided warps in decode
+ATTENTION_WARPS = 4  # queries per block in prefill (one warp each, sharing each k/v tile)
+# Warps per (sequence, head) in decode, each taking every 16th key: a decode step has only
+# B * heads blocks (16 at batch 1), so each needs many warps to spread a long cache over the GPU.
+DECODE_ATTENTION_WARPS = 16
 SHARED_MEMORY_BYTES = 48 * 1024  # dynamic shared memory a kernel may use without an opt-in
 
 
@@ -127,7 +130,7 @@ def prefill_attention_launch(tokens: int, heads: int, batch: int, head_dim: int)
 
 def decode_attention_launch(heads: int, batch: int, head_dim: int):
     """(grid, block, shared bytes) of attention_decode: per warp a [D] accumulator plus its m and l."""
-    return (heads, batch), (ATTENTION_WARPS * WARP,), ATTENTION_WARPS * (head_dim + 2) * 4
+    return (heads, batch), (DECODE_ATTENTION_WARPS * WARP,), DECODE_ATTENTION_WARPS * (head_dim + 2) * 4
 
 
 # --- the MoE dispatch bookkeeping, in NumPy -------------------------------------------------------

@@ -20,6 +20,7 @@
 #define TILE_M 64
 #define TILE_N 64
 #define TILE_K 16
+static_assert(TILE_M == TILE_N, "gemm_grouped stages both tiles with one loop");
 
 template <typename W>
 __device__ void gemv_grouped(const float* __restrict__ x, const W* __restrict__ weight, const float* __restrict__ bias,
