@@ -15,6 +15,7 @@ covers that on a GPU machine.
 
 from __future__ import annotations
 
+import re
 import sys
 import types
 
@@ -34,9 +35,12 @@ def fake_cupy() -> types.ModuleType:
 
 def install(monkeypatch) -> None:
     """Make ``backend="cupy"`` run on NumPy with emulated kernels, for one test."""
+    import minimoe.gpu
+
     monkeypatch.setitem(sys.modules, "cupy", fake_cupy())
-    for name in ("minimoe.gpu.kernels", "minimoe.gpu.blocks"):  # re-imported over the fake cupy
-        monkeypatch.delitem(sys.modules, name, raising=False)
+    for name in ("kernels", "blocks"):  # re-imported over the fake cupy (`from .gpu import kernels` reads the attribute)
+        monkeypatch.delitem(sys.modules, f"minimoe.gpu.{name}", raising=False)
+        monkeypatch.delattr(minimoe.gpu, name, raising=False)
     import minimoe.gpu.kernels as kernels
 
     monkeypatch.setattr(kernels, "kernel", emulated_kernel)
@@ -44,13 +48,41 @@ def install(monkeypatch) -> None:
 
 
 def emulated_kernel(file_name: str, name: str):
-    assert name in (launch.KERNEL_DIR / file_name).read_text(), f"{name} is not in {file_name}"
+    """A stand-in for ``kernels.kernel(file_name, name)``: checks each argument against the kernel's
+    C parameter list (a misplaced int32 where the kernel reads a 64-bit ``long`` would shift every
+    later argument on a GPU), then runs the NumPy version."""
+    parameters = kernel_parameters(file_name, name)
     function = KERNELS[name]
 
     def launch_(grid, block, args, shared_mem=0):
+        assert len(args) == len(parameters), f"{name}: {len(args)} arguments for {len(parameters)} parameters"
+        for arg, (c_type, parameter) in zip(args, parameters):
+            expected = (np.ndarray, np.uint64) if c_type == "pointer" else C_SCALARS[c_type]
+            assert isinstance(arg, expected) and not (c_type == "pointer" and isinstance(arg, np.uint64) and arg != 0), \
+                f"{name}: {parameter} is {c_type} in {file_name}, got {type(arg).__name__}"
         function(grid, block, *args)
 
     return launch_
+
+
+C_SCALARS = {"int": np.int32, "long": np.int64, "float": np.float32}
+
+
+def kernel_parameters(file_name: str, name: str) -> list[tuple[str, str]]:
+    """(``"pointer"`` or the C scalar type, parameter name) of an ``extern "C"`` kernel, macros expanded."""
+    text = (launch.KERNEL_DIR / file_name).read_text().replace("\\\n", " ")
+    match = re.search(rf'extern "C" __global__ void {name}\((.*?)\)\s*\{{', text, flags=re.DOTALL)
+    assert match, f"{name} is not declared in {file_name}"
+    params = match.group(1).strip()
+    macro = re.fullmatch(r"(\w+)\((.*)\)", params)
+    if macro:  # e.g. GEMV_ARGS(unsigned short): expand the parameter-list macro
+        argument, body = re.search(rf"#define {macro.group(1)}\((\w+)\)(.*)", text).groups()
+        params = re.sub(rf"\b{argument}\b", macro.group(2), body)
+    result = []
+    for param in params.split(","):
+        words = param.replace("*", " * ").split()
+        result.append(("pointer" if "*" in words else words[-2], words[-1]))
+    return result
 
 
 def _given(pointer) -> bool:

@@ -46,7 +46,7 @@ def address(x) -> int:
 
 
 def _optional(x):
-    return NULL if x is None else x
+    return NULL if x is None else _contiguous(x)
 
 
 # --- normalisation, RoPE, SwiGLU --------------------------------------------------------------------
