@@ -171,6 +171,7 @@ def check_kernels(cp, rng, shapes: dict = REAL_SHAPES) -> list[Check]:
     checks.append(Check("silu_mul", relative_error(kernels.silu_mul(dev(gate_up)),
                                                    layers.silu(np, gate_up[:, :inter]) * gate_up[:, inter:]), tol))
 
+    experts = bf16_matrix(rng, (E, 2 * inter, H))  # a layer's stacked gate_up weights
     for tokens in (1, 7, 300):  # GEMV (decode), GEMV (small batch), GEMM (prefill)
         logits = 3 * f32(tokens, E)
         for norm, disabled in ((False, ()), (True, (0, 5))):
@@ -189,7 +190,6 @@ def check_kernels(cp, rng, shapes: dict = REAL_SHAPES) -> list[Check]:
         checks.append(Check(f"moe_dispatch (N={tokens}): mismatches", 0 if exact else 1, 0))
 
         h = f32(tokens, H)
-        experts = bf16_matrix(rng, (E, 2 * inter, H))
         permuted = h[want_plan.perm // k]
         got = blocks.GpuLinear(dev(experts)).grouped(dev(permuted), plan, tokens)
         want_out = np.zeros((tokens * k, 2 * inter), dtype=np.float32)

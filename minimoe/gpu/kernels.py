@@ -30,7 +30,9 @@ def module(file_name: str) -> "cp.RawModule":
     return cp.RawModule(code=source, options=("-std=c++17", f"-I{launch.KERNEL_DIR}"))
 
 
-def kernel(file_name: str, name: str):
+@cache
+def kernel(file_name: str, name: str) -> "cp.RawKernel":
+    """One kernel of a ``.cu`` file, looked up once (a decode step launches ~20 per layer)."""
     return module(file_name).get_function(name)
 
 
