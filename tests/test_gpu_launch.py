@@ -61,6 +61,20 @@ def test_attention_launch_fits_shared_memory_and_checks_head_layouts():
         launch.check_attention(6, 4, 64)
 
 
+def test_check_model_accepts_qwen_moe_and_names_what_does_not_fit():
+    import json
+
+    from minimoe import ModelConfig
+    from minimoe.cli import shipped_configs
+
+    raw = json.loads(shipped_configs()["qwen1.5-moe-a2.7b"].read_text())
+    launch.check_model(ModelConfig.from_dict(raw, source="hub"))
+    with pytest.raises(MinimoeError, match="at most 256 experts, this model has 300"):
+        launch.check_model(ModelConfig.from_dict(raw | {"num_experts": 300}, source="test"))
+    with pytest.raises(MinimoeError, match="head_dim up to 256, this model has 512"):
+        launch.check_model(ModelConfig.from_dict(raw | {"hidden_size": 8192}, source="test"))
+
+
 def test_dispatch_block_has_a_thread_per_expert():
     assert launch.dispatch_block(60) == (64,)
     with pytest.raises(MinimoeError, match="at most 1024 experts"):

@@ -265,7 +265,6 @@ def build(config: ModelConfig, checkpoint: Checkpoint) -> GpuModel:
     def attention(layer) -> GpuAttention:
         n = weights.attention_names(layer)
         biases = [np.asarray(tensor(n[f"{key}_bias"])) for key in "qkv"] if config.qkv_bias else None
-        launch.check_attention(config.num_attention_heads, config.num_key_value_heads, config.head_dim)
         return GpuAttention(
             qkv=GpuLinear.stacked([[tensor(n["q_weight"]), tensor(n["k_weight"]), tensor(n["v_weight"])]], biases),
             o=linear(n["o_weight"]),
@@ -288,6 +287,7 @@ def build(config: ModelConfig, checkpoint: Checkpoint) -> GpuModel:
             norm_topk_prob=config.norm_topk_prob,
         )
 
+    launch.check_model(config)  # before copying gigabytes to the GPU
     decoder = []
     for layer in range(config.num_hidden_layers):
         norms = weights.norm_names(layer)

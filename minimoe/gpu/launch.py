@@ -117,6 +117,14 @@ def check_attention(heads: int, kv_heads: int, head_dim: int) -> None:
         raise MinimoeError(f"{heads} attention heads do not split evenly over {kv_heads} key/value heads")
 
 
+def check_model(config) -> None:
+    """MinimoeError, at load, for a model (a :class:`~minimoe.config.ModelConfig`) the kernels cannot run."""
+    check_attention(config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+    if config.sparse_layers:
+        router_grid(1, config.num_experts, config.num_experts_per_tok)
+        dispatch_block(config.num_experts)
+
+
 def attention_key_tile(head_dim: int) -> int:
     """Keys per shared-memory tile in prefill attention: as many as fit (k and v tiles) in 48 KiB, at most 32."""
     return max(1, min(32, SHARED_MEMORY_BYTES // (2 * 4 * head_dim)))

@@ -17,6 +17,43 @@
 
 #define MAX_DIMS_PER_LANE 8  // head_dim <= 256: lane owns dims lane, lane + 32, ...
 
+// A warp's query in registers: lane holds dims lane, lane + 32, ... of `query` (D floats;
+// zeros when the warp has no query), and an accumulator of the same shape, zeroed.
+__device__ __forceinline__ void load_query(float qv[MAX_DIMS_PER_LANE], float acc[MAX_DIMS_PER_LANE],
+                                           const float* query, int head_dim, bool valid) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int i = 0; i < MAX_DIMS_PER_LANE; ++i) {
+        const int d = lane + 32 * i;
+        qv[i] = (valid && d < head_dim) ? query[d] : 0.0f;
+        acc[i] = 0.0f;
+    }
+}
+
+// One key of the online softmax, for the whole warp: score = q . key * scale, then the
+// running max m, sum l and accumulator are rescaled to the new max and `value` added.
+__device__ __forceinline__ void online_softmax_step(const float qv[MAX_DIMS_PER_LANE], float acc[MAX_DIMS_PER_LANE],
+                                                    float& m, float& l, const float* key, const float* value,
+                                                    int head_dim, float scale) {
+    const int lane = threadIdx.x % 32;
+    float dot = 0.0f;
+#pragma unroll
+    for (int i = 0; i < MAX_DIMS_PER_LANE; ++i) {
+        const int d = lane + 32 * i;
+        if (d < head_dim) dot += qv[i] * key[d];
+    }
+    const float score = warp_sum(dot) * scale;
+    const float m_new = fmaxf(m, score);
+    const float correction = expf(m - m_new), weight = expf(score - m_new);  // exp(-inf) = 0 on the first key
+    l = l * correction + weight;
+#pragma unroll
+    for (int i = 0; i < MAX_DIMS_PER_LANE; ++i) {
+        const int d = lane + 32 * i;
+        if (d < head_dim) acc[i] = acc[i] * correction + weight * value[d];
+    }
+    m = m_new;
+}
+
 // Prefill: grid (ceil(T / warps), heads, B), one warp per query; the block's warps share
 // each tile of `key_tile` keys and values staged in dynamic shared memory
 // (2 * key_tile * D floats).
@@ -38,12 +75,7 @@ extern "C" __global__ void attention_prefill(const float* __restrict__ q, const 
     const float* vb = v + (kb - k);
 
     float qv[MAX_DIMS_PER_LANE], acc[MAX_DIMS_PER_LANE];
-#pragma unroll
-    for (int i = 0; i < MAX_DIMS_PER_LANE; ++i) {
-        const int d = lane + 32 * i;
-        qv[i] = (valid && d < head_dim) ? q[((long)b * tokens + t) * q_row_stride + (long)head * head_dim + d] : 0.0f;
-        acc[i] = 0.0f;
-    }
+    load_query(qv, acc, q + ((long)b * tokens + t) * q_row_stride + (long)head * head_dim, head_dim, valid);
     float m = NEG_INF, l = 0.0f;
 
     for (int key0 = 0; key0 <= last_key; key0 += key_tile) {
@@ -55,24 +87,8 @@ extern "C" __global__ void attention_prefill(const float* __restrict__ q, const 
         }
         __syncthreads();
         if (!valid) continue;
-        for (int j = 0; j < keys && key0 + j <= position; ++j) {
-            float dot = 0.0f;
-#pragma unroll
-            for (int i = 0; i < MAX_DIMS_PER_LANE; ++i) {
-                const int d = lane + 32 * i;
-                if (d < head_dim) dot += qv[i] * k_tile[j * head_dim + d];
-            }
-            const float score = warp_sum(dot) * scale;
-            const float m_new = fmaxf(m, score);
-            const float correction = expf(m - m_new), weight = expf(score - m_new);
-            l = l * correction + weight;
-#pragma unroll
-            for (int i = 0; i < MAX_DIMS_PER_LANE; ++i) {
-                const int d = lane + 32 * i;
-                if (d < head_dim) acc[i] = acc[i] * correction + weight * v_tile[j * head_dim + d];
-            }
-            m = m_new;
-        }
+        for (int j = 0; j < keys && key0 + j <= position; ++j)
+            online_softmax_step(qv, acc, m, l, k_tile + j * head_dim, v_tile + j * head_dim, head_dim, scale);
     }
     if (!valid) return;
 #pragma unroll
@@ -97,31 +113,10 @@ extern "C" __global__ void attention_decode(const float* __restrict__ q, const f
     const float* vb = v + (kb - k);
 
     float qv[MAX_DIMS_PER_LANE], acc[MAX_DIMS_PER_LANE];
-#pragma unroll
-    for (int i = 0; i < MAX_DIMS_PER_LANE; ++i) {
-        const int d = lane + 32 * i;
-        qv[i] = d < head_dim ? q[(long)b * q_row_stride + (long)head * head_dim + d] : 0.0f;
-        acc[i] = 0.0f;
-    }
+    load_query(qv, acc, q + (long)b * q_row_stride + (long)head * head_dim, head_dim, true);
     float m = NEG_INF, l = 0.0f;
-    for (int s = warp; s < keys; s += warps) {
-        float dot = 0.0f;
-#pragma unroll
-        for (int i = 0; i < MAX_DIMS_PER_LANE; ++i) {
-            const int d = lane + 32 * i;
-            if (d < head_dim) dot += qv[i] * kb[(long)s * head_dim + d];
-        }
-        const float score = warp_sum(dot) * scale;
-        const float m_new = fmaxf(m, score);
-        const float correction = expf(m - m_new), weight = expf(score - m_new);
-        l = l * correction + weight;
-#pragma unroll
-        for (int i = 0; i < MAX_DIMS_PER_LANE; ++i) {
-            const int d = lane + 32 * i;
-            if (d < head_dim) acc[i] = acc[i] * correction + weight * vb[(long)s * head_dim + d];
-        }
-        m = m_new;
-    }
+    for (int s = warp; s < keys; s += warps)
+        online_softmax_step(qv, acc, m, l, kb + (long)s * head_dim, vb + (long)s * head_dim, head_dim, scale);
 
     float* accs = partial;
     float* ms = partial + warps * head_dim;
