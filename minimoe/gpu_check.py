@@ -185,18 +185,21 @@ def check_kernels(cp, rng, shapes: dict = REAL_SHAPES) -> list[Check]:
         want_plan = launch.dispatch_plan(want.expert_ids, E)
         plan = kernels.dispatch(dev(want.expert_ids.astype(np.int32)), E)
         exact = all(np.array_equal(to_numpy(getattr(plan, f)), getattr(want_plan, f))
-                    for f in ("counts", "offsets", "perm", "inv_perm"))
+                    for f in ("counts", "offsets", "perm", "inv_perm", "rows"))
         exact &= np.array_equal(to_numpy(plan.active)[: int(to_numpy(plan.num_active)[0])], want_plan.active)
         checks.append(Check(f"moe_dispatch (N={tokens}): mismatches", 0 if exact else 1, 0))
 
         h = f32(tokens, H)
-        permuted = h[want_plan.perm // k]
-        got = blocks.GpuLinear(dev(experts)).grouped(dev(permuted), plan, tokens)
+        permuted = h[want_plan.rows]  # each expert's tokens contiguous
         want_out = np.zeros((tokens * k, 2 * inter), dtype=np.float32)
         for e in want_plan.active:
             rows = slice(want_plan.offsets[e], want_plan.offsets[e + 1])
             want_out[rows] = permuted[rows] @ upcast(experts[e]).T
-        checks.append(Check(f"grouped matmul, experts (N={tokens})", relative_error(got, want_out), tol))
+        grouped = blocks.GpuLinear(dev(experts)).grouped
+        checks.append(Check(f"grouped matmul, experts, tokens by row map (N={tokens})",
+                            relative_error(grouped(dev(h), plan, tokens, x_rows=plan.rows), want_out), tol))
+        checks.append(Check(f"grouped matmul, experts, permuted rows (N={tokens})",
+                            relative_error(grouped(dev(permuted), plan, tokens), want_out), tol))
         expert_out, residual, shared, gate = f32(tokens * k, H), f32(tokens, H), f32(tokens, H), f32(tokens)
         got = kernels.combine(dev(expert_out), plan.inv_perm, dev(want.expert_weights), dev(residual), dev(shared),
                               dev(gate))

@@ -139,10 +139,11 @@ def route_topk(grid, block, logits, used, probs, expert_ids, raw, weights, disab
     _rows(weights, top_k)[:] = chosen / chosen.sum(-1, keepdims=True) if norm else chosen
 
 
-def moe_dispatch(grid, block, expert_ids, slots, experts, counts, offsets, perm, inv_perm, active, num_active):
+def moe_dispatch(grid, block, expert_ids, slots, experts, top_k, counts, offsets, perm, inv_perm, rows, active,
+                 num_active):
     assert block[0] >= experts and grid == (1,)
-    plan = launch.dispatch_plan(expert_ids[:slots], experts)
-    counts[:], offsets[:], perm[:], inv_perm[:] = plan.counts, plan.offsets, plan.perm, plan.inv_perm
+    plan = launch.dispatch_plan(expert_ids.reshape(-1)[:slots].reshape(-1, top_k), experts)
+    counts[:], offsets[:], perm[:], inv_perm[:], rows[:] = plan.counts, plan.offsets, plan.perm, plan.inv_perm, plan.rows
     active[: plan.active.size] = plan.active
     num_active[0] = plan.active.size
 
@@ -153,23 +154,25 @@ def moe_combine(grid, block, expert_out, inv_perm, weights, residual, shared, sh
         _rows(shared, hidden) if _given(shared) else None, shared_gate if _given(shared_gate) else None)
 
 
-def _matmul_rows(x, weight, bias, y, group, first, last, out_features, in_features):
+def _matmul_rows(x, x_rows, weight, bias, y, group, first, last, out_features, in_features):
     w = _float32(weight.reshape(-1, out_features, in_features)[group])
-    rows = _rows(x, in_features)[first:last] @ w.T
+    inputs = _rows(x, in_features)[x_rows[first:last] if _given(x_rows) else slice(first, last)]
+    rows = inputs @ w.T
     _rows(y, out_features)[first:last] = rows + (bias if _given(bias) else 0.0)
 
 
-def gemv_grouped(grid, block, x, weight, bias, y, offsets, active, num_active, out_features, in_features):
+def gemv_grouped(grid, block, x, x_rows, weight, bias, y, offsets, active, num_active, out_features, in_features):
     assert grid[0] * block[0] // 32 >= out_features and grid[1] >= num_active[0]
     for group in active[: num_active[0]]:
-        _matmul_rows(x, weight, bias, y, group, offsets[group], offsets[group + 1], out_features, in_features)
+        _matmul_rows(x, x_rows, weight, bias, y, group, offsets[group], offsets[group + 1], out_features, in_features)
 
 
-def gemm_grouped(grid, block, x, weight, bias, y, offsets, tile_group, tile_row, out_features, in_features):
+def gemm_grouped(grid, block, x, x_rows, weight, bias, y, offsets, tile_group, tile_row, out_features, in_features):
     tile = launch.kernel_constants("matmul.cu")["TILE_M"]
     assert grid[1] == tile_group.size and grid[0] * launch.kernel_constants("matmul.cu")["TILE_N"] >= out_features
     for group, first in zip(tile_group, tile_row):
-        _matmul_rows(x, weight, bias, y, group, first, min(first + tile, offsets[group + 1]), out_features, in_features)
+        _matmul_rows(x, x_rows, weight, bias, y, group, first, min(first + tile, offsets[group + 1]), out_features,
+                     in_features)
 
 
 def _attention(q, k, v, out, batch, tokens, heads, kv_heads, head_dim, q_row_stride, kv_batch_stride, kv_head_stride,

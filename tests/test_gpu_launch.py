@@ -100,6 +100,7 @@ def test_dispatch_plan_groups_each_experts_slots_contiguously_in_slot_order():
         slots = plan.perm[plan.offsets[expert] : plan.offsets[expert + 1]]
         assert np.all(flat[slots] == expert) and np.all(np.diff(slots) > 0)
     assert np.array_equal(plan.perm[plan.inv_perm], np.arange(flat.size))
+    assert np.array_equal(plan.rows, plan.perm // 3)  # the token of each permuted row (k = 3)
     assert plan.active.tolist() == [e for e in range(8) if plan.counts[e]]
 
 
@@ -114,7 +115,7 @@ def test_permute_grouped_matmuls_and_combine_equal_routed_experts():
     expected = layers.routed_experts(np, h, ids, weights, [tuple(map(linear, m)) for m in mats])
 
     plan = launch.dispatch_plan(ids, experts)
-    permuted = h[plan.perm // top_k]  # what the GPU gathers: each expert's tokens contiguous
+    permuted = h[plan.rows]  # what the grouped matmuls read: each expert's tokens contiguous
     expert_out = np.empty_like(permuted)
     for e in plan.active:  # the grouped matmuls: each group of rows meets only its expert's weights
         rows = slice(plan.offsets[e], plan.offsets[e + 1])

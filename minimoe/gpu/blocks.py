@@ -100,10 +100,11 @@ class GpuLinear:
                                    counts=np.array([rows]))
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
-    def grouped(self, x, plan: kernels.DevicePlan, max_rows_per_group: int, counts=None):
-        """x ``[R, in]`` grouped by ``plan`` (rows of expert e at plan.offsets[e]..) -> ``[R, out]``."""
+    def grouped(self, x, plan: kernels.DevicePlan, max_rows_per_group: int, counts=None, x_rows=None):
+        """Rows grouped by ``plan`` (expert e's at plan.offsets[e]..) -> ``[R, out]`` in that order: x ``[R, in]``
+        already in dispatch order, or the token rows ``[N, in]`` read through ``x_rows = plan.rows``."""
         return kernels.grouped_matmul(x, self.weight, self.bias, plan.offsets, plan.active, plan.num_active,
-                                      max_rows_per_group, counts)
+                                      max_rows_per_group, counts, x_rows)
 
     def rows(self, ids):
         """Rows ``W[ids]`` as float32 (the embedding lookup): host ids ``[...]`` -> ``[..., in]``."""
@@ -174,14 +175,14 @@ class GpuSparseMoe:
         else:  # forcing experts is an experiment, not a hot path: the reference router, on the GPU arrays
             choice = layers.route(cp, logits, top_k, self.norm_topk_prob, change.disabled, change.forced)
         plan = kernels.dispatch(choice.expert_ids, num_experts)
-        slots_per_token = choice.expert_ids.shape[1]
-        permuted = h[plan.perm // slots_per_token]  # [N*k, H], each expert's tokens contiguous
         # A token picks an expert at most once, so no expert has more than N rows.  Decode
         # (N <= GEMV_MAX_ROWS) never leaves the device; prefill reads the counts once for the GEMM tiles.
         counts = None if tokens <= launch.kernel_constants("matmul.cu")["GEMV_MAX_ROWS"] \
             else cp.asnumpy(plan.counts)
-        expert_out = self.down.grouped(kernels.silu_mul(self.gate_up.grouped(permuted, plan, tokens, counts)),
-                                       plan, tokens, counts)
+        # gate_up reads each expert's tokens straight from h (plan.rows); its output, and all
+        # that follows, is in dispatch order [N*k, ...]: each expert's rows contiguous.
+        gate_up = self.gate_up.grouped(h, plan, tokens, counts, x_rows=plan.rows)
+        expert_out = self.down.grouped(kernels.silu_mul(gate_up), plan, tokens, counts)
         gate_logit = self.shared_gate(h)[:, 0]
         shared = self.shared(h) if change.shared_expert else None
         out = kernels.combine(expert_out, plan.inv_perm, choice.expert_weights, residual, shared,

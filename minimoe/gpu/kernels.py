@@ -120,15 +120,15 @@ def route(router_logits, top_k: int, norm_topk_prob: bool, disabled=()) -> layer
 def dispatch(expert_ids, num_experts: int) -> launch.DispatchPlan:
     """The GPU :func:`minimoe.gpu.launch.dispatch_plan`.  expert_ids ``[N, k]`` -> :class:`DevicePlan`."""
     ids = cp.ascontiguousarray(expert_ids, dtype=cp.int32)
-    slots = ids.size
+    slots, top_k = ids.size, ids.shape[-1]
     counts = cp.empty(num_experts, dtype=cp.int32)
     offsets = cp.empty(num_experts + 1, dtype=cp.int32)
-    perm, inv_perm = cp.empty(slots, dtype=cp.int32), cp.empty(slots, dtype=cp.int32)
+    perm, inv_perm, rows = (cp.empty(slots, dtype=cp.int32) for _ in range(3))
     active, num_active = cp.empty(num_experts, dtype=cp.int32), cp.empty(1, dtype=cp.int32)
     kernel("moe.cu", "moe_dispatch")((1,), launch.dispatch_block(num_experts),
-                                     (ids, np.int32(slots), np.int32(num_experts), counts, offsets, perm, inv_perm,
-                                      active, num_active))
-    return DevicePlan(counts, offsets, perm, inv_perm, active, num_active)
+                                     (ids, np.int32(slots), np.int32(num_experts), np.int32(top_k), counts, offsets,
+                                      perm, inv_perm, rows, active, num_active))
+    return DevicePlan(counts, offsets, perm, inv_perm, rows, active, num_active)
 
 
 class DevicePlan(NamedTuple):
@@ -139,6 +139,7 @@ class DevicePlan(NamedTuple):
     offsets: "cp.ndarray"
     perm: "cp.ndarray"
     inv_perm: "cp.ndarray"
+    rows: "cp.ndarray"
     active: "cp.ndarray"
     num_active: "cp.ndarray"
 
@@ -163,31 +164,34 @@ def weight_suffix(weight) -> str:
     return {cp.dtype(cp.uint16): "bf16", cp.dtype(cp.float32): "f32"}[weight.dtype]
 
 
-def grouped_matmul(x, weight, bias, offsets, active, num_active, max_rows_per_group: int, counts=None):
+def grouped_matmul(x, weight, bias, offsets, active, num_active, max_rows_per_group: int, counts=None, x_rows=None):
     """``y[rows of g] = x[rows of g] @ weight[g].T (+ bias)`` for every group g.  Replaces
     :class:`minimoe.backend.Linear` (one group) and each expert's matmul in :func:`minimoe.layers.routed_experts`.
 
-    x ``[R, in]`` rows grouped by ``offsets`` ``[G + 1]``; weight ``[G, out, in]`` (uint16 bf16 bits
+    x ``[R, in]`` rows grouped by ``offsets`` ``[G + 1]`` -- or, with ``x_rows`` ``[R]``, row r is
+    ``x[x_rows[r]]`` (the experts read the hidden states in dispatch order, no permuted copy); weight ``[G, out, in]`` (uint16 bf16 bits
     or float32); ``active`` / ``num_active``: the groups with rows (device arrays).  Up to
     GEMV_MAX_ROWS rows per group the GEMV kernel runs (grid over ``active``, no host sync);
     beyond, the tiled GEMM runs on a tile schedule built from ``counts`` (host ints; read
-    from the device when not given).  -> ``[R, out]`` float32.
+    from the device when not given).  -> ``[R, out]`` float32, in the grouped order.
     """
     x = _contiguous(x)
     groups, out_features, in_features = weight.shape
-    y = cp.empty((x.shape[0], out_features), dtype=cp.float32)
+    rows = x.shape[0] if x_rows is None else x_rows.shape[0]
+    row_map = NULL if x_rows is None else cp.ascontiguousarray(x_rows, dtype=cp.int32)
+    y = cp.empty((rows, out_features), dtype=cp.float32)
     suffix = weight_suffix(weight)
     if max_rows_per_group <= launch.kernel_constants("matmul.cu")["GEMV_MAX_ROWS"]:
-        grid, block = launch.gemv_grid(out_features, min(groups, x.shape[0]))
-        kernel("matmul.cu", f"gemv_grouped_{suffix}")(grid, block, (x, weight, _optional(bias), y, offsets, active,
-                                                                     num_active, np.int32(out_features),
+        grid, block = launch.gemv_grid(out_features, min(groups, rows))
+        kernel("matmul.cu", f"gemv_grouped_{suffix}")(grid, block, (x, row_map, weight, _optional(bias), y, offsets,
+                                                                     active, num_active, np.int32(out_features),
                                                                      np.int32(in_features)))
         return y
     counts_host = cp.asnumpy(cp.diff(offsets)) if counts is None else counts
     tile_group, tile_row = launch.gemm_schedule(counts_host, np.concatenate([[0], np.cumsum(counts_host)]))
     if tile_group.size:
         grid, block = launch.gemm_grid(out_features, tile_group.size)
-        kernel("matmul.cu", f"gemm_grouped_{suffix}")(grid, block, (x, weight, _optional(bias), y, offsets,
+        kernel("matmul.cu", f"gemm_grouped_{suffix}")(grid, block, (x, row_map, weight, _optional(bias), y, offsets,
                                                                      cp.asarray(tile_group), cp.asarray(tile_row),
                                                                      np.int32(out_features), np.int32(in_features)))
     return y

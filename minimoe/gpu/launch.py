@@ -150,6 +150,7 @@ class DispatchPlan(NamedTuple):
     offsets: np.ndarray  # [E + 1] first permuted position of each expert (exclusive prefix sum of counts)
     perm: np.ndarray  # [N * k] the slot at each permuted position: expert 0's slots first, each in slot order
     inv_perm: np.ndarray  # [N * k] the permuted position of each slot
+    rows: np.ndarray  # [N * k] the token each permuted position reads (perm // k)
     active: np.ndarray  # [A] the experts with at least one assignment, ascending
 
 
@@ -159,13 +160,14 @@ def dispatch_plan(expert_ids: np.ndarray, num_experts: int) -> DispatchPlan:
     The same grouping :func:`minimoe.layers.routed_experts` makes with a stable argsort
     and a bincount, written out as the GPU computes it.
     """
+    top_k = np.shape(expert_ids)[-1]
     flat = np.asarray(expert_ids).reshape(-1)
     counts = np.bincount(flat, minlength=num_experts).astype(np.int32)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     perm = np.argsort(flat, kind="stable").astype(np.int32)
     inv_perm = np.empty_like(perm)
     inv_perm[perm] = np.arange(perm.size, dtype=np.int32)
-    return DispatchPlan(counts, offsets, perm, inv_perm, np.flatnonzero(counts).astype(np.int32))
+    return DispatchPlan(counts, offsets, perm, inv_perm, perm // top_k, np.flatnonzero(counts).astype(np.int32))
 
 
 def combine(expert_out: np.ndarray, inv_perm: np.ndarray, weights: np.ndarray, residual=None, shared=None,

@@ -6,6 +6,10 @@
 // the same way by `offsets` (group g owns rows offsets[g] .. offsets[g+1]-1, the tokens
 // moe_dispatch sorted to expert g).  Each group's rows meet only its own weight.
 //
+// `x_rows`, when given, maps the grouped problem's rows to rows of x (row r reads
+// x[x_rows[r]]): the experts read their tokens straight from the hidden states, in
+// dispatch order, without a permuted copy of them.  Without it row r reads x[r].
+//
 //   gemv_grouped_*: decode (few rows per group).  One warp per output feature; the warp
 //     reads that weight row once, 8 elements per lane per step (16-byte loads of bf16),
 //     and dots it with every row of its group.  Only the active experts' blocks run
@@ -22,8 +26,14 @@
 #define TILE_K 16
 static_assert(TILE_M == TILE_N, "gemm_grouped stages both tiles with one loop");
 
+// Row r of the grouped problem: x[x_rows[r]], or x[r] without a row map.
+__device__ __forceinline__ const float* x_row(const float* x, const int* x_rows, int r, int in_features) {
+    return x + (long)(x_rows != nullptr ? x_rows[r] : r) * in_features;
+}
+
 template <typename W>
-__device__ void gemv_grouped(const float* __restrict__ x, const W* __restrict__ weight, const float* __restrict__ bias,
+__device__ void gemv_grouped(const float* __restrict__ x, const int* __restrict__ x_rows, const W* __restrict__ weight,
+                             const float* __restrict__ bias,
                              float* __restrict__ y, const int* __restrict__ offsets, const int* __restrict__ active,
                              const int* __restrict__ num_active, int out_features, int in_features) {
     if (blockIdx.y >= num_active[0]) return;  // fewer experts were chosen than the grid allows for
@@ -45,8 +55,9 @@ __device__ void gemv_grouped(const float* __restrict__ x, const W* __restrict__ 
 #pragma unroll
                 for (int r = 0; r < GEMV_MAX_ROWS; ++r) {
                     if (r < rows) {
-                        const float4 a = *reinterpret_cast<const float4*>(x + (long)(row0 + r) * in_features + i);
-                        const float4 b = *reinterpret_cast<const float4*>(x + (long)(row0 + r) * in_features + i + 4);
+                        const float* xr = x_row(x, x_rows, row0 + r, in_features) + i;
+                        const float4 a = *reinterpret_cast<const float4*>(xr);
+                        const float4 b = *reinterpret_cast<const float4*>(xr + 4);
                         acc[r] += wv[0] * a.x + wv[1] * a.y + wv[2] * a.z + wv[3] * a.w
                                 + wv[4] * b.x + wv[5] * b.y + wv[6] * b.z + wv[7] * b.w;
                     }
@@ -57,7 +68,7 @@ __device__ void gemv_grouped(const float* __restrict__ x, const W* __restrict__ 
                 const float wv = load_weight(w + i);
 #pragma unroll
                 for (int r = 0; r < GEMV_MAX_ROWS; ++r)
-                    if (r < rows) acc[r] += wv * x[(long)(row0 + r) * in_features + i];
+                    if (r < rows) acc[r] += wv * x_row(x, x_rows, row0 + r, in_features)[i];
             }
         }
 #pragma unroll
@@ -70,7 +81,8 @@ __device__ void gemv_grouped(const float* __restrict__ x, const W* __restrict__ 
 }
 
 template <typename W>
-__device__ void gemm_grouped(const float* __restrict__ x, const W* __restrict__ weight, const float* __restrict__ bias,
+__device__ void gemm_grouped(const float* __restrict__ x, const int* __restrict__ x_rows, const W* __restrict__ weight,
+                             const float* __restrict__ bias,
                              float* __restrict__ y, const int* __restrict__ offsets, const int* __restrict__ tile_group,
                              const int* __restrict__ tile_row, int out_features, int in_features) {
     __shared__ float xs[TILE_K][TILE_M];  // x tile, k-major so the inner loop reads rows of it
@@ -87,7 +99,7 @@ __device__ void gemm_grouped(const float* __restrict__ x, const W* __restrict__ 
         for (int i = threadIdx.x; i < TILE_M * TILE_K; i += blockDim.x) {
             const int r = i / TILE_K, k = i % TILE_K;
             const bool in_k = k0 + k < in_features;
-            xs[k][r] = (row0 + r < row_end && in_k) ? x[(long)(row0 + r) * in_features + k0 + k] : 0.0f;
+            xs[k][r] = (row0 + r < row_end && in_k) ? x_row(x, x_rows, row0 + r, in_features)[k0 + k] : 0.0f;
             ws[k][r] = (col0 + r < out_features && in_k) ? load_weight(w + (long)(col0 + r) * in_features + k0 + k) : 0.0f;
         }
         __syncthreads();
@@ -116,20 +128,20 @@ __device__ void gemm_grouped(const float* __restrict__ x, const W* __restrict__ 
 }
 
 // The entry points CuPy looks up by name, one per weight type.
-#define GEMV_ARGS(W) const float* x, const W* weight, const float* bias, float* y, const int* offsets, \
-                     const int* active, const int* num_active, int out_features, int in_features
-#define GEMM_ARGS(W) const float* x, const W* weight, const float* bias, float* y, const int* offsets, \
-                     const int* tile_group, const int* tile_row, int out_features, int in_features
+#define GEMV_ARGS(W) const float* x, const int* x_rows, const W* weight, const float* bias, float* y, \
+                     const int* offsets, const int* active, const int* num_active, int out_features, int in_features
+#define GEMM_ARGS(W) const float* x, const int* x_rows, const W* weight, const float* bias, float* y, \
+                     const int* offsets, const int* tile_group, const int* tile_row, int out_features, int in_features
 
 extern "C" __global__ void gemv_grouped_bf16(GEMV_ARGS(unsigned short)) {
-    gemv_grouped(x, weight, bias, y, offsets, active, num_active, out_features, in_features);
+    gemv_grouped(x, x_rows, weight, bias, y, offsets, active, num_active, out_features, in_features);
 }
 extern "C" __global__ void gemv_grouped_f32(GEMV_ARGS(float)) {
-    gemv_grouped(x, weight, bias, y, offsets, active, num_active, out_features, in_features);
+    gemv_grouped(x, x_rows, weight, bias, y, offsets, active, num_active, out_features, in_features);
 }
 extern "C" __global__ void gemm_grouped_bf16(GEMM_ARGS(unsigned short)) {
-    gemm_grouped(x, weight, bias, y, offsets, tile_group, tile_row, out_features, in_features);
+    gemm_grouped(x, x_rows, weight, bias, y, offsets, tile_group, tile_row, out_features, in_features);
 }
 extern "C" __global__ void gemm_grouped_f32(GEMM_ARGS(float)) {
-    gemm_grouped(x, weight, bias, y, offsets, tile_group, tile_row, out_features, in_features);
+    gemm_grouped(x, x_rows, weight, bias, y, offsets, tile_group, tile_row, out_features, in_features);
 }

@@ -12,13 +12,14 @@
 // expert_ids [slots] -> counts [experts], offsets [experts + 1] (exclusive prefix sum),
 // perm [slots] (perm[p] = the slot at permuted position p: expert 0's slots first, each
 // expert's in slot order, as a stable argsort), inv_perm [slots] (inv_perm[slot] = p),
-// active [experts] (the experts with tokens, ascending) and num_active [1].
+// rows [slots] (rows[p] = perm[p] / top_k, the token each permuted row reads), active [experts]
+// (the experts with tokens, ascending) and num_active [1].
 // Each thread scans all slots (chunks staged in shared memory, so the reads are
 // shared): O(experts * slots) work, deterministic and stable without atomics; a few
 // microseconds at prefill sizes.
-extern "C" __global__ void moe_dispatch(const int* __restrict__ expert_ids, int slots, int experts,
+extern "C" __global__ void moe_dispatch(const int* __restrict__ expert_ids, int slots, int experts, int top_k,
                                         int* __restrict__ counts, int* __restrict__ offsets, int* __restrict__ perm,
-                                        int* __restrict__ inv_perm, int* __restrict__ active,
+                                        int* __restrict__ inv_perm, int* __restrict__ rows, int* __restrict__ active,
                                         int* __restrict__ num_active) {
     __shared__ int chunk[DISPATCH_CHUNK];
     __shared__ int start[1024 + 1];
@@ -57,6 +58,7 @@ extern "C" __global__ void moe_dispatch(const int* __restrict__ expert_ids, int 
                     const int p = start[e] + position++;
                     perm[p] = base + i;
                     inv_perm[base + i] = p;
+                    rows[p] = (base + i) / top_k;
                 }
             }
         }
