@@ -143,26 +143,31 @@ def check_kernels(cp, rng, shapes: dict = REAL_SHAPES) -> list[Check]:
                                             relative_error(normed, layers.rms_norm(np, x + delta, w, 1e-6))), tol))
 
     for heads, kv_heads, tokens, start in ((nh, nh, 200, 0), (nh, 4, 64, 300)):  # MHA prefill; GQA continuing a cache
-        width = (heads + 2 * kv_heads) * D
-        rows = f32(2 * tokens, width)
+        rows = f32(2 * tokens, (heads + 2 * kv_heads) * D)  # the fused qkv output of 2 sequences
         cos, sin = layers.rope_tables(np, np.arange(start, start + tokens), D, 1e6)
+
         def rotated(first, count):  # the reference: heads first .. first+count-1 of rows, rotated -> [B, count, T, D]
             block = rows[:, first * D : (first + count) * D].reshape(2, tokens, -1)
             return layers.apply_rope(np, layers.split_heads(block, count, D), cos, sin)
 
-        q, k_rotated = rotated(0, heads), rotated(heads, kv_heads)
-        device_rows = dev(rows)  # rotated in place below (after the reference has read rows)
-        kernels.apply_rope_inplace(device_rows, dev(cos), dev(sin), tokens, heads + kv_heads, D)
-        got = to_numpy(device_rows).reshape(2, tokens, -1, D).transpose(0, 2, 1, 3)  # [B, heads, T, D]
-        checks.append(Check(f"rope ({heads}/{kv_heads} heads)", max(
-            relative_error(got[:, :heads], q), relative_error(got[:, heads : heads + kv_heads], k_rotated)), tol))
+        q, k_new = rotated(0, heads), rotated(heads, kv_heads)
+        v_new = layers.split_heads(rows[:, (heads + kv_heads) * D :].reshape(2, tokens, -1), kv_heads, D)
         keys = start + tokens
-        kk, vv = f32(2, kv_heads, keys, D), f32(2, kv_heads, keys, D)
-        out = kernels.causal_attention(device_rows, dev(kk), dev(vv), tokens, heads, D, start)
+        kk, vv = f32(2, kv_heads, keys + 5, D), f32(2, kv_heads, keys + 5, D)  # a cache with spare capacity
+        device_rows, device_k, device_v = dev(rows), dev(kk), dev(vv)  # copied before the kernel writes
+        kk[:, :, start:keys], vv[:, :, start:keys] = k_new, v_new  # what the cache must hold afterwards
+        kernels.rope_store_kv(device_rows, dev(cos), dev(sin), device_k, device_v, start, tokens, heads, kv_heads, D)
+        got = to_numpy(device_rows).reshape(2, tokens, -1, D).transpose(0, 2, 1, 3)  # [B, all heads, T, D]
+        checks.append(Check(f"rope_store_kv ({heads}/{kv_heads} heads): q, k in place, k and v cached", max(
+            relative_error(got[:, :heads], q), relative_error(got[:, heads : heads + kv_heads], k_new),
+            relative_error(device_k, kk), relative_error(device_v, vv)), tol))
+        kk, vv = kk[:, :, :keys], vv[:, :, :keys]
+        out = kernels.causal_attention(device_rows, device_k[:, :, :keys], device_v[:, :, :keys], tokens, heads, D,
+                                       start)
         checks.append(Check(f"attention prefill ({heads}/{kv_heads} heads, T={tokens}, S={keys})",
                             relative_error(out, layers.causal_attention(np, q, kk, vv, start)), tol))
         last = device_rows.reshape(2, tokens, -1)[:, -1:].reshape(2, -1).copy()  # decode: the last query alone
-        out = kernels.causal_attention(last, dev(kk), dev(vv), 1, heads, D, keys - 1)
+        out = kernels.causal_attention(last, device_k[:, :, :keys], device_v[:, :, :keys], 1, heads, D, keys - 1)
         checks.append(Check(f"attention decode ({heads}/{kv_heads} heads, S={keys})",
                             relative_error(out, layers.causal_attention(np, q[:, :, -1:], kk, vv, keys - 1)), tol))
 

@@ -29,6 +29,7 @@ def fake_cupy() -> types.ModuleType:
     module = types.ModuleType("cupy")
     module.__getattr__ = lambda name: getattr(np, name)
     module.asnumpy = np.asarray
+    module.asarray = lambda a, dtype=None: np.array(a, dtype=dtype)  # a copy, as from host to device
     module.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
     return module
 
@@ -109,14 +110,21 @@ def add_rms_norm(grid, block, x, delta, weight, total, out, hidden, eps):
     rms_norm(grid, block, total, weight, out, hidden, eps)
 
 
-def rope_inplace(grid, block, x, cos, sin, rows, tokens, heads, head_dim, row_stride):
-    half = head_dim // 2
+def rope_store_kv(grid, block, x, cos, sin, k_cache, v_cache, rows, tokens, heads, kv_heads, head_dim, row_stride,
+                  kv_batch_stride, kv_head_stride, kv_start):
+    half, all_heads = head_dim // 2, heads + 2 * kv_heads
+    assert grid[0] * block[0] >= rows * all_heads * half
+    shape = (rows // tokens, kv_heads, k_cache.size // (rows // tokens * kv_heads * head_dim), head_dim)
+    caches = [np.lib.stride_tricks.as_strided(c, shape, (kv_batch_stride * 4, kv_head_stride * 4, head_dim * 4, 4))
+              for c in (k_cache, v_cache)]
     for row in range(rows):
-        t = row % tokens
-        v = x.reshape(-1)[row * row_stride : row * row_stride + heads * head_dim].reshape(heads, head_dim)
-        first, second = v[:, :half].copy(), v[:, half:].copy()
-        v[:, :half] = first * cos[t, :half] - second * sin[t, :half]
-        v[:, half:] = second * cos[t, half:] + first * sin[t, half:]
+        b, t = divmod(row, tokens)
+        v = x.reshape(-1)[row * row_stride : row * row_stride + all_heads * head_dim].reshape(all_heads, head_dim)
+        first, second = v[: heads + kv_heads, :half].copy(), v[: heads + kv_heads, half:].copy()
+        v[: heads + kv_heads, :half] = first * cos[t, :half] - second * sin[t, :half]
+        v[: heads + kv_heads, half:] = second * cos[t, half:] + first * sin[t, half:]
+        caches[0][b, :, kv_start + t] = v[heads : heads + kv_heads]
+        caches[1][b, :, kv_start + t] = v[heads + kv_heads :]
 
 
 def silu_mul(grid, block, gate_up, out, rows, inter):
@@ -206,7 +214,7 @@ def attention_decode(grid, block, q, k, v, out, heads, kv_heads, head_dim, q_row
 
 
 KERNELS = {
-    "rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "rope_inplace": rope_inplace, "silu_mul": silu_mul,
+    "rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "rope_store_kv": rope_store_kv, "silu_mul": silu_mul,
     "route_topk": route_topk, "moe_dispatch": moe_dispatch, "moe_combine": moe_combine,
     "gemv_grouped_bf16": gemv_grouped, "gemv_grouped_f32": gemv_grouped,
     "gemm_grouped_bf16": gemm_grouped, "gemm_grouped_f32": gemm_grouped,

@@ -113,7 +113,8 @@ class GpuLinear:
 
 @dataclass
 class GpuAttention:
-    """Mirrors :class:`minimoe.model.Attention`: fused qkv, RoPE in place, cache, attention, o_proj."""
+    """Mirrors :class:`minimoe.model.Attention`: fused qkv, RoPE in place and the new k/v into the cache
+    (one kernel, in place of ``KVCache.update``), attention, o_proj."""
 
     qkv: GpuLinear
     o: GpuLinear
@@ -125,18 +126,14 @@ class GpuAttention:
         """h ``[B, T, H]`` -> ``[B, T, H]``; new keys/values go into ``cache`` when given."""
         batch, tokens, _ = h.shape
         rows = self.qkv(h.reshape(batch * tokens, -1))  # [B*T, (nh + 2 nkv) * D]: q heads, k heads, v heads
-        kernels.apply_rope_inplace(rows, cos, sin, tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-
-        def heads(first):  # [B*T, nkv*D] columns -> [B, nkv, T, D], the cache's layout
-            block = rows[:, first : first + kv_width].reshape(batch, tokens, self.num_kv_heads, self.head_dim)
-            return block.transpose(0, 2, 1, 3)
-
-        k, v = heads(q_width), heads(q_width + kv_width)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
+        if cache is not None:  # the cache's [B, nkv, capacity, D] buffers; Model.forward reserved the room
+            keys, values = cache.keys[layer], cache.values[layer]
         else:
-            k, v = cp.ascontiguousarray(k), cp.ascontiguousarray(v)
+            keys, values = (cp.empty((batch, self.num_kv_heads, tokens, self.head_dim), dtype=cp.float32)
+                            for _ in range(2))
+        kernels.rope_store_kv(rows, cos, sin, keys, values, start, tokens, self.num_heads, self.num_kv_heads,
+                              self.head_dim)
+        k, v = keys[:, :, : start + tokens], values[:, :, : start + tokens]
         attended = kernels.causal_attention(rows, k, v, tokens, self.num_heads, self.head_dim, start)
         return self.o(attended)
 

@@ -73,17 +73,24 @@ def add_rms_norm(x, delta, weight, eps: float):
     return total, out
 
 
-def apply_rope_inplace(rows, cos, sin, tokens: int, heads: int, head_dim: int) -> None:
-    """Replaces :func:`minimoe.layers.apply_rope` for q and k together, in place.
+def rope_store_kv(rows, cos, sin, k_cache, v_cache, start: int, tokens: int, heads: int, kv_heads: int,
+                  head_dim: int) -> None:
+    """Replaces :func:`minimoe.layers.apply_rope` on q and k (in place) and :meth:`minimoe.model.KVCache.update`.
 
-    rows ``[B * T, width]`` contiguous (the fused qkv projection: q heads then k heads
-    first, ``heads`` of them rotated), cos/sin ``[T, D]`` from :func:`minimoe.layers.rope_tables`.
+    rows ``[B * T, (heads + 2 * kv_heads) * D]`` contiguous: the fused qkv output (q heads, k heads,
+    v heads); cos/sin ``[T, D]`` from :func:`minimoe.layers.rope_tables`; k_cache, v_cache
+    ``[B, kv_heads, capacity, D]`` float32 buffers (the KV cache's, or fresh ones) that receive the
+    rotated keys and the values at positions ``start .. start + T - 1``.
     """
-    pairs = rows.shape[0] * heads * (head_dim // 2)
+    for cache in (k_cache, v_cache):
+        if cache.dtype != cp.float32 or not cache.flags.c_contiguous:
+            raise ValueError("k_cache and v_cache must be contiguous float32 [B, kv_heads, capacity, D] buffers")
+    pairs = rows.shape[0] * (heads + 2 * kv_heads) * (head_dim // 2)
     grid, block = launch.elementwise_grid(pairs)
-    kernel("rope.cu", "rope_inplace")(grid, block, (rows, _contiguous(cos), _contiguous(sin), np.int64(rows.shape[0]),
-                                                    np.int32(tokens), np.int32(heads), np.int32(head_dim),
-                                                    np.int64(rows.shape[1])))
+    kernel("rope.cu", "rope_store_kv")(
+        grid, block, (rows, _contiguous(cos), _contiguous(sin), k_cache, v_cache, np.int64(rows.shape[0]),
+                      np.int32(tokens), np.int32(heads), np.int32(kv_heads), np.int32(head_dim), np.int64(rows.shape[1]),
+                      np.int64(k_cache.strides[0] // 4), np.int64(k_cache.strides[1] // 4), np.int32(start)))
 
 
 def silu_mul(gate_up):
