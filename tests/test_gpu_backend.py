@@ -11,6 +11,7 @@ import pytest
 
 import minimoe
 from minimoe import MinimoeError
+from minimoe.gpu_check import relative_error  # (got, expected), reading device arrays
 
 from conftest import FIXTURE_NAMES, FIXTURES, ROOT
 import gpu_emulation
@@ -69,18 +70,14 @@ def both(folder):
     return minimoe.load(folder), minimoe.load(folder, backend="cupy")
 
 
-def relative_error(a, b) -> float:
-    return float(np.abs(np.asarray(a) - minimoe.to_numpy(b)).max() / np.abs(a).max())
-
-
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_gpu_model_matches_numpy_on_every_fixture(emulated, name):
     cpu, gpu = both(FIXTURES / name)
     assert type(gpu).__name__ == "GpuModel" and gpu.backend == "cupy"
     ids = np.arange(21) * 7 % cpu.config.vocab_size  # 21 tokens: the GEMM path (more than GEMV_MAX_ROWS)
-    assert relative_error(cpu.forward(ids), gpu.forward(ids)) < 1e-5
+    assert relative_error(gpu.forward(ids), cpu.forward(ids)) < 1e-5
     batch = np.stack([ids[:5], ids[5:10]])  # 5 tokens x 2: GEMV path, batched attention
-    assert relative_error(cpu.forward(batch), gpu.forward(batch)) < 1e-5
+    assert relative_error(gpu.forward(batch), cpu.forward(batch)) < 1e-5
 
 
 def test_gpu_decoding_through_the_cache_matches_numpy(emulated):
@@ -91,7 +88,7 @@ def test_gpu_decoding_through_the_cache_matches_numpy(emulated):
         model.forward(ids[:12], cache=cache)
     for position in range(12, 30):
         expected = cpu.forward(ids[position : position + 1], cache=caches[0])
-        assert relative_error(expected, gpu.forward(ids[position : position + 1], cache=caches[1])) < 1e-5
+        assert relative_error(gpu.forward(ids[position : position + 1], cache=caches[1]), expected) < 1e-5
     assert cpu.generate(ids[:8], 6, temperature=0) == gpu.generate(ids[:8], 6, temperature=0)
 
 
