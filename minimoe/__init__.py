@@ -6,6 +6,7 @@
 """
 
 from .assets import default_model_path
+from .backend import to_numpy
 from .config import ModelConfig
 from .errors import MinimoeError
 from .model import KVCache, Model, load
@@ -14,6 +15,6 @@ from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
     "load", "load_tokenizer", "default_model_path", "Model", "KVCache", "Tokenizer", "ModelConfig",
-    "MinimoeError", "ParameterCount", "count_parameters",
+    "MinimoeError", "ParameterCount", "count_parameters", "to_numpy",
 ]
 __version__ = "0.1.0"

@@ -26,7 +26,7 @@ from threadpoolctl import ThreadpoolController
 from .errors import MinimoeError
 from .weight_cache import WeightCache
 
-BACKENDS = ("numpy",)
+BACKENDS = ("numpy", "cupy")
 
 # Matrices with at most this many elements (norm weights, biases, the router,
 # the shared-expert gate) are upcast once at load: they are tiny, and re-upcasting
@@ -55,11 +55,35 @@ def array_module(backend: str) -> ModuleType:
     if backend == "numpy":
         return np
     if backend == "cupy":
-        raise MinimoeError(
-            "backend 'cupy' is not available in this version of minimoe (the GPU backend is not built yet); "
-            "use backend='numpy'"
-        )
+        return import_cupy()
     raise MinimoeError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+
+
+def import_cupy() -> ModuleType:
+    """CuPy, once it is known to work here; MinimoeError saying what is missing otherwise.
+
+    Imported only when the cupy backend is asked for: ``import minimoe`` never needs CuPy.
+    """
+    try:
+        import cupy
+    except ImportError as error:
+        raise MinimoeError(
+            "backend 'cupy' needs CuPy, which is not installed: pip install -e '.[gpu]' "
+            "(cupy-cuda12x; cupy-cuda13x for CUDA 13), or use backend='numpy'"
+        ) from error
+    try:
+        devices = cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:  # CUDARuntimeError when there is no driver or no device
+        raise MinimoeError(f"backend 'cupy': CuPy is installed but finds no usable GPU ({error}); "
+                           "use backend='numpy'") from error
+    if devices == 0:
+        raise MinimoeError("backend 'cupy': CuPy is installed but this machine has no GPU; use backend='numpy'")
+    return cupy
+
+
+def to_numpy(x) -> np.ndarray:
+    """A NumPy array of ``x``, copied from the GPU when it is a CuPy array (the cupy backend's logits)."""
+    return x.get() if hasattr(x, "__cuda_array_interface__") else np.asarray(x)
 
 
 class _Scratch(threading.local):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 
+from .backend import to_numpy
 from .errors import MinimoeError
 
 if TYPE_CHECKING:
@@ -108,7 +109,7 @@ def generate_stream(model: "Model", ids: Iterable[int], max_new_tokens: int, tem
     logits = model.forward(prompt, cache=cache, **step_options)[-1]
     generated: list[int] = []
     for step in range(max_new_tokens):
-        token = sample_next(logits, rng, temperature, top_k, top_p)
+        token = sample_next(to_numpy(logits), rng, temperature, top_k, top_p)  # cupy backend: to the host
         generated.append(token)
         yield token
         if token in eos or (stop_strings and any(s in tokenizer.decode(generated) for s in stop_strings)):

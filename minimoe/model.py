@@ -307,7 +307,7 @@ class Model:
         self.forward(ids, record=recorder)
         c = self.config
         router_logits = [recorder.joined("router_logits", layer) for layer in c.sparse_layers]
-        return layers.load_balancing_loss(self.xp, router_logits, c.num_experts, c.num_experts_per_tok)
+        return layers.load_balancing_loss(np, router_logits, c.num_experts, c.num_experts_per_tok)  # recorded on the host
 
     def check_ids(self, ids) -> np.ndarray:
         """ids as an int64 ``[T]`` or ``[B, T]`` array; MinimoeError for any other shape, dtype or an id outside the vocabulary."""
@@ -336,6 +336,8 @@ def load(path: str | Path, backend: str = "numpy", progress: Callable[..., Itera
     takes seconds and little memory.  Every tensor's presence and shape is checked
     against the config first.  ``progress`` (e.g. ``tqdm.tqdm``) wraps the shards as
     they are opened and the tensors as they are checked.
+    ``backend="cupy"`` copies the weights to the GPU once and runs every layer there
+    (:mod:`minimoe.gpu`; forward then returns CuPy arrays, see :func:`minimoe.to_numpy`).
 
     ``max_memory`` (bytes, or a string such as ``"4GB"``) is a budget for float32
     copies of the routed experts' weights: up to that much, the upcast copy an
@@ -343,6 +345,9 @@ def load(path: str | Path, backend: str = "numpy", progress: Callable[..., Itera
     made again the next time the expert is chosen; see :mod:`minimoe.weight_cache`.
     Without it, weights are upcast block by block into a small reused buffer.
     """
+    if max_memory is not None and backend != "numpy":
+        raise MinimoeError(f"max_memory budgets the NumPy backend's float32 weight copies; backend {backend!r} "
+                           "keeps every weight on its device and takes no max_memory")
     xp = array_module(backend)
     folder = Path(path)
     if not folder.is_dir():
@@ -371,6 +376,11 @@ def _check_shapes(checkpoint: Checkpoint, expected: Iterable[tuple[str, tuple[in
 
 
 def _build(config: ModelConfig, checkpoint: Checkpoint, backend: str, xp, cache: WeightCache | None) -> Model:
+    if backend == "cupy":  # the GPU model: the same blocks, each step a CUDA kernel (minimoe.gpu)
+        from .gpu.blocks import build
+
+        return build(config, checkpoint)
+
     def tensor(name):
         return checkpoint.array(name)
 

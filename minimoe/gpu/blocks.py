@@ -1,0 +1,299 @@
+"""The model on the GPU: :mod:`minimoe.model`'s blocks, each step a kernel of :mod:`minimoe.gpu.kernels`.
+
+The composition is the CPU model's, step for step (see :class:`minimoe.model.DecoderLayer`):
+
+    h = rms_norm(x);            x, h = x + attention(h), rms_norm(x + attention(h))   # add_rms_norm
+    x = x + routed(h) + sigmoid(shared_gate(h)) * shared(h)                          # moe_combine
+
+Weights go to the GPU once, at load, in the dtype the kernels read: bf16 stays bf16
+(uint16 bit patterns, half the bytes of float32; the matmul kernels upcast as they
+read), f16 and f32 checkpoints (the test fixtures) become float32.  Matrices that read
+the same input are stacked so one kernel launch computes them: q/k/v into one ``qkv``
+weight, each SwiGLU's gate and up into one ``gate_up``, and all of a layer's experts
+into ``[E, out, in]`` tensors the grouped matmuls index by expert.  Activations and
+the KV cache stay on the device; :meth:`GpuModel.forward` returns CuPy logits
+(``minimoe.to_numpy`` brings them back) and hands routing traces NumPy arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import cupy as cp
+import numpy as np
+
+from .. import layers, weights
+from ..backend import to_numpy
+from ..checkpoint import Checkpoint
+from ..config import ModelConfig
+from ..errors import MinimoeError
+from ..model import Model
+from ..routing import NO_INTERVENTIONS, LayerInterventions
+from . import kernels, launch
+
+
+def device_dtype(array: np.ndarray):
+    """The dtype a stored weight has on the GPU: bf16 stays bf16 (as uint16 bits), anything else is float32."""
+    return cp.uint16 if array.dtype.name == "bfloat16" else cp.float32
+
+
+def device_weight(array: np.ndarray):
+    """A stored weight copied to the GPU in :func:`device_dtype`."""
+    if array.dtype.name == "bfloat16":
+        return cp.asarray(np.ascontiguousarray(array).view(np.uint16))
+    return cp.asarray(np.asarray(array, dtype=np.float32))
+
+
+def to_float32(weight):
+    """Device weight -> float32 (bf16 bits shifted into the top half of an f32: exact)."""
+    if weight.dtype == cp.uint16:
+        return (weight.astype(cp.uint32) << 16).view(cp.float32)
+    return weight
+
+
+@lru_cache(maxsize=64)
+def one_group(rows: int):
+    """The dispatch arrays of an ungrouped matmul: offsets ``[0, rows]``, active ``[0]``, num_active ``[1]``."""
+    return cp.asarray([0, rows], dtype=cp.int32), cp.zeros(1, dtype=cp.int32), cp.ones(1, dtype=cp.int32)
+
+
+class GpuLinear:
+    """``y = x @ W.T (+ b)`` on the GPU; the :class:`minimoe.backend.Linear` of the cupy backend.
+
+    ``weight`` is ``[G, out, in]``: G = 1 for a projection, G = experts for a layer's stacked
+    experts (called through :meth:`grouped`).  Build with :meth:`stacked`.
+    """
+
+    def __init__(self, weight, bias=None):
+        self.weight = weight  # [G, out, in] uint16 (bf16 bits) or float32
+        self.bias = bias  # [out] float32 or None
+
+    @classmethod
+    def stacked(cls, groups: list[list[np.ndarray]], biases: list[np.ndarray] | None = None) -> "GpuLinear":
+        """One weight from host matrices: ``groups[g]`` are stacked along the output axis into group g.
+
+        ``stacked([[q, k, v]])`` is the fused qkv projection; ``stacked([[gate_e, up_e] for e in experts])``
+        the experts' gate_up.  Copied to the GPU matrix by matrix (no host copy of the whole stack).
+        """
+        first = groups[0][0]
+        out = sum(m.shape[0] for m in groups[0])
+        weight = cp.empty((len(groups), out, first.shape[1]), dtype=device_dtype(first))
+        for g, matrices in enumerate(groups):
+            row = 0
+            for matrix in matrices:
+                weight[g, row : row + matrix.shape[0]] = device_weight(matrix)
+                row += matrix.shape[0]
+        bias = None if biases is None else cp.asarray(np.concatenate(biases).astype(np.float32))
+        return cls(weight, bias)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(out_features, in_features)``."""
+        return self.weight.shape[1:]
+
+    def __call__(self, x):
+        """x ``[..., in]`` float32 -> ``[..., out]`` float32."""
+        flat = x.reshape(-1, x.shape[-1])
+        rows = flat.shape[0]
+        y = kernels.grouped_matmul(flat, self.weight, self.bias, *one_group(rows), max_rows_per_group=rows,
+                                   counts=np.array([rows]))
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def grouped(self, x, plan: kernels.DevicePlan, max_rows_per_group: int, counts=None, x_rows=None):
+        """Rows grouped by ``plan`` (expert e's at plan.offsets[e]..) -> ``[R, out]`` in that order: x ``[R, in]``
+        already in dispatch order, or the token rows ``[N, in]`` read through ``x_rows = plan.rows``."""
+        return kernels.grouped_matmul(x, self.weight, self.bias, plan.offsets, plan.active, plan.num_active,
+                                      max_rows_per_group, counts, x_rows)
+
+    def rows(self, ids):
+        """Rows ``W[ids]`` as float32 (the embedding lookup): host ids ``[...]`` -> ``[..., in]``."""
+        return to_float32(self.weight[0][cp.asarray(ids)])
+
+
+@dataclass
+class GpuAttention:
+    """Mirrors :class:`minimoe.model.Attention`: fused qkv, RoPE in place and the new k/v into the cache
+    (one kernel, in place of ``KVCache.update``), attention, o_proj."""
+
+    qkv: GpuLinear
+    o: GpuLinear
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    def __call__(self, h, cos, sin, layer: int, cache, start: int):
+        """h ``[B, T, H]`` -> ``[B, T, H]``; new keys/values go into ``cache`` when given."""
+        batch, tokens, _ = h.shape
+        rows = self.qkv(h.reshape(batch * tokens, -1))  # [B*T, (nh + 2 nkv) * D]: q heads, k heads, v heads
+        if cache is not None:  # the cache's [B, nkv, capacity, D] buffers; Model.forward reserved the room
+            keys, values = cache.keys[layer], cache.values[layer]
+        else:
+            keys, values = (cp.empty((batch, self.num_kv_heads, tokens, self.head_dim), dtype=cp.float32)
+                            for _ in range(2))
+        kernels.rope_store_kv(rows, cos, sin, keys, values, start, tokens, self.num_heads, self.num_kv_heads,
+                              self.head_dim)
+        k, v = keys[:, :, : start + tokens], values[:, :, : start + tokens]
+        attended = kernels.causal_attention(rows, k, v, tokens, self.num_heads, self.head_dim, start)
+        return self.o(attended)
+
+
+@dataclass
+class GpuSwiGLU:
+    """Mirrors :func:`minimoe.layers.swiglu`: ``down(silu(gate(x)) * up(x))`` with gate/up as one matmul."""
+
+    gate_up: GpuLinear
+    down: GpuLinear
+
+    def __call__(self, h):
+        """h ``[N, H]`` -> ``[N, H]``."""
+        return self.down(kernels.silu_mul(self.gate_up(h)))
+
+
+@dataclass
+class GpuSparseMoe:
+    """Mirrors :class:`minimoe.model.SparseMoeBlock`, with the residual add folded into the combine."""
+
+    router: GpuLinear  # [1, E, H]
+    gate_up: GpuLinear  # [E, 2 * moe_intermediate, H]
+    down: GpuLinear  # [E, H, moe_intermediate]
+    shared: GpuSwiGLU
+    shared_gate: GpuLinear  # [1, 1, H]
+    top_k: int
+    norm_topk_prob: bool
+
+    def __call__(self, h, residual, layer: int, change: LayerInterventions = NO_INTERVENTIONS, record=None):
+        """h, residual ``[N, H]`` -> ``residual + routed(h) + shared(h)`` ``[N, H]``."""
+        tokens, num_experts = h.shape[0], self.gate_up.weight.shape[0]
+        logits = self.router(h)
+        top_k = change.top_k or self.top_k
+        if change.forced is None:
+            choice = kernels.route(logits, top_k, self.norm_topk_prob, change.disabled)
+        else:  # forcing experts is an experiment, not a hot path: the reference router, on the GPU arrays
+            choice = layers.route(cp, logits, top_k, self.norm_topk_prob, change.disabled, change.forced)
+        plan = kernels.dispatch(choice.expert_ids, num_experts)
+        # A token picks an expert at most once, so no expert has more than N rows.  Decode
+        # (N <= GEMV_MAX_ROWS) never leaves the device; prefill reads the counts once for the GEMM tiles.
+        counts = None if tokens <= launch.kernel_constants("matmul.cu")["GEMV_MAX_ROWS"] \
+            else cp.asnumpy(plan.counts)
+        # gate_up reads each expert's tokens straight from h (plan.rows); its output, and all
+        # that follows, is in dispatch order [N*k, ...]: each expert's rows contiguous.
+        gate_up = self.gate_up.grouped(h, plan, tokens, counts, x_rows=plan.rows)
+        expert_out = self.down.grouped(kernels.silu_mul(gate_up), plan, tokens, counts)
+        gate_logit = self.shared_gate(h)[:, 0]
+        shared = self.shared(h) if change.shared_expert else None
+        out = kernels.combine(expert_out, plan.inv_perm, choice.expert_weights, residual, shared,
+                              None if shared is None else gate_logit)
+        if record is not None:
+            gate = layers.sigmoid(cp, gate_logit)
+            routed = kernels.combine(expert_out, plan.inv_perm, choice.expert_weights)
+            shared_part = cp.zeros_like(routed) if shared is None else shared * gate[:, None]
+            record(layer, router_logits=choice.logits, router_probs=choice.probs,
+                   expert_ids=choice.expert_ids.astype(cp.int64), raw_weights=choice.raw_weights,
+                   expert_weights=choice.expert_weights, shared_gate=gate,
+                   shared_norm=cp.linalg.norm(shared_part, axis=-1), routed_norm=cp.linalg.norm(routed, axis=-1),
+                   # Traces report hits of the CPU backend's float32 expert cache (load(max_memory=...));
+                   # the GPU holds every expert in memory and keeps no such cache: never a hit.
+                   cache_hit=cp.zeros(choice.expert_ids.shape, dtype=bool))
+        return out
+
+
+@dataclass
+class GpuDecoderLayer:
+    """Mirrors :class:`minimoe.model.DecoderLayer` (same call signature, so :class:`Model` runs it)."""
+
+    index: int
+    input_norm: "cp.ndarray"
+    post_attention_norm: "cp.ndarray"
+    attention: GpuAttention
+    mlp: GpuSwiGLU | GpuSparseMoe
+    eps: float
+
+    @property
+    def is_sparse(self) -> bool:
+        return isinstance(self.mlp, GpuSparseMoe)
+
+    def __call__(self, xp, x, cos, sin, cache, start, interventions=None, record=None):
+        """x ``[B, T, H]`` -> ``[B, T, H]``: attention then feed-forward, each added to the residual."""
+        shape = x.shape
+        h = kernels.rms_norm(x, self.input_norm, self.eps)
+        attended = self.attention(h, cos, sin, self.index, cache, start)
+        if record is not None:
+            record(self.index, attention_norm=cp.linalg.norm(attended, axis=-1).reshape(-1))
+        x, h = kernels.add_rms_norm(x, attended, self.post_attention_norm, self.eps)
+        x, h = x.reshape(-1, shape[-1]), h.reshape(-1, shape[-1])
+        if self.is_sparse:
+            change = interventions.for_layer(self.index) if interventions else NO_INTERVENTIONS
+            return self.mlp(h, x, self.index, change, record).reshape(shape)
+        return (x + self.mlp(h)).reshape(shape)
+
+
+class GpuModel(Model):
+    """A :class:`minimoe.model.Model` whose layers run on the GPU.
+
+    ``forward`` returns CuPy logits (``minimoe.to_numpy(logits)`` for NumPy); routing
+    traces are recorded as NumPy arrays, so traces, analyses and generation work unchanged.
+    """
+
+    def forward(self, ids, cache=None, *, record=None, **interventions):
+        host_record = None
+        if record is not None:
+            def host_record(layer, **arrays):
+                record(layer, **{name: to_numpy(array) for name, array in arrays.items()})
+        return super().forward(ids, cache, record=host_record, **interventions)
+
+    __call__ = forward
+
+    def step_through(self, ids, layer: int, position: int = -1):
+        raise MinimoeError("step_through runs on the numpy backend: load the model with minimoe.load(path) to walk a layer")
+
+
+def build(config: ModelConfig, checkpoint: Checkpoint) -> GpuModel:
+    """The GPU model of a checked checkpoint (the cupy counterpart of :func:`minimoe.model._build`)."""
+    def tensor(name):
+        return checkpoint.array(name)
+
+    def small(name):  # norms and biases: float32 vectors
+        return cp.asarray(np.asarray(tensor(name), dtype=np.float32))
+
+    def linear(name) -> GpuLinear:
+        return GpuLinear.stacked([[tensor(name)]])
+
+    def swiglu(prefix) -> GpuSwiGLU:
+        names = weights.swiglu_names(prefix)
+        return GpuSwiGLU(GpuLinear.stacked([[tensor(names["gate"]), tensor(names["up"])]]), linear(names["down"]))
+
+    def attention(layer) -> GpuAttention:
+        n = weights.attention_names(layer)
+        biases = [np.asarray(tensor(n[f"{key}_bias"])) for key in "qkv"] if config.qkv_bias else None
+        return GpuAttention(
+            qkv=GpuLinear.stacked([[tensor(n["q_weight"]), tensor(n["k_weight"]), tensor(n["v_weight"])]], biases),
+            o=linear(n["o_weight"]),
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=config.head_dim,
+        )
+
+    def feed_forward(layer):
+        if not config.is_sparse_layer(layer):
+            return swiglu(weights.dense_mlp_prefix(layer))
+        experts = [weights.swiglu_names(weights.expert_prefix(layer, e)) for e in range(config.num_experts)]
+        return GpuSparseMoe(
+            router=linear(weights.router_name(layer)),
+            gate_up=GpuLinear.stacked([[tensor(names["gate"]), tensor(names["up"])] for names in experts]),
+            down=GpuLinear.stacked([[tensor(names["down"])] for names in experts]),
+            shared=swiglu(weights.shared_expert_prefix(layer)),
+            shared_gate=linear(weights.shared_expert_gate_name(layer)),
+            top_k=config.num_experts_per_tok,
+            norm_topk_prob=config.norm_topk_prob,
+        )
+
+    launch.check_model(config)  # before copying gigabytes to the GPU
+    decoder = []
+    for layer in range(config.num_hidden_layers):
+        norms = weights.norm_names(layer)
+        decoder.append(GpuDecoderLayer(layer, small(norms["input"]), small(norms["post_attention"]), attention(layer),
+                                       feed_forward(layer), config.rms_norm_eps))
+    embed = linear(weights.EMBED)
+    lm_head = embed if config.tie_word_embeddings else linear(weights.LM_HEAD)
+    return GpuModel(config, embed, decoder, small(weights.FINAL_NORM), lm_head, checkpoint, "cupy", cp)

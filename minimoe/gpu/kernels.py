@@ -1,0 +1,238 @@
+"""CuPy launch wrappers of the CUDA kernels in ``minimoe/kernels/*.cu``.
+
+Each wrapper takes and returns CuPy float32 arrays, names the NumPy function it
+replaces, and leaves grid and block sizes to :mod:`minimoe.gpu.launch` (plain Python,
+tested on a CPU).  The ``.cu`` files are compiled at first use by NVRTC through
+``cupy.RawModule`` (CuPy caches the binaries on disk), so no build step is needed.
+
+This module imports CuPy: only the GPU backend imports it, after
+:func:`minimoe.backend.import_cupy` has checked that CuPy and a GPU are there.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import NamedTuple
+
+import cupy as cp
+import numpy as np
+
+from .. import layers
+from . import launch
+
+NULL = np.uint64(0)  # a null pointer argument (an optional input the kernel skips)
+
+
+@cache
+def module(file_name: str) -> "cp.RawModule":
+    """The compiled kernels of one ``.cu`` file."""
+    source = (launch.KERNEL_DIR / file_name).read_text()
+    return cp.RawModule(code=source, options=("-std=c++17", f"-I{launch.KERNEL_DIR}"))
+
+
+@cache
+def kernel(file_name: str, name: str) -> "cp.RawKernel":
+    """One kernel of a ``.cu`` file, looked up once (a decode step launches 17 per sparse layer)."""
+    return module(file_name).get_function(name)
+
+
+def _contiguous(x):
+    """x as a C-contiguous float32 array whose data starts 16-byte aligned (the vector loads need it)."""
+    x = cp.ascontiguousarray(x, dtype=cp.float32)
+    return x if address(x) % 16 == 0 else x.copy()
+
+
+def address(x) -> int:
+    """The device address of x's first element."""
+    return x.data.ptr
+
+
+def _optional(x):
+    return NULL if x is None else _contiguous(x)
+
+
+# --- normalisation, RoPE, SwiGLU --------------------------------------------------------------------
+
+def rms_norm(x, weight, eps: float):
+    """Replaces :func:`minimoe.layers.rms_norm`.  x ``[..., H]``, weight ``[H]`` -> ``[..., H]``."""
+    x = _contiguous(x)
+    hidden = x.shape[-1]
+    out = cp.empty_like(x)
+    kernel("norm.cu", "rms_norm")((x.size // hidden,), launch.norm_block(hidden),
+                                  (x, weight, out, np.int32(hidden), np.float32(eps)))
+    return out
+
+
+def add_rms_norm(x, delta, weight, eps: float):
+    """``x + delta`` and its :func:`~minimoe.layers.rms_norm`, in one pass.  x, delta ``[..., H]`` -> (sum, normed)."""
+    x, delta = _contiguous(x), _contiguous(delta)
+    hidden = x.shape[-1]
+    total, out = cp.empty_like(x), cp.empty_like(x)
+    kernel("norm.cu", "add_rms_norm")((x.size // hidden,), launch.norm_block(hidden),
+                                      (x, delta, weight, total, out, np.int32(hidden), np.float32(eps)))
+    return total, out
+
+
+def rope_store_kv(rows, cos, sin, k_cache, v_cache, start: int, tokens: int, heads: int, kv_heads: int,
+                  head_dim: int) -> None:
+    """Replaces :func:`minimoe.layers.apply_rope` on q and k (in place) and :meth:`minimoe.model.KVCache.update`.
+
+    rows ``[B * T, (heads + 2 * kv_heads) * D]`` contiguous: the fused qkv output (q heads, k heads,
+    v heads); cos/sin ``[T, D]`` from :func:`minimoe.layers.rope_tables`; k_cache, v_cache
+    ``[B, kv_heads, capacity, D]`` float32 buffers (the KV cache's, or fresh ones) that receive the
+    rotated keys and the values at positions ``start .. start + T - 1``.
+    """
+    for cache in (k_cache, v_cache):
+        if cache.dtype != cp.float32 or not cache.flags.c_contiguous:
+            raise ValueError("k_cache and v_cache must be contiguous float32 [B, kv_heads, capacity, D] buffers")
+    pairs = rows.shape[0] * (heads + 2 * kv_heads) * (head_dim // 2)
+    grid, block = launch.elementwise_grid(pairs)
+    kernel("rope.cu", "rope_store_kv")(
+        grid, block, (rows, _contiguous(cos), _contiguous(sin), k_cache, v_cache, np.int64(rows.shape[0]),
+                      np.int32(tokens), np.int32(heads), np.int32(kv_heads), np.int32(head_dim), np.int64(rows.shape[1]),
+                      np.int64(k_cache.strides[0] // 4), np.int64(k_cache.strides[1] // 4), np.int32(start)))
+
+
+def silu_mul(gate_up):
+    """Replaces ``silu(gate) * up`` in :func:`minimoe.layers.swiglu`.  gate_up ``[N, 2I]`` -> ``[N, I]``."""
+    rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    out = cp.empty((rows, inter), dtype=cp.float32)
+    grid, block = launch.elementwise_grid(rows * inter)
+    kernel("swiglu.cu", "silu_mul")(grid, block, (_contiguous(gate_up), out, np.int64(rows), np.int32(inter)))
+    return out
+
+
+# --- the router and the MoE dispatch ------------------------------------------------------------------
+
+def route(router_logits, top_k: int, norm_topk_prob: bool, disabled=()) -> layers.RouterChoice:
+    """Replaces :func:`minimoe.layers.route` (without ``forced``).  router_logits ``[N, E]`` -> RouterChoice.
+
+    expert_ids are int32 on the GPU (the dispatch kernel's index type).
+    """
+    logits = _contiguous(router_logits)
+    tokens, experts = logits.shape
+    grid, block = launch.router_grid(tokens, experts, top_k)
+    mask = NULL
+    if len(disabled):
+        mask = cp.zeros(experts, dtype=cp.uint8)
+        mask[cp.asarray(list(disabled))] = 1
+    used, probs = cp.empty_like(logits), cp.empty_like(logits)
+    ids = cp.empty((tokens, top_k), dtype=cp.int32)
+    raw, weights = cp.empty((tokens, top_k), dtype=cp.float32), cp.empty((tokens, top_k), dtype=cp.float32)
+    kernel("router.cu", "route_topk")(grid, block, (logits, used, probs, ids, raw, weights, mask, np.int32(tokens),
+                                                    np.int32(experts), np.int32(top_k), np.int32(norm_topk_prob)))
+    return layers.RouterChoice(used, probs, ids, raw, weights)
+
+
+def dispatch(expert_ids, num_experts: int) -> launch.DispatchPlan:
+    """The GPU :func:`minimoe.gpu.launch.dispatch_plan`.  expert_ids ``[N, k]`` -> :class:`DevicePlan`."""
+    ids = cp.ascontiguousarray(expert_ids, dtype=cp.int32)
+    slots, top_k = ids.size, ids.shape[-1]
+    counts = cp.empty(num_experts, dtype=cp.int32)
+    offsets = cp.empty(num_experts + 1, dtype=cp.int32)
+    perm, inv_perm, rows = (cp.empty(slots, dtype=cp.int32) for _ in range(3))
+    active, num_active = cp.empty(num_experts, dtype=cp.int32), cp.empty(1, dtype=cp.int32)
+    kernel("moe.cu", "moe_dispatch")((1,), launch.dispatch_block(num_experts),
+                                     (ids, np.int32(slots), np.int32(num_experts), np.int32(top_k), counts, offsets,
+                                      perm, inv_perm, rows, active, num_active))
+    return DevicePlan(counts, offsets, perm, inv_perm, rows, active, num_active)
+
+
+class DevicePlan(NamedTuple):
+    """:class:`minimoe.gpu.launch.DispatchPlan`'s fields as device arrays, ``active`` ``[E]`` valid up to
+    ``num_active`` ``[1]`` (how many experts have tokens is known only on the device)."""
+
+    counts: "cp.ndarray"
+    offsets: "cp.ndarray"
+    perm: "cp.ndarray"
+    inv_perm: "cp.ndarray"
+    rows: "cp.ndarray"
+    active: "cp.ndarray"
+    num_active: "cp.ndarray"
+
+
+def combine(expert_out, inv_perm, weights, residual=None, shared=None, shared_gate=None):
+    """The GPU :func:`minimoe.gpu.launch.combine` (the ``out[rows] += y`` of :func:`minimoe.layers.routed_experts`,
+    plus the gated shared expert and the residual).  expert_out ``[N * k, H]`` -> ``[N, H]``."""
+    tokens, top_k = weights.shape
+    hidden = expert_out.shape[1]
+    out = cp.empty((tokens, hidden), dtype=cp.float32)
+    grid, block = launch.elementwise_grid(tokens * hidden)
+    args = (_contiguous(expert_out), inv_perm, _contiguous(weights), _optional(residual), _optional(shared),
+            _optional(shared_gate), out, np.int32(tokens), np.int32(top_k), np.int32(hidden))
+    kernel("moe.cu", "moe_combine")(grid, block, args)
+    return out
+
+
+# --- matmuls on stored weights ----------------------------------------------------------------------------
+
+def weight_suffix(weight) -> str:
+    """Which kernel variant reads this weight: bf16 bit patterns (uint16) or float32."""
+    return {cp.dtype(cp.uint16): "bf16", cp.dtype(cp.float32): "f32"}[weight.dtype]
+
+
+def grouped_matmul(x, weight, bias, offsets, active, num_active, max_rows_per_group: int, counts=None, x_rows=None):
+    """``y[rows of g] = x[rows of g] @ weight[g].T (+ bias)`` for every group g.  Replaces
+    :class:`minimoe.backend.Linear` (one group) and each expert's matmul in :func:`minimoe.layers.routed_experts`.
+
+    x ``[R, in]`` rows grouped by ``offsets`` ``[G + 1]`` -- or, with ``x_rows`` ``[R]``, row r is
+    ``x[x_rows[r]]`` (the experts read the hidden states in dispatch order, no permuted copy); weight ``[G, out, in]`` (uint16 bf16 bits
+    or float32); ``active`` / ``num_active``: the groups with rows (device arrays).  Up to
+    GEMV_MAX_ROWS rows per group the GEMV kernel runs (grid over ``active``, no host sync);
+    beyond, the tiled GEMM runs on a tile schedule built from ``counts`` (host ints; read
+    from the device when not given).  -> ``[R, out]`` float32, in the grouped order.
+    """
+    x = _contiguous(x)
+    groups, out_features, in_features = weight.shape
+    rows = x.shape[0] if x_rows is None else x_rows.shape[0]
+    row_map = NULL if x_rows is None else cp.ascontiguousarray(x_rows, dtype=cp.int32)
+    y = cp.empty((rows, out_features), dtype=cp.float32)
+    suffix = weight_suffix(weight)
+    if max_rows_per_group <= launch.kernel_constants("matmul.cu")["GEMV_MAX_ROWS"]:
+        grid, block = launch.gemv_grid(out_features, min(groups, rows))
+        kernel("matmul.cu", f"gemv_grouped_{suffix}")(grid, block, (x, row_map, weight, _optional(bias), y, offsets,
+                                                                     active, num_active, np.int32(out_features),
+                                                                     np.int32(in_features)))
+        return y
+    counts_host = cp.asnumpy(cp.diff(offsets)) if counts is None else counts
+    tile_group, tile_row = launch.gemm_schedule(counts_host, np.concatenate([[0], np.cumsum(counts_host)]))
+    if tile_group.size:
+        grid, block = launch.gemm_grid(out_features, tile_group.size)
+        kernel("matmul.cu", f"gemm_grouped_{suffix}")(grid, block, (x, row_map, weight, _optional(bias), y, offsets,
+                                                                     cp.asarray(tile_group), cp.asarray(tile_row),
+                                                                     np.int32(out_features), np.int32(in_features)))
+    return y
+
+
+# --- attention ---------------------------------------------------------------------------------------------
+
+def causal_attention(q_rows, k, v, tokens: int, heads: int, head_dim: int, query_start: int):
+    """Replaces :func:`minimoe.layers.causal_attention`.
+
+    q_rows ``[B * T, width]``: each row's first ``heads * D`` floats are the (rotated) query
+    heads (the fused qkv output, read in place); k, v ``[B, nkv, S, D]`` views whose last two
+    axes are contiguous (the KV cache's buffers, or fresh arrays).  -> ``[B, T, heads * D]``.
+    T == 1 runs the decode kernel (split over keys), longer the tiled prefill kernel.
+    """
+    batch, kv_heads, keys = k.shape[0], k.shape[1], k.shape[2]
+    launch.check_attention(heads, kv_heads, head_dim)
+    for array in (k, v):
+        if array.dtype != cp.float32 or array.strides[3] != 4 or array.strides[2] != 4 * head_dim:
+            raise ValueError("k and v need float32 [B, nkv, S, D] views with contiguous [S, D] planes")
+    if k.strides != v.strides:
+        raise ValueError("k and v must share one layout")
+    out = cp.empty((batch, tokens, heads * head_dim), dtype=cp.float32)
+    strides = (np.int64(q_rows.shape[1]), np.int64(k.strides[0] // 4), np.int64(k.strides[1] // 4))
+    scale = np.float32(1.0 / np.sqrt(head_dim))
+    if tokens == 1:
+        grid, block, shared = launch.decode_attention_launch(heads, batch, head_dim)
+        kernel("attention.cu", "attention_decode")(
+            grid, block, (q_rows, k, v, out, np.int32(heads), np.int32(kv_heads), np.int32(head_dim), *strides,
+                          np.int32(keys), scale), shared_mem=shared)
+    else:
+        grid, block, shared, key_tile = launch.prefill_attention_launch(tokens, heads, batch, head_dim)
+        kernel("attention.cu", "attention_prefill")(
+            grid, block, (q_rows, k, v, out, np.int32(tokens), np.int32(heads), np.int32(kv_heads),
+                          np.int32(head_dim), *strides, np.int32(query_start), np.int32(key_tile), scale),
+            shared_mem=shared)
+    return out

@@ -1,0 +1,186 @@
+"""Host-side launch logic of the GPU kernels, in plain Python and NumPy (no CuPy needed).
+
+Everything here runs, and is tested, on a CPU: the grid and block sizes each
+kernel is launched with, the tile schedule of the grouped GEMM, and the NumPy
+reference of the MoE dispatch bookkeeping that ``moe_dispatch`` / ``moe_combine``
+(``minimoe/kernels/moe.cu``) compute on the GPU.  The kernels' compile-time
+constants (tile sizes, warps per block) live in the ``.cu`` files, their one home;
+:func:`kernel_constants` reads them from there.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from ..errors import MinimoeError
+
+KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
+WARP = 32
+MAX_BLOCK = 1024
+ELEMENTWISE_BLOCK = 256  # threads per block of the one-thread-per-element kernels (RoPE, SwiGLU, combine)
+ROUTER_WARPS = 4  # tokens per block of route_topk (one warp each)
+ATTENTION_WARPS = 4  # queries per block in prefill (one warp each, sharing each k/v tile)
+# Warps per (sequence, head) in decode, each taking every 16th key: a decode step has only
+# B * heads blocks (16 at batch 1), so each needs many warps to spread a long cache over the GPU.
+DECODE_ATTENTION_WARPS = 16
+SHARED_MEMORY_BYTES = 48 * 1024  # dynamic shared memory a kernel may use without an opt-in
+
+
+def kernel_sources() -> list[Path]:
+    """The ``.cu`` files of the package, in name order."""
+    return sorted(KERNEL_DIR.glob("*.cu"))
+
+
+@cache
+def kernel_constants(file_name: str) -> dict[str, int]:
+    """The integer ``#define NAME value`` lines of a kernel file (its compile-time constants)."""
+    text = (KERNEL_DIR / file_name).read_text()
+    return {name: int(value) for name, value in re.findall(r"^#define\s+(\w+)\s+(\d+)\b", text, flags=re.MULTILINE)}
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def round_up(a: int, multiple: int) -> int:
+    return ceil_div(a, multiple) * multiple
+
+
+# --- grids and blocks ----------------------------------------------------------------------------
+
+def elementwise_grid(elements: int) -> tuple[tuple[int], tuple[int]]:
+    """(grid, block) for one thread per element."""
+    return (max(1, ceil_div(elements, ELEMENTWISE_BLOCK)),), (ELEMENTWISE_BLOCK,)
+
+
+def norm_block(hidden: int) -> tuple[int]:
+    """Threads per row of rms_norm: the hidden size rounded up to a warp, at most 256 (they stride over it)."""
+    return (min(256, round_up(hidden, WARP)),)
+
+
+def router_grid(tokens: int, experts: int, top_k: int) -> tuple[tuple[int], tuple[int]]:
+    """(grid, block) of route_topk: one warp per token.  MinimoeError for shapes the kernel cannot hold."""
+    capacity = WARP * kernel_constants("router.cu")["MAX_EXPERTS_PER_LANE"]
+    if experts > capacity:
+        raise MinimoeError(f"the GPU router handles at most {capacity} experts, this model has {experts}")
+    if not 1 <= top_k <= experts:
+        raise MinimoeError(f"top_k {top_k} must be in [1, {experts}]")
+    return (ceil_div(tokens, ROUTER_WARPS),), (ROUTER_WARPS * WARP,)
+
+
+def dispatch_block(experts: int) -> tuple[int]:
+    """Threads of moe_dispatch's single block: one per expert, rounded up to a warp."""
+    if experts > MAX_BLOCK:
+        raise MinimoeError(f"the GPU MoE dispatch handles at most {MAX_BLOCK} experts, this model has {experts}")
+    return (round_up(experts, WARP),)
+
+
+def gemv_grid(out_features: int, groups: int) -> tuple[tuple[int, int], tuple[int]]:
+    """(grid, block) of gemv_grouped: one warp per output feature; grid.y covers ``groups`` active groups."""
+    warps = kernel_constants("matmul.cu")["GEMV_WARPS"]
+    return (ceil_div(out_features, warps), max(1, groups)), (warps * WARP,)
+
+
+def gemm_schedule(counts: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The tiles of gemm_grouped: for each group with rows, one tile per TILE_M of them.
+
+    counts ``[G]``, offsets ``[G + 1]`` -> (tile_group ``[tiles]``, tile_row ``[tiles]``: the group
+    and the first row, in x's row numbering, of each tile), int32.  Empty groups get no tile.
+    """
+    tile = kernel_constants("matmul.cu")["TILE_M"]
+    groups, rows = [], []
+    for group, (count, start) in enumerate(zip(np.asarray(counts).tolist(), np.asarray(offsets).tolist())):
+        for first in range(0, count, tile):
+            groups.append(group)
+            rows.append(start + first)
+    return np.array(groups, dtype=np.int32), np.array(rows, dtype=np.int32)
+
+
+def gemm_grid(out_features: int, tiles: int) -> tuple[tuple[int, int], tuple[int]]:
+    """(grid, block) of gemm_grouped: grid.x over TILE_N output columns, grid.y over the schedule's tiles."""
+    c = kernel_constants("matmul.cu")
+    threads = (c["TILE_M"] // 4) * (c["TILE_N"] // 4)  # each thread computes a 4x4 patch
+    return (ceil_div(out_features, c["TILE_N"]), tiles), (threads,)
+
+
+def check_attention(heads: int, kv_heads: int, head_dim: int) -> None:
+    """MinimoeError unless the attention kernels can run this head layout."""
+    max_dim = WARP * kernel_constants("attention.cu")["MAX_DIMS_PER_LANE"]
+    if head_dim > max_dim:
+        raise MinimoeError(f"the GPU attention kernels handle head_dim up to {max_dim}, this model has {head_dim}")
+    if heads % kv_heads:
+        raise MinimoeError(f"{heads} attention heads do not split evenly over {kv_heads} key/value heads")
+
+
+def check_model(config) -> None:
+    """MinimoeError, at load, for a model (a :class:`~minimoe.config.ModelConfig`) the kernels cannot run."""
+    check_attention(config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+    if config.sparse_layers:
+        router_grid(1, config.num_experts, config.num_experts_per_tok)
+        dispatch_block(config.num_experts)
+
+
+def attention_key_tile(head_dim: int) -> int:
+    """Keys per shared-memory tile in prefill attention: as many as fit (k and v tiles) in 48 KiB, at most 32."""
+    return max(1, min(32, SHARED_MEMORY_BYTES // (2 * 4 * head_dim)))
+
+
+def prefill_attention_launch(tokens: int, heads: int, batch: int, head_dim: int):
+    """(grid, block, shared bytes, key tile) of attention_prefill."""
+    tile = attention_key_tile(head_dim)
+    return (ceil_div(tokens, ATTENTION_WARPS), heads, batch), (ATTENTION_WARPS * WARP,), 2 * tile * head_dim * 4, tile
+
+
+def decode_attention_launch(heads: int, batch: int, head_dim: int):
+    """(grid, block, shared bytes) of attention_decode: per warp a [D] accumulator plus its m and l."""
+    return (heads, batch), (DECODE_ATTENTION_WARPS * WARP,), DECODE_ATTENTION_WARPS * (head_dim + 2) * 4
+
+
+# --- the MoE dispatch bookkeeping, in NumPy -------------------------------------------------------
+
+class DispatchPlan(NamedTuple):
+    """Where each (token, expert) assignment goes.  ``slot = token * k + j`` is a token's j-th choice."""
+
+    counts: np.ndarray  # [E] assignments per expert
+    offsets: np.ndarray  # [E + 1] first permuted position of each expert (exclusive prefix sum of counts)
+    perm: np.ndarray  # [N * k] the slot at each permuted position: expert 0's slots first, each in slot order
+    inv_perm: np.ndarray  # [N * k] the permuted position of each slot
+    rows: np.ndarray  # [N * k] the token each permuted position reads (perm // k)
+    active: np.ndarray  # [A] the experts with at least one assignment, ascending
+
+
+def dispatch_plan(expert_ids: np.ndarray, num_experts: int) -> DispatchPlan:
+    """The NumPy reference of ``moe_dispatch``: expert_ids ``[N, k]`` -> :class:`DispatchPlan`.
+
+    The same grouping :func:`minimoe.layers.routed_experts` makes with a stable argsort
+    and a bincount, written out as the GPU computes it.
+    """
+    top_k = np.shape(expert_ids)[-1]
+    flat = np.asarray(expert_ids).reshape(-1)
+    counts = np.bincount(flat, minlength=num_experts).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    perm = np.argsort(flat, kind="stable").astype(np.int32)
+    inv_perm = np.empty_like(perm)
+    inv_perm[perm] = np.arange(perm.size, dtype=np.int32)
+    return DispatchPlan(counts, offsets, perm, inv_perm, perm // top_k, np.flatnonzero(counts).astype(np.int32))
+
+
+def combine(expert_out: np.ndarray, inv_perm: np.ndarray, weights: np.ndarray, residual=None, shared=None,
+            shared_gate=None) -> np.ndarray:
+    """The NumPy reference of ``moe_combine``.
+
+    expert_out ``[N * k, H]`` (permuted order), inv_perm ``[N * k]``, weights ``[N, k]``;
+    residual, shared ``[N, H]`` and shared_gate ``[N]`` (the gate's logit) optional -> ``[N, H]``:
+    ``residual + sum_j weights[:, j] * expert_out[inv_perm[slot]] + sigmoid(shared_gate) * shared``.
+    """
+    tokens, top_k = weights.shape
+    per_slot = expert_out[inv_perm].reshape(tokens, top_k, -1)  # back in token order
+    out = np.einsum("nk,nkh->nh", weights, per_slot)
+    if shared is not None:
+        out = out + shared / (1.0 + np.exp(-shared_gate))[:, None]
+    return out if residual is None else residual + out

@@ -1,0 +1,457 @@
+"""Check the GPU backend on a GPU machine, in one command:
+
+    python -m minimoe.gpu_check
+
+1. every CUDA kernel against the NumPy function it replaces, on random inputs of the
+   real Qwen1.5-MoE-A2.7B's shapes (:data:`REAL_SHAPES`), within :data:`TOLERANCES`;
+2. full-model logits, cupy vs numpy backend, on the test fixtures and the bundled model;
+3. a benchmark on a random checkpoint with the real model's layer shapes (fewer layers,
+   written by ``scripts/make_real_shape_checkpoint.py``): prefill and decode tokens/s and
+   GPU memory of minimoe-cupy against transformers (bf16, eager attention, same GPU),
+   with the decode targets: >= 3x transformers at batch 1, and >= 40% of the bandwidth
+   bound (bf16 bytes one decode token reads / the GPU's memory bandwidth).
+
+Prints one summary table and exits 0 when every check passed, 1 otherwise -- and 1,
+with a one-line reason, where CuPy or a GPU is missing.  Expected to take 3-6 minutes
+on an H200 (not yet run on one), most of it writing the 8-layer benchmark checkpoint
+(10.5 GB) and loading it into both engines.  With few layers the output head is a
+larger share of the bytes per token than in the 24-layer model, while minimoe's
+per-layer launch overhead is not, so ``--bench-layers 24`` gives the figure the
+decode targets are about.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import layers
+from .backend import import_cupy, to_numpy
+from .config import ModelConfig
+from .errors import MinimoeError
+from .params import count_parameters
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "tests" / "fixtures"
+MAKE_CHECKPOINT = REPO / "scripts" / "make_real_shape_checkpoint.py"
+
+# Qwen1.5-MoE-A2.7B's shapes (minimoe/configs/qwen1.5-moe-a2.7b.json), for the kernel checks.
+REAL_SHAPES = dict(hidden=2048, heads=16, head_dim=128, experts=60, moe_intermediate=1408, shared_intermediate=5632,
+                   top_k=4, vocab=151936)
+
+# Largest |gpu - numpy| / max|numpy| allowed.  Both sides read the same bf16 weights,
+# upcast exactly, and accumulate in float32, so a kernel differs from NumPy only in
+# the order of its float32 sums (~1e-6 relative over 2048 terms); 1e-4 leaves room for
+# that and still catches any wrong index, which shows up at 1e-1.  Whole models
+# compound it over layers: 1e-3, ten times finer than one bf16 rounding step (2^-8).
+TOLERANCES = {"kernel": 1e-4, "model": 1e-3}
+H200_BANDWIDTH = 4.3e12  # bytes/s of HBM3e, the bound's denominator
+DECODE_TARGET_SPEEDUP = 3.0
+DECODE_TARGET_BANDWIDTH_SHARE = 0.40
+
+
+@dataclass
+class Check:
+    name: str
+    error: float  # relative error (or, for exact checks, the number of mismatches)
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.error <= self.tolerance)
+
+
+def relative_error(got, expected) -> float:
+    """max |got - expected| / max |expected|, on the host."""
+    got, expected = np.asarray(to_numpy(got), dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    return float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-30))
+
+
+# --- arithmetic and formatting (pure Python, tested on CPU) ------------------------------------------
+
+def decode_bytes_per_token(config: ModelConfig, bytes_per_parameter: int = 2) -> int:
+    """Weight bytes one decode token must read: every active parameter except the embedding
+    table, of which it reads one row, while the output head is read whole."""
+    counts = count_parameters(config)
+    head = config.vocab_size * config.hidden_size
+    return (counts.activated_non_embedding + head + config.hidden_size) * bytes_per_parameter
+
+
+def bandwidth_bound(bytes_per_token: int, bandwidth: float = H200_BANDWIDTH) -> float:
+    """The decode tokens/s memory bandwidth allows at batch 1 (weights read once per token)."""
+    return bandwidth / bytes_per_token
+
+
+def format_table(header: list[str], rows: list[list]) -> str:
+    """A plain-text table: columns as wide as their widest cell, numbers right-aligned."""
+    cells = [[c if isinstance(c, str) else f"{c:,.4g}" if isinstance(c, float) else str(c) for c in row]
+             for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = []
+    for n, row in enumerate(cells):
+        lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m minimoe.gpu_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--no-bench", action="store_true", help="only the kernel and model checks")
+    parser.add_argument("--bench-layers", type=int, default=8,
+                        help="decoder layers of the benchmark checkpoint (24 = the full model, ~3 min more)")
+    parser.add_argument("--prefill", type=int, default=512, help="prompt tokens of the benchmark")
+    parser.add_argument("--decode", type=int, default=64, help="greedy decode steps of the benchmark")
+    parser.add_argument("--checkpoint", type=Path, help="benchmark on this real-shape checkpoint instead of writing one")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write every check and figure to this file")
+    return parser.parse_args(argv)
+
+
+# --- 1. kernels against their NumPy functions ------------------------------------------------------------
+
+def bf16_matrix(rng, shape) -> np.ndarray:
+    """Random bf16 bit patterns (as uint16) of a 1/sqrt(fan_in)-scaled matrix."""
+    values = rng.standard_normal(shape, dtype=np.float32) / shape[-1] ** 0.5  # a Python float keeps float32
+    return (values.view(np.uint32) >> 16).astype(np.uint16)  # truncation: a valid bf16 either way
+
+
+def upcast(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+@dataclass
+class Inputs:
+    """What every kernel check draws on: CuPy, a random generator and the shapes to test at."""
+
+    cp: object
+    rng: np.random.Generator
+    shapes: dict
+
+    def f32(self, *shape) -> np.ndarray:
+        return self.rng.standard_normal(shape, dtype=np.float32)
+
+    def dev(self, array):
+        return self.cp.asarray(array)
+
+
+def check_norms(t: Inputs) -> list[Check]:
+    from .gpu import kernels
+
+    hidden, tol = t.shapes["hidden"], TOLERANCES["kernel"]
+    x, delta, w = t.f32(300, hidden), t.f32(300, hidden), 1 + 0.1 * t.f32(hidden)
+    normed = kernels.rms_norm(t.dev(x), t.dev(w), 1e-6)
+    total, normed_sum = kernels.add_rms_norm(t.dev(x), t.dev(delta), t.dev(w), 1e-6)
+    return [Check("rms_norm", relative_error(normed, layers.rms_norm(np, x, w, 1e-6)), tol),
+            Check("add_rms_norm", max(relative_error(total, x + delta),
+                                      relative_error(normed_sum, layers.rms_norm(np, x + delta, w, 1e-6))), tol)]
+
+
+def check_rope_and_attention(t: Inputs, heads: int, kv_heads: int, tokens: int, start: int) -> list[Check]:
+    """rope_store_kv, then prefill and decode attention over the cache it filled (2 sequences)."""
+    from .gpu import kernels
+
+    D, tol = t.shapes["head_dim"], TOLERANCES["kernel"]
+    rows = t.f32(2 * tokens, (heads + 2 * kv_heads) * D)  # the fused qkv output of 2 sequences
+    cos, sin = layers.rope_tables(np, np.arange(start, start + tokens), D, 1e6)
+
+    def rotated(first, count):  # the reference: heads first .. first+count-1 of rows, rotated -> [B, count, T, D]
+        block = rows[:, first * D : (first + count) * D].reshape(2, tokens, -1)
+        return layers.apply_rope(np, layers.split_heads(block, count, D), cos, sin)
+
+    q, k_new = rotated(0, heads), rotated(heads, kv_heads)
+    v_new = layers.split_heads(rows[:, (heads + kv_heads) * D :].reshape(2, tokens, -1), kv_heads, D)
+    keys = start + tokens
+    kk, vv = t.f32(2, kv_heads, keys + 5, D), t.f32(2, kv_heads, keys + 5, D)  # a cache with spare capacity
+    device_rows, device_k, device_v = t.dev(rows), t.dev(kk), t.dev(vv)  # copied before the kernel writes
+    kk[:, :, start:keys], vv[:, :, start:keys] = k_new, v_new  # what the cache must hold afterwards
+    kernels.rope_store_kv(device_rows, t.dev(cos), t.dev(sin), device_k, device_v, start, tokens, heads, kv_heads, D)
+    got = to_numpy(device_rows).reshape(2, tokens, -1, D).transpose(0, 2, 1, 3)  # [B, all heads, T, D]
+    checks = [Check(f"rope_store_kv ({heads}/{kv_heads} heads): q, k in place, k and v cached", max(
+        relative_error(got[:, :heads], q), relative_error(got[:, heads : heads + kv_heads], k_new),
+        relative_error(device_k, kk), relative_error(device_v, vv)), tol)]
+    kk, vv, device_k, device_v = kk[:, :, :keys], vv[:, :, :keys], device_k[:, :, :keys], device_v[:, :, :keys]
+    out = kernels.causal_attention(device_rows, device_k, device_v, tokens, heads, D, start)
+    checks.append(Check(f"attention prefill ({heads}/{kv_heads} heads, T={tokens}, S={keys})",
+                        relative_error(out, layers.causal_attention(np, q, kk, vv, start)), tol))
+    last = device_rows.reshape(2, tokens, -1)[:, -1:].reshape(2, -1).copy()  # decode: the last query alone
+    out = kernels.causal_attention(last, device_k, device_v, 1, heads, D, keys - 1)
+    checks.append(Check(f"attention decode ({heads}/{kv_heads} heads, S={keys})",
+                        relative_error(out, layers.causal_attention(np, q[:, :, -1:], kk, vv, keys - 1)), tol))
+    return checks
+
+
+def check_silu_mul(t: Inputs) -> list[Check]:
+    from .gpu import kernels
+
+    inter = t.shapes["moe_intermediate"]
+    gate_up = t.f32(300, 2 * inter)
+    return [Check("silu_mul", relative_error(kernels.silu_mul(t.dev(gate_up)),
+                                             layers.silu(np, gate_up[:, :inter]) * gate_up[:, inter:]),
+                  TOLERANCES["kernel"])]
+
+
+def check_moe(t: Inputs, tokens: int, experts: np.ndarray) -> list[Check]:
+    """The MoE chain for ``tokens`` tokens: route, dispatch, the experts' grouped matmul, combine.
+
+    experts: a layer's stacked gate_up weights ``[E, 2I, H]`` as bf16 bits.
+    """
+    from .gpu import blocks, kernels, launch
+
+    s, tol, checks = t.shapes, TOLERANCES["kernel"], []
+    E, k, H, inter = s["experts"], s["top_k"], s["hidden"], s["moe_intermediate"]
+    logits = 3 * t.f32(tokens, E)
+    for norm, disabled in ((False, ()), (True, (0, 5))):
+        got = kernels.route(t.dev(logits), k, norm, disabled)
+        want = layers.route(np, logits, k, norm, disabled)
+        checks.append(Check(f"route (N={tokens}, norm={norm}, disabled={list(disabled)}): id mismatches",
+                            int((to_numpy(got.expert_ids) != want.expert_ids).sum()), 0))
+        checks.append(Check(f"route (N={tokens}, norm={norm}): probs/weights", max(
+            relative_error(got.probs, want.probs), relative_error(got.expert_weights, want.expert_weights)), tol))
+    want_plan = launch.dispatch_plan(want.expert_ids, E)
+    plan = kernels.dispatch(t.dev(want.expert_ids.astype(np.int32)), E)
+    exact = all(np.array_equal(to_numpy(getattr(plan, f)), getattr(want_plan, f))
+                for f in ("counts", "offsets", "perm", "inv_perm", "rows"))
+    exact &= np.array_equal(to_numpy(plan.active)[: int(to_numpy(plan.num_active)[0])], want_plan.active)
+    checks.append(Check(f"moe_dispatch (N={tokens}): mismatches", 0 if exact else 1, 0))
+
+    h = t.f32(tokens, H)
+    permuted = h[want_plan.rows]  # each expert's tokens contiguous
+    want_out = np.zeros((tokens * k, 2 * inter), dtype=np.float32)
+    for e in want_plan.active:
+        rows = slice(want_plan.offsets[e], want_plan.offsets[e + 1])
+        want_out[rows] = permuted[rows] @ upcast(experts[e]).T
+    grouped = blocks.GpuLinear(t.dev(experts)).grouped
+    checks.append(Check(f"grouped matmul, experts, tokens by row map (N={tokens})",
+                        relative_error(grouped(t.dev(h), plan, tokens, x_rows=plan.rows), want_out), tol))
+    checks.append(Check(f"grouped matmul, experts, permuted rows (N={tokens})",
+                        relative_error(grouped(t.dev(permuted), plan, tokens), want_out), tol))
+    expert_out, residual, shared, gate = t.f32(tokens * k, H), t.f32(tokens, H), t.f32(tokens, H), t.f32(tokens)
+    got = kernels.combine(t.dev(expert_out), plan.inv_perm, t.dev(want.expert_weights), t.dev(residual),
+                          t.dev(shared), t.dev(gate))
+    want_sum = launch.combine(expert_out, want_plan.inv_perm, want.expert_weights, residual, shared, gate)
+    checks.append(Check(f"moe_combine (N={tokens})", relative_error(got, want_sum), tol))
+    return checks
+
+
+def check_linear(t: Inputs, out_features: int, tokens: int, bias: bool) -> list[Check]:
+    """One bf16 projection (GEMV up to GEMV_MAX_ROWS tokens, GEMM beyond)."""
+    from .gpu import blocks
+
+    H = t.shapes["hidden"]
+    weight, h = bf16_matrix(t.rng, (1, out_features, H)), t.f32(tokens, H)
+    b = t.f32(out_features) if bias else None
+    got = blocks.GpuLinear(t.dev(weight), None if b is None else t.dev(b))(t.dev(h))
+    want = h @ upcast(weight[0]).T + (0.0 if b is None else b)
+    return [Check(f"linear bf16 {out_features}x{H}{' + bias' if bias else ''} (N={tokens})",
+                  relative_error(got, want), TOLERANCES["kernel"])]
+
+
+def guarded(name: str, function, *args) -> list[Check]:
+    """``function(*args)``'s checks; an exception becomes one failed check (and its traceback on stderr),
+    so one broken kernel does not hide the others' results."""
+    try:
+        return function(*args)
+    except Exception as error:  # noqa: BLE001 -- reported, and the run goes on to the next check
+        traceback.print_exc()
+        return [Check(f"{name}: raised {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+                      float("inf"), 0)]
+
+
+def check_kernels(cp, rng, shapes: dict = REAL_SHAPES) -> list[Check]:
+    """Each kernel wrapper of :mod:`minimoe.gpu.kernels` against its NumPy function, at ``shapes``."""
+    t = Inputs(cp, rng, shapes)
+    s = shapes
+    checks = guarded("norms", check_norms, t)
+    for heads, kv_heads, tokens, start in ((s["heads"], s["heads"], 200, 0), (s["heads"], 4, 64, 300)):
+        # multi-head prefill from position 0; grouped-query continuing a cache of 300 positions
+        checks += guarded(f"rope and attention ({heads}/{kv_heads} heads)", check_rope_and_attention, t, heads,
+                          kv_heads, tokens, start)
+    checks += guarded("silu_mul", check_silu_mul, t)
+    experts = bf16_matrix(rng, (s["experts"], 2 * s["moe_intermediate"], s["hidden"]))
+    for tokens in (1, 7, 300):  # GEMV (decode), GEMV (small batch), GEMM (prefill)
+        checks += guarded(f"moe (N={tokens})", check_moe, t, tokens, experts)
+        checks += guarded(f"linear (N={tokens})", check_linear, t, s["shared_intermediate"], tokens, True)
+    checks += guarded("lm_head", check_linear, t, s["vocab"], 3, False)
+    return checks
+
+
+# --- 2. whole models: cupy backend vs numpy backend ------------------------------------------------------
+
+def model_folders() -> list[Path]:
+    from .assets import default_model_path
+
+    fixtures = sorted(p.parent for p in FIXTURES.glob("*/config.json"))
+    return fixtures + [Path(default_model_path())]
+
+
+def check_model(folder: Path, rng) -> list[Check]:
+    """Logits of the cupy and numpy backends on one model folder: a prefill, and a prefill then decode steps."""
+    from . import load
+
+    cpu, gpu = load(folder), load(folder, backend="cupy")
+    ids = rng.integers(0, cpu.config.vocab_size, 40)
+    error = relative_error(gpu.forward(ids), cpu.forward(ids))
+    caches = cpu.new_cache(), gpu.new_cache()
+    cpu.forward(ids[:30], cache=caches[0]), gpu.forward(ids[:30], cache=caches[1])
+    for t in range(30, 40):
+        error = max(error, relative_error(gpu.forward(ids[t : t + 1], cache=caches[1]),
+                                          cpu.forward(ids[t : t + 1], cache=caches[0])))
+    return [Check(f"model logits: {folder.name} (prefill 40; prefill 30 + decode 10)", error, TOLERANCES["model"])]
+
+
+def check_models(rng, folders=None) -> list[Check]:
+    """:func:`check_model` on each folder (default: the test fixtures and the bundled model)."""
+    return [check for folder in folders or model_folders() for check in guarded(folder.name, check_model, folder, rng)]
+
+
+# --- 3. the benchmark -------------------------------------------------------------------------------------------
+
+def write_benchmark_checkpoint(folder: Path, layers_: int, seed: int) -> Path:
+    """The real model's shapes with ``layers_`` layers, by scripts/make_real_shape_checkpoint.py (its one home)."""
+    command = [sys.executable, str(MAKE_CHECKPOINT), str(folder), "--layers", str(layers_), "--seed", str(seed)]
+    subprocess.run(command, check=True, cwd=REPO)
+    return folder
+
+
+def time_minimoe(cp, path: Path, prompt: np.ndarray, decode: int) -> dict:
+    from . import load
+
+    pool = cp.get_default_memory_pool()
+    model = load(path, backend="cupy")
+
+    def run(prompt_ids, steps):
+        cache = model.new_cache(capacity=len(prompt_ids) + steps)
+        cp.cuda.Device().synchronize()
+        t0 = time.perf_counter()
+        logits = model.forward(prompt_ids, cache=cache)
+        token = int(logits[-1].argmax())  # the host needs the token: a sync, as in generation
+        t1 = time.perf_counter()
+        for _ in range(steps):
+            token = int(model.forward([token], cache=cache)[-1].argmax())
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1
+
+    run(prompt[:16], 2)  # compile the kernels (NVRTC; cached on disk afterwards)
+    prefill_s, decode_s = run(prompt, decode)
+    result = {"prefill_tok_s": len(prompt) / prefill_s, "decode_tok_s": decode / decode_s,
+              "memory_gb": pool.total_bytes() / 1e9}
+    del model
+    pool.free_all_blocks()
+    return result
+
+
+def time_transformers(path: Path, prompt: np.ndarray, decode: int) -> dict:
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+    except ImportError as error:
+        return {"error": f"torch and transformers are needed for the comparison ({error})"}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="eager").cuda().eval()
+    ids = torch.from_numpy(prompt)[None].cuda()
+
+    def run(prompt_ids, steps):
+        with torch.inference_mode():
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = model(prompt_ids, use_cache=True)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            token.item()
+            t1 = time.perf_counter()
+            for _ in range(steps):
+                out = model(token, use_cache=True, past_key_values=out.past_key_values)
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+                token.item()
+            t2 = time.perf_counter()
+        return t1 - t0, t2 - t1
+
+    run(ids[:, :16], 2)  # warm-up
+    torch.cuda.reset_peak_memory_stats()
+    prefill_s, decode_s = run(ids, decode)
+    result = {"prefill_tok_s": ids.shape[1] / prefill_s, "decode_tok_s": decode / decode_s,
+              "memory_gb": torch.cuda.max_memory_allocated() / 1e9}
+    del model
+    torch.cuda.empty_cache()
+    return result
+
+
+def benchmark_rows(ours: dict, theirs: dict, bound: float) -> list[list]:
+    """The benchmark's table rows: each engine's rates and memory, our decode against both targets."""
+    rows = []
+    for engine, result in (("minimoe (cupy)", ours), ("transformers (bf16, eager)", theirs)):
+        if "error" in result:
+            rows.append([engine, result["error"], "", "", "", ""])
+            continue
+        rows.append([engine, result["prefill_tok_s"], result["decode_tok_s"], result["memory_gb"], "", ""])
+    if "error" not in ours:
+        speedup = ours["decode_tok_s"] / theirs["decode_tok_s"] if "error" not in theirs else float("nan")
+        rows[0][4] = f"{speedup:.2f}x (target >= {DECODE_TARGET_SPEEDUP:g}x)"
+        rows[0][5] = f"{ours['decode_tok_s'] / bound:.0%} of {bound:,.0f} (target >= {DECODE_TARGET_BANDWIDTH_SHARE:.0%})"
+    return rows
+
+
+def run_benchmark(cp, args) -> dict:
+    """Write (or take) the real-shape checkpoint and time both engines on it: the figures, as a dict."""
+    with tempfile.TemporaryDirectory(prefix="minimoe-bench-") as scratch:
+        path = args.checkpoint or write_benchmark_checkpoint(Path(scratch) / "real-shape", args.bench_layers, args.seed)
+        config = ModelConfig.from_file(path)
+        prompt = np.random.default_rng(args.seed).integers(0, config.vocab_size, args.prefill)
+        ours = time_minimoe(cp, path, prompt, args.decode)
+        theirs = time_transformers(path, prompt, args.decode)
+    per_token = decode_bytes_per_token(config)
+    return {"checkpoint": path.name, "layers": config.num_hidden_layers, "prefill_tokens": args.prefill,
+            "decode_steps": args.decode, "bytes_per_token": per_token, "bound_tok_s": bandwidth_bound(per_token),
+            "minimoe": ours, "transformers": theirs}
+
+
+def format_benchmark(result: dict) -> str:
+    """The benchmark's caption and table."""
+    header = ["engine", "prefill tok/s", "decode tok/s", "GPU memory GB", "decode vs transformers",
+              "decode vs bandwidth bound"]
+    return (f"Benchmark: {result['checkpoint']}, {result['layers']} layers of Qwen1.5-MoE-A2.7B's shapes; prefill "
+            f"{result['prefill_tokens']} tokens, then {result['decode_steps']} greedy decode steps, batch 1.  Bound = "
+            f"{result['bytes_per_token'] / 1e9:.2f} GB of bf16 weights per token / {H200_BANDWIDTH / 1e12:.1f} TB/s.\n"
+            f"Memory: minimoe = CuPy pool held, transformers = torch peak allocated.\n"
+            + format_table(header, benchmark_rows(result["minimoe"], result["transformers"], result["bound_tok_s"])))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cp = import_cupy()
+    except MinimoeError as error:
+        print(f"gpu_check: nothing to check here: {error}", file=sys.stderr)
+        return 1
+    rng = np.random.default_rng(args.seed)
+    started = time.perf_counter()
+    checks = check_kernels(cp, rng, REAL_SHAPES) + check_models(rng)
+    print(format_table(["check", "error", "tolerance", "result"],
+                       [[c.name, c.error, c.tolerance, "ok" if c.passed else "FAIL"] for c in checks]))
+    report = {"checks": [{"name": c.name, "error": c.error, "tolerance": c.tolerance, "passed": c.passed}
+                         for c in checks]}
+    if not args.no_bench:
+        try:
+            report["benchmark"] = run_benchmark(cp, args)
+            print("\n" + format_benchmark(report["benchmark"]))
+        except Exception:  # noqa: BLE001 -- the checks above still stand; say why there are no figures
+            traceback.print_exc()
+            print("\nBenchmark: failed (traceback above)")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    failed = [c.name for c in checks if not c.passed]
+    print(f"\n{len(checks) - len(failed)}/{len(checks)} checks passed in {time.perf_counter() - started:.0f} s"
+          + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

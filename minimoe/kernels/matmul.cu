@@ -1,0 +1,147 @@
+// y = x @ W.T (+ b) on weights kept in their stored dtype (bf16 bits or float32), float32 accumulation.
+//
+// Replaces minimoe.backend.Linear (and project), and the per-expert matmuls inside
+// minimoe.layers.routed_experts.  Both kernels are *grouped*: the weight is [groups, out, in]
+// (group g = expert g; a plain Linear is one group), and the rows of x are grouped
+// the same way by `offsets` (group g owns rows offsets[g] .. offsets[g+1]-1, the tokens
+// moe_dispatch sorted to expert g).  Each group's rows meet only its own weight.
+//
+// `x_rows`, when given, maps the grouped problem's rows to rows of x (row r reads
+// x[x_rows[r]]): the experts read their tokens straight from the hidden states, in
+// dispatch order, without a permuted copy of them.  Without it row r reads x[r].
+//
+//   gemv_grouped_*: decode (few rows per group).  One warp per output feature; the warp
+//     reads that weight row once, 8 elements per lane per step (16-byte loads of bf16),
+//     and dots it with every row of its group.  Only the active experts' blocks run
+//     (blockIdx.y indexes `active`), so a decode step reads only the chosen experts' weights.
+//   gemm_grouped_*: prefill.  64x64 output tiles over k-steps of 16 through shared memory,
+//     each of 256 threads computing a 4x4 patch; a host-built schedule lists the
+//     (group, first row) of every 64-row tile that has rows, so no block is idle.
+#include "common.cuh"
+
+#define GEMV_WARPS 8        // output features per block
+#define GEMV_MAX_ROWS 8     // rows of x (tokens) a warp carries at once, in registers
+#define TILE_M 64
+#define TILE_N 64
+#define TILE_K 16
+static_assert(TILE_M == TILE_N, "gemm_grouped stages both tiles with one loop");
+
+// Row r of the grouped problem: x[x_rows[r]], or x[r] without a row map.
+__device__ __forceinline__ const float* x_row(const float* x, const int* x_rows, int r, int in_features) {
+    return x + (long)(x_rows != nullptr ? x_rows[r] : r) * in_features;
+}
+
+template <typename W>
+__device__ void gemv_grouped(const float* __restrict__ x, const int* __restrict__ x_rows, const W* __restrict__ weight,
+                             const float* __restrict__ bias,
+                             float* __restrict__ y, const int* __restrict__ offsets, const int* __restrict__ active,
+                             const int* __restrict__ num_active, int out_features, int in_features) {
+    if (blockIdx.y >= num_active[0]) return;  // fewer experts were chosen than the grid allows for
+    const int group = active[blockIdx.y];
+    const int lane = threadIdx.x % 32;
+    const int feature = blockIdx.x * GEMV_WARPS + threadIdx.x / 32;
+    if (feature >= out_features) return;
+    const W* w = weight + ((long)group * out_features + feature) * in_features;
+    const int first = offsets[group], last = offsets[group + 1];
+    const bool vector = in_features % 8 == 0;  // rows then start 16/32-byte aligned
+
+    for (int row0 = first; row0 < last; row0 += GEMV_MAX_ROWS) {
+        const int rows = min(GEMV_MAX_ROWS, last - row0);
+        float acc[GEMV_MAX_ROWS] = {0.0f};
+        if (vector) {
+            for (int i = lane * 8; i < in_features; i += 32 * 8) {
+                float wv[8];
+                load_weight8(w + i, wv);
+#pragma unroll
+                for (int r = 0; r < GEMV_MAX_ROWS; ++r) {
+                    if (r < rows) {
+                        const float* xr = x_row(x, x_rows, row0 + r, in_features) + i;
+                        const float4 a = *reinterpret_cast<const float4*>(xr);
+                        const float4 b = *reinterpret_cast<const float4*>(xr + 4);
+                        acc[r] += wv[0] * a.x + wv[1] * a.y + wv[2] * a.z + wv[3] * a.w
+                                + wv[4] * b.x + wv[5] * b.y + wv[6] * b.z + wv[7] * b.w;
+                    }
+                }
+            }
+        } else {  // odd widths (tiny test models): one element per lane per step
+            for (int i = lane; i < in_features; i += 32) {
+                const float wv = load_weight(w + i);
+#pragma unroll
+                for (int r = 0; r < GEMV_MAX_ROWS; ++r)
+                    if (r < rows) acc[r] += wv * x_row(x, x_rows, row0 + r, in_features)[i];
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < GEMV_MAX_ROWS; ++r) {
+            const float total = warp_sum(acc[r]);  // all lanes take part, even for r >= rows
+            if (lane == 0 && r < rows)
+                y[(long)(row0 + r) * out_features + feature] = total + (bias != nullptr ? bias[feature] : 0.0f);
+        }
+    }
+}
+
+template <typename W>
+__device__ void gemm_grouped(const float* __restrict__ x, const int* __restrict__ x_rows, const W* __restrict__ weight,
+                             const float* __restrict__ bias,
+                             float* __restrict__ y, const int* __restrict__ offsets, const int* __restrict__ tile_group,
+                             const int* __restrict__ tile_row, int out_features, int in_features) {
+    __shared__ float xs[TILE_K][TILE_M];  // x tile, k-major so the inner loop reads rows of it
+    __shared__ float ws[TILE_K][TILE_N];
+    const int group = tile_group[blockIdx.y];
+    const int row0 = tile_row[blockIdx.y], row_end = offsets[group + 1];
+    const int col0 = blockIdx.x * TILE_N;
+    const W* w = weight + (long)group * out_features * in_features;
+    const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;  // this thread's 4x4 patch
+    float acc[4][4] = {{0.0f}};
+
+    for (int k0 = 0; k0 < in_features; k0 += TILE_K) {
+        // Stage both tiles: 64 x 16 values each, 4 per thread, consecutive threads along k.
+        for (int i = threadIdx.x; i < TILE_M * TILE_K; i += blockDim.x) {
+            const int r = i / TILE_K, k = i % TILE_K;
+            const bool in_k = k0 + k < in_features;
+            xs[k][r] = (row0 + r < row_end && in_k) ? x_row(x, x_rows, row0 + r, in_features)[k0 + k] : 0.0f;
+            ws[k][r] = (col0 + r < out_features && in_k) ? load_weight(w + (long)(col0 + r) * in_features + k0 + k) : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < TILE_K; ++k) {
+            float a[4], b[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) { a[i] = xs[k][tr * 4 + i]; b[i] = ws[k][tc * 4 + i]; }
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int row = row0 + tr * 4 + i;
+        if (row >= row_end) continue;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int col = col0 + tc * 4 + j;
+            if (col < out_features) y[(long)row * out_features + col] = acc[i][j] + (bias != nullptr ? bias[col] : 0.0f);
+        }
+    }
+}
+
+// The entry points CuPy looks up by name, one per weight type.
+#define GEMV_ARGS(W) const float* x, const int* x_rows, const W* weight, const float* bias, float* y, \
+                     const int* offsets, const int* active, const int* num_active, int out_features, int in_features
+#define GEMM_ARGS(W) const float* x, const int* x_rows, const W* weight, const float* bias, float* y, \
+                     const int* offsets, const int* tile_group, const int* tile_row, int out_features, int in_features
+
+extern "C" __global__ void gemv_grouped_bf16(GEMV_ARGS(unsigned short)) {
+    gemv_grouped(x, x_rows, weight, bias, y, offsets, active, num_active, out_features, in_features);
+}
+extern "C" __global__ void gemv_grouped_f32(GEMV_ARGS(float)) {
+    gemv_grouped(x, x_rows, weight, bias, y, offsets, active, num_active, out_features, in_features);
+}
+extern "C" __global__ void gemm_grouped_bf16(GEMM_ARGS(unsigned short)) {
+    gemm_grouped(x, x_rows, weight, bias, y, offsets, tile_group, tile_row, out_features, in_features);
+}
+extern "C" __global__ void gemm_grouped_f32(GEMM_ARGS(float)) {
+    gemm_grouped(x, x_rows, weight, bias, y, offsets, tile_group, tile_row, out_features, in_features);
+}

@@ -1,0 +1,222 @@
+"""Run the GPU backend on a CPU: a NumPy stand-in for CuPy, and each CUDA kernel emulated in NumPy.
+
+There is no GPU in CI, but most of what can go wrong on one is host-side: the order
+of a launch's arguments, the strides handed to a kernel, which rows a grouped matmul
+owns, the stacking of weights, the plumbing between blocks.  So the tests swap
+``cupy`` for NumPy and ``minimoe.gpu.kernels.kernel`` for :func:`emulated_kernel`, whose
+functions take a kernel's exact arguments (``(grid, block, args, shared_mem)``, the
+``args`` in the ``.cu`` signature's order, strides in elements) and compute what that
+kernel computes, written from its ``.cu`` source.  The real wrappers and blocks then
+run unchanged, and their result is held to the NumPy backend.
+
+What this cannot catch is a bug inside a kernel body; ``python -m minimoe.gpu_check``
+covers that on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import types
+
+import numpy as np
+
+from minimoe.gpu import launch
+
+
+def fake_cupy() -> types.ModuleType:
+    """A ``cupy`` module that is NumPy (plus ``asnumpy`` and a runtime that reports one device)."""
+    module = types.ModuleType("cupy")
+    module.__getattr__ = lambda name: getattr(np, name)
+    module.asnumpy = np.asarray
+    module.asarray = lambda a, dtype=None: np.array(a, dtype=dtype)  # a copy, as from host to device
+    module.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
+    return module
+
+
+def install(monkeypatch) -> None:
+    """Make ``backend="cupy"`` run on NumPy with emulated kernels, for one test."""
+    import minimoe.gpu
+
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy())
+    for name in ("kernels", "blocks"):  # re-imported over the fake cupy (`from .gpu import kernels` reads the attribute)
+        monkeypatch.delitem(sys.modules, f"minimoe.gpu.{name}", raising=False)
+        monkeypatch.delattr(minimoe.gpu, name, raising=False)
+    import minimoe.gpu.kernels as kernels
+
+    monkeypatch.setattr(kernels, "kernel", emulated_kernel)
+    monkeypatch.setattr(kernels, "address", lambda x: x.ctypes.data)
+
+
+def emulated_kernel(file_name: str, name: str):
+    """A stand-in for ``kernels.kernel(file_name, name)``: checks each argument against the kernel's
+    C parameter list (a misplaced int32 where the kernel reads a 64-bit ``long`` would shift every
+    later argument on a GPU), then runs the NumPy version."""
+    parameters = kernel_parameters(file_name, name)
+    function = KERNELS[name]
+
+    def launch_(grid, block, args, shared_mem=0):
+        assert len(args) == len(parameters), f"{name}: {len(args)} arguments for {len(parameters)} parameters"
+        for arg, (c_type, parameter) in zip(args, parameters):
+            expected = (np.ndarray, np.uint64) if c_type == "pointer" else C_SCALARS[c_type]
+            assert isinstance(arg, expected) and not (c_type == "pointer" and isinstance(arg, np.uint64) and arg != 0), \
+                f"{name}: {parameter} is {c_type} in {file_name}, got {type(arg).__name__}"
+        function(grid, block, *args)
+
+    return launch_
+
+
+C_SCALARS = {"int": np.int32, "long": np.int64, "float": np.float32}
+
+
+def kernel_parameters(file_name: str, name: str) -> list[tuple[str, str]]:
+    """(``"pointer"`` or the C scalar type, parameter name) of an ``extern "C"`` kernel, macros expanded."""
+    text = (launch.KERNEL_DIR / file_name).read_text().replace("\\\n", " ")
+    match = re.search(rf'extern "C" __global__ void {name}\((.*?)\)\s*\{{', text, flags=re.DOTALL)
+    assert match, f"{name} is not declared in {file_name}"
+    params = match.group(1).strip()
+    macro = re.fullmatch(r"(\w+)\((.*)\)", params)
+    if macro:  # e.g. GEMV_ARGS(unsigned short): expand the parameter-list macro
+        argument, body = re.search(rf"#define {macro.group(1)}\((\w+)\)(.*)", text).groups()
+        params = re.sub(rf"\b{argument}\b", macro.group(2), body)
+    result = []
+    for param in params.split(","):
+        words = param.replace("*", " * ").split()
+        result.append(("pointer" if "*" in words else words[-2], words[-1]))
+    return result
+
+
+def _given(pointer) -> bool:
+    return isinstance(pointer, np.ndarray)  # a null pointer arrives as np.uint64(0)
+
+
+def _float32(weight: np.ndarray) -> np.ndarray:
+    return (weight.astype(np.uint32) << 16).view(np.float32) if weight.dtype == np.uint16 else weight
+
+
+def _rows(pointer: np.ndarray, width: int) -> np.ndarray:
+    return pointer.reshape(-1, width)
+
+
+# --- the kernels, in NumPy ------------------------------------------------------------------------
+
+def rms_norm(grid, block, x, weight, out, hidden, eps):
+    xr = _rows(x, hidden)
+    _rows(out, hidden)[:] = xr / np.sqrt(np.mean(xr * xr, axis=-1, keepdims=True) + eps) * weight
+
+
+def add_rms_norm(grid, block, x, delta, weight, total, out, hidden, eps):
+    _rows(total, hidden)[:] = _rows(x, hidden) + _rows(delta, hidden)
+    rms_norm(grid, block, total, weight, out, hidden, eps)
+
+
+def rope_store_kv(grid, block, x, cos, sin, k_cache, v_cache, rows, tokens, heads, kv_heads, head_dim, row_stride,
+                  kv_batch_stride, kv_head_stride, kv_start):
+    half, all_heads = head_dim // 2, heads + 2 * kv_heads
+    assert grid[0] * block[0] >= rows * all_heads * half
+    shape = (rows // tokens, kv_heads, k_cache.size // (rows // tokens * kv_heads * head_dim), head_dim)
+    caches = [np.lib.stride_tricks.as_strided(c, shape, (kv_batch_stride * 4, kv_head_stride * 4, head_dim * 4, 4))
+              for c in (k_cache, v_cache)]
+    for row in range(rows):
+        b, t = divmod(row, tokens)
+        v = x.reshape(-1)[row * row_stride : row * row_stride + all_heads * head_dim].reshape(all_heads, head_dim)
+        first, second = v[: heads + kv_heads, :half].copy(), v[: heads + kv_heads, half:].copy()
+        v[: heads + kv_heads, :half] = first * cos[t, :half] - second * sin[t, :half]
+        v[: heads + kv_heads, half:] = second * cos[t, half:] + first * sin[t, half:]
+        caches[0][b, :, kv_start + t] = v[heads : heads + kv_heads]
+        caches[1][b, :, kv_start + t] = v[heads + kv_heads :]
+
+
+def silu_mul(grid, block, gate_up, out, rows, inter):
+    g = _rows(gate_up, 2 * inter)
+    _rows(out, inter)[:] = g[:, :inter] / (1.0 + np.exp(-g[:, :inter])) * g[:, inter:]
+
+
+def route_topk(grid, block, logits, used, probs, expert_ids, raw, weights, disabled, tokens, experts, top_k, norm):
+    values = _rows(logits, experts).copy()
+    if _given(disabled):
+        values[:, disabled.astype(bool)] = -np.inf
+    _rows(used, experts)[:] = values
+    p = np.exp(values - values.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    _rows(probs, experts)[:] = p
+    ids = np.argsort(-p, axis=-1, kind="stable")[:, :top_k]  # highest first, lower id first on ties
+    chosen = np.take_along_axis(p, ids, -1)
+    _rows(expert_ids, top_k)[:] = ids
+    _rows(raw, top_k)[:] = chosen
+    _rows(weights, top_k)[:] = chosen / chosen.sum(-1, keepdims=True) if norm else chosen
+
+
+def moe_dispatch(grid, block, expert_ids, slots, experts, top_k, counts, offsets, perm, inv_perm, rows, active,
+                 num_active):
+    assert block[0] >= experts and grid == (1,)
+    plan = launch.dispatch_plan(expert_ids.reshape(-1)[:slots].reshape(-1, top_k), experts)
+    counts[:], offsets[:], perm[:], inv_perm[:], rows[:] = plan.counts, plan.offsets, plan.perm, plan.inv_perm, plan.rows
+    active[: plan.active.size] = plan.active
+    num_active[0] = plan.active.size
+
+
+def moe_combine(grid, block, expert_out, inv_perm, weights, residual, shared, shared_gate, out, tokens, top_k, hidden):
+    _rows(out, hidden)[:] = launch.combine(
+        _rows(expert_out, hidden), inv_perm, _rows(weights, top_k), _rows(residual, hidden) if _given(residual) else None,
+        _rows(shared, hidden) if _given(shared) else None, shared_gate if _given(shared_gate) else None)
+
+
+def _matmul_rows(x, x_rows, weight, bias, y, group, first, last, out_features, in_features):
+    w = _float32(weight.reshape(-1, out_features, in_features)[group])
+    inputs = _rows(x, in_features)[x_rows[first:last] if _given(x_rows) else slice(first, last)]
+    rows = inputs @ w.T
+    _rows(y, out_features)[first:last] = rows + (bias if _given(bias) else 0.0)
+
+
+def gemv_grouped(grid, block, x, x_rows, weight, bias, y, offsets, active, num_active, out_features, in_features):
+    assert grid[0] * block[0] // 32 >= out_features and grid[1] >= num_active[0]
+    for group in active[: num_active[0]]:
+        _matmul_rows(x, x_rows, weight, bias, y, group, offsets[group], offsets[group + 1], out_features, in_features)
+
+
+def gemm_grouped(grid, block, x, x_rows, weight, bias, y, offsets, tile_group, tile_row, out_features, in_features):
+    tile = launch.kernel_constants("matmul.cu")["TILE_M"]
+    assert grid[1] == tile_group.size and grid[0] * launch.kernel_constants("matmul.cu")["TILE_N"] >= out_features
+    for group, first in zip(tile_group, tile_row):
+        _matmul_rows(x, x_rows, weight, bias, y, group, first, min(first + tile, offsets[group + 1]), out_features,
+                     in_features)
+
+
+def _attention(q, k, v, out, batch, tokens, heads, kv_heads, head_dim, q_row_stride, kv_batch_stride, kv_head_stride,
+               keys, query_start, scale):
+    q_rows = _rows(q, q_row_stride)[: batch * tokens, : heads * head_dim].reshape(batch, tokens, heads, head_dim)
+    strides = (kv_batch_stride * 4, kv_head_stride * 4, head_dim * 4, 4)
+    kk, vv = (np.lib.stride_tricks.as_strided(a, (batch, kv_heads, keys, head_dim), strides) for a in (k, v))
+    group = heads // kv_heads
+    for b in range(batch):
+        for h in range(heads):
+            scores = q_rows[b, :, h] @ kk[b, h // group].T * scale  # [T, S]
+            visible = np.arange(keys)[None, :] <= query_start + np.arange(tokens)[:, None]
+            scores = np.where(visible, scores, -np.inf)
+            weights = np.exp(scores - scores.max(-1, keepdims=True))
+            weights /= weights.sum(-1, keepdims=True)
+            out.reshape(batch, tokens, heads, head_dim)[b, :, h] = weights @ vv[b, h // group]
+
+
+def attention_prefill(grid, block, q, k, v, out, tokens, heads, kv_heads, head_dim, q_row_stride, kv_batch_stride,
+                      kv_head_stride, query_start, key_tile, scale):
+    batch = grid[2]
+    _attention(q, k, v, out, batch, tokens, heads, kv_heads, head_dim, q_row_stride, kv_batch_stride, kv_head_stride,
+               query_start + tokens, query_start, scale)
+
+
+def attention_decode(grid, block, q, k, v, out, heads, kv_heads, head_dim, q_row_stride, kv_batch_stride,
+                     kv_head_stride, keys, scale):
+    batch = grid[1]
+    _attention(q, k, v, out, batch, 1, heads, kv_heads, head_dim, q_row_stride, kv_batch_stride, kv_head_stride,
+               keys, keys - 1, scale)
+
+
+KERNELS = {
+    "rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "rope_store_kv": rope_store_kv, "silu_mul": silu_mul,
+    "route_topk": route_topk, "moe_dispatch": moe_dispatch, "moe_combine": moe_combine,
+    "gemv_grouped_bf16": gemv_grouped, "gemv_grouped_f32": gemv_grouped,
+    "gemm_grouped_bf16": gemm_grouped, "gemm_grouped_f32": gemm_grouped,
+    "attention_prefill": attention_prefill, "attention_decode": attention_decode,
+}

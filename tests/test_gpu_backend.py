@@ -1,0 +1,112 @@
+"""The backend switch: a clear error without CuPy or a GPU, and the cupy backend's host code on emulated kernels."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+import minimoe
+from minimoe import MinimoeError
+from minimoe.gpu_check import relative_error  # (got, expected), reading device arrays
+
+from conftest import FIXTURE_NAMES, FIXTURES, ROOT
+import gpu_emulation
+
+
+def test_importing_minimoe_does_not_import_cupy():
+    code = "import sys, minimoe, minimoe.gpu, minimoe.gpu.launch, minimoe.gpu_check; print('cupy' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                            env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    assert result.stdout.strip() == "False", result.stderr
+
+
+def test_cupy_backend_without_cupy_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # what `import cupy` sees when it is not installed
+    with pytest.raises(MinimoeError, match=r"backend 'cupy' needs CuPy, which is not installed: pip install -e '.\[gpu\]'"):
+        minimoe.load(minimoe.default_model_path(), backend="cupy")
+
+
+def test_cupy_backend_without_a_gpu_is_a_clear_error(monkeypatch):
+    def no_driver():
+        raise RuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")
+
+    cupy = types.ModuleType("cupy")
+    cupy.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=no_driver))
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    with pytest.raises(MinimoeError, match="CuPy is installed but finds no usable GPU .*cudaErrorNoDevice"):
+        minimoe.load(minimoe.default_model_path(), backend="cupy")
+
+
+def test_unknown_backend_lists_both():
+    with pytest.raises(MinimoeError, match=r"unknown backend 'tpu'; choose one of \('numpy', 'cupy'\)"):
+        minimoe.load(minimoe.default_model_path(), backend="tpu")
+
+
+def test_to_numpy_passes_numpy_through_and_reads_device_arrays():
+    array = np.arange(3.0)
+    assert minimoe.to_numpy(array) is array
+
+    class DeviceArray:  # what minimoe.to_numpy relies on in a CuPy array
+        __cuda_array_interface__ = {}
+
+        def get(self):
+            return array
+
+    assert minimoe.to_numpy(DeviceArray()) is array
+
+
+# --- the cupy backend on emulated kernels ------------------------------------------------------------
+
+@pytest.fixture
+def emulated(monkeypatch):
+    gpu_emulation.install(monkeypatch)
+
+
+def both(folder):
+    return minimoe.load(folder), minimoe.load(folder, backend="cupy")
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_gpu_model_matches_numpy_on_every_fixture(emulated, name):
+    cpu, gpu = both(FIXTURES / name)
+    assert type(gpu).__name__ == "GpuModel" and gpu.backend == "cupy"
+    ids = np.arange(21) * 7 % cpu.config.vocab_size  # 21 tokens: the GEMM path (more than GEMV_MAX_ROWS)
+    assert relative_error(gpu.forward(ids), cpu.forward(ids)) < 1e-5
+    batch = np.stack([ids[:5], ids[5:10]])  # 5 tokens x 2: GEMV path, batched attention
+    assert relative_error(gpu.forward(batch), cpu.forward(batch)) < 1e-5
+
+
+def test_gpu_decoding_through_the_cache_matches_numpy(emulated):
+    cpu, gpu = both(minimoe.default_model_path())
+    ids = np.arange(30) * 11 % cpu.config.vocab_size
+    caches = cpu.new_cache(capacity=16), gpu.new_cache(capacity=16)  # grows past 16 while decoding
+    for model, cache in zip((cpu, gpu), caches):
+        model.forward(ids[:12], cache=cache)
+    for position in range(12, 30):
+        expected = cpu.forward(ids[position : position + 1], cache=caches[0])
+        assert relative_error(gpu.forward(ids[position : position + 1], cache=caches[1]), expected) < 1e-5
+    assert cpu.generate(ids[:8], 6, temperature=0) == gpu.generate(ids[:8], 6, temperature=0)
+
+
+def test_gpu_traces_and_interventions_match_numpy(emulated):
+    cpu, gpu = both(FIXTURES / "moe_norm_topk")
+    ids = np.arange(12) * 5 % cpu.config.vocab_size
+    layer = cpu.config.sparse_layers[0]
+    for change in ({}, {"disabled_experts": {layer: [0, 3]}}, {"forced_experts": {layer: [1, 2]}}, {"top_k": 2},
+                   {"shared_expert": False}):
+        a, b = cpu.trace(ids, **change), gpu.trace(ids, **change)
+        assert np.array_equal(a.expert_ids, b.expert_ids), change
+        for field in ("router_logits", "router_probs", "expert_weights", "shared_gate", "shared_norm", "routed_norm",
+                      "attention_norm", "logits"):
+            np.testing.assert_allclose(getattr(b, field), getattr(a, field), rtol=1e-4, atol=1e-6, err_msg=str(change))
+    assert gpu.aux_loss(ids) == pytest.approx(cpu.aux_loss(ids), rel=1e-5)
+
+
+def test_step_through_asks_for_the_numpy_backend(emulated):
+    gpu = minimoe.load(FIXTURES / "moe_gqa", backend="cupy")
+    with pytest.raises(MinimoeError, match="step_through runs on the numpy backend"):
+        gpu.step_through([1, 2, 3], layer=0)
