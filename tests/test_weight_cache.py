@@ -225,3 +225,8 @@ def test_no_cache_without_a_budget():
 def test_bad_budget_is_a_clear_error():
     with pytest.raises(MinimoeError, match="memory size"):
         minimoe.load(FIXTURE, max_memory="a lot")
+
+
+def test_max_memory_is_for_the_numpy_backend_only():
+    with pytest.raises(MinimoeError, match="NumPy backend"):
+        minimoe.load(FIXTURE, backend="cupy", max_memory="1GB")
