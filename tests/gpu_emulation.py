@@ -49,18 +49,13 @@ def install(monkeypatch) -> None:
 
 
 def emulated_kernel(file_name: str, name: str):
-    """A stand-in for ``kernels.kernel(file_name, name)``: checks each argument against the kernel's
-    C parameter list (a misplaced int32 where the kernel reads a 64-bit ``long`` would shift every
-    later argument on a GPU), then runs the NumPy version."""
+    """A stand-in for ``kernels.kernel(file_name, name)``: checks the arguments (:func:`check_arguments`),
+    then runs the NumPy version."""
     parameters = kernel_parameters(file_name, name)
     function = KERNELS[name]
 
     def launch_(grid, block, args, shared_mem=0):
-        assert len(args) == len(parameters), f"{name}: {len(args)} arguments for {len(parameters)} parameters"
-        for arg, (c_type, parameter) in zip(args, parameters):
-            expected = (np.ndarray, np.uint64) if c_type == "pointer" else C_SCALARS[c_type]
-            assert isinstance(arg, expected) and not (c_type == "pointer" and isinstance(arg, np.uint64) and arg != 0), \
-                f"{name}: {parameter} is {c_type} in {file_name}, got {type(arg).__name__}"
+        check_arguments(file_name, name, parameters, args)
         function(grid, block, *args)
 
     return launch_
@@ -69,8 +64,19 @@ def emulated_kernel(file_name: str, name: str):
 C_SCALARS = {"int": np.int32, "long": np.int64, "float": np.float32}
 
 
-def kernel_parameters(file_name: str, name: str) -> list[tuple[str, str]]:
-    """(``"pointer"`` or the C scalar type, parameter name) of an ``extern "C"`` kernel, macros expanded."""
+def check_arguments(file_name: str, name: str, parameters: list[tuple[str, str]], args) -> None:
+    """Each argument against the kernel's C parameter list: a misplaced int32 where the kernel reads a
+    64-bit ``long`` would shift every later argument on a GPU."""
+    assert len(args) == len(parameters), f"{name}: {len(args)} arguments for {len(parameters)} parameters"
+    for arg, (c_type, parameter) in zip(args, parameters):
+        expected = (np.ndarray, np.uint64) if c_type == "pointer" else C_SCALARS[c_type]
+        null = isinstance(arg, np.uint64)
+        assert isinstance(arg, expected) and not (null and arg != 0), \
+            f"{name}: {parameter} is {c_type} in {file_name}, got {type(arg).__name__}"
+
+
+def kernel_parameter_text(file_name: str, name: str) -> list[str]:
+    """The C parameter declarations of an ``extern "C"`` kernel, parameter-list macros expanded."""
     text = (launch.KERNEL_DIR / file_name).read_text().replace("\\\n", " ")
     match = re.search(rf'extern "C" __global__ void {name}\((.*?)\)\s*\{{', text, flags=re.DOTALL)
     assert match, f"{name} is not declared in {file_name}"
@@ -79,8 +85,13 @@ def kernel_parameters(file_name: str, name: str) -> list[tuple[str, str]]:
     if macro:  # e.g. GEMV_ARGS(unsigned short): expand the parameter-list macro
         argument, body = re.search(rf"#define {macro.group(1)}\((\w+)\)(.*)", text).groups()
         params = re.sub(rf"\b{argument}\b", macro.group(2), body)
+    return [" ".join(param.split()) for param in params.split(",")]
+
+
+def kernel_parameters(file_name: str, name: str) -> list[tuple[str, str]]:
+    """(``"pointer"`` or the C scalar type, parameter name) of each parameter of a kernel."""
     result = []
-    for param in params.split(","):
+    for param in kernel_parameter_text(file_name, name):
         words = param.replace("*", " * ").split()
         result.append(("pointer" if "*" in words else words[-2], words[-1]))
     return result
