@@ -175,7 +175,12 @@ def project(linears: Sequence["Linear"], x: np.ndarray) -> list[np.ndarray]:
         for linear, y, start, stop, copy, fill in group:
             linear.matmul_rows(flat, y, start, stop, copy, fill)
 
-    parallel_map(run, balanced_groups(blocks, NUM_THREADS))  # serial when already on a worker
+    try:
+        parallel_map(run, balanced_groups(blocks, NUM_THREADS))  # serial when already on a worker
+    except BaseException:  # an error or Ctrl-C mid-fill: hand the unfilled copies' bytes back to the budget
+        for linear, copy in filled:
+            linear.cache.release(copy)
+        raise
     for linear, copy in filled:
         linear.cache.store(linear, copy)
     results = []

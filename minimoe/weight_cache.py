@@ -116,6 +116,11 @@ class WeightCache:
                 self.used_bytes -= previous.nbytes
             self._copies[key] = copy
 
+    def release(self, copy: np.ndarray) -> None:
+        """Give back the bytes of an allocated copy that will not be stored (its fill failed)."""
+        with self._lock:
+            self.used_bytes -= copy.nbytes
+
     def clear(self) -> None:
         """Drop every copy (the counters stay)."""
         with self._lock:

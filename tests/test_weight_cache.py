@@ -217,6 +217,14 @@ def test_trace_reports_which_chosen_experts_were_cached(blocked):
     assert uncached.cache_hit.shape == uncached.expert_ids.shape and not uncached.cache_hit.any()
 
 
+def test_a_failed_fill_gives_its_bytes_back(blocked):
+    model = minimoe.load(FIXTURE, max_memory="1GB")
+    expert = model.decoder[-1].mlp.experts[0]
+    with pytest.raises(ValueError):  # wrong input width: the matmul fails after the copy was allocated
+        backend.project([expert.gate, expert.up], np.ones((1, expert.gate.shape[1] + 1), dtype=np.float32))
+    assert model.weight_cache.used_bytes == 0 and len(model.weight_cache) == 0
+
+
 def test_no_cache_without_a_budget():
     model = minimoe.load(FIXTURE)
     assert model.weight_cache is None and model.cache_stats() is None
