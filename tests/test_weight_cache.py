@@ -10,6 +10,7 @@ import pytest
 
 import minimoe
 from minimoe import MinimoeError, backend
+from minimoe.bench import proc_field_bytes
 from minimoe.routing import trace_generation
 from minimoe.weight_cache import WeightCache, parse_bytes
 
@@ -113,10 +114,7 @@ def test_churn_stays_within_the_budget_in_memory():
 
 
 def rss_anon() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return proc_field_bytes("/proc/self/status", "RssAnon")
 
 
 def test_counters():
