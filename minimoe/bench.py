@@ -55,7 +55,6 @@ class Job:
     new_tokens: int
     repeat: int
     threads: int | None = None
-    max_memory: str | None = None
 
 
 def progress(engine: str, message: str) -> None:
@@ -75,19 +74,13 @@ class MinimoeEngine:
         self.job, self.minimoe, self.threads = job, minimoe, backend.NUM_THREADS
 
     def load(self) -> None:
-        max_memory = self.job.max_memory
-        self.model = self.minimoe.load(self.job.model, **({"max_memory": max_memory} if max_memory else {}))
+        self.model = self.minimoe.load(self.job.model)
 
     def reset(self) -> None:
         self.cache = self.model.new_cache()
 
     def forward(self, ids: list[int]) -> np.ndarray:
         return self.model.forward(ids, cache=self.cache)[-1]
-
-    def extra(self) -> dict:
-        """The weight cache's counters and hit rate, when it has one (``--max-memory``)."""
-        stats = self.model.cache_stats()
-        return {"cache": stats} if stats else {}
 
 
 class TransformersEngine:
@@ -117,9 +110,6 @@ class TransformersEngine:
             out = self.model(self.torch.tensor([ids]), use_cache=True, **{self.cache_arg: self.cache})
         self.cache = getattr(out, self.cache_arg)
         return out.logits[0, -1].float().numpy()
-
-    def extra(self) -> dict:
-        return {}
 
 
 ENGINES = {"minimoe": MinimoeEngine, "transformers": TransformersEngine}
@@ -181,7 +171,7 @@ def run_job(job: Job) -> dict:
         if not is_out_of_memory(exc):
             raise
         return {"status": OUT_OF_MEMORY, "message": str(exc)}
-    return {"status": OK, "load_s": load_s, "threads": engine.threads, "runs": runs} | engine.extra()
+    return {"status": OK, "load_s": load_s, "threads": engine.threads, "runs": runs}
 
 
 def worker_main() -> None:
@@ -338,7 +328,7 @@ def summarise(results: list[dict], prompt_tokens: int, new_tokens: int) -> dict:
 
 
 def table_rows(summary: dict) -> list[list[str]]:
-    """The table's cells: a header, each engine's status, one row per metric, the weight cache's hit rate."""
+    """The table's cells: a header, each engine's status, one row per metric."""
     engines = list(summary["engines"].values())
     compared = "ratios" in summary
 
@@ -351,15 +341,7 @@ def table_rows(summary: dict) -> list[list[str]]:
         cells = [metric.fmt.format(r["metrics"][metric.key]) if "metrics" in r else "-" for r in engines]
         ratio = summary["ratios"].get(metric.key) if compared else None  # none where transformers' figure is 0
         rows.append(row(metric.label, cells, "-" if ratio is None else f"{ratio:.2f}x"))
-    if any("cache" in r for r in engines):
-        rows.append(row("weight cache hit rate", [hit_rate_text(r["cache"]) if "cache" in r else "-" for r in engines]))
     return rows
-
-
-def hit_rate_text(cache: dict) -> str:
-    """The weight cache's hit rate and how many lookups it is of (small weights never go through the cache)."""
-    lookups = cache["hits"] + cache["misses"]
-    return f"{100 * cache['hit_rate']:.1f}% of {lookups}" if lookups else "no lookups"
 
 
 def align(rows: list[list[str]]) -> list[str]:
@@ -390,7 +372,7 @@ def prompt_ids(config: ModelConfig, prompt_tokens: int, new_tokens: int, seed: i
 
 
 def benchmark(model: Path, engines: list[str], prompt_tokens: int, new_tokens: int, repeat: int, seed: int = 0,
-              threads: int | None = None, max_memory: str | None = None, memory_limit_gb: float | None = None) -> dict:
+              threads: int | None = None, memory_limit_gb: float | None = None) -> dict:
     """Run each engine in turn in its own child process; the JSON-ready summary (see :func:`summarise`)."""
     if repeat < 1:
         raise MinimoeError("--repeat must be at least 1 (the warm figures are the median of the repeats)")
@@ -399,11 +381,11 @@ def benchmark(model: Path, engines: list[str], prompt_tokens: int, new_tokens: i
     results = []
     for engine in engines:
         progress(engine, "starting a child process")
-        job = Job(engine, str(model), prompt, new_tokens, repeat, threads, max_memory if engine == "minimoe" else None)
+        job = Job(engine, str(model), prompt, new_tokens, repeat, threads)
         results.append(run_child(job, limit))
         progress(engine, f"{results[-1]['status']}, peak RssAnon {results[-1]['peak_rss_anon_bytes'] / GB:.2f} GB")
     settings = {"model": str(model), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeat": repeat,
-                "seed": seed, "threads": threads, "max_memory": max_memory, "prompt": prompt}
+                "seed": seed, "threads": threads, "prompt": prompt}
     return settings | summarise(results, prompt_tokens, new_tokens)
 
 

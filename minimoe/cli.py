@@ -43,14 +43,13 @@ def resolve_config(spec: str) -> Path:
 
 
 def open_model(args: argparse.Namespace):
-    """Load ``--model`` (with ``--max-memory``) and its tokenizer, with a progress bar for large checkpoints."""
+    """Load ``--model`` and its tokenizer, with a progress bar for large checkpoints."""
     from tqdm import tqdm
 
     from .model import load
     from .tokenizer import load_tokenizer
 
-    model = load(args.model, progress=lambda items, **kw: tqdm(list(items), leave=False, disable=None, **kw),
-                 max_memory=args.max_memory)
+    model = load(args.model, progress=lambda items, **kw: tqdm(list(items), leave=False, disable=None, **kw))
     return model, load_tokenizer(args.model)
 
 
@@ -192,7 +191,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     engines = ["minimoe"] + ([args.against] if args.against else [])
     summary = bench.benchmark(args.model, engines, args.prompt_tokens, args.new_tokens, args.repeat, seed=args.seed,
-                              threads=args.threads, max_memory=args.max_memory, memory_limit_gb=args.memory_limit_gb)
+                              threads=args.threads, memory_limit_gb=args.memory_limit_gb)
     print("\n".join(bench.format_table(summary)))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
@@ -205,8 +204,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def add_model_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=default_model_path(),
                         help="checkpoint folder (config.json, *.safetensors, tokenizer files); default: the bundled model")
-    parser.add_argument("--max-memory", metavar="SIZE",
-                        help="keep float32 copies of the routed experts up to this size, e.g. 4GB (default: none)")
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:

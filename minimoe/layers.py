@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple, Sequence
 
 Projection = Callable  # x [..., in] -> [..., out], e.g. minimoe.backend.Linear
+Expert = Callable  # x [n, H] -> [n, H], a SwiGLU MLP (e.g. minimoe.model.SwiGLU)
 Array = object  # a NumPy or CuPy array; shapes are given in each docstring
 
 
@@ -104,14 +105,9 @@ def causal_attention(xp, q, k, v, query_start: int):
 
 # --- feed-forward ------------------------------------------------------------------
 
-def swiglu(xp, x, gate: Projection, up: Projection, down: Projection, project: Callable | None = None):
-    """The SwiGLU MLP: ``down(silu(gate(x)) * up(x))``.  x ``[..., H]`` -> ``[..., H]``.
-
-    ``project((gate, up), x)``, when given, computes both input projections at once
-    (the CPU backend's :func:`minimoe.backend.project` shares them over its threads).
-    """
-    gated, lifted = project((gate, up), x) if project else (gate(x), up(x))
-    return down(silu(xp, gated) * lifted)
+def swiglu(xp, x, gate: Projection, up: Projection, down: Projection):
+    """The SwiGLU MLP: ``down(silu(gate(x)) * up(x))``.  x ``[..., H]`` -> ``[..., H]`` (inner width ``I``)."""
+    return down(silu(xp, gate(x)) * up(x))  # [..., I] -> [..., H]
 
 
 class RouterChoice(NamedTuple):
@@ -122,6 +118,11 @@ class RouterChoice(NamedTuple):
     expert_ids: "Array"  # [N, k] chosen experts, highest probability first
     raw_weights: "Array"  # [N, k] their probabilities
     expert_weights: "Array"  # [N, k] what their outputs are scaled by (renormalised if norm_topk_prob)
+
+    def trace_fields(self) -> dict:
+        """The arrays under the names a :class:`minimoe.routing.RoutingTrace` gives them."""
+        return dict(router_logits=self.logits, router_probs=self.probs, expert_ids=self.expert_ids,
+                    raw_weights=self.raw_weights, expert_weights=self.expert_weights)
 
 
 def route(xp, router_logits, top_k: int, norm_topk_prob: bool, disabled: Sequence[int] = (),
@@ -142,62 +143,53 @@ def route(xp, router_logits, top_k: int, norm_topk_prob: bool, disabled: Sequenc
         logits = logits.copy()
         logits[:, list(disabled)] = -xp.inf
     probs = softmax(xp, logits, axis=-1)
-    if forced is not None:
-        expert_ids = xp.broadcast_to(xp.asarray(forced), (probs.shape[0], len(forced)))
-        expert_ids = xp.take_along_axis(expert_ids, xp.argsort(-xp.take_along_axis(probs, expert_ids, -1), -1), -1)
+    if forced is None:
+        # The k largest probabilities, highest first; among equal probabilities the lower
+        # expert id first (a stable sort), the rule the GPU kernel follows too.
+        expert_ids = xp.argsort(-probs, axis=-1, kind="stable")[:, :top_k]  # [N, k]
     else:
-        candidates = xp.argpartition(-probs, top_k - 1, axis=-1)[:, :top_k]
-        order = xp.argsort(-xp.take_along_axis(probs, candidates, axis=-1), axis=-1, kind="stable")
-        expert_ids = xp.take_along_axis(candidates, order, axis=-1)
+        expert_ids = xp.broadcast_to(xp.asarray(forced), (probs.shape[0], len(forced)))
+        order = xp.argsort(-xp.take_along_axis(probs, expert_ids, -1), axis=-1, kind="stable")
+        expert_ids = xp.take_along_axis(expert_ids, order, -1)
     raw_weights = xp.take_along_axis(probs, expert_ids, axis=-1)
     weights = raw_weights / xp.sum(raw_weights, axis=-1, keepdims=True) if norm_topk_prob else raw_weights
     return RouterChoice(logits, probs, expert_ids, raw_weights, weights)
 
 
-def routed_experts(xp, h, expert_ids, expert_weights, experts: Sequence[tuple[Projection, Projection, Projection]],
-                   map_fn: Callable = map, project: Callable | None = None):
+def routed_experts(xp, h, expert_ids, expert_weights, experts: Sequence[Expert]):
     """Weighted sum of the chosen experts' outputs, each expert run only on its own tokens.
 
-    h ``[N, H]``, expert_ids / expert_weights ``[N, k]``, ``experts[e] = (gate, up, down)``
-    -> ``[N, H]``.
+    h ``[N, H]``, expert_ids / expert_weights ``[N, k]``, ``experts[e]`` a callable
+    ``[n, H] -> [n, H]`` (a SwiGLU MLP) -> ``[N, H]``: token ``i`` gets
+    ``sum_j expert_weights[i, j] * experts[expert_ids[i, j]](h[i])``.
 
-    The N*k (token, expert) assignments are sorted by expert so that each expert
-    sees one contiguous batch of the tokens routed to it.  The experts are
-    independent; ``map_fn`` may run them in parallel (the CPU backend passes its
-    thread pool's map); ``project`` is passed on to :func:`swiglu`.
+    The N*k (token, expert) assignments are sorted by expert, so that each chosen
+    expert runs once, on the batch of tokens routed to it; experts no token chose are
+    never touched (nothing here grows with the number of experts).
     """
-    tokens, top_k = expert_ids.shape
-    flat_ids = expert_ids.reshape(-1)
-    flat_weights = expert_weights.reshape(-1)
+    top_k = expert_ids.shape[1]
+    flat_ids = expert_ids.reshape(-1)  # [N*k]
+    flat_weights = expert_weights.reshape(-1)  # [N*k]
     slots = xp.argsort(flat_ids, kind="stable")  # assignment slots, grouped by expert
-    # The experts that were chosen and where each one's slots begin.  Only chosen experts
-    # are visited: nothing per token grows with the number of experts (60 here, 64+ elsewhere).
-    active, starts = xp.unique(flat_ids[slots], return_index=True)
+    chosen, starts = xp.unique(flat_ids[slots], return_index=True)  # each chosen expert, where its slots begin
     bounds = starts.tolist() + [flat_ids.shape[0]]
-
-    def run(index):
-        chosen = slots[bounds[index] : bounds[index + 1]]
-        rows = chosen // top_k  # token index of each assignment
-        expert = experts[active_ids[index]]
-        return rows, swiglu(xp, h[rows], *expert, project) * flat_weights[chosen][:, None]
-
-    active_ids = active.tolist()
     out = xp.zeros_like(h)
-    for rows, y in map_fn(run, range(len(active_ids))):
-        # A token picks an expert at most once, so `rows` has no repeats and += is safe.
-        out[rows] += y
+    for expert, begin, end in zip(chosen.tolist(), bounds[:-1], bounds[1:]):
+        mine = slots[begin:end]  # this expert's assignments
+        rows = mine // top_k  # their tokens; a token picks an expert at most once, so no repeats and += is safe
+        out[rows] += experts[expert](h[rows]) * flat_weights[mine][:, None]
     return out
 
 
-def shared_expert(xp, h, gate: Projection, up: Projection, down: Projection, shared_gate: Projection,
-                  project: Callable | None = None):
+def shared_expert(xp, h, expert: Expert, shared_gate: Projection):
     """The always-on shared expert, scaled per token by a sigmoid gate.
 
-    h ``[N, H]`` -> (output ``[N, H]``, gate value ``[N]``).  ``shared_gate`` maps
-    ``H -> 1``; its sigmoid decides how much of the shared expert each token takes.
+    h ``[N, H]`` -> (output ``[N, H]``, gate value ``[N]``).  ``expert`` is a SwiGLU MLP;
+    ``shared_gate`` maps ``H -> 1`` and its sigmoid decides how much of the shared
+    expert each token takes.
     """
-    gate_value = sigmoid(xp, shared_gate(h))[:, 0]
-    return swiglu(xp, h, gate, up, down, project) * gate_value[:, None], gate_value
+    gate_value = sigmoid(xp, shared_gate(h))[:, 0]  # [N]
+    return expert(h) * gate_value[:, None], gate_value
 
 
 # --- the router's auxiliary loss ---------------------------------------------------

@@ -1,11 +1,14 @@
 """The Qwen2-MoE model: weights from a checkpoint, composed from :mod:`minimoe.layers`.
 
-Per decoder layer, in one residual stream ``x`` (see ``docs`` and DESIGN):
+This file and :mod:`minimoe.layers` are the whole forward pass.  Per decoder layer,
+in one residual stream ``x [B, T, H]``:
 
-    h = rms_norm(x);  x += attention(h)            # RoPE, grouped-query, KV cache
-    h = rms_norm(x);  x += moe(h)  or  mlp(h)      # sparse layers: routed + gated shared expert
+    h = rms_norm(x);  x += attention(h)            # RoPE, multi-head or grouped-query, KV cache
+    h = rms_norm(x);  x += moe(h)  or  mlp(h)      # sparse layers: routed experts + gated shared expert
 
-then a final norm and the output head.
+then a final norm and the output head: ``[B, T, H] -> [B, T, V]``.  Every weight is a
+:class:`minimoe.backend.Linear`, called as ``W(x)``; how it multiplies (bf16 upcast in
+blocks, spread over threads) is the backend's business, not this file's.
 """
 
 from __future__ import annotations
@@ -17,13 +20,12 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from . import layers, weights
-from .backend import Linear, array_module, parallel_map, project, single_threaded_blas
+from .backend import Linear, array_module, single_threaded_blas
 from .checkpoint import Checkpoint
 from .config import ModelConfig, read_json_object
 from .errors import MinimoeError
 from .generate import generate_stream
 from .routing import NO_INTERVENTIONS, OUTPUT, Interventions, LayerInterventions, Recorder, RoutingTrace
-from .weight_cache import WeightCache, parse_bytes
 
 
 # --- the KV cache ------------------------------------------------------------------
@@ -95,29 +97,27 @@ class Attention:
 
     def __call__(self, xp, h, cos, sin, layer: int, cache: KVCache | None, start: int):
         """h ``[B, T, H]`` -> ``[B, T, H]``; new keys/values go into ``cache`` when given."""
-        q, k, v = project((self.q, self.k, self.v), h)
-        q = layers.apply_rope(xp, layers.split_heads(q, self.num_heads, self.head_dim), cos, sin)
-        k = layers.apply_rope(xp, layers.split_heads(k, self.num_kv_heads, self.head_dim), cos, sin)
-        v = layers.split_heads(v, self.num_kv_heads, self.head_dim)
+        q = layers.split_heads(self.q(h), self.num_heads, self.head_dim)  # [B, nh, T, D]
+        k = layers.split_heads(self.k(h), self.num_kv_heads, self.head_dim)  # [B, nkv, T, D]
+        v = layers.split_heads(self.v(h), self.num_kv_heads, self.head_dim)  # [B, nkv, T, D]
+        q, k = layers.apply_rope(xp, q, cos, sin), layers.apply_rope(xp, k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, k, v)
-        return self.o(layers.causal_attention(xp, q, k, v, query_start=start))
+            k, v = cache.update(layer, k, v)  # [B, nkv, S, D]: the cached positions, then these
+        return self.o(layers.causal_attention(xp, q, k, v, query_start=start))  # [B, T, nh*D] -> [B, T, H]
 
 
 @dataclass
 class SwiGLU:
+    """A SwiGLU MLP (a dense layer's, an expert, or the shared expert), callable as ``mlp(h)``."""
+
     gate: Linear
     up: Linear
     down: Linear
+    xp: object = field(default=np, repr=False)  # held, so that experts are one-argument callables
 
-    def __call__(self, xp, h):
+    def __call__(self, h):
         """h ``[..., H]`` -> ``[..., H]``."""
-        return layers.swiglu(xp, h, self.gate, self.up, self.down, project)
-
-    @property
-    def is_cached(self) -> bool:
-        """Whether all three weights have float32 copies in the weight cache (no upcast needed)."""
-        return all(w.cache is not None and w in w.cache for w in (self.gate, self.up, self.down))
+        return layers.swiglu(self.xp, h, self.gate, self.up, self.down)
 
 
 @dataclass
@@ -131,40 +131,19 @@ class SparseMoeBlock:
     top_k: int
     norm_topk_prob: bool
 
-    def __post_init__(self):
-        # (gate, up, down) per expert, as layers.routed_experts takes them: built once, not per token.
-        self.expert_mlps = [(e.gate, e.up, e.down) for e in self.experts]
-
     def __call__(self, xp, h, layer: int, change: LayerInterventions = NO_INTERVENTIONS, record=None):
         """h ``[B, T, H]`` -> ``[B, T, H]``: the routed experts' weighted sum plus the gated shared expert."""
-        flat = h.reshape(-1, h.shape[-1])
+        flat = h.reshape(-1, h.shape[-1])  # [N, H], N = B*T
         choice = layers.route(xp, self.router(flat), change.top_k or self.top_k, self.norm_topk_prob,
-                              change.disabled, change.forced)
-        if record is not None:  # before the experts run (and fill the cache)
-            cached = self.cached_experts(xp, choice.expert_ids)
-        jobs = [lambda: layers.routed_experts(xp, flat, choice.expert_ids, choice.expert_weights, self.expert_mlps,
-                                              parallel_map, project)]
-        if change.shared_expert:  # independent of the routed experts: run them side by side
-            jobs.append(lambda: layers.shared_expert(xp, flat, self.shared.gate, self.shared.up, self.shared.down,
-                                                     self.shared_gate, project))
-        routed, *rest = parallel_map(lambda job: job(), jobs)
-        if rest:
-            shared, gate = rest[0]
-        else:  # switched off: contributes nothing, but its gate is still worth reporting
-            shared, gate = xp.zeros_like(routed), layers.sigmoid(xp, self.shared_gate(flat))[:, 0]
+                              change.disabled, change.forced)  # expert_ids, expert_weights [N, k]
+        routed = layers.routed_experts(xp, flat, choice.expert_ids, choice.expert_weights, self.experts)  # [N, H]
+        shared, gate = layers.shared_expert(xp, flat, self.shared, self.shared_gate)  # [N, H], [N]
+        if not change.shared_expert:  # intervention: switched off (its gate is still reported)
+            shared = xp.zeros_like(shared)
         if record is not None:
-            record(layer, router_logits=choice.logits, router_probs=choice.probs, expert_ids=choice.expert_ids,
-                   raw_weights=choice.raw_weights, expert_weights=choice.expert_weights, shared_gate=gate,
-                   shared_norm=xp.linalg.norm(shared, axis=-1), routed_norm=xp.linalg.norm(routed, axis=-1),
-                   cache_hit=cached)
+            record(layer, **choice.trace_fields(), shared_gate=gate, shared_norm=xp.linalg.norm(shared, axis=-1),
+                   routed_norm=xp.linalg.norm(routed, axis=-1))
         return (routed + shared).reshape(h.shape)
-
-    def cached_experts(self, xp, expert_ids):
-        """expert_ids ``[N, k]`` -> ``[N, k]`` bool: whose float32 copies are in the weight cache (chosen ones only)."""
-        chosen = xp.unique(expert_ids).tolist()
-        cached = xp.zeros(len(self.experts), dtype=bool)
-        cached[chosen] = [self.experts[e].is_cached for e in chosen]
-        return cached[expert_ids]
 
 
 @dataclass
@@ -191,7 +170,7 @@ class DecoderLayer:
         if self.is_sparse:
             change = interventions.for_layer(self.index) if interventions else NO_INTERVENTIONS
             return x + self.mlp(xp, h, self.index, change, record)
-        return x + self.mlp(xp, h)
+        return x + self.mlp(h)
 
 
 # --- the model -----------------------------------------------------------------------
@@ -213,7 +192,6 @@ class Model:
     backend: str = "numpy"
     xp: object = field(default=np, repr=False)
     generation_config: dict = field(default_factory=dict)
-    weight_cache: WeightCache | None = None
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -233,10 +211,6 @@ class Model:
                         top_p: float | None = None, seed: int | None = None, **options) -> Iterator[int]:
         """Like :meth:`generate`, yielding each new token id as soon as it is chosen."""
         return generate_stream(self, ids, max_new_tokens, temperature, top_k, top_p, seed, **options)
-
-    def cache_stats(self) -> dict | None:
-        """The float32 weight cache's counters (see :class:`~minimoe.weight_cache.WeightCache`), or None without ``max_memory``."""
-        return self.weight_cache.stats() if self.weight_cache is not None else None
 
     def new_cache(self, capacity: int | None = None) -> KVCache:
         """An empty KV cache for incremental decoding (``capacity`` positions preallocated)."""
@@ -328,8 +302,7 @@ class Model:
 
 # --- loading -----------------------------------------------------------------------
 
-def load(path: str | Path, backend: str = "numpy", progress: Callable[..., Iterable] | None = None,
-         max_memory: int | str | None = None) -> Model:
+def load(path: str | Path, backend: str = "numpy", progress: Callable[..., Iterable] | None = None) -> Model:
     """Open a Hugging Face checkpoint folder (config.json + safetensors) as a :class:`Model`.
 
     Weights are memory-mapped, not read: opening the 28.6 GB Qwen1.5-MoE-A2.7B
@@ -338,16 +311,7 @@ def load(path: str | Path, backend: str = "numpy", progress: Callable[..., Itera
     they are opened and the tensors as they are checked.
     ``backend="cupy"`` copies the weights to the GPU once and runs every layer there
     (:mod:`minimoe.gpu`; forward then returns CuPy arrays, see :func:`minimoe.to_numpy`).
-
-    ``max_memory`` (bytes, or a string such as ``"4GB"``) is a budget for float32
-    copies of the routed experts' weights: up to that much, the upcast copy an
-    expert's matmuls make is kept (least recently used out first) instead of being
-    made again the next time the expert is chosen; see :mod:`minimoe.weight_cache`.
-    Without it, weights are upcast block by block into a small reused buffer.
     """
-    if max_memory is not None and backend != "numpy":
-        raise MinimoeError(f"max_memory budgets the NumPy backend's float32 weight copies; backend {backend!r} "
-                           "keeps every weight on its device and takes no max_memory")
     xp = array_module(backend)
     folder = Path(path)
     if not folder.is_dir():
@@ -357,8 +321,7 @@ def load(path: str | Path, backend: str = "numpy", progress: Callable[..., Itera
     checkpoint = Checkpoint(folder, progress=opening)
     expected = weights.expected_shapes(config).items()
     _check_shapes(checkpoint, progress(expected, desc="checking tensors", unit="tensor") if progress else expected)
-    cache = WeightCache(parse_bytes(max_memory)) if max_memory is not None else None
-    model = _build(config, checkpoint, backend, xp, cache)
+    model = _build(config, checkpoint, backend, xp)
     if (folder / "generation_config.json").exists():
         model.generation_config = read_json_object(folder / "generation_config.json")
     return model
@@ -375,7 +338,7 @@ def _check_shapes(checkpoint: Checkpoint, expected: Iterable[tuple[str, tuple[in
             )
 
 
-def _build(config: ModelConfig, checkpoint: Checkpoint, backend: str, xp, cache: WeightCache | None) -> Model:
+def _build(config: ModelConfig, checkpoint: Checkpoint, backend: str, xp) -> Model:
     if backend == "cupy":  # the GPU model: the same blocks, each step a CUDA kernel (minimoe.gpu)
         from .gpu.blocks import build
 
@@ -387,9 +350,9 @@ def _build(config: ModelConfig, checkpoint: Checkpoint, backend: str, xp, cache:
     def small(name):
         return np.asarray(tensor(name), dtype=np.float32)
 
-    def mlp(prefix, cache: WeightCache | None = None) -> SwiGLU:
+    def mlp(prefix) -> SwiGLU:
         names = weights.swiglu_names(prefix)
-        return SwiGLU(*(Linear(tensor(names[part]), cache=cache) for part in ("gate", "up", "down")))
+        return SwiGLU(*(Linear(tensor(names[part])) for part in ("gate", "up", "down")), xp=xp)
 
     def attention(layer) -> Attention:
         n = weights.attention_names(layer)
@@ -409,9 +372,7 @@ def _build(config: ModelConfig, checkpoint: Checkpoint, backend: str, xp, cache:
             return mlp(weights.dense_mlp_prefix(layer))
         return SparseMoeBlock(
             router=Linear(tensor(weights.router_name(layer))),
-            # Only the routed experts are cached: every other weight is used by every token, so
-            # in one LRU with the experts it would just push out the experts that do get reused.
-            experts=[mlp(weights.expert_prefix(layer, e), cache) for e in range(config.num_experts)],
+            experts=[mlp(weights.expert_prefix(layer, e)) for e in range(config.num_experts)],
             shared=mlp(weights.shared_expert_prefix(layer)),
             shared_gate=Linear(tensor(weights.shared_expert_gate_name(layer))),
             top_k=config.num_experts_per_tok,
@@ -431,5 +392,4 @@ def _build(config: ModelConfig, checkpoint: Checkpoint, backend: str, xp, cache:
         ))
     embed = Linear(tensor(weights.EMBED))
     lm_head = embed if config.tie_word_embeddings else Linear(tensor(weights.LM_HEAD))
-    return Model(config, embed, decoder, small(weights.FINAL_NORM), lm_head, checkpoint, backend, xp,
-                 weight_cache=cache)
+    return Model(config, embed, decoder, small(weights.FINAL_NORM), lm_head, checkpoint, backend, xp)

@@ -42,7 +42,7 @@ import numpy as np
 from .errors import MinimoeError
 
 ARRAY_FIELDS = ("token_ids", "positions", "layers", "router_logits", "router_probs", "expert_ids", "raw_weights",
-                "expert_weights", "shared_gate", "attention_norm", "shared_norm", "routed_norm", "logits", "cache_hit")
+                "expert_weights", "shared_gate", "attention_norm", "shared_norm", "routed_norm", "logits")
 # The recorder's key for model-level arrays (token ids, positions, logits), beside the layer indices.
 OUTPUT = -1
 # Fields whose token axis is not the first one (it is axis 1 for per-layer arrays).
@@ -64,7 +64,6 @@ class RoutingTrace:
     shared_norm: np.ndarray
     routed_norm: np.ndarray
     logits: np.ndarray
-    cache_hit: np.ndarray  # [S, T, k] bool: the chosen expert's float32 copy was in the weight cache
     num_experts: int
     top_k: int
     tokens: list[str] | None = field(default=None)
@@ -92,7 +91,6 @@ class RoutingTrace:
         per_layer["expert_ids"] = recorder.stacked("expert_ids", sparse, fill=-1)
         per_layer["raw_weights"] = recorder.stacked("raw_weights", sparse, fill=0.0)
         per_layer["expert_weights"] = recorder.stacked("expert_weights", sparse, fill=0.0)
-        per_layer["cache_hit"] = recorder.stacked("cache_hit", sparse, fill=False)
         token_ids = recorder.joined("token_ids", OUTPUT)
         return cls(
             token_ids=token_ids,

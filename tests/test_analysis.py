@@ -65,7 +65,6 @@ def make_trace(expert_ids, num_experts: int, router_probs=None, layers=None, tok
         shared_norm=per_token(shared_norm, 1.0),
         routed_norm=per_token(routed_norm, 1.0),
         logits=np.zeros((tokens, 3), dtype=np.float32),
-        cache_hit=np.zeros(ids.shape, dtype=bool),
         num_experts=num_experts,
         top_k=k,
     )

@@ -41,7 +41,7 @@ def check_figures(result: dict, prompt_tokens: int = 8) -> None:
 
 def test_bench_on_the_bundled_model(tmp_path):
     out = tmp_path / "bench.json"
-    result = run_bench(*TINY, "--max-memory", "64MB", "--threads", "1", "--json", str(out))
+    result = run_bench(*TINY, "--threads", "1", "--json", str(out))
     assert result.returncode == 0, result.stderr
     assert "run 2 of 2 (warm)" in result.stderr  # progress
     lines = result.stdout.splitlines()
@@ -53,16 +53,6 @@ def test_bench_on_the_bundled_model(tmp_path):
     ours = summary["engines"]["minimoe"]
     check_figures(ours)
     assert ours["threads"] == 1
-    cache = ours["cache"]  # --max-memory reached minimoe.load, and its cache's counters came back
-    assert cache["budget_bytes"] == 64 * 10**6
-    row = next(line for line in lines if line.startswith("weight cache hit rate"))
-    assert row.endswith(bench.hit_rate_text(cache))
-
-
-@pytest.mark.parametrize("counters, text", [((3, 1), "75.0% of 4"), ((0, 0), "no lookups")])
-def test_hit_rate_text(counters, text):
-    hits, misses = counters
-    assert bench.hit_rate_text({"hits": hits, "misses": misses, "hit_rate": hits / (hits + misses or 1)}) == text
 
 
 def test_bench_against_transformers(tmp_path):

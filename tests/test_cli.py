@@ -78,14 +78,3 @@ def test_help_lists_the_commands():
     assert result.returncode == 0
     for command in ("demo", "generate", "chat", "params"):
         assert command in result.stdout
-
-
-def test_max_memory_reaches_the_model_and_bad_sizes_are_refused():
-    plain = run("generate", "--prompt", "import os\n", "--max-new-tokens", "6", "--temperature", "0")
-    cached = run("generate", "--prompt", "import os\n", "--max-new-tokens", "6", "--temperature", "0",
-                 "--max-memory", "64MB")
-    assert cached.returncode == 0, cached.stderr
-    assert cached.stdout == plain.stdout
-    bad = run("generate", "--prompt", "import os\n", "--max-memory", "lots")
-    assert bad.returncode == 1
-    assert "memory size" in bad.stderr and "Traceback" not in bad.stderr

@@ -60,17 +60,23 @@ def test_routed_experts_equal_dense_masked_sum():
     """Dispatching tokens per expert gives the same as running every expert on every token."""
     tokens, hidden, inter, num_experts, k = 9, 6, 4, 5, 2
     h = rng.standard_normal((tokens, hidden)).astype(np.float32)
-    experts = [tuple(Linear(rng.standard_normal(shape).astype(np.float32))
-                     for shape in ((inter, hidden), (inter, hidden), (hidden, inter))) for _ in range(num_experts)]
+    mlps = [tuple(Linear(rng.standard_normal(shape).astype(np.float32))
+                  for shape in ((inter, hidden), (inter, hidden), (hidden, inter))) for _ in range(num_experts)]
+    experts = [swiglu_callable(*mlp) for mlp in mlps]
     choice = layers.route(np, rng.standard_normal((tokens, num_experts)).astype(np.float32), k, False)
     ids, weights = choice.expert_ids, choice.expert_weights
     got = layers.routed_experts(np, h, ids, weights, experts)
     expected = np.zeros_like(h)
     for t in range(tokens):
         for slot in range(k):
-            gate, up, down = experts[ids[t, slot]]
+            gate, up, down = mlps[ids[t, slot]]
             expected[t] += weights[t, slot] * down(layers.silu(np, gate(h[t:t + 1])) * up(h[t:t + 1]))[0]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def swiglu_callable(gate, up, down):
+    """An expert as routed_experts takes it: a one-argument callable."""
+    return lambda x: layers.swiglu(np, x, gate, up, down)
 
 
 class OnlyIndexed:
@@ -93,7 +99,8 @@ class OnlyIndexed:
 def test_routed_experts_touch_only_the_chosen_experts():
     """Per-token work must not grow with the number of experts: a token of a 1000-expert layer visits its k."""
     hidden, num_experts, k = 4, 1000, 3
-    expert = tuple(Linear(rng.standard_normal(shape).astype(np.float32)) for shape in ((2, hidden), (2, hidden), (hidden, 2)))
+    expert = swiglu_callable(*(Linear(rng.standard_normal(shape).astype(np.float32))
+                               for shape in ((2, hidden), (2, hidden), (hidden, 2))))
     experts = OnlyIndexed([expert] * num_experts)
     ids = np.array([[917, 3, 500]])
     layers.routed_experts(np, rng.standard_normal((1, hidden)).astype(np.float32), ids, np.ones((1, k), np.float32), experts)
@@ -175,18 +182,34 @@ def test_unknown_backend_is_refused():
         minimoe.load(FIXTURES / "moe_gqa", backend="jax")
 
 
-def test_project_shares_all_blocks_and_matches_separate_calls(monkeypatch):
-    """project() over several weights equals calling each; its work split covers every block once."""
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_linear_in_row_blocks_over_threads_equals_a_plain_float32_matmul(monkeypatch, threads):
+    """Blocked upcast + per-thread rows give x @ W.T + b of the float32 weights (rows not a multiple of anything)."""
     monkeypatch.setattr(backend, "SMALL_MATRIX_ELEMENTS", 0)
-    monkeypatch.setattr(backend, "BLOCK_ELEMENTS_DECODE", 5 * 16)
-    weights = [Linear(rng.standard_normal((rows, 16)).astype(ml_dtypes.bfloat16), rng.standard_normal(rows).astype(np.float32))
-               for rows in (23, 7, 40)]
-    x = rng.standard_normal((2, 16)).astype(np.float32)
-    for together, alone in zip(backend.project(weights, x), (w(x) for w in weights)):
-        np.testing.assert_array_equal(together, alone)
+    monkeypatch.setattr(backend, "BLOCK_ELEMENTS_DECODE", 5 * 16)  # 5 rows per block
+    monkeypatch.setattr(backend, "NUM_THREADS", threads)
+    for rows in (1, 7, 23, 40):
+        weight = rng.standard_normal((rows, 16)).astype(ml_dtypes.bfloat16)
+        bias = rng.standard_normal(rows).astype(np.float32)
+        x = rng.standard_normal((2, 3, 16)).astype(np.float32)
+        expected = x @ weight.astype(np.float32).T + bias
+        np.testing.assert_allclose(Linear(weight, bias)(x), expected, rtol=1e-6, atol=1e-6)
 
-    blocks = [(w, None, start, min(start + 5, w.shape[0])) for w in weights for start in range(0, w.shape[0], 5)]
-    groups = backend.balanced_groups(blocks, 3)
-    assert len(groups) == 3 and [b for g in groups for b in g] == blocks
-    shares = [sum((stop - start) for _, _, start, stop in g) for g in groups]
-    assert max(shares) - min(shares) <= 10  # within two blocks of each other
+
+@pytest.mark.parametrize("rows, parts", [(1, 2), (7, 2), (23, 3), (40, 16), (5, 1)])
+def test_row_ranges_cover_every_row_once_in_near_equal_parts(rows, parts):
+    ranges = backend.row_ranges(rows, parts)
+    assert [r for piece in ranges for r in piece] == list(range(rows))
+    assert len(ranges) == min(rows, parts) and max(map(len, ranges)) - min(map(len, ranges)) <= 1
+
+
+def test_route_breaks_ties_by_the_lower_expert_id():
+    """Integer-valued logits tie often: among equal probabilities the lower expert id is chosen, and comes first.
+
+    The rule is ours (torch.topk's order among ties is implementation-defined); the GPU kernel follows it too.
+    """
+    logits = rng.integers(-2, 3, size=(500, 16)).astype(np.float32)
+    choice = layers.route(np, logits, top_k=4, norm_topk_prob=False)
+    for row_logits, ids in zip(logits, choice.expert_ids):
+        expected = sorted(range(16), key=lambda e: (-row_logits[e], e))[:4]  # equal logits <=> equal probabilities
+        assert ids.tolist() == expected
