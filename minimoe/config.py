@@ -6,12 +6,13 @@ Two spellings of the same file exist in the wild and both are read here:
 * transformers 5.x ``save_pretrained``: ``rope_parameters: {rope_theta, rope_type}``,
   ``dtype`` and a per-layer ``layer_types`` list.
 
-Two architectures are supported: ``Qwen2MoeForCausalLM`` (model_type ``qwen2_moe``)
-and its dense sibling ``Qwen2ForCausalLM`` (model_type ``qwen2``), which is the
-same network with every layer a dense SwiGLU MLP.  Anything that would make the
-network compute something else (rope scaling, sliding-window attention, another
-activation) is refused with a :class:`~minimoe.errors.MinimoeError` rather than
-silently ignored.
+Supported: ``Qwen2MoeForCausalLM`` (model_type ``qwen2_moe``), its dense sibling
+``Qwen2ForCausalLM`` (``qwen2``: every layer a dense SwiGLU MLP), and three MoE
+cousins that differ from Qwen2-MoE in a few named ways (:data:`FAMILIES`):
+Mixtral (``mixtral``), OLMoE (``olmoe``) and Qwen3-MoE (``qwen3_moe``).  Anything
+that would make the network compute something else (rope scaling, sliding-window
+attention, another activation, q/k/v clipping) is refused with a
+:class:`~minimoe.errors.MinimoeError` rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -23,7 +24,43 @@ from typing import Any
 
 from .errors import MinimoeError
 
-SUPPORTED_MODEL_TYPES = ("qwen2_moe", "qwen2")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How one Hugging Face model type differs from Qwen2-MoE: each difference one named fact.
+
+    The router is the same in all of them (softmax over every expert, then the top k);
+    what varies is whether the k weights are renormalised, whether a gated shared
+    expert runs beside the routed ones, how q and k are normalised, the tensor names,
+    and which config keys hold the expert count and width.
+    """
+
+    architecture: str  # the transformers class
+    shared_expert: bool = False  # a sigmoid-gated shared expert beside the routed ones (Qwen2-MoE)
+    always_renormalise: bool = False  # top-k weights always rescaled to sum to 1 (Mixtral), else norm_topk_prob
+    qk_norm: str | None = None  # "projection": RMSNorm over all of q and of k (OLMoE); "head": per head (Qwen3-MoE)
+    qkv_bias: bool = False  # biases on q/k/v (Qwen2); the others have none (``attention_bias`` is refused)
+    experts_keys: tuple[str, ...] = ("num_experts",)  # config.json keys for the number of routed experts, in order
+    expert_width_key: str = "moe_intermediate_size"  # "intermediate_size" when every expert is full width
+    sparse_step: bool = False  # reads decoder_sparse_step / mlp_only_layers (else every layer is sparse)
+    rope_theta: float = 10000.0  # transformers' default when config.json gives none
+    rms_norm_eps: float = 1e-6
+    norm_topk_prob: bool = False
+
+
+FAMILIES: dict[str, Family] = {
+    "qwen2_moe": Family("Qwen2MoeForCausalLM", shared_expert=True, qkv_bias=True, sparse_step=True),
+    "qwen2": Family("Qwen2ForCausalLM", qkv_bias=True, experts_keys=()),
+    "mixtral": Family("MixtralForCausalLM", always_renormalise=True, experts_keys=("num_local_experts",),
+                      expert_width_key="intermediate_size", rope_theta=1e6, rms_norm_eps=1e-5),
+    "olmoe": Family("OlmoeForCausalLM", qk_norm="projection", expert_width_key="intermediate_size",
+                    rms_norm_eps=1e-5),
+    # transformers 5.x writes Qwen3-MoE's expert count as num_local_experts; the Hub's files say num_experts.
+    "qwen3_moe": Family("Qwen3MoeForCausalLM", qk_norm="head", experts_keys=("num_experts", "num_local_experts"),
+                        sparse_step=True),
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +80,7 @@ class ModelConfig:
     rope_theta: float
     tie_word_embeddings: bool = False
     qkv_bias: bool = True
+    qk_norm: str | None = None  # see Family.qk_norm
     # Mixture-of-experts fields; a dense ``qwen2`` model has num_experts == 0.
     num_experts: int = 0
     num_experts_per_tok: int = 0
@@ -73,6 +111,23 @@ class ModelConfig:
     def sparse_layers(self) -> list[int]:
         """Indices of the decoder layers that use the MoE block."""
         return [layer for layer in range(self.num_hidden_layers) if self.is_sparse_layer(layer)]
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.model_type]
+
+    @property
+    def has_shared_expert(self) -> bool:
+        return self.shared_expert_intermediate_size > 0
+
+    @property
+    def routing_rule(self) -> str:
+        """The gating rule in words, e.g. ``softmax over 60 experts, top-4, not renormalised, + gated shared expert``."""
+        if not self.num_experts:
+            return "dense: no router"
+        renormalised = "renormalised to sum 1" if self.norm_topk_prob else "not renormalised"
+        shared = ", + sigmoid-gated shared expert" if self.has_shared_expert else ""
+        return f"softmax over {self.num_experts} experts, top-{self.num_experts_per_tok}, {renormalised}{shared}"
 
     @property
     def num_kv_groups(self) -> int:
@@ -125,22 +180,23 @@ def _parse(raw: dict[str, Any], source: str) -> ModelConfig:
         return default if value is None else _typed(value, kind, key, fail)
 
     model_type = raw.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in FAMILIES:
         raise fail(
             f"model_type {model_type!r} is not supported; minimoe runs "
-            f"{' and '.join(SUPPORTED_MODEL_TYPES)} (Qwen2MoeForCausalLM, Qwen2ForCausalLM)"
+            + ", ".join(f"{name} ({family.architecture})" for name, family in FAMILIES.items())
         )
-    is_moe = model_type == "qwen2_moe"
+    family = FAMILIES[model_type]
 
     activation = raw.get("hidden_act", "silu")
     if activation != "silu":
         raise fail(f"hidden_act {activation!r} is not supported (only 'silu', as in SwiGLU)")
 
-    rope_theta, rope_type = _rope(raw, fail)
+    rope_theta, rope_type = _rope(raw, fail, family.rope_theta)
     if rope_type not in (None, "default"):
         raise fail(f"rope scaling ({rope_type!r}) is not supported; only plain RoPE")
 
     _refuse_sliding_window(raw, fail)
+    _refuse_unimplemented(raw, family, fail)
 
     hidden = require("hidden_size")
     heads = require("num_attention_heads")
@@ -156,15 +212,16 @@ def _parse(raw: dict[str, Any], source: str) -> ModelConfig:
         raise fail(f"head_dim ({head_dim}) must be even for rotate-half RoPE")
 
     moe: dict[str, Any] = {}
-    if is_moe:
+    if family.experts_keys:
+        experts_key = next((key for key in family.experts_keys if raw.get(key) is not None), family.experts_keys[0])
         moe = dict(
-            num_experts=require("num_experts"),
+            num_experts=require(experts_key),
             num_experts_per_tok=require("num_experts_per_tok"),
-            moe_intermediate_size=require("moe_intermediate_size"),
-            shared_expert_intermediate_size=require("shared_expert_intermediate_size"),
-            norm_topk_prob=optional("norm_topk_prob", False, bool),
-            decoder_sparse_step=optional("decoder_sparse_step", 1, int),
-            mlp_only_layers=tuple(optional("mlp_only_layers", [], list)),
+            moe_intermediate_size=require(family.expert_width_key),
+            shared_expert_intermediate_size=require("shared_expert_intermediate_size") if family.shared_expert else 0,
+            norm_topk_prob=True if family.always_renormalise else optional("norm_topk_prob", family.norm_topk_prob, bool),
+            decoder_sparse_step=optional("decoder_sparse_step", 1, int) if family.sparse_step else 1,
+            mlp_only_layers=tuple(optional("mlp_only_layers", [], list)) if family.sparse_step else (),
             router_aux_loss_coef=optional("router_aux_loss_coef", 0.001, float),
         )
         if moe["num_experts"] > 0 and not 0 < moe["num_experts_per_tok"] <= moe["num_experts"]:
@@ -187,10 +244,11 @@ def _parse(raw: dict[str, Any], source: str) -> ModelConfig:
         head_dim=head_dim,
         intermediate_size=require("intermediate_size"),
         max_position_embeddings=require("max_position_embeddings"),
-        rms_norm_eps=optional("rms_norm_eps", 1e-6, float),
+        rms_norm_eps=optional("rms_norm_eps", family.rms_norm_eps, float),
         rope_theta=rope_theta,
         tie_word_embeddings=optional("tie_word_embeddings", False, bool),
-        qkv_bias=optional("qkv_bias", True, bool),
+        qkv_bias=optional("qkv_bias", True, bool) if family.qkv_bias else False,
+        qk_norm=family.qk_norm,
         dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"),
         bos_token_id=optional("bos_token_id", None, int),
         eos_token_id=_eos(raw.get("eos_token_id"), fail),
@@ -213,7 +271,7 @@ def _typed(value: Any, kind: type, key: str, fail) -> Any:
     return value
 
 
-def _rope(raw: dict[str, Any], fail) -> tuple[float, str | None]:
+def _rope(raw: dict[str, Any], fail, default_theta: float) -> tuple[float, str | None]:
     """(rope_theta, rope_type) from either spelling: ``rope_parameters`` (5.x) or ``rope_theta`` (4.x)."""
     params = raw.get("rope_parameters")
     scaling = raw.get("rope_scaling")
@@ -222,7 +280,7 @@ def _rope(raw: dict[str, Any], fail) -> tuple[float, str | None]:
             raise fail(f"rope_parameters must be an object with rope_theta, got {params!r}")
         theta, rope_type = params["rope_theta"], params.get("rope_type", "default")
     else:
-        theta = raw.get("rope_theta", 10000.0)
+        theta = raw.get("rope_theta", default_theta)
         rope_type = None
     if scaling is not None:
         rope_type = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else str(scaling)
@@ -230,9 +288,16 @@ def _rope(raw: dict[str, Any], fail) -> tuple[float, str | None]:
 
 
 def _refuse_sliding_window(raw: dict[str, Any], fail) -> None:
-    """Sliding-window attention changes the mask; we only implement full causal attention."""
+    """Sliding-window attention changes the mask; we only implement full causal attention.
+
+    Qwen configs carry a ``sliding_window`` size that only counts when ``use_sliding_window``
+    is true; Mixtral's has no such switch: any ``sliding_window`` there is used.
+    """
     if raw.get("use_sliding_window"):
         raise fail("use_sliding_window is true; sliding-window attention is not supported")
+    if raw.get("model_type") == "mixtral" and raw.get("sliding_window") is not None:
+        raise fail(f"sliding_window is {raw['sliding_window']}: Mixtral would attend over a sliding window, "
+                   "which minimoe does not implement (only full causal attention)")
     layer_types = raw.get("layer_types") or []
     windowed = [i for i, kind in enumerate(layer_types) if kind != "full_attention"]
     if windowed:
@@ -240,6 +305,15 @@ def _refuse_sliding_window(raw: dict[str, Any], fail) -> None:
             f"layer_types marks layers {windowed} as {layer_types[windowed[0]]!r}; "
             "only 'full_attention' is supported"
         )
+
+
+def _refuse_unimplemented(raw: dict[str, Any], family: Family, fail) -> None:
+    """Family options that would change the computation and that minimoe does not implement."""
+    if raw.get("clip_qkv") is not None:
+        raise fail(f"clip_qkv is {raw['clip_qkv']}: clipping q/k/v (an OLMoE option) is not supported")
+    if raw.get("attention_bias") and not family.qkv_bias:
+        raise fail("attention_bias is true: biases on the attention projections are not supported for "
+                   f"{raw.get('model_type')} (only Qwen2's q/k/v biases)")
 
 
 def _eos(value: Any, fail) -> int | tuple[int, ...] | None:

@@ -86,6 +86,20 @@ class KVCache:
 # --- the blocks ----------------------------------------------------------------------
 
 @dataclass
+class QKNorm:
+    """RMSNorm on queries and keys before RoPE (OLMoE, Qwen3-MoE; Qwen2-MoE has none).
+
+    ``per_head`` False (OLMoE): one norm over the whole q projection ``[.., nh*D]`` and
+    one over k; True (Qwen3-MoE): one ``[D]`` weight applied to each head's vector.
+    """
+
+    q_weight: np.ndarray
+    k_weight: np.ndarray
+    per_head: bool
+    eps: float
+
+
+@dataclass
 class Attention:
     q: Linear
     k: Linear
@@ -94,12 +108,19 @@ class Attention:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    qk_norm: QKNorm | None = None
 
     def __call__(self, xp, h, cos, sin, layer: int, cache: KVCache | None, start: int):
         """h ``[B, T, H]`` -> ``[B, T, H]``; new keys/values go into ``cache`` when given."""
-        q = layers.split_heads(self.q(h), self.num_heads, self.head_dim)  # [B, nh, T, D]
-        k = layers.split_heads(self.k(h), self.num_kv_heads, self.head_dim)  # [B, nkv, T, D]
-        v = layers.split_heads(self.v(h), self.num_kv_heads, self.head_dim)  # [B, nkv, T, D]
+        q, k, v = self.q(h), self.k(h), self.v(h)  # [B, T, nh*D], [B, T, nkv*D], [B, T, nkv*D]
+        norm = self.qk_norm
+        if norm and not norm.per_head:  # OLMoE: over the whole projection
+            q, k = layers.rms_norm(xp, q, norm.q_weight, norm.eps), layers.rms_norm(xp, k, norm.k_weight, norm.eps)
+        q = layers.split_heads(q, self.num_heads, self.head_dim)  # [B, nh, T, D]
+        k = layers.split_heads(k, self.num_kv_heads, self.head_dim)  # [B, nkv, T, D]
+        v = layers.split_heads(v, self.num_kv_heads, self.head_dim)  # [B, nkv, T, D]
+        if norm and norm.per_head:  # Qwen3-MoE: each head's D values
+            q, k = layers.rms_norm(xp, q, norm.q_weight, norm.eps), layers.rms_norm(xp, k, norm.k_weight, norm.eps)
         q, k = layers.apply_rope(xp, q, cos, sin), layers.apply_rope(xp, k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # [B, nkv, S, D]: the cached positions, then these
@@ -122,12 +143,17 @@ class SwiGLU:
 
 @dataclass
 class SparseMoeBlock:
-    """Router + fine-grained routed experts + the sigmoid-gated shared expert."""
+    """Router + routed experts (+ the sigmoid-gated shared expert, in Qwen2-MoE).
+
+    Every family here routes alike (softmax over all experts, top k, weights
+    renormalised iff ``norm_topk_prob``); Mixtral, OLMoE and Qwen3-MoE have no shared
+    expert (``shared`` None), and their traces show its gate and output as 0.
+    """
 
     router: Linear  # H -> E, no bias
     experts: list[SwiGLU]
-    shared: SwiGLU
-    shared_gate: Linear  # H -> 1
+    shared: SwiGLU | None
+    shared_gate: Linear | None  # H -> 1
     top_k: int
     norm_topk_prob: bool
 
@@ -137,7 +163,10 @@ class SparseMoeBlock:
         choice = layers.route(xp, self.router(flat), change.top_k or self.top_k, self.norm_topk_prob,
                               change.disabled, change.forced)  # expert_ids, expert_weights [N, k]
         routed = layers.routed_experts(xp, flat, choice.expert_ids, choice.expert_weights, self.experts)  # [N, H]
-        shared, gate = layers.shared_expert(xp, flat, self.shared, self.shared_gate)  # [N, H], [N]
+        if self.shared is None:  # a family without one
+            shared, gate = xp.zeros_like(flat), xp.zeros(len(flat), dtype=xp.float32)
+        else:
+            shared, gate = layers.shared_expert(xp, flat, self.shared, self.shared_gate)  # [N, H], [N]
         if not change.shared_expert:  # intervention: switched off (its gate is still reported)
             shared = xp.zeros_like(shared)
         if record is not None:
@@ -338,8 +367,14 @@ def _check_shapes(checkpoint: Checkpoint, expected: Iterable[tuple[str, tuple[in
             )
 
 
+GPU_MODEL_TYPES = ("qwen2_moe", "qwen2")
+
+
 def _build(config: ModelConfig, checkpoint: Checkpoint, backend: str, xp) -> Model:
     if backend == "cupy":  # the GPU model: the same blocks, each step a CUDA kernel (minimoe.gpu)
+        if config.model_type not in GPU_MODEL_TYPES:
+            raise MinimoeError(f"backend 'cupy' runs {' and '.join(GPU_MODEL_TYPES)} models; "
+                               f"{config.model_type} ({config.family.architecture}) runs on backend='numpy'")
         from .gpu.blocks import build
 
         return build(config, checkpoint)
@@ -350,8 +385,7 @@ def _build(config: ModelConfig, checkpoint: Checkpoint, backend: str, xp) -> Mod
     def small(name):
         return np.asarray(tensor(name), dtype=np.float32)
 
-    def mlp(prefix) -> SwiGLU:
-        names = weights.swiglu_names(prefix)
+    def mlp(names: dict[str, str]) -> SwiGLU:
         return SwiGLU(*(Linear(tensor(names[part])) for part in ("gate", "up", "down")), xp=xp)
 
     def attention(layer) -> Attention:
@@ -365,16 +399,19 @@ def _build(config: ModelConfig, checkpoint: Checkpoint, backend: str, xp) -> Mod
             num_heads=config.num_attention_heads,
             num_kv_heads=config.num_key_value_heads,
             head_dim=config.head_dim,
+            qk_norm=QKNorm(small(n["q_norm"]), small(n["k_norm"]), config.qk_norm == "head", config.rms_norm_eps)
+            if config.qk_norm else None,
         )
 
     def feed_forward(layer):
         if not config.is_sparse_layer(layer):
-            return mlp(weights.dense_mlp_prefix(layer))
+            return mlp(weights.swiglu_names(weights.dense_mlp_prefix(layer)))
+        shared = config.has_shared_expert
         return SparseMoeBlock(
-            router=Linear(tensor(weights.router_name(layer))),
-            experts=[mlp(weights.expert_prefix(layer, e)) for e in range(config.num_experts)],
-            shared=mlp(weights.shared_expert_prefix(layer)),
-            shared_gate=Linear(tensor(weights.shared_expert_gate_name(layer))),
+            router=Linear(tensor(weights.router_name(layer, config.model_type))),
+            experts=[mlp(weights.expert_names(layer, e, config.model_type)) for e in range(config.num_experts)],
+            shared=mlp(weights.swiglu_names(weights.shared_expert_prefix(layer))) if shared else None,
+            shared_gate=Linear(tensor(weights.shared_expert_gate_name(layer))) if shared else None,
             top_k=config.num_experts_per_tok,
             norm_topk_prob=config.norm_topk_prob,
         )

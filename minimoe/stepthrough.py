@@ -63,9 +63,15 @@ def step_through(model, ids, layer: int, position: int = -1) -> LayerWalk:
     walk["residual_in"] = x[position]
     h = layers.rms_norm(xp, x, block.input_norm, c.rms_norm_eps)
     walk["input_norm"] = h[position]
-    q = layers.split_heads(attention.q(h)[None], c.num_attention_heads, c.head_dim)  # [1, nh, P+1, D]
-    k = layers.split_heads(attention.k(h)[None], c.num_key_value_heads, c.head_dim)
+    q, k = attention.q(h)[None], attention.k(h)[None]  # [1, P+1, nh*D], [1, P+1, nkv*D]
+    norm = attention.qk_norm
+    if norm and not norm.per_head:  # OLMoE: RMSNorm over the whole q and k projections
+        q, k = layers.rms_norm(xp, q, norm.q_weight, norm.eps), layers.rms_norm(xp, k, norm.k_weight, norm.eps)
+    q = layers.split_heads(q, c.num_attention_heads, c.head_dim)  # [1, nh, P+1, D]
+    k = layers.split_heads(k, c.num_key_value_heads, c.head_dim)
     v = layers.split_heads(attention.v(h)[None], c.num_key_value_heads, c.head_dim)
+    if norm and norm.per_head:  # Qwen3-MoE: RMSNorm over each head
+        q, k = layers.rms_norm(xp, q, norm.q_weight, norm.eps), layers.rms_norm(xp, k, norm.k_weight, norm.eps)
     walk["q"], walk["k"], walk["v"] = q[0, :, position], k[0, :, position], v[0, :, position]  # [heads, D]
     cos, sin = layers.rope_tables(xp, xp.arange(position + 1), c.head_dim, c.rope_theta)
     q, k = layers.apply_rope(xp, q, cos, sin), layers.apply_rope(xp, k, cos, sin)
@@ -98,9 +104,11 @@ def step_through(model, ids, layer: int, position: int = -1) -> LayerWalk:
         walk[f"expert_{expert}_output"] = out
         routed = routed + weight * out
     walk["routed_output"] = routed
-    s = moe.shared
-    shared, gate = layers.shared_expert(xp, h, lambda x: layers.swiglu(xp, x, s.gate, s.up, s.down), moe.shared_gate)
-    walk["shared_gate"], walk["shared_output"] = gate[0], shared[0]
-    walk["moe_output"] = routed + shared[0]
+    walk["moe_output"] = routed
+    if moe.shared is not None:  # Qwen2-MoE's gated shared expert
+        s = moe.shared
+        shared, gate = layers.shared_expert(xp, h, lambda x: layers.swiglu(xp, x, s.gate, s.up, s.down), moe.shared_gate)
+        walk["shared_gate"], walk["shared_output"] = gate[0], shared[0]
+        walk["moe_output"] = routed + shared[0]
     walk["residual_out"] = residual + walk["moe_output"]
     return walk

@@ -3,6 +3,9 @@
 Linear weights are stored ``[out_features, in_features]`` (``y = x @ W.T``), as
 PyTorch's ``nn.Linear`` keeps them.  :func:`expected_shapes` lists every tensor a
 checkpoint must hold for a config; the loader checks them all before anything runs.
+
+The MoE families share Qwen2's names except for the sparse block: Mixtral calls it
+``block_sparse_moe`` and its experts' matrices ``w1`` (gate), ``w3`` (up), ``w2`` (down).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ def attention_names(layer: int) -> dict[str, str]:
         "k_weight": f"{p}.k_proj.weight", "k_bias": f"{p}.k_proj.bias",
         "v_weight": f"{p}.v_proj.weight", "v_bias": f"{p}.v_proj.bias",
         "o_weight": f"{p}.o_proj.weight",
+        "q_norm": f"{p}.q_norm.weight", "k_norm": f"{p}.k_norm.weight",  # OLMoE, Qwen3-MoE
     }
 
 
@@ -43,12 +47,28 @@ def dense_mlp_prefix(layer: int) -> str:
     return f"{layer_prefix(layer)}.mlp"
 
 
-def router_name(layer: int) -> str:
-    return f"{layer_prefix(layer)}.mlp.gate.weight"
+def moe_prefix(layer: int, model_type: str = "qwen2_moe") -> str:
+    """The sparse block of a layer: ``mlp`` everywhere but Mixtral's ``block_sparse_moe``."""
+    return f"{layer_prefix(layer)}.{'block_sparse_moe' if model_type == 'mixtral' else 'mlp'}"
 
 
-def expert_prefix(layer: int, expert: int) -> str:
-    return f"{layer_prefix(layer)}.mlp.experts.{expert}"
+def router_name(layer: int, model_type: str = "qwen2_moe") -> str:
+    return f"{moe_prefix(layer, model_type)}.gate.weight"
+
+
+def expert_prefix(layer: int, expert: int, model_type: str = "qwen2_moe") -> str:
+    return f"{moe_prefix(layer, model_type)}.experts.{expert}"
+
+
+MIXTRAL_EXPERT_MATRICES = {"gate": "w1", "up": "w3", "down": "w2"}
+
+
+def expert_names(layer: int, expert: int, model_type: str = "qwen2_moe") -> dict[str, str]:
+    """gate/up/down of one routed expert (Mixtral: w1/w3/w2)."""
+    prefix = expert_prefix(layer, expert, model_type)
+    if model_type == "mixtral":
+        return {part: f"{prefix}.{matrix}.weight" for part, matrix in MIXTRAL_EXPERT_MATRICES.items()}
+    return swiglu_names(prefix)
 
 
 def shared_expert_prefix(layer: int) -> str:
@@ -59,8 +79,7 @@ def shared_expert_gate_name(layer: int) -> str:
     return f"{layer_prefix(layer)}.mlp.shared_expert_gate.weight"
 
 
-def _swiglu_shapes(prefix: str, hidden: int, intermediate: int) -> dict[str, tuple[int, ...]]:
-    names = swiglu_names(prefix)
+def _swiglu_shapes(names: dict[str, str], hidden: int, intermediate: int) -> dict[str, tuple[int, ...]]:
     return {
         names["gate"]: (intermediate, hidden),
         names["up"]: (intermediate, hidden),
@@ -81,14 +100,21 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
                        attn["v_weight"]: (kv_out, h), attn["o_weight"]: (h, q_out)})
         if config.qkv_bias:
             shapes.update({attn["q_bias"]: (q_out,), attn["k_bias"]: (kv_out,), attn["v_bias"]: (kv_out,)})
+        if config.qk_norm == "projection":  # OLMoE: over all of q, all of k
+            shapes.update({attn["q_norm"]: (q_out,), attn["k_norm"]: (kv_out,)})
+        elif config.qk_norm == "head":  # Qwen3-MoE: one head's width, shared by every head
+            shapes.update({attn["q_norm"]: (d,), attn["k_norm"]: (d,)})
         for name in norm_names(layer).values():
             shapes[name] = (h,)
         if config.is_sparse_layer(layer):
-            shapes[router_name(layer)] = (config.num_experts, h)
+            shapes[router_name(layer, config.model_type)] = (config.num_experts, h)
             for expert in range(config.num_experts):
-                shapes.update(_swiglu_shapes(expert_prefix(layer, expert), h, config.moe_intermediate_size))
-            shapes.update(_swiglu_shapes(shared_expert_prefix(layer), h, config.shared_expert_intermediate_size))
-            shapes[shared_expert_gate_name(layer)] = (1, h)
+                names = expert_names(layer, expert, config.model_type)
+                shapes.update(_swiglu_shapes(names, h, config.moe_intermediate_size))
+            if config.has_shared_expert:
+                names = swiglu_names(shared_expert_prefix(layer))
+                shapes.update(_swiglu_shapes(names, h, config.shared_expert_intermediate_size))
+                shapes[shared_expert_gate_name(layer)] = (1, h)
         else:
-            shapes.update(_swiglu_shapes(dense_mlp_prefix(layer), h, config.intermediate_size))
+            shapes.update(_swiglu_shapes(swiglu_names(dense_mlp_prefix(layer)), h, config.intermediate_size))
     return shapes

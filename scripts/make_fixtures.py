@@ -47,17 +47,24 @@ TINY = dict(
 TINY_MOE = dict(TINY, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24)
 
 
+MIN_TOPK_MARGIN = 5e-4
+
+
 @dataclass
 class FixtureSpec:
     """One reference checkpoint: architecture, config overrides, storage dtype and sharding."""
 
     name: str
-    architecture: str  # "qwen2_moe" or "qwen2"
+    architecture: str  # a model_type: "qwen2_moe", "qwen2", "mixtral", "olmoe" or "qwen3_moe"
     config: dict
     dtype: str = "float32"  # how the weights are stored: float32, float16 or bfloat16
     shard_size: str | None = None  # e.g. "40KB" to split into several shards
     hub_spelling: bool = False  # rewrite config.json with transformers-4 keys (rope_theta, torch_dtype)
     seed: int = 0
+    router_scale: float = 2.0  # router weights' std is router_scale / sqrt(H); larger spreads the router's choices
+    # Smallest gap between the k-th and (k+1)-th router probability the prompts must have.  With 64 experts the
+    # 8th and 9th are close for some token of almost any prompt; float32 differences are ~1e-7, far below either.
+    min_margin: float = MIN_TOPK_MARGIN
     notes: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -78,26 +85,44 @@ SPECS = [
                 dtype="bfloat16", shard_size="40KB", hub_spelling=True, seed=5,
                 notes="bf16 weights in several shards with an index; config.json in the Hub's transformers-4 spelling"),
     FixtureSpec("dense_qwen2", "qwen2", dict(TINY, num_hidden_layers=2), seed=6, notes="dense Qwen2ForCausalLM"),
+    # The MoE family: each differs from Qwen2-MoE in a few named ways (minimoe.config.FAMILIES).
+    FixtureSpec("moe_qwen2_57b_shape", "qwen2_moe",
+                dict(TINY, hidden_size=56, num_attention_heads=28, num_key_value_heads=4, num_hidden_layers=2,
+                     num_experts=64, num_experts_per_tok=8, moe_intermediate_size=8, shared_expert_intermediate_size=64,
+                     intermediate_size=64),
+                dtype="bfloat16", seed=7, router_scale=2.5, min_margin=2e-5, notes="Qwen2-57B-A14B's proportions: 64 experts, top-8, GQA 28/4, "
+                                                 "shared expert 8 experts wide"),
+    FixtureSpec("moe_mixtral", "mixtral", dict(TINY, num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2),
+                seed=8, notes="MixtralForCausalLM: 8 full-width experts, top-2 renormalised, no shared expert, "
+                              "block_sparse_moe / w1 w2 w3 names"),
+    FixtureSpec("moe_olmoe", "olmoe", dict(TINY, num_hidden_layers=2, num_experts=8, num_experts_per_tok=3,
+                                           pad_token_id=0),
+                seed=9, notes="OlmoeForCausalLM: top-3 not renormalised, RMSNorm over the whole q and k projections"),
+    FixtureSpec("moe_qwen3", "qwen3_moe", dict(TINY, num_hidden_layers=3, head_dim=12, num_experts=8, num_experts_per_tok=2,
+                                                moe_intermediate_size=16, norm_topk_prob=True, mlp_only_layers=[0]),
+                seed=10, notes="Qwen3MoeForCausalLM: per-head q/k RMSNorm, head_dim 12 != hidden/heads, "
+                               "renormalised top-2, layer 0 dense (mlp_only_layers)"),
 ]
 
 # Prompts: a batch of 2 sequences of 12 tokens, and greedy continuation of the first for 10 tokens.
 BATCH, PROMPT_TOKENS, GREEDY_TOKENS = 2, 12, 10
-MIN_TOPK_MARGIN = 5e-4
 
 
 def _transformers_classes(architecture: str):
-    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+    import transformers as t
 
-    return {"qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[architecture]
+    return {"qwen2_moe": (t.Qwen2MoeConfig, t.Qwen2MoeForCausalLM), "qwen2": (t.Qwen2Config, t.Qwen2ForCausalLM),
+            "mixtral": (t.MixtralConfig, t.MixtralForCausalLM), "olmoe": (t.OlmoeConfig, t.OlmoeForCausalLM),
+            "qwen3_moe": (t.Qwen3MoeConfig, t.Qwen3MoeForCausalLM)}[architecture]
 
 
-def _decisive_init(model, seed: int) -> None:
+def _decisive_init(model, seed: int, router_scale: float) -> None:
     """Weights at a scale where signals survive every layer and routing is clear-cut.
 
     transformers' default init (std 0.02) leaves router probabilities within 1e-3 of
     uniform, so a rounding difference can swap the k-th and (k+1)-th expert.  Here
     every matrix gets std 1/sqrt(fan_in) (activations keep unit scale), the router
-    std 2/sqrt(H) (router logits spread over a few units), embeddings std 1.
+    std ``router_scale``/sqrt(H) (router logits spread over a few units), embeddings std 1.
     """
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -108,8 +133,8 @@ def _decisive_init(model, seed: int) -> None:
                 values = 0.3 * torch.randn(param.shape, generator=generator)
             elif "embed_tokens" in name:
                 values = torch.randn(param.shape, generator=generator)
-            elif name.endswith("mlp.gate.weight"):
-                values = 2.0 / math.sqrt(param.shape[-1]) * torch.randn(param.shape, generator=generator)
+            elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):  # the router
+                values = router_scale / math.sqrt(param.shape[-1]) * torch.randn(param.shape, generator=generator)
             else:
                 values = torch.randn(param.shape, generator=generator) / math.sqrt(param.shape[-1])
             param.copy_(values)
@@ -130,7 +155,7 @@ def build_fixture(spec: FixtureSpec, folder: Path) -> dict[str, np.ndarray]:
     config_class, model_class = _transformers_classes(spec.architecture)
     torch.manual_seed(spec.seed)
     model = model_class(config_class(**spec.config))
-    _decisive_init(model, spec.seed)
+    _decisive_init(model, spec.seed, spec.router_scale)
     if folder.exists():
         shutil.rmtree(folder)
     model.to(getattr(torch, spec.dtype)).save_pretrained(folder, max_shard_size=spec.shard_size or "50GB")
@@ -150,7 +175,7 @@ def reference_outputs(spec: FixtureSpec, folder: Path) -> dict[str, np.ndarray]:
     """
     _, model_class = _transformers_classes(spec.architecture)
     model = model_class.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
-    moe = spec.architecture == "qwen2_moe"
+    moe = spec.architecture != "qwen2"
     rng = np.random.default_rng(spec.seed + 100)
     with torch.no_grad():
         for _ in range(200):
@@ -158,7 +183,7 @@ def reference_outputs(spec: FixtureSpec, folder: Path) -> dict[str, np.ndarray]:
             out = model(ids, output_router_logits=moe)
             margin = min((topk_margin(r.numpy(), model.config.num_experts_per_tok) for r in out.router_logits),
                          default=np.inf) if moe else np.inf
-            if margin >= MIN_TOPK_MARGIN:
+            if margin >= spec.min_margin:
                 break
         else:
             raise RuntimeError(f"{spec.name}: no prompt with decisive routing found; raise the router scale")
@@ -196,18 +221,26 @@ def topk_margin(router_logits: np.ndarray, k: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=FIXTURES, help="where to write the fixtures")
+    parser.add_argument("--only", nargs="+", metavar="NAME", choices=[spec.name for spec in SPECS],
+                        help="remake only these fixtures (the manifest keeps the others' entries)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    manifest = {}
+    manifest_path = args.out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if args.only and manifest_path.exists() else {}
     for spec in SPECS:
+        if args.only and spec.name not in args.only:
+            continue
         reference = build_fixture(spec, args.out / spec.name)
         save_file({k: np.ascontiguousarray(v) for k, v in reference.items()}, str(args.out / spec.name / "reference.safetensors"))
         entry = {"architecture": spec.architecture, "dtype": spec.dtype, "notes": spec.notes}
         if "min_topk_margin" in reference:
-            entry["min_topk_margin"] = round(float(reference["min_topk_margin"]), 5)
+            entry["min_topk_margin"] = round(float(reference["min_topk_margin"]), 7)
+            entry["required_margin"] = spec.min_margin
         manifest[spec.name] = entry
         print(f"{spec.name:20s} {entry}")
-    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    order = [spec.name for spec in SPECS]
+    manifest = {name: manifest[name] for name in sorted(manifest, key=order.index)}
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def test_sparse_layer_rule(step, mlp_only, layers, sparse):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"model_type": "mixtral"}, "model_type 'mixtral' is not supported"),
+        ({"model_type": "deepseek_v3"}, "model_type 'deepseek_v3' is not supported; minimoe runs qwen2_moe (Qwen2MoeForCausalLM), qwen2"),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
         ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope scaling ('yarn')"),
         ({"rope_parameters": {"rope_theta": 1e6, "rope_type": "linear", "factor": 2.0}}, "rope scaling ('linear')"),
