@@ -365,10 +365,17 @@ def prompt_ids(config: ModelConfig, prompt_tokens: int, new_tokens: int, seed: i
     """The random prompt both engines get; checks it and the new tokens fit the context."""
     if prompt_tokens < 1 or new_tokens < 2:
         raise MinimoeError("--prompt-tokens must be at least 1 and --new-tokens at least 2 (one decode step)")
-    if prompt_tokens + new_tokens > config.max_position_embeddings:
-        raise MinimoeError(f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} exceeds the model's "
-                           f"context of {config.max_position_embeddings}")
-    return np.random.default_rng(seed).integers(0, config.vocab_size, prompt_tokens).tolist()
+    return random_prompt(config, prompt_tokens, seed, new_tokens)
+
+
+def random_prompt(config: ModelConfig, tokens: int, seed: int, new_tokens: int = 0) -> list[int]:
+    """``tokens`` random token ids from a seed; MinimoeError if they and ``new_tokens`` exceed the context."""
+    if tokens < 1:
+        raise MinimoeError(f"a prompt needs at least 1 token, not {tokens}")
+    if tokens + new_tokens > config.max_position_embeddings:
+        raise MinimoeError(f"{tokens} prompt tokens" + (f" + {new_tokens} new tokens" if new_tokens else "")
+                           + f" exceed the model's context of {config.max_position_embeddings}")
+    return np.random.default_rng(seed).integers(0, config.vocab_size, tokens).tolist()
 
 
 def benchmark(model: Path, engines: list[str], prompt_tokens: int, new_tokens: int, repeat: int, seed: int = 0,
@@ -387,6 +394,54 @@ def benchmark(model: Path, engines: list[str], prompt_tokens: int, new_tokens: i
     settings = {"model": str(model), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeat": repeat,
                 "seed": seed, "threads": threads, "prompt": prompt}
     return settings | summarise(results, prompt_tokens, new_tokens)
+
+
+# --- the roofline: measured prefill beside NumPy's limit on this machine ---------------------
+
+def prefill_roofline(model_path: Path, token_counts: list[int], repeat: int, seed: int = 0) -> list[dict]:
+    """For each prompt length: minimoe's warm prefill beside :mod:`minimoe.roofline`'s limit, in one process.
+
+    The roofline uses the rates measured right after the prefill and the expert loads
+    of the same prompt's routing.
+    """
+    import minimoe
+
+    from . import roofline
+
+    if repeat < 1:
+        raise MinimoeError("--repeat must be at least 1 (the warm figure is the median of the repeats)")
+    model = minimoe.load(model_path)
+    config = model.config
+    stored_bytes = 4 if config.dtype == "float32" else 2
+    rows = []
+    for tokens in token_counts:
+        prompt = random_prompt(config, tokens, seed)
+        progress("minimoe", f"prefill of {tokens} tokens: 1 cold + {repeat} warm runs")
+        model.forward(prompt)  # cold: the pages of the weights, the allocator
+        seconds = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            model.forward(prompt)
+            seconds.append(time.perf_counter() - start)
+        loads = roofline.expert_loads(model.trace(prompt).expert_ids, config.num_experts) if config.num_experts else []
+        progress("minimoe", "measuring NumPy's GEMM rate and the copy bandwidth")
+        limit = roofline.roofline(config, tokens, loads, roofline.measure_rates(tokens, config.hidden_size), stored_bytes)
+        measured = tokens / float(np.median(seconds))
+        rows.append({"tokens": tokens, "measured_tok_s": measured, "roofline_tok_s": limit.tokens_per_s,
+                     "fraction": measured / limit.tokens_per_s, "gemm_gflops": limit.rates.gemm_flops / 1e9,
+                     "copy_gb_s": limit.rates.copy_bytes / 1e9, "roofline_matmul_s": limit.matmul_s,
+                     "roofline_bandwidth_s": limit.bandwidth_s, "roofline_attention_s": limit.attention_s})
+    return rows
+
+
+def format_roofline(rows: list[dict]) -> list[str]:
+    header = ["prompt tokens", "prefill tok/s", "roofline tok/s", "fraction", "GEMM GFLOP/s", "copy GB/s",
+              "roofline s: matmul + bandwidth + attention"]
+    cells = [[str(r["tokens"]), f"{r['measured_tok_s']:.1f}", f"{r['roofline_tok_s']:.1f}", f"{r['fraction']:.2f}",
+              f"{r['gemm_gflops']:.0f}", f"{r['copy_gb_s']:.1f}",
+              f"{r['roofline_matmul_s']:.3f} + {r['roofline_bandwidth_s']:.3f} + {r['roofline_attention_s']:.3f}"]
+             for r in rows]
+    return align([header] + cells)
 
 
 def unfinished(summary: dict) -> list[str]:

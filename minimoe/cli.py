@@ -189,6 +189,12 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from . import bench
 
+    if args.roofline is not None:
+        rows = bench.prefill_roofline(args.model, args.roofline or [64, 1024], args.repeat, args.seed)
+        print("\n".join(bench.format_roofline(rows)))
+        if args.json:
+            args.json.write_text(json.dumps({"model": str(args.model), "roofline": rows}, indent=2) + "\n")
+        return
     engines = ["minimoe"] + ([args.against] if args.against else [])
     summary = bench.benchmark(args.model, engines, args.prompt_tokens, args.new_tokens, args.repeat, seed=args.seed,
                               threads=args.threads, memory_limit_gb=args.memory_limit_gb)
@@ -276,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0, help="seed of the random prompt (default 0)")
     bench.add_argument("--threads", type=int, help="threads for each engine (default: all cores)")
     bench.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
+    bench.add_argument("--roofline", type=int, nargs="*", metavar="TOKENS",
+                       help="instead: minimoe's warm prefill of these prompt lengths (default 64 1024) beside the "
+                            "fastest NumPy could go on this machine (docs/benchmarks.md)")
     bench.add_argument("--memory-limit-gb", type=float, help=argparse.SUPPRESS)  # a tighter watchdog, for tests
     bench.set_defaults(run=cmd_bench)
     return parser

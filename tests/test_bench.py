@@ -100,7 +100,7 @@ def test_watchdog_stops_a_child_that_would_exhaust_memory(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (("--model", "/no/such/model"), "minimoe: error: /no/such/model: no config.json found"),
-    (("--model", FIXTURE, "--prompt-tokens", "40", "--new-tokens", "16"), "exceeds the model's context of 48"),
+    (("--model", FIXTURE, "--prompt-tokens", "40", "--new-tokens", "16"), "exceed the model's context of 48"),
     (("--new-tokens", "1"), "--new-tokens at least 2"),
     (("--repeat", "0"), "--repeat must be at least 1"),
 ])
