@@ -3,7 +3,8 @@
 "Activated" counts what one token's forward pass multiplies by: every attention and
 norm weight, the router, the shared expert, ``k`` of the routed experts, the
 embedding row and the output head.  "Non-embedding" leaves out the input
-embedding table and the output head, as the Qwen1.5-MoE blog's table does.
+embedding table and the output head; the Qwen1.5-MoE blog's table does not define the
+term, and leaving out both reproduces its figures.
 
 The counting rules live in one place, :func:`count_parameters`, over an
 :class:`Architecture`: a short description of a decoder-only transformer (attention
