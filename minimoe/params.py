@@ -145,7 +145,8 @@ def _deepseek(raw: dict[str, Any], source: str) -> Architecture:
     experts = raw.get("n_routed_experts") or 0
     moe_layers = tuple(layer for layer in range(fields["num_hidden_layers"])
                        if experts and layer >= first_dense and layer % every == 0)
-    shared, top_k, renormalise = raw.get("n_shared_experts") or 0, raw["num_experts_per_tok"], bool(raw.get("norm_topk_prob"))
+    shared, top_k = raw.get("n_shared_experts") or 0, raw["num_experts_per_tok"]
+    renormalise = bool(raw.get("norm_topk_prob"))
     rule = (f"{raw.get('scoring_func', 'softmax')} over {experts} experts, top-{top_k}, "
             f"{'renormalised to sum 1' if renormalise else 'not renormalised'}, + {shared} ungated shared experts")
     return Architecture(
@@ -360,7 +361,8 @@ def describe_model(config: ModelConfig) -> str:
     """One line about a model: layers, width, experts, parameter counts (what the CLI and reports print)."""
     counts = count_parameters(config)
     shared = " + a gated shared expert" if config.has_shared_expert else ""
-    experts = f"{config.num_experts} experts (top-{config.num_experts_per_tok}){shared}" if config.num_experts else "dense"
+    experts = (f"{config.num_experts} experts (top-{config.num_experts_per_tok}){shared}"
+               if config.num_experts else "dense")
     return (f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {experts}; "
             f"{counts.total:,} parameters, {counts.activated:,} active per token")
 

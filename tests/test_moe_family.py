@@ -148,7 +148,8 @@ def test_family_table_from_the_configs():
             assert design.arch.norm_topk_prob == (raw["model_type"] == "mixtral" or raw.get("norm_topk_prob", False))
     by_name = {d.name: d for d in designs}
     # shared experts in units of one routed expert: Qwen1.5-MoE's "4 shared experts", DeepSeekMoE's 2
-    assert [by_name[n].shared_in_experts for n in ("Qwen1.5-MoE-A2.7B", "DeepSeekMoE-16B", "Qwen2-57B-A14B")] == [4, 2, 8]
+    shared = [by_name[n].shared_in_experts for n in ("Qwen1.5-MoE-A2.7B", "DeepSeekMoE-16B", "Qwen2-57B-A14B")]
+    assert shared == [4, 2, 8]
     assert all(by_name[n].arch.shared_intermediate_size == 0 for n in ("Mixtral-8x7B", "OLMoE-1B-7B", "Qwen3-30B-A3B"))
     assert by_name["Mixtral-8x7B"].arch.moe_intermediate_size == 14336  # full width: Mistral-7B's FFN
     assert (by_name["OLMoE-1B-7B"].arch.qk_norm, by_name["Qwen3-30B-A3B"].arch.qk_norm) == ("projection", "head")
