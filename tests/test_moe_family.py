@@ -31,7 +31,7 @@ from parity import LOGIT_TOLERANCE, relative_error
 import gpu_emulation
 
 # Shipped config name: (total, activated) in billions, as the models' authors publish them
-# (Mistral AI's Mixtral paper and model card; OLMoE's paper; the Qwen3 and Qwen2 model cards).
+# (Mistral AI's Mixtral announcement, the OLMoE paper, Qwen's Qwen3-30B-A3B and Qwen2 pages).
 PUBLISHED = {
     "mixtral-8x7b": (46.7, 12.9),
     "olmoe-1b-7b": (6.9, 1.3),
