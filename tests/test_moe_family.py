@@ -223,8 +223,8 @@ def test_step_through_reproduces_the_forward(name):
 
 @pytest.mark.parametrize("name", FAMILY_FIXTURES)
 def test_routing_arrays_mean_what_the_family_says(name):
-    model = minimoe.load(FIXTURES / name)
-    config, trace = model.config, model.trace(load_reference(FIXTURES / name)["ids"][0])
+    model, ids = minimoe.load(FIXTURES / name), load_reference(FIXTURES / name)["ids"][0]
+    config, trace = model.config, model.trace(ids)
     assert trace.expert_ids.shape == (len(config.sparse_layers), trace.num_tokens, config.num_experts_per_tok)
     sums = trace.expert_weights.sum(-1)
     if config.norm_topk_prob:
@@ -234,8 +234,9 @@ def test_routing_arrays_mean_what_the_family_says(name):
         assert (sums < 1).all()
     if config.has_shared_expert:
         assert ((trace.shared_gate > 0) & (trace.shared_gate < 1)).all() and (trace.shared_norm > 0).all()
-    else:
+    else:  # and switching the missing shared expert off changes nothing
         assert (trace.shared_gate == 0).all() and (trace.shared_norm == 0).all()
+        np.testing.assert_array_equal(model.forward(ids, shared_expert=False), model.forward(ids))
 
 
 # --- interventions against transformers on an edited checkpoint -------------------------------------------
