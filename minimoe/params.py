@@ -9,20 +9,24 @@ term, and leaving out both reproduces its figures.
 The counting rules live in one place, :func:`count_parameters`, over an
 :class:`Architecture`: a short description of a decoder-only transformer (attention
 widths, MLP widths, which layers are mixture-of-experts and what their experts look
-like).  :meth:`Architecture.from_config` reads one from the ``config.json`` of the
-architectures the Qwen1.5-MoE blog compares against: Qwen2 / Qwen2-MoE (through
-:class:`~minimoe.config.ModelConfig`, so the sparse-layer rule keeps its one home),
-Mistral, Gemma and DeepSeekMoE.  minimoe *runs* only the Qwen ones; the others are
-counted, never loaded.
+like).  :meth:`Architecture.from_config` reads one from the ``config.json`` of every
+family minimoe runs (Qwen2 / Qwen2-MoE, Mixtral, OLMoE, Qwen3-MoE: through
+:class:`~minimoe.config.ModelConfig`, so :data:`~minimoe.config.FAMILIES` and the
+sparse-layer rule keep their one home) and of the other architectures the Qwen1.5-MoE
+blog compares against: Mistral, Gemma and DeepSeekMoE, counted, never loaded.
+
+:func:`family_table` sets MoE designs side by side (:class:`Design`): experts, widths,
+gating, parameters, cost per token and how many expert sets a token can choose from.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import ModelConfig, read_config_file
+from .config import FAMILIES, ModelConfig, read_config_file
 from .errors import MinimoeError
 
 # Every MLP of these models is gated (SwiGLU, or GeGLU for Gemma): gate, up and down matrices.
@@ -34,11 +38,14 @@ class Architecture:
     """What parameter counting needs to know about a decoder-only transformer.
 
     Attention is grouped-query with ``num_key_value_heads`` key/value heads of
-    ``head_dim``; ``qkv_bias`` adds biases to q/k/v (Qwen) but never to o.  A layer
-    listed in ``moe_layers`` has a router, ``num_experts`` routed experts of
+    ``head_dim``; ``qkv_bias`` adds biases to q/k/v (Qwen) but never to o; ``qk_norm``
+    adds RMSNorm weights on q and k (``"projection"``: over the whole projections, OLMoE;
+    ``"head"``: one ``[head_dim]`` weight each, Qwen3-MoE).  A layer listed in
+    ``moe_layers`` has a router, ``num_experts`` routed experts of
     ``moe_intermediate_size`` (``top_k`` of them per token) and a shared expert of
     ``shared_intermediate_size`` (0: none), scaled by a sigmoid gate if
     ``shared_expert_gate``; every other layer has a dense MLP of ``intermediate_size``.
+    ``norm_topk_prob`` and ``routing_rule`` describe the gating (they count no parameters).
     """
 
     model_type: str
@@ -57,10 +64,13 @@ class Architecture:
     moe_intermediate_size: int = 0
     shared_intermediate_size: int = 0
     shared_expert_gate: bool = False
+    qk_norm: str | None = None
+    norm_topk_prob: bool = False
+    routing_rule: str = "dense: no router"
 
     @classmethod
     def from_config(cls, raw: dict[str, Any], source: str = "config") -> "Architecture":
-        """Read a parsed ``config.json`` of a Qwen2(-MoE), Mistral, Gemma or DeepSeekMoE model."""
+        """Read a parsed ``config.json`` of a family minimoe runs, or of Mistral, Gemma or DeepSeekMoE."""
         model_type = raw.get("model_type")
         reader = READERS.get(model_type)
         if reader is None:
@@ -78,7 +88,7 @@ class Architecture:
 
     @classmethod
     def from_model_config(cls, config: ModelConfig) -> "Architecture":
-        """The architecture of a model minimoe runs (Qwen2-MoE or dense Qwen2)."""
+        """The architecture of a model minimoe runs (a family of :data:`~minimoe.config.FAMILIES`)."""
         return cls(
             model_type=config.model_type, vocab_size=config.vocab_size, hidden_size=config.hidden_size,
             num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
@@ -88,7 +98,8 @@ class Architecture:
             num_experts=config.num_experts, top_k=config.num_experts_per_tok,
             moe_intermediate_size=config.moe_intermediate_size,
             shared_intermediate_size=config.shared_expert_intermediate_size,
-            shared_expert_gate=config.num_experts > 0,
+            shared_expert_gate=config.has_shared_expert, qk_norm=config.qk_norm,
+            norm_topk_prob=config.norm_topk_prob, routing_rule=config.routing_rule,
         )
 
 
@@ -104,7 +115,7 @@ def _attention_fields(raw: dict[str, Any]) -> dict[str, int]:
     )
 
 
-def _qwen(raw: dict[str, Any], source: str) -> Architecture:
+def _runnable(raw: dict[str, Any], source: str) -> Architecture:
     return Architecture.from_model_config(ModelConfig.from_dict(raw, source))
 
 
@@ -126,24 +137,31 @@ def _deepseek(raw: dict[str, Any], source: str) -> Architecture:
 
     Its modeling code makes layer ``l`` a MoE layer iff ``l >= first_k_dense_replace``
     and ``l % moe_layer_freq == 0``; its ``n_shared_experts`` shared experts are one
-    MLP of ``n_shared_experts * moe_intermediate_size``, always on and ungated.
+    MLP of ``n_shared_experts * moe_intermediate_size``, always on and ungated.  Its
+    router is a softmax (``scoring_func``) over the routed experts, top-k, weights
+    renormalised iff ``norm_topk_prob``.
     """
     fields = _attention_fields(raw)
     first_dense, every = raw.get("first_k_dense_replace", 0), raw.get("moe_layer_freq", 1)
     experts = raw.get("n_routed_experts") or 0
     moe_layers = tuple(layer for layer in range(fields["num_hidden_layers"])
                        if experts and layer >= first_dense and layer % every == 0)
+    shared, top_k = raw.get("n_shared_experts") or 0, raw["num_experts_per_tok"]
+    renormalise = bool(raw.get("norm_topk_prob"))
+    rule = (f"{raw.get('scoring_func', 'softmax')} over {experts} experts, top-{top_k}, "
+            f"{'renormalised to sum 1' if renormalise else 'not renormalised'}, + {shared} ungated shared experts")
     return Architecture(
         model_type="deepseek", **fields, qkv_bias=bool(raw.get("attention_bias", False)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)), moe_layers=moe_layers,
-        num_experts=experts, top_k=raw["num_experts_per_tok"], moe_intermediate_size=raw["moe_intermediate_size"],
-        shared_intermediate_size=(raw.get("n_shared_experts") or 0) * raw["moe_intermediate_size"],
+        num_experts=experts, top_k=top_k, moe_intermediate_size=raw["moe_intermediate_size"],
+        shared_intermediate_size=shared * raw["moe_intermediate_size"], norm_topk_prob=renormalise,
+        routing_rule=rule,
     )
 
 
 READERS: dict[str, Callable[[dict[str, Any], str], Architecture]] = {
-    "qwen2_moe": _qwen, "qwen2": _qwen, "mistral": _dense(tie_default=False), "gemma": _dense(tie_default=True),
-    "deepseek": _deepseek,
+    **{model_type: _runnable for model_type in FAMILIES},
+    "mistral": _dense(tie_default=False), "gemma": _dense(tie_default=True), "deepseek": _deepseek,
 }
 
 
@@ -176,7 +194,8 @@ def _attention(arch: Architecture) -> int:
     q_out = arch.num_attention_heads * arch.head_dim
     kv_out = arch.num_key_value_heads * arch.head_dim
     weights = h * q_out + 2 * h * kv_out + q_out * h  # q, k, v, o
-    return weights + (q_out + 2 * kv_out if arch.qkv_bias else 0)
+    qk_norm = {None: 0, "projection": q_out + kv_out, "head": 2 * arch.head_dim}[arch.qk_norm]
+    return weights + (q_out + 2 * kv_out if arch.qkv_bias else 0) + qk_norm
 
 
 def count_parameters(config: ModelConfig | Architecture) -> ParameterCount:
@@ -243,6 +262,87 @@ def token_cost(arch: Architecture, context: int, weight_bytes: int = 2, cache_by
     )
 
 
+# --- MoE designs side by side -------------------------------------------------------------
+
+QK_NORM_WORDS = {None: "none", "projection": "RMSNorm over all of q and of k", "head": "RMSNorm per head"}
+
+
+@dataclass(frozen=True)
+class Design:
+    """One model's MoE design, everything computed from its config (see :func:`family_table`)."""
+
+    name: str
+    arch: Architecture
+    counts: ParameterCount
+    cost: TokenCost  # one decoded token, bf16, after ``context`` cached positions
+    context: int
+
+    @property
+    def shared_in_experts(self) -> float:
+        """The shared expert's width in units of one routed expert's (Qwen1.5-MoE: 5632 / 1408 = 4)."""
+        return self.arch.shared_intermediate_size / self.arch.moe_intermediate_size
+
+    @property
+    def active_expert_width(self) -> int:
+        """Intermediate units a token runs through per sparse layer: k routed experts + the shared one."""
+        return self.arch.top_k * self.arch.moe_intermediate_size + self.arch.shared_intermediate_size
+
+    @property
+    def expert_sets_per_layer(self) -> int:
+        """How many different sets of k experts one token can be routed to in one layer: C(E, k)."""
+        return math.comb(self.arch.num_experts, self.arch.top_k)
+
+    @property
+    def log10_expert_sets_per_token(self) -> float:
+        """log10 of C(E, k) ** (sparse layers): the expert paths one token can take through the model."""
+        return len(self.arch.moe_layers) * math.log10(self.expert_sets_per_layer)
+
+
+def family_table(configs: dict[str, str | Path], context: int = 2048) -> list[Design]:
+    """A :class:`Design` per ``{name: config.json path}``, in order; ``context`` for the cost per token."""
+    designs = []
+    for name, path in configs.items():
+        arch = Architecture.from_file(path)
+        designs.append(Design(name, arch, count_parameters(arch), token_cost(arch, context), context))
+    return designs
+
+
+def family_rows(designs: list[Design]) -> list[tuple[str, list[str]]]:
+    """(quantity, one cell per design) rows of the side-by-side table."""
+    def shared(d: Design) -> str:
+        width = d.arch.shared_intermediate_size
+        return f"{width:,} (= {d.shared_in_experts:g} experts)" if width else "none"
+
+    context = f"context {designs[0].context}" if designs else ""
+    rows: list[tuple[str, Callable[[Design], str]]] = [
+        ("model_type", lambda d: d.arch.model_type),
+        ("routed experts", lambda d: str(d.arch.num_experts)),
+        ("active experts (top-k)", lambda d: str(d.arch.top_k)),
+        ("expert width", lambda d: f"{d.arch.moe_intermediate_size:,}"),
+        ("shared expert width", shared),
+        ("expert width a token runs through", lambda d: f"{d.active_expert_width:,}"),
+        ("gating rule", lambda d: d.arch.routing_rule),
+        ("top-k weights renormalised", lambda d: "yes" if d.arch.norm_topk_prob else "no"),
+        ("q/k norm", lambda d: QK_NORM_WORDS[d.arch.qk_norm]),
+        ("sparse layers", lambda d: f"{len(d.arch.moe_layers)} of {d.arch.num_hidden_layers}"),
+        ("total parameters", lambda d: format_billions(d.counts.total)),
+        ("activated parameters", lambda d: format_billions(d.counts.activated)),
+        ("activated non-embedding", lambda d: format_billions(d.counts.activated_non_embedding)),
+        (f"GFLOP per token ({context})", lambda d: f"{d.cost.flops / 1e9:.1f}"),
+        (f"GB read per token (bf16, {context})", lambda d: f"{d.cost.bytes_read / 1e9:.2f}"),
+        ("expert sets per layer, C(E, k)", lambda d: f"{d.expert_sets_per_layer:,}"),
+        ("expert sets per token, all layers", lambda d: f"10^{d.log10_expert_sets_per_token:.1f}"),
+    ]
+    return [(label, [cell(d) for d in designs]) for label, cell in rows]
+
+
+def format_family_table(designs: list[Design]) -> str:
+    """The side-by-side table in Markdown, one column per design."""
+    lines = ["| | " + " | ".join(d.name for d in designs) + " |", "|---" * (len(designs) + 1) + "|"]
+    lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in family_rows(designs)]
+    return "\n".join(lines)
+
+
 # --- printing --------------------------------------------------------------------------
 
 def format_billions(count: int) -> str:
@@ -261,11 +361,13 @@ def describe_architecture(arch: Architecture) -> str:
 def describe_model(config: ModelConfig) -> str:
     """One line about a model: layers, width, experts, parameter counts (what the CLI and reports print)."""
     counts = count_parameters(config)
-    experts = (f"{config.num_experts} experts (top-{config.num_experts_per_tok}) + a gated shared expert"
+    shared = " + a gated shared expert" if config.has_shared_expert else ""
+    experts = (f"{config.num_experts} experts (top-{config.num_experts_per_tok}){shared}"
                if config.num_experts else "dense")
     return (f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {experts}; "
             f"{counts.total:,} parameters, {counts.activated:,} active per token")
 
 
-__all__ = ["Architecture", "ParameterCount", "TokenCost", "count_parameters", "token_cost", "describe_architecture",
-           "describe_model", "format_billions"]
+__all__ = ["Architecture", "Design", "ParameterCount", "TokenCost", "count_parameters", "token_cost",
+           "describe_architecture", "describe_model", "family_rows", "family_table", "format_billions",
+           "format_family_table"]
