@@ -3,7 +3,8 @@
 Each wrapper takes and returns CuPy float32 arrays, names the NumPy function it
 replaces, and leaves grid and block sizes to :mod:`minimoe.gpu.launch` (plain Python,
 tested on a CPU).  The ``.cu`` files are compiled at first use by NVRTC through
-``cupy.RawModule`` (CuPy caches the binaries on disk), so no build step is needed.
+``cupy.RawModule`` (CuPy caches the binaries on disk, keyed on the source with common.cuh
+inlined), so no build step is needed.
 
 This module imports CuPy: only the GPU backend imports it, after
 :func:`minimoe.backend.import_cupy` has checked that CuPy and a GPU are there.
@@ -25,9 +26,8 @@ NULL = np.uint64(0)  # a null pointer argument (an optional input the kernel ski
 
 @cache
 def module(file_name: str) -> "cp.RawModule":
-    """The compiled kernels of one ``.cu`` file."""
-    source = (launch.KERNEL_DIR / file_name).read_text()
-    return cp.RawModule(code=source, options=("-std=c++17", f"-I{launch.KERNEL_DIR}"))
+    """The compiled kernels of one ``.cu`` file (common.cuh inlined, so CuPy's cache key covers it)."""
+    return cp.RawModule(code=launch.module_source(file_name), options=launch.COMPILE_OPTIONS)
 
 
 @cache

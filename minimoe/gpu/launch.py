@@ -31,9 +31,32 @@ DECODE_ATTENTION_WARPS = 16
 SHARED_MEMORY_BYTES = 48 * 1024  # dynamic shared memory a kernel may use without an opt-in
 
 
+# What minimoe hands CuPy's RawModule besides the source.  CuPy adds its own options
+# (``-ftz=true``, ``-arch=...``, include folders); tests/test_gpu_kernels_compile.py compiles
+# every module through NVRTC with the same ones.
+COMPILE_OPTIONS = ("-std=c++17",)
+SHARED_HEADER = "common.cuh"
+
+
 def kernel_sources() -> list[Path]:
     """The ``.cu`` files of the package, in name order."""
     return sorted(KERNEL_DIR.glob("*.cu"))
+
+
+def module_source(file_name: str) -> str:
+    """The text CuPy compiles for one ``.cu`` file: the file with ``#include "common.cuh"`` replaced by
+    the header itself.
+
+    CuPy's on-disk binary cache is keyed on the source text and the options, never on the
+    files an ``#include`` pulls in, so an edited header would keep running the old binaries.
+    Inlined, the header is part of the key.
+    """
+    source = (KERNEL_DIR / file_name).read_text()
+    header = (KERNEL_DIR / SHARED_HEADER).read_text()
+    include = f'#include "{SHARED_HEADER}"'
+    if source.count(include) != 1:
+        raise MinimoeError(f"{file_name} must include {SHARED_HEADER} exactly once (found {source.count(include)})")
+    return source.replace(include, f"// ---- {SHARED_HEADER}, inlined ----\n{header}\n// ---- end of {SHARED_HEADER} ----")
 
 
 @cache

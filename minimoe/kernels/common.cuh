@@ -1,9 +1,9 @@
 // Helpers shared by minimoe's kernels: reductions, bf16 loads, constants.
 //
-// Compiled as part of each .cu file (CuPy's RawModule passes -I<this folder>).  No
+// Inlined into each .cu file's text by minimoe.gpu.launch.module_source before CuPy compiles
+// it, so CuPy's binary cache (keyed on the source text) sees every edit made here.  No
 // system headers: NVRTC compiles these without the CUDA toolkit's include files,
 // so bf16 is plain `unsigned short` bit patterns and -inf is spelled from its bits.
-#pragma once
 
 #define FULL_MASK 0xffffffffu
 #define NEG_INF __int_as_float(0xff800000)
