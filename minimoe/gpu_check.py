@@ -243,6 +243,56 @@ def check_moe(t: Inputs, tokens: int, experts: np.ndarray) -> list[Check]:
     return checks
 
 
+def lower_id_first_top_k(logits: np.ndarray, top_k: int) -> np.ndarray:
+    """minimoe's top-k rule, from the logits alone: the k largest, highest first, the lower expert id first
+    among equal values (softmax keeps both the order and the ties).  logits ``[N, E]`` -> ``[N, k]``."""
+    return np.argsort(-logits, axis=-1, kind="stable")[:, :top_k]
+
+
+def check_router_ties(t: Inputs, tokens: int) -> list[Check]:
+    """route_topk on integer-valued logits (many exact ties), with and without disabled experts."""
+    from .gpu import kernels
+
+    E, k = t.shapes["experts"], t.shapes["top_k"]
+    logits = t.rng.integers(-2, 3, (tokens, E)).astype(np.float32)
+    disabled = tuple(range(2, E))  # two experts left, k > 2: the rest are chosen among exact zeros
+    masked = logits.copy()
+    masked[:, list(disabled)] = -np.inf
+    mismatches = [int((to_numpy(kernels.route(t.dev(logits), k, False).expert_ids)
+                       != lower_id_first_top_k(logits, k)).sum()),
+                  int((to_numpy(kernels.route(t.dev(logits), k, False, disabled).expert_ids)
+                       != lower_id_first_top_k(masked, k)).sum())]
+    return [Check(f"route ties (N={tokens}, integer logits; all experts / 2 left): id mismatches", sum(mismatches), 0)]
+
+
+def check_unusable_router_rows(t: Inputs) -> list[Check]:
+    """Rows with no usable logit (all -inf, a NaN, a +inf) through route, dispatch and combine: the ids stay in
+    range (experts 0..k-1, NaN weights, as layers.route gives), the other rows are untouched."""
+    from .gpu import kernels, launch
+
+    E, k, H = t.shapes["experts"], t.shapes["top_k"], t.shapes["hidden"]
+    logits = 3 * t.f32(6, E)
+    logits[0], logits[1, E // 2], logits[2, 1] = -np.inf, np.nan, np.inf
+    with np.errstate(invalid="ignore"):
+        want = layers.route(np, logits[3:], k, True)
+    choice = kernels.route(t.dev(logits), k, True)
+    ids, weights = to_numpy(choice.expert_ids), to_numpy(choice.expert_weights)
+    wrong = int((ids[:3] != np.arange(k)).sum() + (~np.isnan(weights[:3])).sum() + (ids[3:] != want.expert_ids).sum())
+    checks = [Check("route, rows of -inf / NaN / +inf: experts 0..k-1 with NaN weights, other rows exact: mismatches",
+                    wrong, 0)]
+    plan = kernels.dispatch(choice.expert_ids, E)
+    slots = np.arange(ids.size)
+    exact = np.array_equal(np.sort(to_numpy(plan.perm)), slots) and np.array_equal(to_numpy(plan.inv_perm)[to_numpy(plan.perm)], slots)
+    checks.append(Check("moe_dispatch after unusable rows: perm is a permutation (mismatches)", 0 if exact else 1, 0))
+    expert_out = t.f32(ids.size, H)
+    got = to_numpy(kernels.combine(t.dev(expert_out), plan.inv_perm, choice.expert_weights))
+    want_out = launch.combine(expert_out, launch.dispatch_plan(ids, E).inv_perm, weights)
+    checks.append(Check("moe_combine after unusable rows: NaN rows NaN, the rest", 
+                        relative_error(got[3:], want_out[3:]) + float(not np.isnan(got[:3]).all()),
+                        TOLERANCES["kernel"]))
+    return checks
+
+
 def check_linear(t: Inputs, out_features: int, tokens: int, bias: bool) -> list[Check]:
     """One bf16 projection (GEMV up to GEMV_MAX_ROWS tokens, GEMM beyond)."""
     from .gpu import blocks
@@ -277,6 +327,8 @@ def check_kernels(cp, rng, shapes: dict = REAL_SHAPES) -> list[Check]:
         checks += guarded(f"rope and attention ({heads}/{kv_heads} heads)", check_rope_and_attention, t, heads,
                           kv_heads, tokens, start)
     checks += guarded("silu_mul", check_silu_mul, t)
+    checks += guarded("router ties", check_router_ties, t, 64)
+    checks += guarded("unusable router rows", check_unusable_router_rows, t)
     experts = bf16_matrix(rng, (s["experts"], 2 * s["moe_intermediate"], s["hidden"]))
     for tokens in (1, 7, 300):  # GEMV (decode), GEMV (small batch), GEMM (prefill)
         checks += guarded(f"moe (N={tokens})", check_moe, t, tokens, experts)

@@ -148,10 +148,11 @@ def route_topk(grid, block, logits, used, probs, expert_ids, raw, weights, disab
     if _given(disabled):
         values[:, disabled.astype(bool)] = -np.inf
     _rows(used, experts)[:] = values
-    p = np.exp(values - values.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
+    with np.errstate(invalid="ignore"):  # a row with no usable logit: NaN probabilities, as in the kernel
+        p = np.exp(values - values.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
     _rows(probs, experts)[:] = p
-    ids = np.argsort(-p, axis=-1, kind="stable")[:, :top_k]  # highest first, lower id first on ties
+    ids = np.argsort(-p, axis=-1, kind="stable")[:, :top_k]  # highest first, lower id first on ties, NaN last
     chosen = np.take_along_axis(p, ids, -1)
     _rows(expert_ids, top_k)[:] = ids
     _rows(raw, top_k)[:] = chosen

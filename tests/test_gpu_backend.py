@@ -106,6 +106,30 @@ def test_gpu_traces_and_interventions_match_numpy(emulated):
     assert gpu.aux_loss(ids) == pytest.approx(cpu.aux_loss(ids), rel=1e-5)
 
 
+def test_rope_store_kv_refuses_to_write_past_the_caches_capacity(emulated):
+    import cupy
+
+    from minimoe.gpu import kernels
+
+    heads, kv_heads, D, tokens = 2, 1, 8, 3
+    rows = cupy.zeros((tokens, (heads + 2 * kv_heads) * D), dtype=np.float32)
+    cos, sin = np.ones((tokens, D), np.float32), np.zeros((tokens, D), np.float32)
+    k_cache, v_cache = (cupy.zeros((1, kv_heads, 5, D), dtype=np.float32) for _ in range(2))
+    kernels.rope_store_kv(rows, cos, sin, k_cache, v_cache, 2, tokens, heads, kv_heads, D)  # positions 2..4: fits
+    with pytest.raises(MinimoeError, match="positions 3..5 is past its capacity of 5"):
+        kernels.rope_store_kv(rows, cos, sin, k_cache, v_cache, 3, tokens, heads, kv_heads, D)
+
+
+def test_emulated_router_breaks_ties_by_lower_id_and_survives_unusable_rows(emulated):
+    import cupy
+
+    from minimoe import gpu_check
+
+    inputs = gpu_check.Inputs(cupy, np.random.default_rng(0), dict(experts=10, top_k=3, hidden=24))
+    checks = gpu_check.check_router_ties(inputs, 50) + gpu_check.check_unusable_router_rows(inputs)
+    assert [(c.name, c.error) for c in checks if not c.passed] == []
+
+
 def test_step_through_asks_for_the_numpy_backend(emulated):
     gpu = minimoe.load(FIXTURES / "moe_gqa", backend="cupy")
     with pytest.raises(MinimoeError, match="step_through runs on the numpy backend"):

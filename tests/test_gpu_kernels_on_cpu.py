@@ -49,6 +49,14 @@ def test_router_dispatch_grouped_matmul_and_combine(inputs, tokens):
     assert_passed(gpu_check.check_moe(inputs, tokens, experts))
 
 
+def test_router_ties_take_the_lower_expert_id_first(inputs):
+    assert_passed(gpu_check.check_router_ties(inputs, 40))
+
+
+def test_rows_with_no_usable_logit_never_index_out_of_range(inputs):
+    assert_passed(gpu_check.check_unusable_router_rows(inputs))
+
+
 @pytest.mark.parametrize("tokens", [3, 70])
 def test_bf16_linear(inputs, tokens):
     assert_passed(gpu_check.check_linear(inputs, 40, tokens, bias=True))

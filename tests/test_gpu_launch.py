@@ -126,3 +126,11 @@ def test_permute_grouped_matmuls_and_combine_equal_routed_experts():
     gate = rng.standard_normal(tokens).astype(np.float32)
     np.testing.assert_allclose(launch.combine(expert_out, plan.inv_perm, weights, residual, shared, gate),
                                residual + expected + shared * layers.sigmoid(np, gate)[:, None], rtol=1e-5, atol=1e-6)
+
+
+def test_check_kv_write_takes_a_full_cache_and_refuses_one_position_more():
+    launch.check_kv_write((2, 4, 10, 16), start=7, tokens=3, batch=2, kv_heads=4, head_dim=16)  # fills it exactly
+    with pytest.raises(MinimoeError, match=r"positions 8..10 is past its capacity of 10"):
+        launch.check_kv_write((2, 4, 10, 16), start=8, tokens=3, batch=2, kv_heads=4, head_dim=16)
+    with pytest.raises(MinimoeError, match="does not hold 3 sequences"):
+        launch.check_kv_write((2, 4, 10, 16), start=0, tokens=1, batch=3, kv_heads=4, head_dim=16)

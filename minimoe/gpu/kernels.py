@@ -85,6 +85,7 @@ def rope_store_kv(rows, cos, sin, k_cache, v_cache, start: int, tokens: int, hea
     for cache in (k_cache, v_cache):
         if cache.dtype != cp.float32 or not cache.flags.c_contiguous:
             raise ValueError("k_cache and v_cache must be contiguous float32 [B, kv_heads, capacity, D] buffers")
+    launch.check_kv_write(k_cache.shape, start, tokens, rows.shape[0] // max(tokens, 1), kv_heads, head_dim)
     pairs = rows.shape[0] * (heads + 2 * kv_heads) * (head_dim // 2)
     grid, block = launch.elementwise_grid(pairs)
     kernel("rope.cu", "rope_store_kv")(

@@ -140,6 +140,18 @@ def check_attention(heads: int, kv_heads: int, head_dim: int) -> None:
         raise MinimoeError(f"{heads} attention heads do not split evenly over {kv_heads} key/value heads")
 
 
+def check_kv_write(cache_shape: tuple[int, ...], start: int, tokens: int, batch: int, kv_heads: int,
+                   head_dim: int) -> None:
+    """MinimoeError unless a KV cache of ``cache_shape`` ``[B, kv_heads, capacity, D]`` can take ``tokens``
+    new positions of ``batch`` sequences at ``start`` (rope_store_kv writes there without checking)."""
+    if tuple(cache_shape[:2]) + tuple(cache_shape[3:]) != (batch, kv_heads, head_dim):
+        raise MinimoeError(f"KV cache of shape {tuple(cache_shape)} does not hold {batch} sequences of "
+                           f"{kv_heads} key/value heads of {head_dim}")
+    if start < 0 or start + tokens > cache_shape[2]:
+        raise MinimoeError(f"KV cache write at positions {start}..{start + tokens - 1} is past its capacity "
+                           f"of {cache_shape[2]} positions")
+
+
 def check_model(config) -> None:
     """MinimoeError, at load, for a model (a :class:`~minimoe.config.ModelConfig`) the kernels cannot run."""
     check_attention(config.num_attention_heads, config.num_key_value_heads, config.head_dim)

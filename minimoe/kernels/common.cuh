@@ -7,6 +7,10 @@
 
 #define FULL_MASK 0xffffffffu
 #define NEG_INF __int_as_float(0xff800000)
+#define NAN_F __int_as_float(0x7fc00000)
+
+// NaN is the one value unequal to itself (the kernels are not compiled with fast-math, which could drop this).
+__device__ __forceinline__ bool is_nan(float value) { return value != value; }
 
 // The sum over the 32 lanes of a warp, returned to every lane.
 __device__ __forceinline__ float warp_sum(float value) {
