@@ -11,7 +11,7 @@ from minimoe.gpu import launch
 
 def test_kernel_constants_are_read_from_the_cu_files():
     assert launch.kernel_constants("matmul.cu") == {"GEMV_WARPS": 8, "GEMV_MAX_ROWS": 8, "TILE_M": 64, "TILE_N": 64,
-                                                    "TILE_K": 16}
+                                                    "TILE_K": 16, "TILE_PAD": 2, "PATCH": 4}
     assert launch.kernel_constants("router.cu")["MAX_EXPERTS_PER_LANE"] * 32 >= 60  # Qwen1.5-MoE's experts fit
 
 
@@ -34,6 +34,30 @@ def test_router_grid_gives_each_token_a_warp_and_rejects_what_the_kernel_cannot_
 def test_gemv_grid_has_a_warp_per_output_feature():
     (x, y), (threads,) = launch.gemv_grid(out_features=2816, groups=4)
     assert y == 4 and x * threads // 32 >= 2816 > (x - 1) * threads // 32
+
+
+def test_gemm_shared_memory_tiles_are_free_of_bank_conflicts():
+    """gemm_grouped's shared-memory accesses, warp by warp, with its constants: each of the 32 banks
+    (4-byte words) is hit by at most one distinct address per access (equal addresses are broadcast)."""
+    c = launch.kernel_constants("matmul.cu")
+    stride, step = c["TILE_M"] + c["TILE_PAD"], c["TILE_M"] // c["PATCH"]
+
+    def conflicts(addresses):  # the n-way conflict of one warp-wide access
+        per_bank = {}
+        for address in set(addresses):
+            per_bank[address % 32] = per_bank.get(address % 32, 0) + 1
+        return max(per_bank.values())
+
+    threads = range(c["TILE_M"] * c["TILE_N"] // c["PATCH"] ** 2)
+    for warp in range(len(threads) // 32):
+        lanes = threads[32 * warp : 32 * warp + 32]
+        for first in range(0, c["TILE_M"] * c["TILE_K"], len(threads)):  # staging stores xs[k][r]
+            assert conflicts([(i // c["TILE_K"]) + (i % c["TILE_K"]) * stride for i in (first + t for t in lanes)]) == 1
+        for k in range(c["TILE_K"]):
+            for i in range(c["PATCH"]):  # reads xs[k][tr + step i] and ws[k][tc + step i]
+                assert conflicts([k * stride + t // step + step * i for t in lanes]) == 1
+                assert conflicts([k * stride + t % step + step * i for t in lanes]) == 1
+    assert conflicts([(i // 16) + (i % 16) * 64 for i in range(32)]) == 16  # the unpadded stride this replaced
 
 
 def test_gemm_schedule_tiles_only_groups_with_rows():

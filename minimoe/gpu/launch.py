@@ -127,7 +127,7 @@ def gemm_schedule(counts: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, 
 def gemm_grid(out_features: int, tiles: int) -> tuple[tuple[int, int], tuple[int]]:
     """(grid, block) of gemm_grouped: grid.x over TILE_N output columns, grid.y over the schedule's tiles."""
     c = kernel_constants("matmul.cu")
-    threads = (c["TILE_M"] // 4) * (c["TILE_N"] // 4)  # each thread computes a 4x4 patch
+    threads = (c["TILE_M"] // c["PATCH"]) * (c["TILE_N"] // c["PATCH"])  # each thread computes PATCH x PATCH outputs
     return (ceil_div(out_features, c["TILE_N"]), tiles), (threads,)
 
 
