@@ -144,11 +144,11 @@ class Inputs:
         return self.cp.asarray(array)
 
 
-def check_norms(t: Inputs) -> list[Check]:
+def check_norms(t: Inputs, rows: int = 300) -> list[Check]:
     from .gpu import kernels
 
     hidden, tol = t.shapes["hidden"], TOLERANCES["kernel"]
-    x, delta, w = t.f32(300, hidden), t.f32(300, hidden), 1 + 0.1 * t.f32(hidden)
+    x, delta, w = t.f32(rows, hidden), t.f32(rows, hidden), 1 + 0.1 * t.f32(hidden)
     normed = kernels.rms_norm(t.dev(x), t.dev(w), 1e-6)
     total, normed_sum = kernels.add_rms_norm(t.dev(x), t.dev(delta), t.dev(w), 1e-6)
     return [Check("rms_norm", relative_error(normed, layers.rms_norm(np, x, w, 1e-6)), tol),
@@ -190,11 +190,27 @@ def check_rope_and_attention(t: Inputs, heads: int, kv_heads: int, tokens: int, 
     return checks
 
 
-def check_silu_mul(t: Inputs) -> list[Check]:
+def check_decode_attention(t: Inputs, heads: int, kv_heads: int, keys: int, batch: int = 1) -> list[Check]:
+    """Decode attention (one query per sequence) over ``keys`` cached positions of a larger cache,
+    split over blocks and merged (flash-decoding) when the cache is long."""
+    from .gpu import kernels, launch
+
+    D = t.shapes["head_dim"]
+    q = t.f32(batch, heads, 1, D)
+    kk, vv = 2 * t.f32(batch, kv_heads, keys + 3, D), t.f32(batch, kv_heads, keys + 3, D)  # spare capacity
+    rows = t.dev(np.ascontiguousarray(q.transpose(0, 2, 1, 3)).reshape(batch, heads * D))
+    out = kernels.causal_attention(rows, t.dev(kk)[:, :, :keys], t.dev(vv)[:, :, :keys], 1, heads, D, keys - 1)
+    want = layers.causal_attention(np, q, kk[:, :, :keys], vv[:, :, :keys], keys - 1)
+    splits = launch.decode_splits(keys, heads, batch)[0]
+    return [Check(f"attention decode ({heads}/{kv_heads} heads, B={batch}, S={keys}, {splits} splits)",
+                  relative_error(out, want), TOLERANCES["kernel"])]
+
+
+def check_silu_mul(t: Inputs, rows: int = 300) -> list[Check]:
     from .gpu import kernels
 
     inter = t.shapes["moe_intermediate"]
-    gate_up = t.f32(300, 2 * inter)
+    gate_up = t.f32(rows, 2 * inter)
     return [Check("silu_mul", relative_error(kernels.silu_mul(t.dev(gate_up)),
                                              layers.silu(np, gate_up[:, :inter]) * gate_up[:, inter:]),
                   TOLERANCES["kernel"])]
@@ -326,6 +342,8 @@ def check_kernels(cp, rng, shapes: dict = REAL_SHAPES) -> list[Check]:
         # multi-head prefill from position 0; grouped-query continuing a cache of 300 positions
         checks += guarded(f"rope and attention ({heads}/{kv_heads} heads)", check_rope_and_attention, t, heads,
                           kv_heads, tokens, start)
+    for keys in (700, 4000):  # flash-decoding: 3 and 16 splits per head at batch 1
+        checks += guarded(f"decode attention (S={keys})", check_decode_attention, t, s["heads"], 4, keys)
     checks += guarded("silu_mul", check_silu_mul, t)
     checks += guarded("router ties", check_router_ties, t, 64)
     checks += guarded("unusable router rows", check_unusable_router_rows, t)

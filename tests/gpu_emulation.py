@@ -198,8 +198,7 @@ def gemm_grouped(grid, block, x, x_rows, weight, bias, y, offsets, tile_group, t
 def _attention(q, k, v, out, batch, tokens, heads, kv_heads, head_dim, q_row_stride, kv_batch_stride, kv_head_stride,
                keys, query_start, scale):
     q_rows = _rows(q, q_row_stride)[: batch * tokens, : heads * head_dim].reshape(batch, tokens, heads, head_dim)
-    strides = (kv_batch_stride * 4, kv_head_stride * 4, head_dim * 4, 4)
-    kk, vv = (np.lib.stride_tricks.as_strided(a, (batch, kv_heads, keys, head_dim), strides) for a in (k, v))
+    kk, vv = _kv_views(k, v, batch, kv_heads, keys, head_dim, kv_batch_stride, kv_head_stride)
     group = heads // kv_heads
     for b in range(batch):
         for h in range(heads):
@@ -218,11 +217,43 @@ def attention_prefill(grid, block, q, k, v, out, tokens, heads, kv_heads, head_d
                query_start + tokens, query_start, scale)
 
 
-def attention_decode(grid, block, q, k, v, out, heads, kv_heads, head_dim, q_row_stride, kv_batch_stride,
-                     kv_head_stride, keys, scale):
+def _kv_views(k, v, batch, kv_heads, keys, head_dim, kv_batch_stride, kv_head_stride):
+    strides = (kv_batch_stride * 4, kv_head_stride * 4, head_dim * 4, 4)
+    return [np.lib.stride_tricks.as_strided(a, (batch, kv_heads, keys, head_dim), strides) for a in (k, v)]
+
+
+def _merge_records(records: np.ndarray) -> np.ndarray:
+    """Online-softmax records ``[..., R, D + 2]`` (acc, m, l) -> the attention output ``[..., D]``."""
+    acc, m, l = records[..., :-2], records[..., -2:-1], records[..., -1:]
+    weight = np.where(m == -np.inf, 0.0, np.exp(m - m.max(-2, keepdims=True)))
+    return (acc * weight).sum(-2) / (l * weight).sum(-2)
+
+
+def attention_decode(grid, block, q, k, v, partial, out, heads, kv_heads, head_dim, q_row_stride, kv_batch_stride,
+                     kv_head_stride, keys, keys_per_split, scale):
+    splits, batch = grid[0], grid[2]
+    assert grid[1] == heads and (splits - 1) * keys_per_split < keys <= splits * keys_per_split  # no split empty
+    queries = _rows(q, q_row_stride)[:batch, : heads * head_dim].reshape(batch, heads, head_dim)
+    kk, vv = _kv_views(k, v, batch, kv_heads, keys, head_dim, kv_batch_stride, kv_head_stride)
+    group = heads // kv_heads
+    records = np.empty((batch, heads, splits, head_dim + 2), dtype=np.float32)  # each split's (acc, m, l)
+    for b in range(batch):
+        for h in range(heads):
+            for split in range(splits):
+                chunk = slice(split * keys_per_split, min(keys, (split + 1) * keys_per_split))
+                scores = kk[b, h // group, chunk] @ queries[b, h] * scale
+                m = scores.max()
+                weights = np.exp(scores - m)
+                records[b, h, split] = np.concatenate([weights @ vv[b, h // group, chunk], [m, weights.sum()]])
+    if splits == 1:
+        out.reshape(batch, heads, head_dim)[:] = _merge_records(records)
+    else:
+        partial.reshape(records.shape)[:] = records
+
+
+def attention_decode_merge(grid, block, partial, out, heads, head_dim, splits):
     batch = grid[1]
-    _attention(q, k, v, out, batch, 1, heads, kv_heads, head_dim, q_row_stride, kv_batch_stride, kv_head_stride,
-               keys, keys - 1, scale)
+    out.reshape(batch, heads, head_dim)[:] = _merge_records(partial.reshape(batch, heads, splits, head_dim + 2))
 
 
 KERNELS = {
@@ -231,4 +262,5 @@ KERNELS = {
     "gemv_grouped_bf16": gemv_grouped, "gemv_grouped_f32": gemv_grouped,
     "gemm_grouped_bf16": gemm_grouped, "gemm_grouped_f32": gemm_grouped,
     "attention_prefill": attention_prefill, "attention_decode": attention_decode,
+    "attention_decode_merge": attention_decode_merge,
 }

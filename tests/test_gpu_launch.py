@@ -77,8 +77,9 @@ def test_attention_launch_fits_shared_memory_and_checks_head_layouts():
         grid, block, shared, tile = launch.prefill_attention_launch(tokens=37, heads=16, batch=2, head_dim=head_dim)
         assert shared <= launch.SHARED_MEMORY_BYTES and tile >= 1
         assert grid[0] * block[0] // 32 >= 37 and grid[1:] == (16, 2)
-        grid, block, shared = launch.decode_attention_launch(heads=16, batch=2, head_dim=head_dim)
-        assert grid == (16, 2) and shared == block[0] // 32 * (head_dim + 2) * 4
+        plan = launch.decode_attention_launch(heads=16, batch=2, head_dim=head_dim, keys=37)
+        assert plan.grid == (1, 16, 2) and plan.shared_bytes == plan.block[0] // 32 * (head_dim + 2) * 4
+        assert plan.merge_block[0] >= head_dim and plan.merge_grid == (16, 2)
     with pytest.raises(MinimoeError, match="head_dim up to 256"):
         launch.check_attention(16, 16, 512)
     with pytest.raises(MinimoeError, match="do not split evenly"):
@@ -97,6 +98,22 @@ def test_check_model_accepts_qwen_moe_and_names_what_does_not_fit():
         launch.check_model(ModelConfig.from_dict(raw | {"num_experts": 300}, source="test"))
     with pytest.raises(MinimoeError, match="head_dim up to 256, this model has 512"):
         launch.check_model(ModelConfig.from_dict(raw | {"hidden_size": 8192}, source="test"))
+
+
+@pytest.mark.parametrize("keys", [1, 255, 256, 257, 1000, 4097, 32768])
+@pytest.mark.parametrize("heads, batch", [(16, 1), (16, 8), (2, 1)])
+def test_decode_splits_cover_every_key_with_no_empty_split(keys, heads, batch):
+    splits, per_split = launch.decode_splits(keys, heads, batch)
+    assert (splits - 1) * per_split < keys <= splits * per_split
+    assert splits == 1 or per_split >= launch.DECODE_MIN_KEYS_PER_SPLIT // 2  # splitting never starves a block
+    assert heads * batch * splits <= max(launch.DECODE_TARGET_BLOCKS, heads * batch) * 2
+
+
+def test_decode_splits_a_long_cache_over_the_gpu_at_batch_1():
+    assert launch.decode_splits(200, heads=16, batch=1) == (1, 200)  # short: one block per head
+    splits, per_split = launch.decode_splits(4000, heads=16, batch=1)
+    assert (splits, per_split) == (16, 250)  # 256 blocks instead of 16
+    assert launch.decode_splits(4000, heads=16, batch=32)[0] == 1  # enough blocks already
 
 
 def test_dispatch_block_has_a_thread_per_expert():

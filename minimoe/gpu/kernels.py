@@ -213,7 +213,8 @@ def causal_attention(q_rows, k, v, tokens: int, heads: int, head_dim: int, query
     q_rows ``[B * T, width]``: each row's first ``heads * D`` floats are the (rotated) query
     heads (the fused qkv output, read in place); k, v ``[B, nkv, S, D]`` views whose last two
     axes are contiguous (the KV cache's buffers, or fresh arrays).  -> ``[B, T, heads * D]``.
-    T == 1 runs the decode kernel (split over keys), longer the tiled prefill kernel.
+    T == 1 runs the decode kernel (flash-decoding: the keys split over blocks, then merged), longer the
+    tiled prefill kernel.
     """
     batch, kv_heads, keys = k.shape[0], k.shape[1], k.shape[2]
     launch.check_attention(heads, kv_heads, head_dim)
@@ -226,10 +227,16 @@ def causal_attention(q_rows, k, v, tokens: int, heads: int, head_dim: int, query
     strides = (np.int64(q_rows.shape[1]), np.int64(k.strides[0] // 4), np.int64(k.strides[1] // 4))
     scale = np.float32(1.0 / np.sqrt(head_dim))
     if tokens == 1:
-        grid, block, shared = launch.decode_attention_launch(heads, batch, head_dim)
+        plan = launch.decode_attention_launch(heads, batch, head_dim, keys)
+        partial = cp.empty((batch, heads, plan.splits, head_dim + 2), dtype=cp.float32) if plan.splits > 1 else NULL
         kernel("attention.cu", "attention_decode")(
-            grid, block, (q_rows, k, v, out, np.int32(heads), np.int32(kv_heads), np.int32(head_dim), *strides,
-                          np.int32(keys), scale), shared_mem=shared)
+            plan.grid, plan.block, (q_rows, k, v, partial, out, np.int32(heads), np.int32(kv_heads),
+                                    np.int32(head_dim), *strides, np.int32(keys), np.int32(plan.keys_per_split), scale),
+            shared_mem=plan.shared_bytes)
+        if plan.splits > 1:
+            kernel("attention.cu", "attention_decode_merge")(
+                plan.merge_grid, plan.merge_block, (partial, out, np.int32(heads), np.int32(head_dim),
+                                                    np.int32(plan.splits)))
     else:
         grid, block, shared, key_tile = launch.prefill_attention_launch(tokens, heads, batch, head_dim)
         kernel("attention.cu", "attention_prefill")(

@@ -25,9 +25,13 @@ MAX_BLOCK = 1024
 ELEMENTWISE_BLOCK = 256  # threads per block of the one-thread-per-element kernels (RoPE, SwiGLU, combine)
 ROUTER_WARPS = 4  # tokens per block of route_topk (one warp each)
 ATTENTION_WARPS = 4  # queries per block in prefill (one warp each, sharing each k/v tile)
-# Warps per (sequence, head) in decode, each taking every 16th key: a decode step has only
-# B * heads blocks (16 at batch 1), so each needs many warps to spread a long cache over the GPU.
+# Decode attention (flash-decoding): each (sequence, head) splits its cached keys over up to
+# enough blocks for DECODE_TARGET_BLOCKS in all (2 per SM of a 132-SM H200), and at most one
+# split per DECODE_MIN_KEYS_PER_SPLIT keys (16 per warp), so a short cache is not cut into
+# blocks that do little but merge; the block's 16 warps each take every 16th key of its chunk.
 DECODE_ATTENTION_WARPS = 16
+DECODE_TARGET_BLOCKS = 264
+DECODE_MIN_KEYS_PER_SPLIT = 256
 SHARED_MEMORY_BYTES = 48 * 1024  # dynamic shared memory a kernel may use without an opt-in
 
 
@@ -171,9 +175,31 @@ def prefill_attention_launch(tokens: int, heads: int, batch: int, head_dim: int)
     return (ceil_div(tokens, ATTENTION_WARPS), heads, batch), (ATTENTION_WARPS * WARP,), 2 * tile * head_dim * 4, tile
 
 
-def decode_attention_launch(heads: int, batch: int, head_dim: int):
-    """(grid, block, shared bytes) of attention_decode: per warp a [D] accumulator plus its m and l."""
-    return (heads, batch), (DECODE_ATTENTION_WARPS * WARP,), DECODE_ATTENTION_WARPS * (head_dim + 2) * 4
+class DecodeAttentionLaunch(NamedTuple):
+    """How attention_decode runs: ``splits`` blocks per (sequence, head), each over ``keys_per_split`` keys."""
+
+    grid: tuple[int, int, int]  # (splits, heads, B)
+    block: tuple[int]
+    shared_bytes: int  # per warp a record of D + 2 floats (accumulator, m, l)
+    splits: int
+    keys_per_split: int
+    merge_grid: tuple[int, int]  # attention_decode_merge's (heads, B), run when splits > 1
+    merge_block: tuple[int]
+
+
+def decode_splits(keys: int, heads: int, batch: int) -> tuple[int, int]:
+    """(splits, keys per split) of decode attention over ``keys`` cached positions: no split empty."""
+    wanted = max(1, min(ceil_div(keys, DECODE_MIN_KEYS_PER_SPLIT), ceil_div(DECODE_TARGET_BLOCKS, heads * batch)))
+    per_split = ceil_div(keys, wanted)
+    return ceil_div(keys, per_split), per_split
+
+
+def decode_attention_launch(heads: int, batch: int, head_dim: int, keys: int) -> DecodeAttentionLaunch:
+    """The launch of attention_decode (and of its merge) for one new token over ``keys`` positions."""
+    splits, per_split = decode_splits(keys, heads, batch)
+    return DecodeAttentionLaunch((splits, heads, batch), (DECODE_ATTENTION_WARPS * WARP,),
+                                 DECODE_ATTENTION_WARPS * (head_dim + 2) * 4, splits, per_split, (heads, batch),
+                                 (round_up(head_dim, WARP),))
 
 
 # --- the MoE dispatch bookkeeping, in NumPy -------------------------------------------------------
