@@ -3,7 +3,8 @@
     python -m minimoe.gpu_check
 
 1. every CUDA kernel against the NumPy function it replaces, on random inputs of the
-   real Qwen1.5-MoE-A2.7B's shapes (:data:`REAL_SHAPES`), within :data:`TOLERANCES`;
+   real Qwen1.5-MoE-A2.7B's shapes (:data:`REAL_SHAPES`), and again at sizes that are no
+   multiple of the kernels' blocks (:data:`ODD_SHAPES`), within :data:`TOLERANCES`;
 2. full-model logits, cupy vs numpy backend, on the test fixtures and the bundled model;
 3. a benchmark on a random checkpoint with the real model's layer shapes (fewer layers,
    written by ``scripts/make_real_shape_checkpoint.py``): prefill and decode tokens/s and
@@ -47,6 +48,11 @@ MAKE_CHECKPOINT = REPO / "scripts" / "make_real_shape_checkpoint.py"
 # Qwen1.5-MoE-A2.7B's shapes (minimoe/configs/qwen1.5-moe-a2.7b.json), for the kernel checks.
 REAL_SHAPES = dict(hidden=2048, heads=16, head_dim=128, experts=60, moe_intermediate=1408, shared_intermediate=5632,
                    top_k=4, vocab=151936)
+# Sizes that are no multiple of the blocks the kernels cut them into (the norm's 256 threads, the
+# GEMM's 64x64 tiles and k-steps of 16, the GEMV's 8-wide loads, a warp's 32 lanes or experts),
+# so a kernel dividing by its block size instead of the real size fails here.
+ODD_SHAPES = dict(hidden=1004, heads=12, head_dim=72, experts=45, moe_intermediate=700, shared_intermediate=1500,
+                  top_k=5, vocab=50001)
 
 # Largest |gpu - numpy| / max|numpy| allowed.  Both sides read the same bf16 weights,
 # upcast exactly, and accumulate in float32, so a kernel differs from NumPy only in
@@ -503,7 +509,10 @@ def main(argv=None) -> int:
         return 1
     rng = np.random.default_rng(args.seed)
     started = time.perf_counter()
-    checks = check_kernels(cp, rng, REAL_SHAPES) + check_models(rng)
+    checks = [Check(f"[{label}] {check.name}", check.error, check.tolerance)
+              for label, shapes in (("real", REAL_SHAPES), ("odd", ODD_SHAPES))
+              for check in check_kernels(cp, rng, shapes)]
+    checks += check_models(rng)
     print(format_table(["check", "error", "tolerance", "result"],
                        [[c.name, c.error, c.tolerance, "ok" if c.passed else "FAIL"] for c in checks]))
     report = {"checks": [{"name": c.name, "error": c.error, "tolerance": c.tolerance, "passed": c.passed}

@@ -103,10 +103,12 @@ def test_the_checks_pass_on_emulated_kernels(monkeypatch):
 def test_the_command_reports_every_check_on_emulated_kernels(monkeypatch, tmp_path, capsys):
     gpu_emulation.install(monkeypatch)
     monkeypatch.setattr(gpu_check, "REAL_SHAPES", SMALL)  # the real shapes would take minutes on a CPU
+    monkeypatch.setattr(gpu_check, "ODD_SHAPES", SMALL | dict(hidden=70, head_dim=20, experts=11))
     assert gpu_check.main(["--no-bench", "--json", str(tmp_path / "checks.json")]) == 0
     report = json.loads((tmp_path / "checks.json").read_text())
     names = [check["name"] for check in report["checks"]]
     assert all(check["passed"] for check in report["checks"]) and "benchmark" not in report
     assert "model logits: tiny-moe (prefill 40; prefill 30 + decode 10)" in names
+    assert "[odd] rms_norm" in names and "[real] rms_norm" in names
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("check") and f"{len(names)}/{len(names)} checks passed" in out
