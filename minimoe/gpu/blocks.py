@@ -191,10 +191,7 @@ class GpuSparseMoe:
             record(layer, router_logits=choice.logits, router_probs=choice.probs,
                    expert_ids=choice.expert_ids.astype(cp.int64), raw_weights=choice.raw_weights,
                    expert_weights=choice.expert_weights, shared_gate=gate,
-                   shared_norm=cp.linalg.norm(shared_part, axis=-1), routed_norm=cp.linalg.norm(routed, axis=-1),
-                   # Traces report hits of the CPU backend's float32 expert cache (load(max_memory=...));
-                   # the GPU holds every expert in memory and keeps no such cache: never a hit.
-                   cache_hit=cp.zeros(choice.expert_ids.shape, dtype=bool))
+                   shared_norm=cp.linalg.norm(shared_part, axis=-1), routed_norm=cp.linalg.norm(routed, axis=-1))
         return out
 
 
