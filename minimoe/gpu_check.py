@@ -207,7 +207,7 @@ def check_decode_attention(t: Inputs, heads: int, kv_heads: int, keys: int, batc
     rows = t.dev(np.ascontiguousarray(q.transpose(0, 2, 1, 3)).reshape(batch, heads * D))
     out = kernels.causal_attention(rows, t.dev(kk)[:, :, :keys], t.dev(vv)[:, :, :keys], 1, heads, D, keys - 1)
     want = layers.causal_attention(np, q, kk[:, :, :keys], vv[:, :, :keys], keys - 1)
-    splits = launch.decode_splits(keys, heads, batch)[0]
+    splits = launch.decode_splits(keys, heads, batch)
     return [Check(f"attention decode ({heads}/{kv_heads} heads, B={batch}, S={keys}, {splits} splits)",
                   relative_error(out, want), TOLERANCES["kernel"])]
 
@@ -385,9 +385,31 @@ def check_model(folder: Path, rng) -> list[Check]:
     return [Check(f"model logits: {folder.name} (prefill 40; prefill 30 + decode 10)", error, TOLERANCES["model"])]
 
 
+def check_graph_decode(folder: Path, rng, capture: bool = True, prompt: int = 30, steps: int = 10,
+                       capacity: int | None = None) -> list[Check]:
+    """Decode through :class:`minimoe.gpu.decode.GraphDecoder` (captured as a CUDA graph, or with
+    ``capture=False`` its fixed-buffer step run eagerly) against the numpy backend, token by token."""
+    from . import load
+    from .gpu.decode import GraphDecoder
+
+    cpu, gpu = load(folder), load(folder, backend="cupy")
+    ids = rng.integers(0, cpu.config.vocab_size, prompt + steps)
+    caches = cpu.new_cache(capacity), gpu.new_cache(capacity)
+    cpu.forward(ids[:prompt], cache=caches[0]), gpu.forward(ids[:prompt], cache=caches[1])
+    decoder = GraphDecoder(gpu, caches[1], capture=capture)
+    error = max(relative_error(decoder([ids[t]]), cpu.forward(ids[t : t + 1], cache=caches[0]))
+                for t in range(prompt, prompt + steps))
+    way = "CUDA graph" if capture else "fixed buffers, eager"
+    return [Check(f"model logits: {folder.name} (prefill {prompt} + {steps} decode steps, {way})", error,
+                  TOLERANCES["model"])]
+
+
 def check_models(rng, folders=None) -> list[Check]:
-    """:func:`check_model` on each folder (default: the test fixtures and the bundled model)."""
-    return [check for folder in folders or model_folders() for check in guarded(folder.name, check_model, folder, rng)]
+    """:func:`check_model` and :func:`check_graph_decode` on each folder (default: the test fixtures and the
+    bundled model)."""
+    return [check for folder in folders or model_folders()
+            for check in guarded(folder.name, check_model, folder, rng)
+            + guarded(f"{folder.name} graph decode", check_graph_decode, folder, rng)]
 
 
 # --- 3. the benchmark -------------------------------------------------------------------------------------------

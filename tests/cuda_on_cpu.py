@@ -140,7 +140,7 @@ def unavailable_reason() -> str | None:
 
 
 def cpu_kernel(file_name: str, name: str):
-    """A stand-in for ``kernels.kernel(file_name, name)`` that runs the kernel's own code on the CPU."""
+    """A stand-in for ``kernels.compiled(file_name, name)`` that runs the kernel's own code on the CPU."""
     parameters = gpu_emulation.kernel_parameters(file_name, name)
     function = getattr(library(file_name), f"launch_{name}")
     function.argtypes = [ctypes.c_uint] * 6 + [C_TYPES[c_type] for c_type, _ in parameters]
@@ -162,4 +162,4 @@ def install(monkeypatch) -> None:
     gpu_emulation.install(monkeypatch)
     import minimoe.gpu.kernels as kernels
 
-    monkeypatch.setattr(kernels, "kernel", cpu_kernel)
+    monkeypatch.setattr(kernels, "compiled", cpu_kernel)

@@ -3,6 +3,7 @@ checks themselves run over emulated kernels (tests/gpu_emulation.py) at small sh
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 
@@ -90,8 +91,14 @@ SMALL = dict(hidden=64, heads=8, head_dim=16, experts=12, moe_intermediate=24, s
              vocab=300)
 
 
-def test_the_checks_pass_on_emulated_kernels(monkeypatch):
+def emulate(monkeypatch):
+    """The emulated kernels, and GraphDecoder's step run eagerly (there are no CUDA graphs to capture here)."""
     gpu_emulation.install(monkeypatch)
+    monkeypatch.setattr(gpu_check, "check_graph_decode", functools.partial(gpu_check.check_graph_decode, capture=False))
+
+
+def test_the_checks_pass_on_emulated_kernels(monkeypatch):
+    emulate(monkeypatch)
     import cupy
 
     checks = gpu_check.check_kernels(cupy, np.random.default_rng(0), SMALL)
@@ -101,7 +108,7 @@ def test_the_checks_pass_on_emulated_kernels(monkeypatch):
 
 
 def test_the_command_reports_every_check_on_emulated_kernels(monkeypatch, tmp_path, capsys):
-    gpu_emulation.install(monkeypatch)
+    emulate(monkeypatch)
     monkeypatch.setattr(gpu_check, "REAL_SHAPES", SMALL)  # the real shapes would take minutes on a CPU
     monkeypatch.setattr(gpu_check, "ODD_SHAPES", SMALL | dict(hidden=70, head_dim=20, experts=11))
     assert gpu_check.main(["--no-bench", "--json", str(tmp_path / "checks.json")]) == 0
@@ -110,5 +117,6 @@ def test_the_command_reports_every_check_on_emulated_kernels(monkeypatch, tmp_pa
     assert all(check["passed"] for check in report["checks"]) and "benchmark" not in report
     assert "model logits: tiny-moe (prefill 40; prefill 30 + decode 10)" in names
     assert "[odd] rms_norm" in names and "[real] rms_norm" in names
+    assert "model logits: tiny-moe (prefill 30 + 10 decode steps, fixed buffers, eager)" in names
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("check") and f"{len(names)}/{len(names)} checks passed" in out

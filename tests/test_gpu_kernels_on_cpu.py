@@ -115,3 +115,12 @@ def test_a_fixture_model_prefill_and_decode_match_numpy(monkeypatch):
     for position in (8, 9):  # decode: GEMV and the decode attention kernel, over the cache rope_store_kv filled
         step = ids[position : position + 1]
         assert gpu_check.relative_error(gpu.forward(step, cache=caches[1]), cpu.forward(step, cache=caches[0])) < 1e-5
+
+
+def test_the_graph_decoders_fixed_buffer_step_matches_numpy(monkeypatch):
+    """GraphDecoder's step with the position read on the device (rope_store_kv, attention_decode over the
+    whole cache, split), run eagerly: the CPU has no CUDA graphs."""
+    cuda_on_cpu.install(monkeypatch)
+    (check,) = gpu_check.check_graph_decode(FIXTURES / "moe_gqa", np.random.default_rng(0), capture=False, prompt=5,
+                                            steps=3, capacity=600)  # 600 positions: 3 splits per head
+    assert check.error < 1e-5, check

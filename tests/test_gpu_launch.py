@@ -102,18 +102,18 @@ def test_check_model_accepts_qwen_moe_and_names_what_does_not_fit():
 
 @pytest.mark.parametrize("keys", [1, 255, 256, 257, 1000, 4097, 32768])
 @pytest.mark.parametrize("heads, batch", [(16, 1), (16, 8), (2, 1)])
-def test_decode_splits_cover_every_key_with_no_empty_split(keys, heads, batch):
-    splits, per_split = launch.decode_splits(keys, heads, batch)
-    assert (splits - 1) * per_split < keys <= splits * per_split
-    assert splits == 1 or per_split >= launch.DECODE_MIN_KEYS_PER_SPLIT // 2  # splitting never starves a block
-    assert heads * batch * splits <= max(launch.DECODE_TARGET_BLOCKS, heads * batch) * 2
+def test_decode_splits_give_every_block_keys_and_stay_near_the_target_grid(keys, heads, batch):
+    splits = launch.decode_splits(keys, heads, batch)
+    chunk = launch.ceil_div(keys, splits)  # what the kernel gives each block
+    assert (splits - 1) * chunk < keys <= splits * chunk  # every key covered, no block empty
+    assert splits == 1 or chunk > launch.DECODE_MIN_KEYS_PER_SPLIT // 2  # splitting never starves a block
+    assert heads * batch * splits < max(launch.DECODE_TARGET_BLOCKS, heads * batch) + heads * batch
 
 
 def test_decode_splits_a_long_cache_over_the_gpu_at_batch_1():
-    assert launch.decode_splits(200, heads=16, batch=1) == (1, 200)  # short: one block per head
-    splits, per_split = launch.decode_splits(4000, heads=16, batch=1)
-    assert (splits, per_split) == (16, 250)  # 256 blocks instead of 16
-    assert launch.decode_splits(4000, heads=16, batch=32)[0] == 1  # enough blocks already
+    assert launch.decode_splits(200, heads=16, batch=1) == 1  # short: one block per head
+    assert launch.decode_splits(4000, heads=16, batch=1) == 16  # 256 blocks instead of 16, 250 keys each
+    assert launch.decode_splits(4000, heads=16, batch=32) == 1  # enough blocks already
 
 
 def test_dispatch_block_has_a_thread_per_expert():

@@ -176,29 +176,28 @@ def prefill_attention_launch(tokens: int, heads: int, batch: int, head_dim: int)
 
 
 class DecodeAttentionLaunch(NamedTuple):
-    """How attention_decode runs: ``splits`` blocks per (sequence, head), each over ``keys_per_split`` keys."""
+    """How attention_decode runs: ``splits`` blocks per (sequence, head), each over ceil(keys / splits) keys."""
 
     grid: tuple[int, int, int]  # (splits, heads, B)
     block: tuple[int]
     shared_bytes: int  # per warp a record of D + 2 floats (accumulator, m, l)
     splits: int
-    keys_per_split: int
     merge_grid: tuple[int, int]  # attention_decode_merge's (heads, B), run when splits > 1
     merge_block: tuple[int]
 
 
-def decode_splits(keys: int, heads: int, batch: int) -> tuple[int, int]:
-    """(splits, keys per split) of decode attention over ``keys`` cached positions: no split empty."""
-    wanted = max(1, min(ceil_div(keys, DECODE_MIN_KEYS_PER_SPLIT), ceil_div(DECODE_TARGET_BLOCKS, heads * batch)))
-    per_split = ceil_div(keys, wanted)
-    return ceil_div(keys, per_split), per_split
+def decode_splits(keys: int, heads: int, batch: int) -> int:
+    """Blocks per (sequence, head) of decode attention over ``keys`` cached positions (the kernel gives
+    each ceil(keys / splits) of them)."""
+    return max(1, min(ceil_div(keys, DECODE_MIN_KEYS_PER_SPLIT), ceil_div(DECODE_TARGET_BLOCKS, heads * batch)))
 
 
 def decode_attention_launch(heads: int, batch: int, head_dim: int, keys: int) -> DecodeAttentionLaunch:
-    """The launch of attention_decode (and of its merge) for one new token over ``keys`` positions."""
-    splits, per_split = decode_splits(keys, heads, batch)
+    """The launch of attention_decode (and of its merge) for one new token over ``keys`` positions
+    (the CUDA-graph decode passes its cache's capacity: the count it attends to is read on the device)."""
+    splits = decode_splits(keys, heads, batch)
     return DecodeAttentionLaunch((splits, heads, batch), (DECODE_ATTENTION_WARPS * WARP,),
-                                 DECODE_ATTENTION_WARPS * (head_dim + 2) * 4, splits, per_split, (heads, batch),
+                                 DECODE_ATTENTION_WARPS * (head_dim + 2) * 4, splits, (heads, batch),
                                  (round_up(head_dim, WARP),))
 
 

@@ -135,23 +135,27 @@ __device__ void merge_records(const float* records, int count, int head_dim, flo
 }
 
 // Decode (flash-decoding): one new token per sequence (T = 1) at position keys - 1, attending
-// to all `keys` cached positions.  The keys are split into gridDim.x chunks of `keys_per_split`:
-// grid (splits, heads, B), so even at batch 1 a long cache spreads over many blocks.  In a
-// block each warp runs the online softmax over every warps-th key of its chunk; the warps'
-// records are merged through shared memory (dynamic: warps * (D + 2) floats).  With one
-// split the block writes the output; with more it writes its merged record (acc, m, l) to
-// partial [B, heads, splits, D + 2] and attention_decode_merge combines the splits.
+// to all `keys` cached positions.  The keys are split into gridDim.x chunks of
+// ceil(keys / gridDim.x): grid (splits, heads, B), so even at batch 1 a long cache spreads
+// over many blocks.  In a block each warp runs the online softmax over every warps-th key of
+// its chunk; the warps' records are merged through shared memory (dynamic: warps * (D + 2)
+// floats).  With one split the block writes the output; with more it writes its merged record
+// (acc, m, l) to partial [B, heads, splits, D + 2] and attention_decode_merge combines them.
+// position, when not null, holds the new token's position on the device and overrides
+// `keys` (= position + 1): the CUDA-graph decode, whose arguments are fixed at capture.
 extern "C" __global__ void attention_decode(const float* __restrict__ q, const float* __restrict__ k,
                                             const float* __restrict__ v, float* __restrict__ partial,
                                             float* __restrict__ out, int heads, int kv_heads, int head_dim,
                                             long q_row_stride, long kv_batch_stride, long kv_head_stride, int keys,
-                                            int keys_per_split, float scale) {
+                                            const int* __restrict__ position, float scale) {
     extern __shared__ float records[];  // [warps][D + 2]
     const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
     const int split = blockIdx.x, head = blockIdx.y, b = blockIdx.z;
     const float* kb = k + b * kv_batch_stride + (long)(head / (heads / kv_heads)) * kv_head_stride;
     const float* vb = v + (kb - k);
-    const int first = split * keys_per_split, last = min(keys, first + keys_per_split);  // this block's keys
+    if (position != nullptr) keys = position[0] + 1;
+    const int per_split = (keys + gridDim.x - 1) / gridDim.x;
+    const int first = split * per_split, last = min(keys, first + per_split);  // this block's keys (maybe none)
 
     float qv[MAX_DIMS_PER_LANE], acc[MAX_DIMS_PER_LANE];
     load_query(qv, acc, q + (long)b * q_row_stride + (long)head * head_dim, head_dim, true);

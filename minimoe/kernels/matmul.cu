@@ -1,7 +1,7 @@
 // y = x @ W.T (+ b) on weights kept in their stored dtype (bf16 bits or float32), float32 accumulation.
 //
-// Replaces minimoe.backend.Linear (and project), and the per-expert matmuls inside
-// minimoe.layers.routed_experts.  Both kernels are *grouped*: the weight is [groups, out, in]
+// Replaces minimoe.backend.Linear (and project, and Linear.rows: the embedding lookup), and
+// the per-expert matmuls inside minimoe.layers.routed_experts.  Both kernels are *grouped*: the weight is [groups, out, in]
 // (group g = expert g; a plain Linear is one group), and the rows of x are grouped
 // the same way by `offsets` (group g owns rows offsets[g] .. offsets[g+1]-1, the tokens
 // moe_dispatch sorted to expert g).  Each group's rows meet only its own weight.
@@ -136,6 +136,18 @@ __device__ void gemm_grouped(const float* __restrict__ x, const int* __restrict_
     }
 }
 
+// Rows of a stored weight as float32: out[r] = weight[ids[r]] (the embedding lookup).  The ids
+// are read on the device, so the CUDA-graph decode feeds each token through a fixed buffer.
+// One thread per output element.
+template <typename W>
+__device__ void gather_rows(const W* __restrict__ weight, const int* __restrict__ ids, float* __restrict__ out, int rows,
+                            int width) {
+    const long index = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (index >= (long)rows * width) return;
+    const long r = index / width;
+    out[index] = load_weight(weight + (long)ids[r] * width + index % width);
+}
+
 // The entry points CuPy looks up by name, one per weight type.
 #define GEMV_ARGS(W) const float* x, const int* x_rows, const W* weight, const float* bias, float* y, \
                      const int* offsets, const int* active, const int* num_active, int out_features, int in_features
@@ -153,4 +165,10 @@ extern "C" __global__ void gemm_grouped_bf16(GEMM_ARGS(unsigned short)) {
 }
 extern "C" __global__ void gemm_grouped_f32(GEMM_ARGS(float)) {
     gemm_grouped(x, x_rows, weight, bias, y, offsets, tile_group, tile_row, out_features, in_features);
+}
+extern "C" __global__ void gather_rows_bf16(const unsigned short* weight, const int* ids, float* out, int rows, int width) {
+    gather_rows(weight, ids, out, rows, width);
+}
+extern "C" __global__ void gather_rows_f32(const float* weight, const int* ids, float* out, int rows, int width) {
+    gather_rows(weight, ids, out, rows, width);
 }
