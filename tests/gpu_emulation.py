@@ -30,7 +30,8 @@ def fake_cupy() -> types.ModuleType:
     module.__getattr__ = lambda name: getattr(np, name)
     module.asnumpy = np.asarray
     module.asarray = lambda a, dtype=None: np.array(a, dtype=dtype)  # a copy, as from host to device
-    module.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
+    module.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
+                                        Device=lambda: types.SimpleNamespace(synchronize=lambda: None))
     return module
 
 
