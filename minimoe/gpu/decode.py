@@ -43,30 +43,39 @@ class GraphDecoder:
         self.graph = None
         self.captured_for = None  # (cache buffer address, capacity) the graph's pointers and splits belong to
         self.logits = None
-        self.pool = self.stream = None
+        self.pool = None
+        self.stream = cp.cuda.Stream(non_blocking=True) if capture else None  # graphs are captured off the null stream
 
     def __call__(self, token_ids):
         """The next token of each sequence, ids ``[B]`` -> logits ``[B, V]`` (a view of the step's own buffer)."""
         ids = self.model.check_ids(np.asarray(token_ids).reshape(self.cache.batch_size, 1))
-        cache = self.cache
+        cache, config = self.cache, self.model.config
         position = cache.length
-        if position + 1 > self.model.config.max_position_embeddings:
+        if position + 1 > config.max_position_embeddings:
             raise MinimoeError(f"{position} cached + 1 new token exceed the context of "
-                               f"{self.model.config.max_position_embeddings} positions (max_position_embeddings)")
+                               f"{config.max_position_embeddings} positions (max_position_embeddings)")
         cache.reserve(cache.batch_size, 1)  # may reallocate: the graph is then captured again
-        cos, sin = layers.rope_tables(np, np.array([position]), self.model.config.head_dim, self.model.config.rope_theta)
-        self.tokens[...] = ids.astype(np.int32)  # host -> device copies into the fixed buffers
-        self.position[...] = np.array([position], dtype=np.int32)
-        self.cos[...], self.sin[...] = cos.astype(np.float32), sin.astype(np.float32)
+        cos, sin = layers.rope_tables(np, np.array([position]), config.head_dim, config.rope_theta)
         if not self.capture:
+            self.set_inputs(ids, position, cos, sin)
             self.logits = self.step()
-        elif self.captured_for != (kernels.address(cache.keys[0]), cache.capacity):
-            self.capture_step()
-            self.graph.launch(self.stream)
         else:
-            self.graph.launch(self.stream)
+            caller = cp.cuda.get_current_stream()
+            self.stream.wait_event(caller.record())  # the caller is done with the last step's logits
+            with self.stream:
+                self.set_inputs(ids, position, cos, sin)
+                if self.captured_for != (kernels.address(cache.keys[0]), cache.capacity):
+                    self.capture_step()
+                self.graph.launch(self.stream)
+            caller.wait_event(self.stream.record())  # the caller's next work sees this step's logits
         cache.advance(1)
         return self.logits[:, 0]
+
+    def set_inputs(self, ids: np.ndarray, position: int, cos: np.ndarray, sin: np.ndarray) -> None:
+        """The step's inputs copied (host -> device, on the current stream) into the fixed buffers."""
+        self.tokens[...] = ids.astype(np.int32)
+        self.position[...] = np.array([position], dtype=np.int32)
+        self.cos[...], self.sin[...] = cos.astype(np.float32), sin.astype(np.float32)
 
     def step(self):
         """One decode step on the fixed buffers -> logits ``[B, 1, V]``: :meth:`minimoe.model.Model.forward`'s
@@ -79,14 +88,19 @@ class GraphDecoder:
         return model.lm_head(x)
 
     def capture_step(self) -> None:
-        """Run the step once (compiling kernels and filling a private memory pool), then capture it.
+        """Capture the step as a CUDA graph, on this decoder's stream.
 
-        The pool is this decoder's alone, so the intermediates' addresses the graph holds are never
-        handed to anything else; the capture allocates the same sizes again, all from the pool's cache.
+        Run first with the default allocator (compiling kernels and creating what the blocks cache
+        across calls, so that none of it lives in the private pool), then once from a memory pool of
+        this decoder's own, then captured: the capture allocates the same sizes again, all from that
+        pool's cache, and as nothing else draws from the pool, the addresses the graph holds are
+        never handed out to anything else.  The warm-ups write this step's k/v, which the graph's
+        first launch writes again.
         """
-        self.pool, self.stream = cp.cuda.MemoryPool(), cp.cuda.Stream(non_blocking=True)
-        with cp.cuda.using_allocator(self.pool.malloc), self.stream:
-            self.step()  # warm-up: writes this step's k/v, which the graph's first launch writes again
+        self.step()
+        self.pool = cp.cuda.MemoryPool()
+        with cp.cuda.using_allocator(self.pool.malloc):
+            self.step()
             self.stream.synchronize()
             self.stream.begin_capture()
             self.logits = self.step()
