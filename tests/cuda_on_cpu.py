@@ -96,7 +96,7 @@ C_TYPES = {"pointer": ctypes.c_void_p, "int": ctypes.c_int, "long": ctypes.c_lon
 
 def cpu_source(file_name: str) -> str:
     """The .cu file as C++ for the shim, plus a ``launch_<kernel>`` C function per kernel."""
-    text = (launch.KERNEL_DIR / file_name).read_text()
+    text = launch.module_source(file_name)  # what CuPy compiles: common.cuh inlined
     text = re.sub(r"extern __shared__ float (\w+)\[\];", r"float* \1 = (float*)cpu::dynamic_shared;", text)
     launchers = []
     for name in re.findall(r'extern "C" __global__ void (\w+)\(', text):
@@ -120,7 +120,7 @@ def library(file_name: str) -> ctypes.CDLL:
         (folder / "shim.h").write_text(SHIM)
         (folder / f"{Path(file_name).stem}.cpp").write_text(source)
         command = [shutil.which("g++") or "g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w",
-                   f"-I{folder}", f"-I{launch.KERNEL_DIR}", str(folder / f"{Path(file_name).stem}.cpp"),
+                   f"-I{folder}", str(folder / f"{Path(file_name).stem}.cpp"),
                    "-o", str(target)]
         subprocess.run(command, check=True, capture_output=True, text=True)
     return ctypes.CDLL(str(target))
@@ -140,7 +140,7 @@ def unavailable_reason() -> str | None:
 
 
 def cpu_kernel(file_name: str, name: str):
-    """A stand-in for ``kernels.kernel(file_name, name)`` that runs the kernel's own code on the CPU."""
+    """A stand-in for ``kernels.compiled(file_name, name)`` that runs the kernel's own code on the CPU."""
     parameters = gpu_emulation.kernel_parameters(file_name, name)
     function = getattr(library(file_name), f"launch_{name}")
     function.argtypes = [ctypes.c_uint] * 6 + [C_TYPES[c_type] for c_type, _ in parameters]
@@ -162,4 +162,4 @@ def install(monkeypatch) -> None:
     gpu_emulation.install(monkeypatch)
     import minimoe.gpu.kernels as kernels
 
-    monkeypatch.setattr(kernels, "kernel", cpu_kernel)
+    monkeypatch.setattr(kernels, "compiled", cpu_kernel)

@@ -3,7 +3,7 @@
 There is no GPU in CI, but most of what can go wrong on one is host-side: the order
 of a launch's arguments, the strides handed to a kernel, which rows a grouped matmul
 owns, the stacking of weights, the plumbing between blocks.  So the tests swap
-``cupy`` for NumPy and ``minimoe.gpu.kernels.kernel`` for :func:`emulated_kernel`, whose
+``cupy`` for NumPy and ``minimoe.gpu.kernels.compiled`` for :func:`emulated_kernel`, whose
 functions take a kernel's exact arguments (``(grid, block, args, shared_mem)``, the
 ``args`` in the ``.cu`` signature's order, strides in elements) and compute what that
 kernel computes, written from its ``.cu`` source.  The real wrappers and blocks then
@@ -30,7 +30,8 @@ def fake_cupy() -> types.ModuleType:
     module.__getattr__ = lambda name: getattr(np, name)
     module.asnumpy = np.asarray
     module.asarray = lambda a, dtype=None: np.array(a, dtype=dtype)  # a copy, as from host to device
-    module.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
+    module.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
+                                        Device=lambda: types.SimpleNamespace(synchronize=lambda: None))
     return module
 
 
@@ -39,17 +40,17 @@ def install(monkeypatch) -> None:
     import minimoe.gpu
 
     monkeypatch.setitem(sys.modules, "cupy", fake_cupy())
-    for name in ("kernels", "blocks"):  # re-imported over the fake cupy (`from .gpu import kernels` reads the attribute)
+    for name in ("kernels", "blocks", "decode"):  # re-imported over the fake cupy (`from .gpu import kernels` reads the attribute)
         monkeypatch.delitem(sys.modules, f"minimoe.gpu.{name}", raising=False)
         monkeypatch.delattr(minimoe.gpu, name, raising=False)
     import minimoe.gpu.kernels as kernels
 
-    monkeypatch.setattr(kernels, "kernel", emulated_kernel)
+    monkeypatch.setattr(kernels, "compiled", emulated_kernel)  # kernels.kernel still counts the launches
     monkeypatch.setattr(kernels, "address", lambda x: x.ctypes.data)
 
 
 def emulated_kernel(file_name: str, name: str):
-    """A stand-in for ``kernels.kernel(file_name, name)``: checks the arguments (:func:`check_arguments`),
+    """A stand-in for ``kernels.compiled(file_name, name)``: checks the arguments (:func:`check_arguments`),
     then runs the NumPy version."""
     parameters = kernel_parameters(file_name, name)
     function = KERNELS[name]
@@ -122,8 +123,9 @@ def add_rms_norm(grid, block, x, delta, weight, total, out, hidden, eps):
 
 
 def rope_store_kv(grid, block, x, cos, sin, k_cache, v_cache, rows, tokens, heads, kv_heads, head_dim, row_stride,
-                  kv_batch_stride, kv_head_stride, kv_start):
+                  kv_batch_stride, kv_head_stride, kv_start, position):
     half, all_heads = head_dim // 2, heads + 2 * kv_heads
+    kv_start = int(position[0]) if _given(position) else kv_start
     assert grid[0] * block[0] >= rows * all_heads * half
     shape = (rows // tokens, kv_heads, k_cache.size // (rows // tokens * kv_heads * head_dim), head_dim)
     caches = [np.lib.stride_tricks.as_strided(c, shape, (kv_batch_stride * 4, kv_head_stride * 4, head_dim * 4, 4))
@@ -148,10 +150,11 @@ def route_topk(grid, block, logits, used, probs, expert_ids, raw, weights, disab
     if _given(disabled):
         values[:, disabled.astype(bool)] = -np.inf
     _rows(used, experts)[:] = values
-    p = np.exp(values - values.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
+    with np.errstate(invalid="ignore"):  # a row with no usable logit: NaN probabilities, as in the kernel
+        p = np.exp(values - values.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
     _rows(probs, experts)[:] = p
-    ids = np.argsort(-p, axis=-1, kind="stable")[:, :top_k]  # highest first, lower id first on ties
+    ids = np.argsort(-p, axis=-1, kind="stable")[:, :top_k]  # highest first, lower id first on ties, NaN last
     chosen = np.take_along_axis(p, ids, -1)
     _rows(expert_ids, top_k)[:] = ids
     _rows(raw, top_k)[:] = chosen
@@ -197,8 +200,7 @@ def gemm_grouped(grid, block, x, x_rows, weight, bias, y, offsets, tile_group, t
 def _attention(q, k, v, out, batch, tokens, heads, kv_heads, head_dim, q_row_stride, kv_batch_stride, kv_head_stride,
                keys, query_start, scale):
     q_rows = _rows(q, q_row_stride)[: batch * tokens, : heads * head_dim].reshape(batch, tokens, heads, head_dim)
-    strides = (kv_batch_stride * 4, kv_head_stride * 4, head_dim * 4, 4)
-    kk, vv = (np.lib.stride_tricks.as_strided(a, (batch, kv_heads, keys, head_dim), strides) for a in (k, v))
+    kk, vv = _kv_views(k, v, batch, kv_heads, keys, head_dim, kv_batch_stride, kv_head_stride)
     group = heads // kv_heads
     for b in range(batch):
         for h in range(heads):
@@ -217,11 +219,55 @@ def attention_prefill(grid, block, q, k, v, out, tokens, heads, kv_heads, head_d
                query_start + tokens, query_start, scale)
 
 
-def attention_decode(grid, block, q, k, v, out, heads, kv_heads, head_dim, q_row_stride, kv_batch_stride,
-                     kv_head_stride, keys, scale):
+def _kv_views(k, v, batch, kv_heads, keys, head_dim, kv_batch_stride, kv_head_stride):
+    strides = (kv_batch_stride * 4, kv_head_stride * 4, head_dim * 4, 4)
+    return [np.lib.stride_tricks.as_strided(a, (batch, kv_heads, keys, head_dim), strides) for a in (k, v)]
+
+
+def _merge_records(records: np.ndarray) -> np.ndarray:
+    """Online-softmax records ``[..., R, D + 2]`` (acc, m, l) -> the attention output ``[..., D]``."""
+    acc, m, l = records[..., :-2], records[..., -2:-1], records[..., -1:]
+    with np.errstate(invalid="ignore"):  # -inf - -inf for a split with no keys: weighed 0 below
+        weight = np.where(m == -np.inf, 0.0, np.exp(m - m.max(-2, keepdims=True)))
+    return (acc * weight).sum(-2) / (l * weight).sum(-2)
+
+
+def attention_decode(grid, block, q, k, v, partial, out, heads, kv_heads, head_dim, q_row_stride, kv_batch_stride,
+                     kv_head_stride, keys, position, scale):
+    splits, batch = grid[0], grid[2]
+    assert grid[1] == heads
+    capacity = keys
+    keys = int(position[0]) + 1 if _given(position) else keys
+    assert keys <= capacity  # the graph path passes the whole cache and reads the count on the device
+    per_split = -(-keys // splits)
+    queries = _rows(q, q_row_stride)[:batch, : heads * head_dim].reshape(batch, heads, head_dim)
+    kk, vv = _kv_views(k, v, batch, kv_heads, keys, head_dim, kv_batch_stride, kv_head_stride)
+    group = heads // kv_heads
+    records = np.zeros((batch, heads, splits, head_dim + 2), dtype=np.float32)  # each split's (acc, m, l)
+    records[..., -2] = -np.inf  # a split with no keys: m = -inf, l = 0, acc = 0
+    for b in range(batch):
+        for h in range(heads):
+            for split in range(splits):
+                chunk = slice(split * per_split, min(keys, (split + 1) * per_split))
+                scores = kk[b, h // group, chunk] @ queries[b, h] * scale
+                if scores.size:
+                    weights = np.exp(scores - scores.max())
+                    records[b, h, split] = np.concatenate([weights @ vv[b, h // group, chunk],
+                                                           [scores.max(), weights.sum()]])
+    if splits == 1:
+        out.reshape(batch, heads, head_dim)[:] = _merge_records(records)
+    else:
+        partial.reshape(records.shape)[:] = records
+
+
+def attention_decode_merge(grid, block, partial, out, heads, head_dim, splits):
     batch = grid[1]
-    _attention(q, k, v, out, batch, 1, heads, kv_heads, head_dim, q_row_stride, kv_batch_stride, kv_head_stride,
-               keys, keys - 1, scale)
+    out.reshape(batch, heads, head_dim)[:] = _merge_records(partial.reshape(batch, heads, splits, head_dim + 2))
+
+
+def gather_rows(grid, block, weight, ids, out, rows, width):
+    assert grid[0] * block[0] >= rows * width
+    _rows(out, width)[:rows] = _float32(weight.reshape(-1, width)[ids.reshape(-1)[:rows]])
 
 
 KERNELS = {
@@ -230,4 +276,5 @@ KERNELS = {
     "gemv_grouped_bf16": gemv_grouped, "gemv_grouped_f32": gemv_grouped,
     "gemm_grouped_bf16": gemm_grouped, "gemm_grouped_f32": gemm_grouped,
     "attention_prefill": attention_prefill, "attention_decode": attention_decode,
+    "attention_decode_merge": attention_decode_merge, "gather_rows_bf16": gather_rows, "gather_rows_f32": gather_rows,
 }

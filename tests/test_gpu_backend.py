@@ -106,6 +106,68 @@ def test_gpu_traces_and_interventions_match_numpy(emulated):
     assert gpu.aux_loss(ids) == pytest.approx(cpu.aux_loss(ids), rel=1e-5)
 
 
+def test_the_graph_decoders_fixed_buffer_step_matches_numpy(emulated):
+    from minimoe import gpu_check
+
+    (check,) = gpu_check.check_graph_decode(minimoe.default_model_path(), np.random.default_rng(0), capture=False,
+                                            prompt=10, steps=14, capacity=16)  # the cache grows past 16 on the way
+    assert check.error < 1e-5, check
+
+
+def test_the_graph_decoder_counts_one_launch_per_kernel_and_refuses_a_large_batch(emulated):
+    from minimoe.gpu import kernels
+    from minimoe.gpu.decode import GraphDecoder
+
+    gpu = minimoe.load(FIXTURES / "moe_gqa", backend="cupy")
+    cache = gpu.new_cache()
+    gpu.forward(np.ones((2, 3), dtype=int), cache=cache)
+    decoder = GraphDecoder(gpu, cache, capture=False)
+    before = kernels.launches
+    decoder([1, 2])
+    c = gpu.config
+    sparse, dense = len(c.sparse_layers), c.num_hidden_layers - len(c.sparse_layers)
+    # per layer: norm, qkv, rope, attention (+ merge when split), o, add_norm; sparse: router, route, dispatch,
+    # gate_up, silu, down, shared gate, shared gate_up, silu, down, combine; dense: gate_up, silu, down
+    per_layer = 6 + (launch_splits(gpu, cache) > 1)
+    assert kernels.launches - before == 1 + c.num_hidden_layers * per_layer + 11 * sparse + 3 * dense + 1
+    big = gpu.new_cache()
+    gpu.forward(np.ones((9, 2), dtype=int), cache=big)
+    with pytest.raises(MinimoeError, match="batches of up to 8 sequences"):
+        GraphDecoder(gpu, big)
+    with pytest.raises(MinimoeError, match="run the prompt through model.forward"):
+        GraphDecoder(gpu, gpu.new_cache())
+
+
+def launch_splits(model, cache) -> int:
+    from minimoe.gpu import launch
+
+    return launch.decode_splits(cache.capacity, model.config.num_attention_heads, cache.batch_size)
+
+
+def test_rope_store_kv_refuses_to_write_past_the_caches_capacity(emulated):
+    import cupy
+
+    from minimoe.gpu import kernels
+
+    heads, kv_heads, D, tokens = 2, 1, 8, 3
+    rows = cupy.zeros((tokens, (heads + 2 * kv_heads) * D), dtype=np.float32)
+    cos, sin = np.ones((tokens, D), np.float32), np.zeros((tokens, D), np.float32)
+    k_cache, v_cache = (cupy.zeros((1, kv_heads, 5, D), dtype=np.float32) for _ in range(2))
+    kernels.rope_store_kv(rows, cos, sin, k_cache, v_cache, 2, tokens, heads, kv_heads, D)  # positions 2..4: fits
+    with pytest.raises(MinimoeError, match="positions 3..5 is past its capacity of 5"):
+        kernels.rope_store_kv(rows, cos, sin, k_cache, v_cache, 3, tokens, heads, kv_heads, D)
+
+
+def test_emulated_router_breaks_ties_by_lower_id_and_survives_unusable_rows(emulated):
+    import cupy
+
+    from minimoe import gpu_check
+
+    inputs = gpu_check.Inputs(cupy, np.random.default_rng(0), dict(experts=10, top_k=3, hidden=24))
+    checks = gpu_check.check_router_ties(inputs, 50) + gpu_check.check_unusable_router_rows(inputs)
+    assert [(c.name, c.error) for c in checks if not c.passed] == []
+
+
 def test_step_through_asks_for_the_numpy_backend(emulated):
     gpu = minimoe.load(FIXTURES / "moe_gqa", backend="cupy")
     with pytest.raises(MinimoeError, match="step_through runs on the numpy backend"):

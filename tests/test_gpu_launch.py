@@ -11,7 +11,7 @@ from minimoe.gpu import launch
 
 def test_kernel_constants_are_read_from_the_cu_files():
     assert launch.kernel_constants("matmul.cu") == {"GEMV_WARPS": 8, "GEMV_MAX_ROWS": 8, "TILE_M": 64, "TILE_N": 64,
-                                                    "TILE_K": 16}
+                                                    "TILE_K": 16, "TILE_PAD": 2, "PATCH": 4}
     assert launch.kernel_constants("router.cu")["MAX_EXPERTS_PER_LANE"] * 32 >= 60  # Qwen1.5-MoE's experts fit
 
 
@@ -36,6 +36,30 @@ def test_gemv_grid_has_a_warp_per_output_feature():
     assert y == 4 and x * threads // 32 >= 2816 > (x - 1) * threads // 32
 
 
+def test_gemm_shared_memory_tiles_are_free_of_bank_conflicts():
+    """gemm_grouped's shared-memory accesses, warp by warp, with its constants: each of the 32 banks
+    (4-byte words) is hit by at most one distinct address per access (equal addresses are broadcast)."""
+    c = launch.kernel_constants("matmul.cu")
+    stride, step = c["TILE_M"] + c["TILE_PAD"], c["TILE_M"] // c["PATCH"]
+
+    def conflicts(addresses):  # the n-way conflict of one warp-wide access
+        per_bank = {}
+        for address in set(addresses):
+            per_bank[address % 32] = per_bank.get(address % 32, 0) + 1
+        return max(per_bank.values())
+
+    threads = range(c["TILE_M"] * c["TILE_N"] // c["PATCH"] ** 2)
+    for warp in range(len(threads) // 32):
+        lanes = threads[32 * warp : 32 * warp + 32]
+        for first in range(0, c["TILE_M"] * c["TILE_K"], len(threads)):  # staging stores xs[k][r]
+            assert conflicts([(i // c["TILE_K"]) + (i % c["TILE_K"]) * stride for i in (first + t for t in lanes)]) == 1
+        for k in range(c["TILE_K"]):
+            for i in range(c["PATCH"]):  # reads xs[k][tr + step i] and ws[k][tc + step i]
+                assert conflicts([k * stride + t // step + step * i for t in lanes]) == 1
+                assert conflicts([k * stride + t % step + step * i for t in lanes]) == 1
+    assert conflicts([(i // 16) + (i % 16) * 64 for i in range(32)]) == 16  # the unpadded stride this replaced
+
+
 def test_gemm_schedule_tiles_only_groups_with_rows():
     counts = np.array([0, 130, 1, 0, 64])
     offsets = np.concatenate([[0], np.cumsum(counts)])
@@ -53,8 +77,9 @@ def test_attention_launch_fits_shared_memory_and_checks_head_layouts():
         grid, block, shared, tile = launch.prefill_attention_launch(tokens=37, heads=16, batch=2, head_dim=head_dim)
         assert shared <= launch.SHARED_MEMORY_BYTES and tile >= 1
         assert grid[0] * block[0] // 32 >= 37 and grid[1:] == (16, 2)
-        grid, block, shared = launch.decode_attention_launch(heads=16, batch=2, head_dim=head_dim)
-        assert grid == (16, 2) and shared == block[0] // 32 * (head_dim + 2) * 4
+        plan = launch.decode_attention_launch(heads=16, batch=2, head_dim=head_dim, keys=37)
+        assert plan.grid == (1, 16, 2) and plan.shared_bytes == plan.block[0] // 32 * (head_dim + 2) * 4
+        assert plan.merge_block[0] >= head_dim and plan.merge_grid == (16, 2)
     with pytest.raises(MinimoeError, match="head_dim up to 256"):
         launch.check_attention(16, 16, 512)
     with pytest.raises(MinimoeError, match="do not split evenly"):
@@ -73,6 +98,22 @@ def test_check_model_accepts_qwen_moe_and_names_what_does_not_fit():
         launch.check_model(ModelConfig.from_dict(raw | {"num_experts": 300}, source="test"))
     with pytest.raises(MinimoeError, match="head_dim up to 256, this model has 512"):
         launch.check_model(ModelConfig.from_dict(raw | {"hidden_size": 8192}, source="test"))
+
+
+@pytest.mark.parametrize("keys", [1, 255, 256, 257, 1000, 4097, 32768])
+@pytest.mark.parametrize("heads, batch", [(16, 1), (16, 8), (2, 1)])
+def test_decode_splits_give_every_block_keys_and_stay_near_the_target_grid(keys, heads, batch):
+    splits = launch.decode_splits(keys, heads, batch)
+    chunk = launch.ceil_div(keys, splits)  # what the kernel gives each block
+    assert (splits - 1) * chunk < keys <= splits * chunk  # every key covered, no block empty
+    assert splits == 1 or chunk > launch.DECODE_MIN_KEYS_PER_SPLIT // 2  # splitting never starves a block
+    assert heads * batch * splits < max(launch.DECODE_TARGET_BLOCKS, heads * batch) + heads * batch
+
+
+def test_decode_splits_a_long_cache_over_the_gpu_at_batch_1():
+    assert launch.decode_splits(200, heads=16, batch=1) == 1  # short: one block per head
+    assert launch.decode_splits(4000, heads=16, batch=1) == 16  # 256 blocks instead of 16, 250 keys each
+    assert launch.decode_splits(4000, heads=16, batch=32) == 1  # enough blocks already
 
 
 def test_dispatch_block_has_a_thread_per_expert():
@@ -126,3 +167,11 @@ def test_permute_grouped_matmuls_and_combine_equal_routed_experts():
     gate = rng.standard_normal(tokens).astype(np.float32)
     np.testing.assert_allclose(launch.combine(expert_out, plan.inv_perm, weights, residual, shared, gate),
                                residual + expected + shared * layers.sigmoid(np, gate)[:, None], rtol=1e-5, atol=1e-6)
+
+
+def test_check_kv_write_takes_a_full_cache_and_refuses_one_position_more():
+    launch.check_kv_write((2, 4, 10, 16), start=7, tokens=3, batch=2, kv_heads=4, head_dim=16)  # fills it exactly
+    with pytest.raises(MinimoeError, match=r"positions 8..10 is past its capacity of 10"):
+        launch.check_kv_write((2, 4, 10, 16), start=8, tokens=3, batch=2, kv_heads=4, head_dim=16)
+    with pytest.raises(MinimoeError, match="does not hold 3 sequences"):
+        launch.check_kv_write((2, 4, 10, 16), start=0, tokens=1, batch=3, kv_heads=4, head_dim=16)

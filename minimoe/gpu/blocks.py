@@ -45,13 +45,6 @@ def device_weight(array: np.ndarray):
     return cp.asarray(np.asarray(array, dtype=np.float32))
 
 
-def to_float32(weight):
-    """Device weight -> float32 (bf16 bits shifted into the top half of an f32: exact)."""
-    if weight.dtype == cp.uint16:
-        return (weight.astype(cp.uint32) << 16).view(cp.float32)
-    return weight
-
-
 @lru_cache(maxsize=64)
 def one_group(rows: int):
     """The dispatch arrays of an ungrouped matmul: offsets ``[0, rows]``, active ``[0]``, num_active ``[1]``."""
@@ -108,7 +101,7 @@ class GpuLinear:
 
     def rows(self, ids):
         """Rows ``W[ids]`` as float32 (the embedding lookup): host ids ``[...]`` -> ``[..., in]``."""
-        return to_float32(self.weight[0][cp.asarray(ids)])
+        return kernels.gather_rows(self.weight, cp.asarray(np.asarray(ids, dtype=np.int32)))
 
 
 @dataclass
@@ -122,8 +115,12 @@ class GpuAttention:
     num_kv_heads: int
     head_dim: int
 
-    def __call__(self, h, cos, sin, layer: int, cache, start: int):
-        """h ``[B, T, H]`` -> ``[B, T, H]``; new keys/values go into ``cache`` when given."""
+    def __call__(self, h, cos, sin, layer: int, cache, start: int, position=None):
+        """h ``[B, T, H]`` -> ``[B, T, H]``; new keys/values go into ``cache`` when given.
+
+        ``position`` (the CUDA-graph decode, :mod:`minimoe.gpu.decode`): ``start`` as a device int32 ``[1]``,
+        which the kernels read instead, so one captured step serves every position.
+        """
         batch, tokens, _ = h.shape
         rows = self.qkv(h.reshape(batch * tokens, -1))  # [B*T, (nh + 2 nkv) * D]: q heads, k heads, v heads
         if cache is not None:  # the cache's [B, nkv, capacity, D] buffers; Model.forward reserved the room
@@ -132,9 +129,10 @@ class GpuAttention:
             keys, values = (cp.empty((batch, self.num_kv_heads, tokens, self.head_dim), dtype=cp.float32)
                             for _ in range(2))
         kernels.rope_store_kv(rows, cos, sin, keys, values, start, tokens, self.num_heads, self.num_kv_heads,
-                              self.head_dim)
-        k, v = keys[:, :, : start + tokens], values[:, :, : start + tokens]
-        attended = kernels.causal_attention(rows, k, v, tokens, self.num_heads, self.head_dim, start)
+                              self.head_dim, position)
+        end = keys.shape[2] if position is not None else start + tokens  # the device-side count bounds the graph's
+        attended = kernels.causal_attention(rows, keys[:, :, :end], values[:, :, :end], tokens, self.num_heads,
+                                            self.head_dim, start, position)
         return self.o(attended)
 
 
@@ -191,10 +189,7 @@ class GpuSparseMoe:
             record(layer, router_logits=choice.logits, router_probs=choice.probs,
                    expert_ids=choice.expert_ids.astype(cp.int64), raw_weights=choice.raw_weights,
                    expert_weights=choice.expert_weights, shared_gate=gate,
-                   shared_norm=cp.linalg.norm(shared_part, axis=-1), routed_norm=cp.linalg.norm(routed, axis=-1),
-                   # Traces report hits of the CPU backend's float32 expert cache (load(max_memory=...));
-                   # the GPU holds every expert in memory and keeps no such cache: never a hit.
-                   cache_hit=cp.zeros(choice.expert_ids.shape, dtype=bool))
+                   shared_norm=cp.linalg.norm(shared_part, axis=-1), routed_norm=cp.linalg.norm(routed, axis=-1))
         return out
 
 
@@ -213,11 +208,12 @@ class GpuDecoderLayer:
     def is_sparse(self) -> bool:
         return isinstance(self.mlp, GpuSparseMoe)
 
-    def __call__(self, xp, x, cos, sin, cache, start, interventions=None, record=None):
-        """x ``[B, T, H]`` -> ``[B, T, H]``: attention then feed-forward, each added to the residual."""
+    def __call__(self, xp, x, cos, sin, cache, start, interventions=None, record=None, position=None):
+        """x ``[B, T, H]`` -> ``[B, T, H]``: attention then feed-forward, each added to the residual.
+        ``position``: see :class:`GpuAttention`."""
         shape = x.shape
         h = kernels.rms_norm(x, self.input_norm, self.eps)
-        attended = self.attention(h, cos, sin, self.index, cache, start)
+        attended = self.attention(h, cos, sin, self.index, cache, start, position)
         if record is not None:
             record(self.index, attention_norm=cp.linalg.norm(attended, axis=-1).reshape(-1))
         x, h = kernels.add_rms_norm(x, attended, self.post_attention_norm, self.eps)

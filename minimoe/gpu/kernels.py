@@ -3,7 +3,8 @@
 Each wrapper takes and returns CuPy float32 arrays, names the NumPy function it
 replaces, and leaves grid and block sizes to :mod:`minimoe.gpu.launch` (plain Python,
 tested on a CPU).  The ``.cu`` files are compiled at first use by NVRTC through
-``cupy.RawModule`` (CuPy caches the binaries on disk), so no build step is needed.
+``cupy.RawModule`` (CuPy caches the binaries on disk, keyed on the source with common.cuh
+inlined), so no build step is needed.
 
 This module imports CuPy: only the GPU backend imports it, after
 :func:`minimoe.backend.import_cupy` has checked that CuPy and a GPU are there.
@@ -25,15 +26,29 @@ NULL = np.uint64(0)  # a null pointer argument (an optional input the kernel ski
 
 @cache
 def module(file_name: str) -> "cp.RawModule":
-    """The compiled kernels of one ``.cu`` file."""
-    source = (launch.KERNEL_DIR / file_name).read_text()
-    return cp.RawModule(code=source, options=("-std=c++17", f"-I{launch.KERNEL_DIR}"))
+    """The compiled kernels of one ``.cu`` file (common.cuh inlined, so CuPy's cache key covers it)."""
+    return cp.RawModule(code=launch.module_source(file_name), options=launch.COMPILE_OPTIONS)
 
 
 @cache
-def kernel(file_name: str, name: str) -> "cp.RawKernel":
-    """One kernel of a ``.cu`` file, looked up once (a decode step launches 17 per sparse layer)."""
+def compiled(file_name: str, name: str) -> "cp.RawKernel":
+    """One kernel of a ``.cu`` file, looked up once (a decode step launches ~17 per sparse layer)."""
     return module(file_name).get_function(name)
+
+
+launches = 0  # kernel launches made through kernel() since import: gpu_check reports them per decoded token
+
+
+def kernel(file_name: str, name: str):
+    """A kernel to launch as ``kernel(file, name)(grid, block, args, shared_mem=0)``; counts its launches."""
+    launch_ = compiled(file_name, name)
+
+    def counted(*args, **kwargs):
+        global launches
+        launches += 1
+        return launch_(*args, **kwargs)
+
+    return counted
 
 
 def _contiguous(x):
@@ -74,23 +89,27 @@ def add_rms_norm(x, delta, weight, eps: float):
 
 
 def rope_store_kv(rows, cos, sin, k_cache, v_cache, start: int, tokens: int, heads: int, kv_heads: int,
-                  head_dim: int) -> None:
+                  head_dim: int, position=None) -> None:
     """Replaces :func:`minimoe.layers.apply_rope` on q and k (in place) and :meth:`minimoe.model.KVCache.update`.
 
     rows ``[B * T, (heads + 2 * kv_heads) * D]`` contiguous: the fused qkv output (q heads, k heads,
     v heads); cos/sin ``[T, D]`` from :func:`minimoe.layers.rope_tables`; k_cache, v_cache
     ``[B, kv_heads, capacity, D]`` float32 buffers (the KV cache's, or fresh ones) that receive the
-    rotated keys and the values at positions ``start .. start + T - 1``.
+    rotated keys and the values at positions ``start .. start + T - 1``.  ``position`` (the CUDA-graph
+    decode): a device int32 ``[1]`` holding ``start``, read by the kernel instead; the caller has
+    checked it against the capacity.
     """
     for cache in (k_cache, v_cache):
         if cache.dtype != cp.float32 or not cache.flags.c_contiguous:
             raise ValueError("k_cache and v_cache must be contiguous float32 [B, kv_heads, capacity, D] buffers")
+    launch.check_kv_write(k_cache.shape, start, tokens, rows.shape[0] // max(tokens, 1), kv_heads, head_dim)
     pairs = rows.shape[0] * (heads + 2 * kv_heads) * (head_dim // 2)
     grid, block = launch.elementwise_grid(pairs)
     kernel("rope.cu", "rope_store_kv")(
         grid, block, (rows, _contiguous(cos), _contiguous(sin), k_cache, v_cache, np.int64(rows.shape[0]),
                       np.int32(tokens), np.int32(heads), np.int32(kv_heads), np.int32(head_dim), np.int64(rows.shape[1]),
-                      np.int64(k_cache.strides[0] // 4), np.int64(k_cache.strides[1] // 4), np.int32(start)))
+                      np.int64(k_cache.strides[0] // 4), np.int64(k_cache.strides[1] // 4), np.int32(start),
+                      NULL if position is None else position))
 
 
 def silu_mul(gate_up):
@@ -204,15 +223,32 @@ def grouped_matmul(x, weight, bias, offsets, active, num_active, max_rows_per_gr
     return y
 
 
+def gather_rows(weight, ids, out=None):
+    """Replaces :meth:`minimoe.backend.Linear.rows` (the embedding lookup): ``weight[0][ids]`` as float32.
+
+    weight ``[1, V, H]`` (bf16 bits or float32), ids a device int32 array ``[...]`` -> ``[..., H]``
+    (into ``out`` when given: the CUDA-graph decode's fixed buffer).
+    """
+    width = weight.shape[-1]
+    out = cp.empty((*ids.shape, width), dtype=cp.float32) if out is None else out
+    grid, block = launch.elementwise_grid(ids.size * width)
+    kernel("matmul.cu", f"gather_rows_{weight_suffix(weight)}")(grid, block, (weight, ids, out, np.int32(ids.size),
+                                                                               np.int32(width)))
+    return out
+
+
 # --- attention ---------------------------------------------------------------------------------------------
 
-def causal_attention(q_rows, k, v, tokens: int, heads: int, head_dim: int, query_start: int):
+def causal_attention(q_rows, k, v, tokens: int, heads: int, head_dim: int, query_start: int, position=None):
     """Replaces :func:`minimoe.layers.causal_attention`.
 
     q_rows ``[B * T, width]``: each row's first ``heads * D`` floats are the (rotated) query
     heads (the fused qkv output, read in place); k, v ``[B, nkv, S, D]`` views whose last two
     axes are contiguous (the KV cache's buffers, or fresh arrays).  -> ``[B, T, heads * D]``.
-    T == 1 runs the decode kernel (split over keys), longer the tiled prefill kernel.
+    T == 1 runs the decode kernel (flash-decoding: the keys split over blocks, then merged), longer the
+    tiled prefill kernel.  ``position`` (decode only, the CUDA-graph path): a device int32 ``[1]``
+    holding the query's position; k and v are then the whole cache and the kernel attends to
+    positions ``0 .. position``.
     """
     batch, kv_heads, keys = k.shape[0], k.shape[1], k.shape[2]
     launch.check_attention(heads, kv_heads, head_dim)
@@ -225,11 +261,20 @@ def causal_attention(q_rows, k, v, tokens: int, heads: int, head_dim: int, query
     strides = (np.int64(q_rows.shape[1]), np.int64(k.strides[0] // 4), np.int64(k.strides[1] // 4))
     scale = np.float32(1.0 / np.sqrt(head_dim))
     if tokens == 1:
-        grid, block, shared = launch.decode_attention_launch(heads, batch, head_dim)
+        plan = launch.decode_attention_launch(heads, batch, head_dim, keys)
+        partial = cp.empty((batch, heads, plan.splits, head_dim + 2), dtype=cp.float32) if plan.splits > 1 else NULL
         kernel("attention.cu", "attention_decode")(
-            grid, block, (q_rows, k, v, out, np.int32(heads), np.int32(kv_heads), np.int32(head_dim), *strides,
-                          np.int32(keys), scale), shared_mem=shared)
+            plan.grid, plan.block, (q_rows, k, v, partial, out, np.int32(heads), np.int32(kv_heads),
+                                    np.int32(head_dim), *strides, np.int32(keys),
+                                    NULL if position is None else position, scale),
+            shared_mem=plan.shared_bytes)
+        if plan.splits > 1:
+            kernel("attention.cu", "attention_decode_merge")(
+                plan.merge_grid, plan.merge_block, (partial, out, np.int32(heads), np.int32(head_dim),
+                                                    np.int32(plan.splits)))
     else:
+        if position is not None:
+            raise ValueError("a device-side position is for decode (one token per sequence)")
         grid, block, shared, key_tile = launch.prefill_attention_launch(tokens, heads, batch, head_dim)
         kernel("attention.cu", "attention_prefill")(
             grid, block, (q_rows, k, v, out, np.int32(tokens), np.int32(heads), np.int32(kv_heads),

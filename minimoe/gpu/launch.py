@@ -25,15 +25,42 @@ MAX_BLOCK = 1024
 ELEMENTWISE_BLOCK = 256  # threads per block of the one-thread-per-element kernels (RoPE, SwiGLU, combine)
 ROUTER_WARPS = 4  # tokens per block of route_topk (one warp each)
 ATTENTION_WARPS = 4  # queries per block in prefill (one warp each, sharing each k/v tile)
-# Warps per (sequence, head) in decode, each taking every 16th key: a decode step has only
-# B * heads blocks (16 at batch 1), so each needs many warps to spread a long cache over the GPU.
+# Decode attention (flash-decoding): each (sequence, head) splits its cached keys over up to
+# enough blocks for DECODE_TARGET_BLOCKS in all (2 per SM of a 132-SM H200), and at most one
+# split per DECODE_MIN_KEYS_PER_SPLIT keys (16 per warp), so a short cache is not cut into
+# blocks that do little but merge; the block's 16 warps each take every 16th key of its chunk.
 DECODE_ATTENTION_WARPS = 16
+DECODE_TARGET_BLOCKS = 264
+DECODE_MIN_KEYS_PER_SPLIT = 256
 SHARED_MEMORY_BYTES = 48 * 1024  # dynamic shared memory a kernel may use without an opt-in
+
+
+# What minimoe hands CuPy's RawModule besides the source.  CuPy adds its own options
+# (``-ftz=true``, ``-arch=...``, include folders); tests/test_gpu_kernels_compile.py compiles
+# every module through NVRTC with the same ones.
+COMPILE_OPTIONS = ("-std=c++17",)
+SHARED_HEADER = "common.cuh"
 
 
 def kernel_sources() -> list[Path]:
     """The ``.cu`` files of the package, in name order."""
     return sorted(KERNEL_DIR.glob("*.cu"))
+
+
+def module_source(file_name: str) -> str:
+    """The text CuPy compiles for one ``.cu`` file: the file with ``#include "common.cuh"`` replaced by
+    the header itself.
+
+    CuPy's on-disk binary cache is keyed on the source text and the options, never on the
+    files an ``#include`` pulls in, so an edited header would keep running the old binaries.
+    Inlined, the header is part of the key.
+    """
+    source = (KERNEL_DIR / file_name).read_text()
+    header = (KERNEL_DIR / SHARED_HEADER).read_text()
+    include = f'#include "{SHARED_HEADER}"'
+    if source.count(include) != 1:
+        raise MinimoeError(f"{file_name} must include {SHARED_HEADER} exactly once (found {source.count(include)})")
+    return source.replace(include, f"// ---- {SHARED_HEADER}, inlined ----\n{header}\n// ---- end of {SHARED_HEADER} ----")
 
 
 @cache
@@ -104,7 +131,7 @@ def gemm_schedule(counts: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, 
 def gemm_grid(out_features: int, tiles: int) -> tuple[tuple[int, int], tuple[int]]:
     """(grid, block) of gemm_grouped: grid.x over TILE_N output columns, grid.y over the schedule's tiles."""
     c = kernel_constants("matmul.cu")
-    threads = (c["TILE_M"] // 4) * (c["TILE_N"] // 4)  # each thread computes a 4x4 patch
+    threads = (c["TILE_M"] // c["PATCH"]) * (c["TILE_N"] // c["PATCH"])  # each thread computes PATCH x PATCH outputs
     return (ceil_div(out_features, c["TILE_N"]), tiles), (threads,)
 
 
@@ -115,6 +142,18 @@ def check_attention(heads: int, kv_heads: int, head_dim: int) -> None:
         raise MinimoeError(f"the GPU attention kernels handle head_dim up to {max_dim}, this model has {head_dim}")
     if heads % kv_heads:
         raise MinimoeError(f"{heads} attention heads do not split evenly over {kv_heads} key/value heads")
+
+
+def check_kv_write(cache_shape: tuple[int, ...], start: int, tokens: int, batch: int, kv_heads: int,
+                   head_dim: int) -> None:
+    """MinimoeError unless a KV cache of ``cache_shape`` ``[B, kv_heads, capacity, D]`` can take ``tokens``
+    new positions of ``batch`` sequences at ``start`` (rope_store_kv writes there without checking)."""
+    if tuple(cache_shape[:2]) + tuple(cache_shape[3:]) != (batch, kv_heads, head_dim):
+        raise MinimoeError(f"KV cache of shape {tuple(cache_shape)} does not hold {batch} sequences of "
+                           f"{kv_heads} key/value heads of {head_dim}")
+    if start < 0 or start + tokens > cache_shape[2]:
+        raise MinimoeError(f"KV cache write at positions {start}..{start + tokens - 1} is past its capacity "
+                           f"of {cache_shape[2]} positions")
 
 
 def check_model(config) -> None:
@@ -136,9 +175,30 @@ def prefill_attention_launch(tokens: int, heads: int, batch: int, head_dim: int)
     return (ceil_div(tokens, ATTENTION_WARPS), heads, batch), (ATTENTION_WARPS * WARP,), 2 * tile * head_dim * 4, tile
 
 
-def decode_attention_launch(heads: int, batch: int, head_dim: int):
-    """(grid, block, shared bytes) of attention_decode: per warp a [D] accumulator plus its m and l."""
-    return (heads, batch), (DECODE_ATTENTION_WARPS * WARP,), DECODE_ATTENTION_WARPS * (head_dim + 2) * 4
+class DecodeAttentionLaunch(NamedTuple):
+    """How attention_decode runs: ``splits`` blocks per (sequence, head), each over ceil(keys / splits) keys."""
+
+    grid: tuple[int, int, int]  # (splits, heads, B)
+    block: tuple[int]
+    shared_bytes: int  # per warp a record of D + 2 floats (accumulator, m, l)
+    splits: int
+    merge_grid: tuple[int, int]  # attention_decode_merge's (heads, B), run when splits > 1
+    merge_block: tuple[int]
+
+
+def decode_splits(keys: int, heads: int, batch: int) -> int:
+    """Blocks per (sequence, head) of decode attention over ``keys`` cached positions (the kernel gives
+    each ceil(keys / splits) of them)."""
+    return max(1, min(ceil_div(keys, DECODE_MIN_KEYS_PER_SPLIT), ceil_div(DECODE_TARGET_BLOCKS, heads * batch)))
+
+
+def decode_attention_launch(heads: int, batch: int, head_dim: int, keys: int) -> DecodeAttentionLaunch:
+    """The launch of attention_decode (and of its merge) for one new token over ``keys`` positions
+    (the CUDA-graph decode passes its cache's capacity: the count it attends to is read on the device)."""
+    splits = decode_splits(keys, heads, batch)
+    return DecodeAttentionLaunch((splits, heads, batch), (DECODE_ATTENTION_WARPS * WARP,),
+                                 DECODE_ATTENTION_WARPS * (head_dim + 2) * 4, splits, (heads, batch),
+                                 (round_up(head_dim, WARP),))
 
 
 # --- the MoE dispatch bookkeeping, in NumPy -------------------------------------------------------

@@ -1,12 +1,16 @@
 // Helpers shared by minimoe's kernels: reductions, bf16 loads, constants.
 //
-// Compiled as part of each .cu file (CuPy's RawModule passes -I<this folder>).  No
+// Inlined into each .cu file's text by minimoe.gpu.launch.module_source before CuPy compiles
+// it, so CuPy's binary cache (keyed on the source text) sees every edit made here.  No
 // system headers: NVRTC compiles these without the CUDA toolkit's include files,
 // so bf16 is plain `unsigned short` bit patterns and -inf is spelled from its bits.
-#pragma once
 
 #define FULL_MASK 0xffffffffu
 #define NEG_INF __int_as_float(0xff800000)
+#define NAN_F __int_as_float(0x7fc00000)
+
+// NaN is the one value unequal to itself (the kernels are not compiled with fast-math, which could drop this).
+__device__ __forceinline__ bool is_nan(float value) { return value != value; }
 
 // The sum over the 32 lanes of a warp, returned to every lane.
 __device__ __forceinline__ float warp_sum(float value) {

@@ -1,7 +1,7 @@
 // y = x @ W.T (+ b) on weights kept in their stored dtype (bf16 bits or float32), float32 accumulation.
 //
-// Replaces minimoe.backend.Linear (and project), and the per-expert matmuls inside
-// minimoe.layers.routed_experts.  Both kernels are *grouped*: the weight is [groups, out, in]
+// Replaces minimoe.backend.Linear (and project, and Linear.rows: the embedding lookup), and
+// the per-expert matmuls inside minimoe.layers.routed_experts.  Both kernels are *grouped*: the weight is [groups, out, in]
 // (group g = expert g; a plain Linear is one group), and the rows of x are grouped
 // the same way by `offsets` (group g owns rows offsets[g] .. offsets[g+1]-1, the tokens
 // moe_dispatch sorted to expert g).  Each group's rows meet only its own weight.
@@ -15,8 +15,13 @@
 //     and dots it with every row of its group.  Only the active experts' blocks run
 //     (blockIdx.y indexes `active`), so a decode step reads only the chosen experts' weights.
 //   gemm_grouped_*: prefill.  64x64 output tiles over k-steps of 16 through shared memory,
-//     each of 256 threads computing a 4x4 patch; a host-built schedule lists the
-//     (group, first row) of every 64-row tile that has rows, so no block is idle.
+//     each of 256 threads computing 4x4 outputs (rows tr + 16i, columns tc + 16j); a
+//     host-built schedule lists the (group, first row) of every 64-row tile that has rows,
+//     so no block is idle.  Shared-memory banks: the tiles are stored k-major with a row
+//     stride of TILE_M + TILE_PAD = 66 floats, so a warp staging 2 rows x 16 k's writes
+//     banks (2k + r) % 32, all 32 distinct (a stride of 64 put all 16 k's of a row in one
+//     bank: 16-way conflicts); reading, a warp's 16 columns tc + 16j are consecutive
+//     floats (conflict-free) and its 2 rows tr are broadcasts.
 #include "common.cuh"
 
 #define GEMV_WARPS 8        // output features per block
@@ -24,6 +29,8 @@
 #define TILE_M 64
 #define TILE_N 64
 #define TILE_K 16
+#define TILE_PAD 2  // floats added to each staged row: stride 66 = 2 (mod 32) banks
+#define PATCH 4     // outputs per thread along each axis: TILE_M / PATCH = 16 threads per axis
 static_assert(TILE_M == TILE_N, "gemm_grouped stages both tiles with one loop");
 
 // Row r of the grouped problem: x[x_rows[r]], or x[r] without a row map.
@@ -85,17 +92,19 @@ __device__ void gemm_grouped(const float* __restrict__ x, const int* __restrict_
                              const float* __restrict__ bias,
                              float* __restrict__ y, const int* __restrict__ offsets, const int* __restrict__ tile_group,
                              const int* __restrict__ tile_row, int out_features, int in_features) {
-    __shared__ float xs[TILE_K][TILE_M];  // x tile, k-major so the inner loop reads rows of it
-    __shared__ float ws[TILE_K][TILE_N];
+    __shared__ float xs[TILE_K][TILE_M + TILE_PAD];  // x tile, k-major so the inner loop reads rows of it
+    __shared__ float ws[TILE_K][TILE_N + TILE_PAD];
+    constexpr int step = TILE_M / PATCH;  // a thread's rows (and columns) are `step` apart
     const int group = tile_group[blockIdx.y];
     const int row0 = tile_row[blockIdx.y], row_end = offsets[group + 1];
     const int col0 = blockIdx.x * TILE_N;
     const W* w = weight + (long)group * out_features * in_features;
-    const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;  // this thread's 4x4 patch
-    float acc[4][4] = {{0.0f}};
+    const int tr = threadIdx.x / step, tc = threadIdx.x % step;  // rows tr + step * i, columns tc + step * j
+    float acc[PATCH][PATCH] = {{0.0f}};
 
     for (int k0 = 0; k0 < in_features; k0 += TILE_K) {
-        // Stage both tiles: 64 x 16 values each, 4 per thread, consecutive threads along k.
+        // Stage both tiles: 64 x 16 values each, 4 per thread, consecutive threads along k
+        // (16 consecutive floats of one row of x or W: coalesced global reads).
         for (int i = threadIdx.x; i < TILE_M * TILE_K; i += blockDim.x) {
             const int r = i / TILE_K, k = i % TILE_K;
             const bool in_k = k0 + k < in_features;
@@ -105,26 +114,38 @@ __device__ void gemm_grouped(const float* __restrict__ x, const int* __restrict_
         __syncthreads();
 #pragma unroll
         for (int k = 0; k < TILE_K; ++k) {
-            float a[4], b[4];
+            float a[PATCH], b[PATCH];
 #pragma unroll
-            for (int i = 0; i < 4; ++i) { a[i] = xs[k][tr * 4 + i]; b[i] = ws[k][tc * 4 + i]; }
+            for (int i = 0; i < PATCH; ++i) { a[i] = xs[k][tr + step * i]; b[i] = ws[k][tc + step * i]; }
 #pragma unroll
-            for (int i = 0; i < 4; ++i)
+            for (int i = 0; i < PATCH; ++i)
 #pragma unroll
-                for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
+                for (int j = 0; j < PATCH; ++j) acc[i][j] += a[i] * b[j];
         }
         __syncthreads();
     }
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int row = row0 + tr * 4 + i;
+    for (int i = 0; i < PATCH; ++i) {
+        const int row = row0 + tr + step * i;
         if (row >= row_end) continue;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int col = col0 + tc * 4 + j;
+        for (int j = 0; j < PATCH; ++j) {  // consecutive threads: consecutive columns
+            const int col = col0 + tc + step * j;
             if (col < out_features) y[(long)row * out_features + col] = acc[i][j] + (bias != nullptr ? bias[col] : 0.0f);
         }
     }
+}
+
+// Rows of a stored weight as float32: out[r] = weight[ids[r]] (the embedding lookup).  The ids
+// are read on the device, so the CUDA-graph decode feeds each token through a fixed buffer.
+// One thread per output element.
+template <typename W>
+__device__ void gather_rows(const W* __restrict__ weight, const int* __restrict__ ids, float* __restrict__ out, int rows,
+                            int width) {
+    const long index = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (index >= (long)rows * width) return;
+    const long r = index / width;
+    out[index] = load_weight(weight + (long)ids[r] * width + index % width);
 }
 
 // The entry points CuPy looks up by name, one per weight type.
@@ -144,4 +165,10 @@ extern "C" __global__ void gemm_grouped_bf16(GEMM_ARGS(unsigned short)) {
 }
 extern "C" __global__ void gemm_grouped_f32(GEMM_ARGS(float)) {
     gemm_grouped(x, x_rows, weight, bias, y, offsets, tile_group, tile_row, out_features, in_features);
+}
+extern "C" __global__ void gather_rows_bf16(const unsigned short* weight, const int* ids, float* out, int rows, int width) {
+    gather_rows(weight, ids, out, rows, width);
+}
+extern "C" __global__ void gather_rows_f32(const float* weight, const int* ids, float* out, int rows, int width) {
+    gather_rows(weight, ids, out, rows, width);
 }

@@ -16,13 +16,16 @@
 // q and k heads are rotated in place; k (rotated) and v heads are also written to
 // k_cache / v_cache at position kv_start + t: element (b, g, s, d) at
 // b * kv_batch_stride + g * kv_head_stride + s * D + d (the cache's [B, kv_heads, capacity, D]).
+// position, when not null, holds kv_start on the device (the CUDA-graph decode, whose
+// arguments are fixed at capture) and overrides it.  The host checks the capacity.
 // One thread per (row, head, pair i < D/2).
 extern "C" __global__ void rope_store_kv(float* __restrict__ x, const float* __restrict__ cos,
                                          const float* __restrict__ sin, float* __restrict__ k_cache,
                                          float* __restrict__ v_cache, long rows, int tokens, int heads, int kv_heads,
                                          int head_dim, long row_stride, long kv_batch_stride, long kv_head_stride,
-                                         int kv_start) {
+                                         int kv_start, const int* __restrict__ position) {
     const int half = head_dim / 2, all_heads = heads + 2 * kv_heads;
+    if (position != nullptr) kv_start = position[0];
     const long index = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (index >= rows * all_heads * half) return;
     const int i = index % half;
