@@ -154,7 +154,7 @@ def project(linears: Sequence["Linear"], x: np.ndarray) -> list[np.ndarray]:
     the same input (q/k/v, an MLP's gate/up) this is one hand-off to the threads
     instead of one per matrix, and the threads get equal shares of the total work.
     """
-    flat = x.reshape(-1, x.shape[-1])
+    flat = x.reshape(int(np.prod(x.shape[:-1])), x.shape[-1])  # not -1: x may be [N, 0] (no shared expert)
     outputs = [np.empty((flat.shape[0], linear.shape[0]), dtype=np.float32) for linear in linears]
     budget = BLOCK_ELEMENTS_DECODE if flat.shape[0] < PREFILL_TOKENS else BLOCK_ELEMENTS_PREFILL
     blocks = []  # (linear, output, first row, last row, float32 copy or None, fill the copy?)
