@@ -25,7 +25,7 @@ of dense neurons it holds*.  The recipe's steps are small functions over those l
 
     replicate(5504, 17)           -> [17, 5504]   neuron indices of 17 copies of the FFN
     shuffle(copies, rng)          -> [17, 5504]   each copy in its own random order
-    cut_into_experts(copies, 64, 1408) -> [64, 1408]  consecutive segments; 2 of 93568 left over
+    cut_into_experts(copies, 64, 1408) -> [64, 1408]  consecutive segments; 3456 of 93568 left over
     FeedForward.take(neurons)     -> one expert's gate/up/down weights
     reinitialise(expert, 0.5, ..) -> half its neurons drawn afresh from N(mean, std)
 
