@@ -73,6 +73,7 @@ import numpy as np
 from .checkpoint import Checkpoint
 from .config import ModelConfig, read_config_file
 from .errors import MinimoeError
+from .layers import swiglu
 from .model import _check_shapes
 from .safetensors_writer import SHARD_BYTES, write_checkpoint
 from .weights import (EMBED, dense_mlp_prefix, expected_shapes, expert_prefix, router_name, shared_expert_gate_name,
@@ -108,10 +109,9 @@ class FeedForward(NamedTuple):
         return FeedForward(self.gate[neurons], self.up[neurons], self.down[:, neurons])
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """``down(silu(gate x) * up x)`` in float32: x ``[N, H]`` -> ``[N, H]``."""
+        """``down(silu(gate x) * up x)`` in float32 (:func:`minimoe.layers.swiglu`): x ``[N, H]`` -> ``[N, H]``."""
         gate, up, down = (np.asarray(w, dtype=np.float32) for w in self)
-        gated = x @ gate.T
-        return (gated / (1.0 + np.exp(-gated)) * (x @ up.T)) @ down.T
+        return swiglu(np, x, lambda v: v @ gate.T, lambda v: v @ up.T, lambda v: v @ down.T)
 
 
 def concat_neurons(parts: Iterable[FeedForward]) -> FeedForward:
