@@ -10,11 +10,9 @@ The dense parent is the fixture ``tests/fixtures/dense_qwen2`` (float32, hidden 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +37,7 @@ FFN = 48  # the fixture's intermediate_size
 IDS = np.array([3, 17, 42, 8, 91, 23, 5, 60, 11, 77])
 # 8 segments of 12 neurons = 96 = exactly 2 copies of the 48-wide FFN: 2 shared, 6 routed.
 SMALL = dict(num_experts=8, shared_experts=2, top_k=2, expert_size=12)
+SMALL_FLAGS = ("--experts", "8", "--shared-experts", "2", "--top-k", "2", "--expert-size", "12")
 CONFIGS = ROOT / "minimoe" / "configs"
 
 
@@ -58,11 +57,11 @@ def stored_mlp(checkpoint: Checkpoint, prefix: str) -> FeedForward:
     return FeedForward(*(np.array(checkpoint.array(names[role])) for role in ("gate", "up", "down")))
 
 
-def transformers_logits(folder: Path, moe: bool) -> np.ndarray:
+def transformers_logits(folder: Path, moe: bool, ids: np.ndarray = IDS) -> np.ndarray:
     cls = transformers.Qwen2MoeForCausalLM if moe else transformers.Qwen2ForCausalLM
     model = cls.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
-        return model(torch.tensor(IDS[None])).logits[0].numpy()
+        return model(torch.tensor(ids[None])).logits[0].numpy()
 
 
 @pytest.fixture
@@ -108,13 +107,8 @@ def test_bf16_parent_gives_a_bf16_child_that_transformers_loads(dense_bf16, tmp_
     checkpoint = Checkpoint(out)
     assert {str(checkpoint.info(name).dtype) for name in checkpoint.names} == {"bfloat16"}
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
-    assert relative_error(minimoe.load(out).forward(IDS % 80), transformers_logits_ids(out, IDS % 80)) < LOGIT_TOLERANCE
-
-
-def transformers_logits_ids(folder: Path, ids: np.ndarray) -> np.ndarray:
-    model = transformers.Qwen2MoeForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(torch.tensor(ids[None])).logits[0].numpy()
+    ids = IDS % 80
+    assert relative_error(minimoe.load(out).forward(ids), transformers_logits(out, moe=True, ids=ids)) < LOGIT_TOLERANCE
 
 
 def test_sparse_upcycling_condition_reproduces_the_dense_model_exactly(tmp_path):
@@ -315,8 +309,7 @@ def limit_file_size():
 
 def test_a_failed_write_leaves_nothing_that_looks_complete(tmp_path):
     out = tmp_path / "moe"
-    result = run_cli(DENSE, out, "--experts", "8", "--shared-experts", "2", "--top-k", "2", "--expert-size", "12",
-                     preexec=limit_file_size)
+    result = run_cli(DENSE, out, *SMALL_FLAGS, preexec=limit_file_size)
     assert result.returncode == 1, result.stderr
     assert "minimoe: error:" in result.stderr and "writing the upcycled checkpoint failed (File too large)" in result.stderr
     assert list(tmp_path.iterdir()) == []
@@ -324,16 +317,15 @@ def test_a_failed_write_leaves_nothing_that_looks_complete(tmp_path):
 
 # --- the command line ------------------------------------------------------------------------
 
-def test_cli_upcycles_and_the_result_runs(tmp_path):
+def test_cli_upcycles_as_the_library_does_and_refuses_to_overwrite(tmp_path):
     out = tmp_path / "moe"
-    result = run_cli(DENSE, out, "--experts", "8", "--shared-experts", "2", "--top-k", "2", "--expert-size", "12",
-                     "--method", "drop", "--reinit", "0.25", "--seed", "3")
+    result = run_cli(DENSE, out, *SMALL_FLAGS, "--method", "drop", "--reinit", "0.25", "--seed", "3")
     assert result.returncode == 0, result.stderr
     library = minimoe.upcycle(DENSE, tmp_path / "library", **SMALL, method="drop", reinit=0.25, seed=3)
     assert (out / "model.safetensors").read_bytes() == (library / "model.safetensors").read_bytes()
-    again = run_cli(DENSE, out, "--experts", "8", "--shared-experts", "2", "--top-k", "2", "--expert-size", "12")
+    again = run_cli(DENSE, out, *SMALL_FLAGS)
     assert again.returncode == 1 and "folder exists and is not empty (use --force" in again.stderr
-    assert run_cli(DENSE, out, *A27B_FLAGS[:6], "--expert-size", "12", "--force").returncode == 0
+    assert run_cli(DENSE, out, *SMALL_FLAGS, "--force").returncode == 0
 
 
 @pytest.mark.parametrize("args, code, message", [
@@ -342,8 +334,7 @@ def test_cli_upcycles_and_the_result_runs(tmp_path):
     (("--method", "bogus"), 2, "invalid choice: 'bogus'"),
 ])
 def test_cli_bad_input(tmp_path, args, code, message):
-    flags = dict(zip(("--experts", "--shared-experts", "--top-k", "--expert-size"), ("8", "2", "2", "12")))
-    flags.update(zip(args[::2], args[1::2]))
+    flags = dict(zip(SMALL_FLAGS[::2], SMALL_FLAGS[1::2])) | dict(zip(args[::2], args[1::2]))
     result = run_cli(DENSE, tmp_path / "moe", *[item for pair in flags.items() for item in pair])
     assert result.returncode == code and message in result.stderr, result.stderr
     assert not (tmp_path / "moe").exists()
