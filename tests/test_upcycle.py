@@ -158,12 +158,18 @@ def neuron_rows(ffn: FeedForward) -> dict[bytes, int]:
 def test_reinit_fraction_is_exact_to_the_neuron_and_the_rest_are_dense_neurons(tmp_path, method, reinit):
     out = minimoe.upcycle(DENSE, tmp_path / "moe", **SMALL, method=method, reinit=reinit)
     checkpoint = Checkpoint(out)
+    ffns = [dense_ffn(DENSE, layer) for layer in range(2)]
+    # every dense gate row, up row and down column: a fresh neuron shares none of them
+    dense_parts = {vector.tobytes() for f in ffns for vector in (*f.gate, *f.up, *f.down.T)}
     for layer in range(2):
-        dense = neuron_rows(dense_ffn(DENSE, layer))
+        dense = neuron_rows(ffns[layer])
         for e in range(SMALL["num_experts"] - SMALL["shared_experts"]):
             expert = stored_mlp(checkpoint, expert_prefix(layer, e))
             found = [dense.get(key) for key in neuron_rows(expert)]
             fresh = found.count(None)
+            for j in (j for j, index in enumerate(found) if index is None):  # all three parts redrawn, not one
+                parts = {expert.gate[j].tobytes(), expert.up[j].tobytes(), expert.down[:, j].tobytes()}
+                assert not parts & dense_parts
             assert abs(fresh - reinit * 12) <= 0.5, (layer, e, fresh)
             if method == "drop":  # no shuffle: segment s holds dense neurons (s * 12 + j) mod 48, in order
                 segment = SMALL["shared_experts"] + e
