@@ -12,9 +12,10 @@ from .errors import MinimoeError
 from .model import KVCache, Model, load
 from .params import ParameterCount, count_parameters
 from .tokenizer import Tokenizer, load_tokenizer
+from .upcycle import upcycle
 
 __all__ = [
     "load", "load_tokenizer", "default_model_path", "Model", "KVCache", "Tokenizer", "ModelConfig",
-    "MinimoeError", "ParameterCount", "count_parameters", "to_numpy",
+    "MinimoeError", "ParameterCount", "count_parameters", "to_numpy", "upcycle",
 ]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The ``minimoe`` command line: demo, generate, chat, inspect, params, bench.
+"""The ``minimoe`` command line: demo, generate, chat, inspect, params, bench, upcycle.
 
 ``--model`` defaults to the small MoE bundled with minimoe, so every command runs
 offline on a fresh install.  Exit codes: 0 success; 1 bad input (a
@@ -21,6 +21,7 @@ import numpy as np
 from .assets import default_model_path
 from .errors import MinimoeError
 from .params import Architecture, count_parameters, describe_architecture, describe_model, format_billions
+from .upcycle import METHODS, ROUTER_STD
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 DEMO_PROMPT = "def read_config(path):\n"
@@ -56,11 +57,38 @@ def open_model(args: argparse.Namespace):
 # --- params --------------------------------------------------------------------------
 
 def cmd_params(args: argparse.Namespace) -> None:
-    architecture = Architecture.from_file(resolve_config(args.model))
-    counts = count_parameters(architecture)
-    print(f"{args.model}: {describe_architecture(architecture)}")
-    for label, count in counts.rows():
+    print_parameter_counts(args.model, Architecture.from_file(resolve_config(args.model)))
+
+
+def print_parameter_counts(name: str, architecture: Architecture) -> None:
+    """The architecture in one line, then total / activated / activated non-embedding parameters."""
+    print(f"{name}: {describe_architecture(architecture)}")
+    for label, count in count_parameters(architecture).rows():
         print(f"  {label:26s} {format_billions(count):>8s}  ({count:,})")
+
+
+# --- upcycle -------------------------------------------------------------------------
+
+def cmd_upcycle(args: argparse.Namespace) -> None:
+    from .config import ModelConfig
+    from .upcycle import Recipe, upcycle, upcycled_config
+
+    if args.method == "copy" and args.reinit is not None:
+        raise MinimoeError("--reinit has no effect with --method copy, which re-initialises nothing")
+    reinit = 0.5 if args.reinit is None else args.reinit
+    recipe = Recipe(args.experts, args.shared_experts, args.top_k, args.expert_size, args.method, reinit, args.seed,
+                    args.norm_topk_prob, args.router_std)
+    if args.dry_run:
+        config = upcycled_config(args.dense, recipe)
+        print(json.dumps(config, indent=2))
+        moe = ModelConfig.from_dict(config, source=f"{args.out}/config.json")
+        print_parameter_counts(str(args.out), Architecture.from_model_config(moe))
+        return
+    from tqdm import tqdm
+
+    upcycle(args.dense, args.out, **vars(recipe), force=args.force,
+            progress=lambda items, **kw: tqdm(items, disable=None, **kw))
+    print(f"{args.out}: upcycled from {args.dense} ({args.method})")
 
 
 # --- generate ------------------------------------------------------------------------
@@ -267,6 +295,31 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("model", nargs="?", default=str(default_model_path()),
                         help="checkpoint folder, config.json, or shipped config name")
     params.set_defaults(run=cmd_params)
+
+    upcycle = commands.add_parser(
+        "upcycle", help="make a Qwen2-MoE checkpoint from a dense Qwen2 one (how Qwen1.5-MoE was initialised)",
+        description="Cut each dense FFN into --experts segments of --expert-size neurons (--shared-experts of them "
+                    "fused into the shared expert, the rest routed), copy attention, norms and embeddings, and write "
+                    "the MoE to OUT_DIR. Qwen1.5-MoE-A2.7B from Qwen1.5-1.8B: --experts 64 --shared-experts 4 "
+                    "--top-k 4 --expert-size 1408. Methods: copy (plain replicas), qwen (replicas shuffled, then "
+                    "--reinit of each expert's neurons drawn afresh; the Qwen2 report's recipe), drop "
+                    "(Drop-Upcycling: no shuffle, --reinit drawn afresh).")
+    upcycle.add_argument("dense", type=Path, metavar="DENSE_DIR", help="dense Qwen2 checkpoint folder")
+    upcycle.add_argument("out", type=Path, metavar="OUT_DIR", help="folder to write the MoE checkpoint into")
+    upcycle.add_argument("--experts", type=int, required=True, help="segments per layer, shared ones included (64)")
+    upcycle.add_argument("--shared-experts", type=int, required=True, help="segments fused into the shared expert (4)")
+    upcycle.add_argument("--top-k", type=int, required=True, help="routed experts per token (4)")
+    upcycle.add_argument("--expert-size", type=int, required=True, help="neurons per expert (1408)")
+    upcycle.add_argument("--method", choices=METHODS, default="qwen", help="default qwen")
+    upcycle.add_argument("--reinit", type=float, help="fraction of each expert's neurons drawn afresh (default 0.5)")
+    upcycle.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
+    upcycle.add_argument("--norm-topk-prob", action="store_true", help="renormalise the top-k weights (Qwen1.5-MoE: no)")
+    upcycle.add_argument("--router-std", type=float, default=ROUTER_STD,
+                         help=f"std of the new router's weights (default {ROUTER_STD})")
+    upcycle.add_argument("--dry-run", action="store_true",
+                         help="read only DENSE_DIR/config.json; print the config.json and parameter counts, write nothing")
+    upcycle.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
+    upcycle.set_defaults(run=cmd_upcycle)
 
     bench = commands.add_parser(
         "bench", help="measure prefill and decode tokens/s, time to first token, load time and peak memory",

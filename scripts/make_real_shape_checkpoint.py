@@ -4,11 +4,13 @@
 The real Qwen1.5-MoE-A2.7B weights cannot be downloaded in CI or on the benchmark
 machine; this stands in for them byte for byte in layout: the shipped config.json
 (optionally with fewer layers), every tensor of :func:`minimoe.weights.expected_shapes`
-in bf16, split into shards with a ``model.safetensors.index.json`` as on the Hub.
+in bf16, split into shards with a ``model.safetensors.index.json`` as on the Hub when
+larger than ``--shard-gb`` (one ``model.safetensors`` otherwise), by :mod:`minimoe.safetensors_writer`.
 Values are random at a scale that keeps activations sane (std 1/sqrt(fan_in)).
 
     python scripts/make_real_shape_checkpoint.py OUT --layers 2             # the core benchmark
     python scripts/make_real_shape_checkpoint.py OUT --preset qwen1.5-7b    # the dense sibling
+    python scripts/make_real_shape_checkpoint.py OUT --preset qwen1.5-1.8b  # what Qwen1.5-MoE was upcycled from
 
 Tensors are generated and written one at a time, so memory stays at one tensor.
 """
@@ -18,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import struct
 from pathlib import Path
 
 import ml_dtypes
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 from minimoe import ModelConfig
 from minimoe.cli import shipped_configs
+from minimoe.safetensors_writer import write_checkpoint
 from minimoe.weights import expected_shapes
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -46,38 +48,6 @@ def random_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -
     return values.astype(BF16)
 
 
-def plan_shards(shapes: dict[str, tuple[int, ...]], shard_bytes: int) -> list[list[str]]:
-    """Group tensors, in order, into shards of at most ``shard_bytes`` (one tensor may exceed it alone)."""
-    shards, current, size = [], [], 0
-    for name, shape in shapes.items():
-        nbytes = math.prod(shape) * BF16.itemsize
-        if current and size + nbytes > shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(name)
-        size += nbytes
-    if current:
-        shards.append(current)
-    return shards
-
-
-def write_shard(path: Path, names: list[str], shapes: dict, rng: np.random.Generator, progress: tqdm) -> None:
-    header, offset = {}, 0
-    for name in names:
-        nbytes = math.prod(shapes[name]) * BF16.itemsize
-        header[name] = {"dtype": "BF16", "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header["__metadata__"] = {"format": "pt"}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes, as safetensors does
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(blob)) + blob)
-        for name in names:
-            tensor = random_tensor(rng, name, shapes[name])
-            handle.write(tensor.tobytes())
-            progress.update(tensor.nbytes)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="folder to write (created)")
@@ -92,21 +62,15 @@ def main() -> None:
         raw["num_hidden_layers"] = args.layers
     config = ModelConfig.from_dict(raw, source=args.preset)
     shapes = expected_shapes(config)
-    shards = plan_shards(shapes, int(args.shard_gb * 1e9))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
 
     total = sum(math.prod(s) for s in shapes.values()) * BF16.itemsize
     rng = np.random.default_rng(args.seed)
-    weight_map = {}
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {args.out.name}") as progress:
-        for number, names in enumerate(shards, start=1):
-            file_name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-            write_shard(args.out / file_name, names, shapes, rng, progress)
-            weight_map.update(dict.fromkeys(names, file_name))
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (args.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    print(f"{args.out}: {len(shapes)} tensors, {total / 1e9:.2f} GB in {len(shards)} shards")
+    tensors = ((name, random_tensor(rng, name, shape)) for name, shape in shapes.items())
+    progress = tqdm(tensors, total=len(shapes), unit="tensor", desc=f"writing {args.out.name}")
+    files = write_checkpoint(args.out, shapes, BF16, progress, shard_bytes=int(args.shard_gb * 1e9))
+    print(f"{args.out}: {len(shapes)} tensors, {total / 1e9:.2f} GB in {len(files)} shards")
 
 
 if __name__ == "__main__":
