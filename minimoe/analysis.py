@@ -332,11 +332,12 @@ class TokenRouting:
         return self.top1_counts.max(axis=1) / max(self.occurrences, 1)
 
 
-def token_routing(traces: Traces, token_id: int) -> TokenRouting:
+def token_routing(traces: Traces, token_id: int, text: str | None = None) -> TokenRouting:
     """Where token ``token_id`` was routed, over all its occurrences (see :class:`TokenRouting`).
 
     A token that does not occur gives all-zero counts, not an error: "never seen" is an answer.
-    To ask by text, :func:`token_ids_for` turns a text into the ids to query.
+    To ask by text, :func:`token_ids_for` turns a text into the ids to query.  ``text``
+    names the token in the result (default: its text in the traces, if they hold texts).
     """
     items = _trace_list(traces)
     token_id = int(token_id)
@@ -346,8 +347,9 @@ def token_routing(traces: Traces, token_id: int) -> TokenRouting:
     num_experts = items[0].num_experts
     counts = _bincount_rows(ids, num_experts)  # a token chooses an expert at most once: count = occurrences
     weight_sums = _bincount_rows(ids, num_experts, weights)  # [S, E] the weights given to each expert, summed
-    text = next((trace.tokens[int(where[0])] for trace, where in zip(items, at)
-                 if trace.tokens is not None and where.size), None)
+    if text is None:
+        text = next((trace.tokens[int(where[0])] for trace, where in zip(items, at)
+                     if trace.tokens is not None and where.size), None)
     return TokenRouting(
         token_id=token_id, text=text, occurrences=int(ids.shape[1]), layers=items[0].layers,
         counts=counts, top1_counts=_bincount_rows(ids[:, :, 0], num_experts),

@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -183,19 +183,21 @@ class RoutingTrace:
 
     def rows(self) -> list[dict[str, Any]]:
         """The tidy table: one row per token x sparse layer x chosen expert."""
-        table = []
+        return list(self.iter_rows())
+
+    def iter_rows(self) -> Iterator[dict[str, Any]]:
+        """:meth:`rows` one at a time (a long text's table need not be in memory at once)."""
         for s, layer in enumerate(self.layers.tolist()):
             for t in range(self.num_tokens):
                 for rank in range(self.expert_ids.shape[2]):
-                    table.append({
+                    yield {
                         "position": int(self.positions[t]), "token_id": int(self.token_ids[t]),
                         "token": None if self.tokens is None else self.tokens[t],
                         "layer": layer, "rank": rank, "expert": int(self.expert_ids[s, t, rank]),
                         "weight": float(self.expert_weights[s, t, rank]),
                         "probability": float(self.raw_weights[s, t, rank]),
                         "shared_gate": float(self.shared_gate[s, t]),
-                    })
-        return table
+                    }
 
     def to_dataframe(self):
         """:meth:`rows` as a pandas DataFrame (pandas is optional: install it to use this)."""
@@ -209,11 +211,14 @@ class RoutingTrace:
         """:meth:`rows` as CSV, which pandas, R or a spreadsheet reads."""
         import csv
 
-        rows = self.rows()
+        rows = self.iter_rows()
+        first = next(rows, None)
         with open(path, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["position"])
+            writer = csv.DictWriter(handle, fieldnames=list(first) if first else ["position"])
             writer.writeheader()
-            writer.writerows(rows)
+            if first:
+                writer.writerow(first)
+                writer.writerows(rows)
 
 
 def _finite(value):
