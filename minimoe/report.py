@@ -137,11 +137,25 @@ class Queries:
     experts: list[ExpertQuery]
 
 
-def run_queries(trace: RoutingTrace, tokenizer, tokens=(), experts=()) -> Queries:
-    """Answer token queries (ids or texts, by :func:`~minimoe.analysis.token_ids_for`'s leading-space rule)
-    and expert queries (``(layer, expert)`` pairs) on ``trace``."""
-    routings = [analysis.token_routing(trace, token_id, tokenizer.decode([token_id]))
-                for query in tokens for token_id in analysis.token_ids_for(tokenizer, query)]
+def query_token_ids(model, tokenizer, tokens=(), experts=()) -> list[int]:
+    """The ids the token queries name (see :func:`~minimoe.analysis.token_ids_for`), with the queries checked
+    against the model: a typo fails before a long text is traced, not after."""
+    ids = [token_id for query in tokens for token_id in analysis.token_ids_for(tokenizer, query)]
+    bad_ids = [i for i in ids if not 0 <= i < model.config.vocab_size]
+    if bad_ids:
+        raise MinimoeError(f"token id {bad_ids[0]} is outside the vocabulary [0, {model.config.vocab_size})")
+    for layer, expert in experts:
+        if layer not in model.config.sparse_layers:
+            raise MinimoeError(f"layer {layer} is not a sparse layer (sparse layers: {model.config.sparse_layers})")
+        if not 0 <= expert < model.config.num_experts:
+            raise MinimoeError(f"expert {expert} is outside [0, {model.config.num_experts})")
+    return ids
+
+
+def run_queries(trace: RoutingTrace, tokenizer, token_ids=(), experts=()) -> Queries:
+    """Answer token queries (``token_ids``, from :func:`query_token_ids`) and expert queries
+    (``(layer, expert)`` pairs) on ``trace``."""
+    routings = [analysis.token_routing(trace, token_id, tokenizer.decode([token_id])) for token_id in token_ids]
     answers = []
     for layer, expert in experts:
         vocabulary = analysis.expert_tokens(trace, layer, expert, EXPERT_TOKENS_SHOWN)
@@ -483,8 +497,9 @@ def build_report(model, tokenizer, text: str, title: str | None = None, window: 
     """
     ids = encode_text(tokenizer, text)
     windowing = Windowing.plan(len(ids), model.config.max_position_embeddings, window, overlap)
+    token_ids = query_token_ids(model, tokenizer, tokens, experts)
     trace = trace_text(model, ids, tokenizer, windowing.window, windowing.overlap, progress=progress)
-    queries = run_queries(trace, tokenizer, tokens, experts)
+    queries = run_queries(trace, tokenizer, token_ids, experts)
     results = analyse(model, ids, trace, windowing, progress)
     plots = make_plots(model, trace, results, queries)
     return Report(model, text, title or "minimoe routing report", trace, windowing, results, queries, plots)
