@@ -164,7 +164,7 @@ def run_queries(trace: RoutingTrace, tokenizer, token_ids=(), experts=()) -> Que
 
 
 def token_rows(routing: analysis.TokenRouting, shown: int = 4) -> list[tuple[str, ...]]:
-    """Per layer: (layer, top-1 expert, its consistency, the ``shown`` most chosen experts with count and mean weight)."""
+    """Per layer: (layer, top-1 expert, its consistency, the ``shown`` most chosen experts: count, mean weight)."""
     rows = []
     for s, layer in enumerate(routing.layers):
         order = [int(e) for e in np.argsort(-routing.counts[s], kind="stable")[:shown] if routing.counts[s, e] > 0]
@@ -396,7 +396,8 @@ def summary_table(trace: RoutingTrace, results: Analyses) -> str:
 def html_table(header, rows, left: int = 0) -> str:
     """An HTML table, every cell escaped; the last ``left`` columns left-aligned (text, not numbers)."""
     def cell(i, value, count):
-        return f'<td class="l">{html.escape(str(value))}</td>' if i >= count - left else f"<td>{html.escape(str(value))}</td>"
+        align = ' class="l"' if i >= count - left else ""
+        return f"<td{align}>{html.escape(str(value))}</td>"
 
     body = "".join("<tr>" + "".join(cell(i, v, len(row)) for i, v in enumerate(row)) + "</tr>\n" for row in rows)
     return "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>\n" + body + "</table>\n"
@@ -461,7 +462,8 @@ class Report:
                 f'<p class="meta">Model: {html.escape(describe_model(self.model.config))}.<br>Text: '
                 f"{len(self.text):,} characters, {trace.num_tokens:,} tokens, traced in "
                 f"{html.escape(self.windowing.describe())}; {len(trace.layers)} sparse layers, each choosing "
-                f"{trace.top_k} of {trace.num_experts} experts per token. Data beside this page: {links}{left_out}.</p>\n"
+                f"{trace.top_k} of {trace.num_experts} experts per token. Data beside this page: {links}{left_out}."
+                "</p>\n"
                 + text_section(trace) + summary_table(trace, self.results) + queries_section(self.queries)
                 + "<h2>Plots</h2>\n" + "".join(figure_html(plot) for plot in self.plots) + "</body>\n</html>\n")
 

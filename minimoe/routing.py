@@ -25,7 +25,9 @@ field                shape         meaning
 plus ``num_experts`` (E), ``top_k`` (k as run, after any intervention) and, when a
 tokenizer was given, ``tokens``: each token's text.  Traces of consecutive pieces of
 one sequence (a prompt, then generated tokens through the cache) join with
-:meth:`RoutingTrace.concat`.  When an intervention gave layers different k
+:meth:`RoutingTrace.concat`; a text longer than the model's context is traced window
+by window and joined that way (:mod:`minimoe.windows`; such a trace keeps an empty
+``[T, 0]`` logits array).  When an intervention gave layers different k
 (``top_k={layer: k}``, ``forced_experts``), the k axis has the largest k and the
 other layers are padded with expert ``-1`` and weight ``0``.
 """
@@ -365,7 +367,8 @@ class Recorder:
 
 
 def trace_generation(model, ids, max_new_tokens: int, tokenizer=None, interventions: dict | None = None,
-                     window: int | None = None, overlap: int | None = None, **sampling) -> tuple[list[int], RoutingTrace]:
+                     window: int | None = None, overlap: int | None = None,
+                     **sampling) -> tuple[list[int], RoutingTrace]:
     """Generate after ``ids`` and trace every token the model read: (new ids, trace).
 
     The trace grows token by token through the KV cache: it covers the prompt and each
@@ -431,8 +434,9 @@ class InterventionEffect:
         def mean(values: np.ndarray) -> float:
             return float(values.mean()) if len(values) else float("nan")  # a one-token text has no next token
 
+        changed = np.concatenate([p.top1_changed for p in pieces])
         return cls(kl_per_token=kl, mean_kl=float(kl.mean()), last_kl=float(kl[-1]), loss=mean(nll),
-                   base_loss=mean(base_nll), top1_changed=float(np.concatenate([p.top1_changed for p in pieces]).mean()))
+                   base_loss=mean(base_nll), top1_changed=float(changed.mean()))
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -442,7 +446,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def next_token_effect(base: np.ndarray, changed: np.ndarray, next_ids: np.ndarray) -> NextTokenChange:
-    """Compare log-probabilities ``[n, V]`` position by position; ``next_ids`` ``[m <= n]`` are the actual next tokens."""
+    """Compare log-probabilities ``[n, V]`` position by position; ``next_ids`` ``[m <= n]``: the actual next tokens."""
     rows = np.arange(len(next_ids))
     return NextTokenChange(kl=(np.exp(base) * (base - changed)).sum(-1),
                            top1_changed=base.argmax(-1) != changed.argmax(-1),

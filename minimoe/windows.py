@@ -55,7 +55,7 @@ class Windowing:
 
     @classmethod
     def plan(cls, num_tokens: int, context: int, window: int | None = None, overlap: int | None = None) -> "Windowing":
-        """The windowing of ``num_tokens`` for a model of ``context`` positions; MinimoeError for a bad window or overlap."""
+        """How to window ``num_tokens`` for a model of ``context`` positions; MinimoeError for a bad window/overlap."""
         window = context if window is None else window
         if not (isinstance(window, int) and 2 <= window <= context):
             raise MinimoeError(f"window must be an integer from 2 to the model's context of {context} positions, "

@@ -413,7 +413,8 @@ def test_long_report_traces_every_token_in_windows(bundled, long_report):
 
 def test_long_report_answers_queries(long_report):
     queries = long_report.queries
-    assert [(r.text, r.occurrences) for r in queries.tokens] == [("def", 40), (" def", 0), (" self", 40)]  # " self" once a repeat: "return self"
+    # 'def' starts each repeat, ' self' is in "return self.x", once a repeat ("(self" is '(' 'self').
+    assert [(r.text, r.occurrences) for r in queries.tokens] == [("def", 40), (" def", 0), (" self", 40)]
     page = long_report.html()
     assert "<h3>Token &#x27;def&#x27; (id 489): 40 occurrences</h3>" in page
     assert "<h3>Expert 5 of layer 2: the tokens it takes most often</h3>" in page
