@@ -19,6 +19,9 @@ What each function measures, and where it comes from:
 * :func:`coactivation` -- which experts are chosen together (OLMoE);
 * :func:`consecutive_same_expert` -- whether neighbouring tokens go to the same expert (Mixtral);
 * :func:`vocabulary_specialization` -- which token ids each expert takes (OLMoE, ST-MoE);
+  :func:`expert_tokens` for one expert;
+* :func:`token_routing` -- where one token goes in each layer, and how consistently
+  (:func:`token_ids_for` turns a text into the ids to ask about);
 * :func:`domain_specialization` -- how each text domain spreads over the experts (Mixtral, OLMoE);
 * :func:`layer_transitions` -- how the top-1 expert in one layer predicts the next;
 * :func:`shared_vs_routed` -- how much the always-on shared expert contributes (Qwen-MoE, DeepSeekMoE);
@@ -86,15 +89,18 @@ def _chosen_mask(expert_ids: np.ndarray, num_experts: int) -> np.ndarray:
     return (expert_ids[..., :, None] == np.arange(num_experts)).any(axis=-2)
 
 
-def _bincount_rows(ids: np.ndarray, num_experts: int) -> np.ndarray:
+def _bincount_rows(ids: np.ndarray, num_experts: int, weights: np.ndarray | None = None) -> np.ndarray:
     """ids ``[S, ...]`` -> ``[S, E]``: how often each expert id occurs in each layer, in one bincount.
 
+    With ``weights`` (the shape of ``ids``), their sums per expert instead of counts.
     Padding ids (-1) are not counted.
     """
     flat = ids.reshape(ids.shape[0], -1)
     offsets = np.arange(flat.shape[0])[:, None] * num_experts  # layer s counts into bins s*E .. s*E+E-1
-    cells = (flat + offsets)[flat >= 0]
-    return np.bincount(cells, minlength=flat.shape[0] * num_experts).reshape(-1, num_experts)
+    valid = flat >= 0
+    cells = (flat + offsets)[valid]
+    weights = None if weights is None else weights.reshape(flat.shape)[valid]
+    return np.bincount(cells, weights=weights, minlength=flat.shape[0] * num_experts).reshape(-1, num_experts)
 
 
 def _normalise_rows(counts: np.ndarray) -> np.ndarray:
@@ -287,6 +293,90 @@ def vocabulary_specialization(traces: Traces, layer: int, top: int = 10) -> list
         result.append(ExpertVocabulary(expert=expert, token_ids=vocab[best], counts=row[best],
                                        exclusivity=row[best] / occurrences[best]))
     return result
+
+
+def expert_tokens(traces: Traces, layer: int, expert: int, top: int = 20) -> ExpertVocabulary:
+    """The ``top`` token ids expert ``expert`` of decoder layer ``layer`` takes most often, with counts.
+
+    The question "which tokens does this expert take?" for one expert; see
+    :func:`vocabulary_specialization` for every expert at once and what ``exclusivity`` means.
+    """
+    items = _trace_list(traces)
+    if not 0 <= expert < items[0].num_experts:
+        raise MinimoeError(f"expert {expert} is outside [0, {items[0].num_experts})")
+    return vocabulary_specialization(items, layer, top)[expert]
+
+
+# --- one token: where does it go? -------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class TokenRouting:
+    """Where every occurrence of one token id was routed, per sparse layer."""
+
+    token_id: int
+    text: str | None  # the token's text, when the traces were made with a tokenizer and it occurs
+    occurrences: int  # N_t: how many times it occurs in the traces
+    layers: np.ndarray  # [S] decoder layer of each row
+    counts: np.ndarray  # [S, E] occurrences with expert e among the k chosen
+    top1_counts: np.ndarray  # [S, E] occurrences with expert e as the top-1
+    mean_weight: np.ndarray  # [S, E] mean weight of expert e over the occurrences that chose it (0 where none did)
+
+    @property
+    def top1_expert(self) -> np.ndarray:
+        """``[S]`` the most frequent top-1 expert (the smaller id on a tie; -1 where the token never occurs)."""
+        return np.where(self.occurrences > 0, self.top1_counts.argmax(axis=1), -1)
+
+    @property
+    def top1_consistency(self) -> np.ndarray:
+        """``[S]`` share of the occurrences whose top-1 is :attr:`top1_expert`: 1.0 = always the same expert."""
+        return self.top1_counts.max(axis=1) / max(self.occurrences, 1)
+
+
+def token_routing(traces: Traces, token_id: int, text: str | None = None) -> TokenRouting:
+    """Where token ``token_id`` was routed, over all its occurrences (see :class:`TokenRouting`).
+
+    A token that does not occur gives all-zero counts, not an error: "never seen" is an answer.
+    To ask by text, :func:`token_ids_for` turns a text into the ids to query.  ``text``
+    names the token in the result (default: its text in the traces, if they hold texts).
+    """
+    items = _trace_list(traces)
+    token_id = int(token_id)
+    at = [np.flatnonzero(trace.token_ids == token_id) for trace in items]  # its positions in each trace
+    ids = np.concatenate([trace.expert_ids[:, where] for trace, where in zip(items, at)], axis=1)  # [S, N_t, k]
+    weights = np.concatenate([trace.expert_weights[:, where] for trace, where in zip(items, at)], axis=1)
+    num_experts = items[0].num_experts
+    counts = _bincount_rows(ids, num_experts)  # a token chooses an expert at most once: count = occurrences
+    weight_sums = _bincount_rows(ids, num_experts, weights)  # [S, E] the weights given to each expert, summed
+    if text is None:
+        text = next((trace.tokens[int(where[0])] for trace, where in zip(items, at)
+                     if trace.tokens is not None and where.size), None)
+    return TokenRouting(
+        token_id=token_id, text=text, occurrences=int(ids.shape[1]), layers=items[0].layers,
+        counts=counts, top1_counts=_bincount_rows(ids[:, :, 0], num_experts),
+        mean_weight=np.divide(weight_sums, counts, out=np.zeros(counts.shape), where=counts > 0),
+    )
+
+
+def token_ids_for(tokenizer, query: str | int) -> list[int]:
+    """The token ids a query names: an id as is, or a text by the leading-space rule below.
+
+    Byte-level BPE vocabularies (Qwen's included) spell a word differently at the start of
+    a line (``"def"``) and after a space (``" def"``), as two unrelated ids.  So a text
+    without leading whitespace names both variants: ``"def"`` -> the ids of ``"def"`` and
+    ``" def"``, those that are one token each.  A text that starts with whitespace
+    (``" def"``, ``"\n"``) names exactly itself.  MinimoeError if no variant is one token.
+    """
+    if isinstance(query, (int, np.integer)):
+        return [int(query)]
+    if not query:
+        raise MinimoeError("an empty text names no token")
+    variants = [query] if query[0].isspace() else [query, " " + query]
+    encoded = {variant: tokenizer.encode(variant) for variant in variants}
+    ids = [pieces[0] for pieces in encoded.values() if len(pieces) == 1]
+    if not ids:
+        splits = "; ".join(f"{v!r} -> {[tokenizer.decode([i]) for i in pieces]}" for v, pieces in encoded.items())
+        raise MinimoeError(f"{query!r} is not one token of this vocabulary ({splits}): query one of its pieces")
+    return ids
 
 
 @dataclass(frozen=True, eq=False)

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from . import __version__
 from .assets import default_model_path
 from .errors import MinimoeError
-from .params import Architecture, count_parameters, describe_architecture, describe_model, format_billions
+from .params import Architecture, count_parameters, describe_architecture, describe_model, format_count
 from .upcycle import METHODS, ROUTER_STD
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -64,7 +65,7 @@ def print_parameter_counts(name: str, architecture: Architecture) -> None:
     """The architecture in one line, then total / activated / activated non-embedding parameters."""
     print(f"{name}: {describe_architecture(architecture)}")
     for label, count in count_parameters(architecture).rows():
-        print(f"  {label:26s} {format_billions(count):>8s}  ({count:,})")
+        print(f"  {label:26s} {format_count(count):>8s}  ({count:,})")
 
 
 # --- upcycle -------------------------------------------------------------------------
@@ -203,12 +204,25 @@ def read_text(args: argparse.Namespace) -> str:
         raise MinimoeError(f"{args.file}: cannot read it ({exc.strerror or exc})") from None
 
 
+def expert_query(spec: str) -> tuple[int, int]:
+    """``"LAYER:EXPERT"`` -> (layer, expert), for ``--expert``."""
+    layer, sep, expert = spec.partition(":")
+    if not (sep and layer.strip().isdigit() and expert.strip().isdigit()):
+        raise argparse.ArgumentTypeError(f"{spec!r} is not LAYER:EXPERT (e.g. 2:7)")
+    return int(layer), int(expert)
+
+
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from .report import write_report_files
+    from .report import build_report, query_lines
 
     text = read_text(args)
     model, tokenizer = open_model(args)
-    for path in write_report_files(model, tokenizer, text, args.out):
+    report = build_report(model, tokenizer, text, window=args.window, overlap=args.overlap,
+                          tokens=[*args.token, *args.token_id], experts=args.expert)
+    print(f"traced {report.windowing.describe()}", file=sys.stderr)
+    if args.token or args.token_id or args.expert:
+        print("\n".join(query_lines(report.queries)))
+    for path in report.write(args.out):
         print(path)
 
 
@@ -252,6 +266,7 @@ def add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minimoe", description="A readable NumPy Qwen1.5-MoE (Qwen2-MoE).")
+    parser.add_argument("--version", action="version", version=f"minimoe {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="generate with the bundled model and show the experts each token chose",
@@ -286,6 +301,17 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--text", help="the text to inspect")
     source.add_argument("--file", type=Path, help="a UTF-8 text file to inspect")
     inspect.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write the report into")
+    inspect.add_argument("--window", type=int, help="tokens per forward pass for long texts (default: the model's "
+                                                     "context); at most the context")
+    inspect.add_argument("--overlap", type=int, help="tokens each window re-reads before the ones it traces, as "
+                                                      "context (default: half the window)")
+    inspect.add_argument("--token", action="append", default=[], metavar="TEXT",
+                         help="where does this token go in each layer? A text without a leading space also asks "
+                              "for its ' '-variant (' def' beside 'def'); repeatable")
+    inspect.add_argument("--token-id", action="append", default=[], type=int, metavar="ID",
+                         help="the same, by token id; repeatable")
+    inspect.add_argument("--expert", action="append", default=[], type=expert_query, metavar="LAYER:EXPERT",
+                         help="which tokens does this expert of this layer take? repeatable")
     inspect.set_defaults(run=cmd_inspect)
 
     params = commands.add_parser(

@@ -26,6 +26,7 @@ from .config import ModelConfig, read_json_object
 from .errors import MinimoeError
 from .generate import generate_stream
 from .routing import NO_INTERVENTIONS, OUTPUT, Interventions, LayerInterventions, Recorder, RoutingTrace
+from .windows import trace_text
 
 
 # --- the KV cache ------------------------------------------------------------------
@@ -286,16 +287,20 @@ class Model:
 
     __call__ = forward
 
-    def trace(self, ids, cache: KVCache | None = None, tokenizer=None, **interventions) -> RoutingTrace:
+    def trace(self, ids, cache: KVCache | None = None, tokenizer=None, **options) -> RoutingTrace:
         """Run ``ids`` ``[T]`` and return what the router did (a :class:`~minimoe.routing.RoutingTrace`).
 
         Takes the same ``cache`` and intervention keywords as :meth:`forward`; with a
-        ``tokenizer``, the trace also holds each token's text.
+        ``tokenizer``, the trace also holds each token's text.  Without a cache the text
+        may be of any length: it is traced window by window (``window``, ``overlap``,
+        ``keep_logits``, ``progress``: see :func:`minimoe.windows.trace_text`).
         """
+        if cache is None:
+            return trace_text(self, ids, tokenizer, **options)
         if np.asarray(ids).ndim != 1:
             raise MinimoeError("trace takes one sequence of ids [T]; trace a batch one row at a time")
         recorder = Recorder()
-        self.forward(ids, cache, record=recorder, **interventions)
+        self.forward(ids, cache, record=recorder, **options)
         return RoutingTrace.from_recorder(recorder, self.config, tokenizer)
 
     def step_through(self, ids, layer: int, position: int = -1):

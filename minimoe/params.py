@@ -325,9 +325,9 @@ def family_rows(designs: list[Design]) -> list[tuple[str, list[str]]]:
         ("top-k weights renormalised", lambda d: "yes" if d.arch.norm_topk_prob else "no"),
         ("q/k norm", lambda d: QK_NORM_WORDS[d.arch.qk_norm]),
         ("sparse layers", lambda d: f"{len(d.arch.moe_layers)} of {d.arch.num_hidden_layers}"),
-        ("total parameters", lambda d: format_billions(d.counts.total)),
-        ("activated parameters", lambda d: format_billions(d.counts.activated)),
-        ("activated non-embedding", lambda d: format_billions(d.counts.activated_non_embedding)),
+        ("total parameters", lambda d: format_count(d.counts.total)),
+        ("activated parameters", lambda d: format_count(d.counts.activated)),
+        ("activated non-embedding", lambda d: format_count(d.counts.activated_non_embedding)),
         (f"GFLOP per token ({context})", lambda d: f"{d.cost.flops / 1e9:.1f}"),
         (f"GB read per token (bf16, {context})", lambda d: f"{d.cost.bytes_read / 1e9:.2f}"),
         ("expert sets per layer, C(E, k)", lambda d: f"{d.expert_sets_per_layer:,}"),
@@ -345,8 +345,9 @@ def format_family_table(designs: list[Design]) -> str:
 
 # --- printing --------------------------------------------------------------------------
 
-def format_billions(count: int) -> str:
-    return f"{count / 1e9:.2f}B"
+def format_count(count: int) -> str:
+    """A parameter count in billions, or millions below a billion (a 3.3M model is not "0.00B")."""
+    return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.2f}M"
 
 
 def describe_architecture(arch: Architecture) -> str:
@@ -369,5 +370,5 @@ def describe_model(config: ModelConfig) -> str:
 
 
 __all__ = ["Architecture", "Design", "ParameterCount", "TokenCost", "count_parameters", "token_cost",
-           "describe_architecture", "describe_model", "family_rows", "family_table", "format_billions",
+           "describe_architecture", "describe_model", "family_rows", "family_table", "format_count",
            "format_family_table"]

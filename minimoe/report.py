@@ -12,7 +12,13 @@ interventions, and writes into the output folder:
   mailed or opened offline on its own;
 * the plots as PNG files (see :data:`PLOTS`);
 * the trace as ``trace.npz`` (:meth:`~minimoe.routing.RoutingTrace.load_npz` reads it
-  back), ``trace.json`` and ``routing.csv`` (one row per token x layer x chosen expert).
+  back), ``trace.json`` (up to :data:`MAX_JSON_TOKENS` tokens) and ``routing.csv`` (one
+  row per token x layer x chosen expert).
+
+A text of any length is traced window by window (:mod:`minimoe.windows`); the page says
+how.  Token queries (``tokens=["def", "return"]``: where each goes, see
+:func:`minimoe.analysis.token_routing`) and expert queries (``experts=[(layer, expert)]``:
+which tokens it takes) add a section, tables and plots.
 """
 
 from __future__ import annotations
@@ -30,17 +36,22 @@ from matplotlib.colors import to_hex
 from . import analysis, viz
 from .errors import MinimoeError
 from .params import describe_model
-from .routing import InterventionEffect, RoutingTrace, measure_intervention
+from .routing import InterventionEffect, RoutingTrace
+from .windows import Progress, Windowing, measure_interventions, trace_text
 
 REPORT = "report.html"
 DATA_FILES = ("trace.npz", "trace.json", "routing.csv")
-# The PNG files, in the report's order (the co-activation plots are per layer: coactivation_layer{L}.png).
+# The PNG files, in the report's order (the co-activation plots are per layer: coactivation_layer{L}.png;
+# with queries, token_routing.png and expert_tokens_layer{L}_expert{E}.png come last).
 PLOTS = ("token_experts.png", "expert_load.png", "entropy.png", "consecutive.png", "coactivation_layer{layer}.png",
          "shared_gate.png", "interventions.png")
-# The per-token plots (token grid, shared gate) show at most this many tokens: the first ones.
-# (The analyses and the coloured text cover every token.)
-MAX_PLOTTED_TOKENS = 512
+# The per-token plots (token grid, shared gate) show at most this many tokens: the first ones, as each
+# plot's title says.  The analyses cover every token.
+MAX_PLOTTED_TOKENS = viz.MAX_PLOTTED_TOKENS
+MAX_TEXT_TOKENS = 10_000  # the coloured text on the page shows at most this many tokens (each carries a hover table)
+MAX_JSON_TOKENS = 20_000  # trace.json (text, ~100 bytes per token and layer) is left out beyond this; trace.npz is not
 SHARED_GATE_LINES = 4  # layers drawn in the shared-gate plot, spread from the first to the last
+EXPERT_TOKENS_SHOWN = 20  # an expert query lists this many of the expert's tokens
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,20 +76,16 @@ class Plot:
 
 # --- input ---------------------------------------------------------------------------------
 
-def encode_text(model, tokenizer, text: str) -> list[int]:
-    """The text's token ids; MinimoeError if it is empty, a single token, or longer than the model's context."""
+def encode_text(tokenizer, text: str) -> list[int]:
+    """The text's token ids; MinimoeError if it is empty or a single token (any length above that is fine)."""
     if not isinstance(text, str):
         raise MinimoeError(f"the text to inspect must be a str, got {type(text).__name__}")
     if not text.strip():
         raise MinimoeError("the text to inspect is empty" if not text else "the text to inspect is only whitespace")
     ids = tokenizer.encode(text)
-    context = model.config.max_position_embeddings
     if len(ids) < 2:
         raise MinimoeError(f"the text is only {len(ids)} token; the report needs at least 2 "
                            "(to compare neighbouring tokens and measure next-token loss)")
-    if len(ids) > context:
-        raise MinimoeError(f"the text is {len(ids)} tokens, longer than the model's context of {context} positions "
-                           "(max_position_embeddings): inspect a shorter piece")
     return ids
 
 
@@ -96,18 +103,104 @@ def intervention_options(trace: RoutingTrace, load: analysis.ExpertLoad) -> dict
     return options
 
 
-def analyse(model, ids: list[int], trace: RoutingTrace) -> Analyses:
-    """The routing analyses of ``trace`` and the effects of :func:`intervention_options` on ``ids``."""
+def analyse(model, ids: list[int], trace: RoutingTrace, windowing: Windowing, progress: Progress = True) -> Analyses:
+    """The routing analyses of ``trace`` and the effects of :func:`intervention_options` on ``ids``.
+
+    The interventions run over the same windows as the trace.
+    """
     load = analysis.expert_load(trace)
     options = intervention_options(trace, load)
-    # The trace's logits are the plain forward's: each intervention costs one more forward, not two.
-    effects = {name: measure_intervention(model, ids, base_logits=trace.logits, **kwargs)
-               for name, kwargs in options.items()}
+    # A one-window trace keeps the plain forward's logits: each intervention then costs one forward, not two.
+    effects = measure_interventions(model, ids, options, windowing.window, windowing.overlap,
+                                    base_logits=trace.logits if trace.logits.shape[1] else None, progress=progress)
     disabled = {layer: experts[0] for layer, experts in
                 options.get("disable busiest expert", {}).get("disabled_experts", {}).items()}
     return Analyses(load=load, entropy=analysis.routing_entropy(trace), coactivation=analysis.coactivation(trace),
                     consecutive=analysis.consecutive_same_expert(trace), shared=analysis.shared_vs_routed(trace),
                     effects=effects, disabled=disabled)
+
+
+# --- queries ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class ExpertQuery:
+    layer: int
+    vocabulary: analysis.ExpertVocabulary
+    texts: list[str]  # the text of each of vocabulary.token_ids
+
+
+@dataclass(frozen=True, eq=False)
+class Queries:
+    """The answers to the questions asked about single tokens and single experts."""
+
+    tokens: list[analysis.TokenRouting]
+    experts: list[ExpertQuery]
+
+
+def query_token_ids(model, tokenizer, tokens=(), experts=()) -> list[int]:
+    """The ids the token queries name (see :func:`~minimoe.analysis.token_ids_for`), with the queries checked
+    against the model: a typo fails before a long text is traced, not after."""
+    ids = [token_id for query in tokens for token_id in analysis.token_ids_for(tokenizer, query)]
+    bad_ids = [i for i in ids if not 0 <= i < model.config.vocab_size]
+    if bad_ids:
+        raise MinimoeError(f"token id {bad_ids[0]} is outside the vocabulary [0, {model.config.vocab_size})")
+    for layer, expert in experts:
+        if layer not in model.config.sparse_layers:
+            raise MinimoeError(f"layer {layer} is not a sparse layer (sparse layers: {model.config.sparse_layers})")
+        if not 0 <= expert < model.config.num_experts:
+            raise MinimoeError(f"expert {expert} is outside [0, {model.config.num_experts})")
+    return ids
+
+
+def run_queries(trace: RoutingTrace, tokenizer, token_ids=(), experts=()) -> Queries:
+    """Answer token queries (``token_ids``, from :func:`query_token_ids`) and expert queries
+    (``(layer, expert)`` pairs) on ``trace``."""
+    routings = [analysis.token_routing(trace, token_id, tokenizer.decode([token_id])) for token_id in token_ids]
+    answers = []
+    for layer, expert in experts:
+        vocabulary = analysis.expert_tokens(trace, layer, expert, EXPERT_TOKENS_SHOWN)
+        answers.append(ExpertQuery(layer, vocabulary, [tokenizer.decode([int(t)]) for t in vocabulary.token_ids]))
+    return Queries(routings, answers)
+
+
+def token_rows(routing: analysis.TokenRouting, shown: int = 4) -> list[tuple[str, ...]]:
+    """Per layer: (layer, top-1 expert, its consistency, the ``shown`` most chosen experts: count, mean weight)."""
+    rows = []
+    for s, layer in enumerate(routing.layers):
+        order = [int(e) for e in np.argsort(-routing.counts[s], kind="stable")[:shown] if routing.counts[s, e] > 0]
+        top1 = int(routing.top1_expert[s])
+        rows.append((str(int(layer)), f"e{top1}" if top1 >= 0 else "-",
+                     f"{100 * routing.top1_consistency[s]:.0f}%" if top1 >= 0 else "-",
+                     "  ".join(f"e{e} x{routing.counts[s, e]} w{routing.mean_weight[s, e]:.2f}" for e in order)))
+    return rows
+
+
+TOKEN_COLUMNS = ("layer", "top-1", "same top-1", "most chosen experts: times, mean weight")
+
+
+def query_lines(queries: Queries) -> list[str]:
+    """The answers as plain-text tables (what ``minimoe inspect --token/--expert`` prints)."""
+    lines = []
+    for routing in queries.tokens:
+        lines.append(f"token {routing.text!r} (id {routing.token_id}): {routing.occurrences:,} occurrences")
+        widths = (6, 6, 11)
+        lines.append("  " + "".join(c.ljust(w) for c, w in zip(TOKEN_COLUMNS, widths)) + TOKEN_COLUMNS[-1])
+        if routing.occurrences:
+            lines += ["  " + "".join(c.ljust(w) for c, w in zip(row, widths)) + row[-1] for row in token_rows(routing)]
+        lines.append("")
+    for query in queries.experts:
+        v = query.vocabulary
+        lines.append(f"expert {v.expert} of layer {query.layer}: the tokens it takes most often")
+        lines.append("  " + "times".ljust(7) + "share".ljust(7) + "token")
+        lines += ["  " + str(int(c)).ljust(7) + f"{100 * x:.0f}%".ljust(7) + f"{text!r} (id {int(t)})"
+                  for t, c, x, text in zip(v.token_ids, v.counts, v.exclusivity, query.texts)]
+        lines.append("")
+    if queries.tokens:
+        lines.append("same top-1: share of the occurrences whose top-1 expert is the one shown; a token without a "
+                     "leading space also names its ' '-variant (both are listed)")
+    if queries.experts:
+        lines.append("share: of all the occurrences of that token, the share this expert took")
+    return lines
 
 
 # --- plots -----------------------------------------------------------------------------------
@@ -137,19 +230,18 @@ def coactivation_layers(trace: RoutingTrace) -> list[int]:
     return sorted({int(trace.layers[0]), int(trace.layers[-1])})
 
 
-def make_plots(model, trace: RoutingTrace, results: Analyses) -> list[Plot]:
+def make_plots(model, trace: RoutingTrace, results: Analyses, queries: Queries | None = None) -> list[Plot]:
     """Every plot of the report, rendered to PNG, with its caption."""
     E, k, layers = trace.num_experts, trace.top_k, trace.layers
     chance_pair = (k - 1) / (E - 1) if E > 1 else 0.0
     disabled = ", ".join(f"layer {layer}: expert {e}" for layer, e in results.disabled.items())
-    shown = trace.first(MAX_PLOTTED_TOKENS)
-    first = (f" (the first {shown.num_tokens} of the {trace.num_tokens} tokens)"
-             if shown.num_tokens < trace.num_tokens else "")
+    _, cut = viz.first_tokens(trace, MAX_PLOTTED_TOKENS)
+    first = f" ({cut} shown)"
     gate_layers = spread_layers(trace, SHARED_GATE_LINES)
     some_layers = (f" (layers {', '.join(map(str, gate_layers))} of {len(layers)}; the table above has every "
                    "layer's mean)" if len(gate_layers) < len(layers) else "")
     plots = [
-        ("token_experts.png", viz.plot_token_experts(shown),
+        ("token_experts.png", viz.plot_token_experts(trace, max_tokens=MAX_PLOTTED_TOKENS),
          f"Each cell is the top-1 expert of a token (column) in a sparse layer (row){first}: runs of one colour "
          "along a row are neighbouring tokens sharing an expert; expert ids are not related across layers, so the same "
          "colour down a column is a coincidence, not a path."),
@@ -172,7 +264,7 @@ def make_plots(model, trace: RoutingTrace, results: Analyses) -> list[Plot]:
                       f"is; independent uniform routing would give (k-1)/(E-1) = {chance_pair:.2f} everywhere, so "
                       "bright cells are pairs of experts that work together."))
     plots += [
-        ("shared_gate.png", viz.plot_shared_gate(shown, layers=gate_layers),
+        ("shared_gate.png", viz.plot_shared_gate(trace, layers=gate_layers, max_tokens=MAX_PLOTTED_TOKENS),
          f"The shared expert runs for every token, scaled by this sigmoid gate{some_layers}{first}, beside the "
          "routed experts: a gate that swings from token to token shows the model choosing how much general-purpose "
          "computation each token gets."),
@@ -182,6 +274,16 @@ def make_plots(model, trace: RoutingTrace, results: Analyses) -> list[Plot]:
          + (f" (busiest experts disabled: {disabled})" if disabled else "")
          + ": a large change means the model relies on what was removed."),
     ]
+    if queries is not None and queries.tokens:
+        plots.append(("token_routing.png", viz.plot_token_routing(queries.tokens),
+                      "Where each queried token goes in each layer: a cell is the share of the token's occurrences "
+                      "that chose the expert (among its k), the red box the expert most often top-1. A token without "
+                      "a leading space is shown with its ' '-variant, a different token of the vocabulary."))
+    for query in queries.experts if queries is not None else ():
+        name = f"expert_tokens_layer{query.layer}_expert{query.vocabulary.expert}.png"
+        plots.append((name, viz.plot_expert_tokens(query.vocabulary, query.layer, query.texts),
+                      f"The tokens expert {query.vocabulary.expert} of layer {query.layer} takes most often, with "
+                      "the share of each token's occurrences it took: high shares mark a specialist."))
     return [Plot(name, png_bytes(fig), caption) for name, fig, caption in plots]
 
 
@@ -191,12 +293,17 @@ CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
 h1 { margin-bottom: 0.2em; } .meta { color: #555; margin-top: 0; }
 .text { font-family: ui-monospace, monospace; white-space: pre-wrap; line-height: 1.9; border: 1px solid #ccc;
-        padding: 0.8em; border-radius: 4px; }
-.t { border-radius: 2px; padding: 1px 0; cursor: help; }
+        padding: 0.8em; border-radius: 4px; max-height: 70vh; overflow: auto; }
+/* A white edge on each side of every token: neighbours routed to one expert still read as two tokens. */
+.t { border-radius: 3px; padding: 1px 0; cursor: help; box-shadow: inset 1px 0 #fff, inset -1px 0 #fff; }
 .legend span { display: inline-block; min-width: 2em; text-align: center; margin: 1px; border-radius: 2px;
                font-family: ui-monospace, monospace; font-size: 0.85em; }
 table { border-collapse: collapse; font-size: 0.9em; } th, td { border: 1px solid #ccc; padding: 3px 8px; }
-td { text-align: right; } figure { margin: 2em 0; } figure img { max-width: 100%; }
+td { text-align: right; } td.l { text-align: left; font-family: ui-monospace, monospace; }
+figure { margin: 2em 0; } figure img { max-width: 100%; }
+/* The token grid at full size: scroll it rather than shrink it to unreadable. */
+figure .scroll { overflow: auto; max-height: 80vh; border: 1px solid #ccc; }
+figure .scroll img { max-width: none; display: block; }
 figcaption { color: #444; max-width: 60em; }
 """
 
@@ -211,19 +318,14 @@ function paint(s) {
 }
 document.getElementById('layer').addEventListener('change', ev => paint(+ev.target.value));
 """
+FULL_SIZE_PLOTS = ("token_experts.png", "shared_gate.png")  # shown at full size in a scrolling box
 
 
 def visible(text: str) -> str:
-    """A token's text as shown in the report: a newline gets a visible mark, control characters their escape."""
-    out = []
-    for ch in text:
-        if ch == "\n":
-            out.append("↵\n")
-        elif ch == "\t" or ch.isprintable():
-            out.append(ch)
-        else:
-            out.append(repr(ch)[1:-1])
-    return "".join(out)
+    """A token's text as shown on the page: a newline gets a visible mark before it, control characters their
+    escape; spaces and tabs stay as they are (the token's background shows them)."""
+    return "".join(viz.VISIBLE["\n"] + ch if ch == "\n" else ch if ch in " \t" else viz.visible_text(ch)
+                   for ch in text)
 
 
 def token_title(trace: RoutingTrace, t: int) -> str:
@@ -256,7 +358,8 @@ def token_spans(trace: RoutingTrace, colors: list[str], inks: list[str], layer_i
 
 
 def text_section(trace: RoutingTrace) -> str:
-    """The layer picker, the expert colour legend and the coloured text, with the script that repaints it."""
+    """The layer picker, the expert colour legend and the coloured text (at most :data:`MAX_TEXT_TOKENS` tokens),
+    with the script that repaints it."""
     palette = viz.expert_colors(trace.num_experts)
     colors = [to_hex(c) for c in palette]
     inks = [viz.text_color(c) for c in palette]
@@ -264,9 +367,11 @@ def text_section(trace: RoutingTrace) -> str:
     legend = "".join(f'<span style="background:{c};color:{ink}">{e}</span>'
                      for e, (c, ink) in enumerate(zip(colors, inks)))
     script = PAINT_SCRIPT % (json.dumps(colors), json.dumps(inks))
-    return (f'<h2>The text, coloured by top-1 expert</h2>\n<p><label>Sparse layer: <select id="layer">{options}'
-            f'</select></label> &nbsp; Hover a token for its experts and weights in every layer.</p>\n'
-            f'<p class="legend">Experts: {legend}</p>\n<div class="text">{token_spans(trace, colors, inks)}</div>\n'
+    shown, cut = viz.first_tokens(trace, MAX_TEXT_TOKENS)
+    return (f'<h2>The text, coloured by top-1 expert ({cut})</h2>\n<p><label>Sparse layer: <select id="layer">'
+            f'{options}</select></label> &nbsp; Hover a token for its experts and weights in every layer; a thin white '
+            f'edge separates tokens, {viz.VISIBLE[chr(10)]} marks a newline.</p>\n'
+            f'<p class="legend">Experts: {legend}</p>\n<div class="text">{token_spans(shown, colors, inks)}</div>\n'
             f"<script>{script}</script>\n")
 
 
@@ -281,61 +386,141 @@ def summary_table(trace: RoutingTrace, results: Analyses) -> str:
                  f"{r.entropy.mean_entropy[s]:.2f}", f"{r.entropy.top1_mass[s]:.2f}", f"{r.entropy.topk_mass[s]:.2f}",
                  f"{r.consecutive.top1_rate[s]:.2f}", f"{r.consecutive.chance_given_load[s]:.2f}",
                  f"{r.shared.mean_shared_gate[s]:.2f}", f"{r.shared.shared_fraction[s]:.2f}")
-        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    return ("<h2>Per layer</h2>\n<table><tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>\n"
-            + "\n".join(rows) + f"</table>\n<p class=\"meta\">Uniform routing: entropy log E = "
+        rows.append(cells)
+    return ("<h2>Per layer</h2>\n" + html_table(header, rows) + f"<p class=\"meta\">Uniform routing: entropy log E = "
             f"{r.entropy.max_entropy:.2f}, top-1 mass 1/E = {1 / trace.num_experts:.3f}, top-k mass k/E = "
             f"{trace.top_k / trace.num_experts:.3f}, balance loss k = {trace.top_k}; same top-1 by chance 1/E = "
             f"{r.consecutive.chance_uniform:.3f}.</p>\n")
 
 
+def html_table(header, rows, left: int = 0) -> str:
+    """An HTML table, every cell escaped; the last ``left`` columns left-aligned (text, not numbers)."""
+    def cell(i, value, count):
+        align = ' class="l"' if i >= count - left else ""
+        return f"<td{align}>{html.escape(str(value))}</td>"
+
+    body = "".join("<tr>" + "".join(cell(i, v, len(row)) for i, v in enumerate(row)) + "</tr>\n" for row in rows)
+    return "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>\n" + body + "</table>\n"
+
+
+def queries_section(queries: Queries) -> str:
+    """The token and expert queries' answers as tables."""
+    parts = []
+    for routing in queries.tokens:
+        parts.append(f"<h3>Token {html.escape(repr(routing.text))} (id {routing.token_id}): "
+                     f"{routing.occurrences:,} occurrences</h3>\n")
+        if routing.occurrences:
+            parts.append(html_table(TOKEN_COLUMNS, token_rows(routing), left=1))
+    for query in queries.experts:
+        v = query.vocabulary
+        parts.append(f"<h3>Expert {v.expert} of layer {query.layer}: the tokens it takes most often</h3>\n")
+        rows = [(repr(text), int(t), int(c), f"{100 * x:.0f}%")
+                for t, c, x, text in zip(v.token_ids, v.counts, v.exclusivity, query.texts)]
+        parts.append(html_table(("token", "id", "times chosen", "share of its occurrences"), rows))
+    if not parts:
+        return ""
+    return ("<h2>Queries</h2>\n<p class=\"meta\">A text without a leading space names two tokens: itself and its "
+            "' '-variant (how a word after a space is spelled), both listed.</p>\n" + "".join(parts))
+
+
 def figure_html(plot: Plot) -> str:
     data = base64.b64encode(plot.png).decode("ascii")
-    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(plot.name)}">'
-            f"<figcaption>{html.escape(plot.caption)}</figcaption></figure>\n")
+    image = f'<img src="data:image/png;base64,{data}" alt="{html.escape(plot.name)}">'
+    if plot.name in FULL_SIZE_PLOTS:
+        image = f'<div class="scroll">{image}</div>'
+    anchor = html.escape(plot.name.removesuffix(".png"))  # report.html#token_experts links to the plot
+    return f'<figure id="{anchor}">{image}<figcaption>{html.escape(plot.caption)}</figcaption></figure>\n'
 
 
-def render_html(model, trace: RoutingTrace, text: str, results: Analyses, plots: list[Plot], title: str) -> str:
-    files = ", ".join(f'<a href="{name}">{name}</a>' for name in DATA_FILES)
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n'
-            f"<style>{CSS}</style>\n</head>\n<body>\n<h1>{html.escape(title)}</h1>\n"
-            f'<p class="meta">Model: {html.escape(describe_model(model.config))}.<br>Text: {len(text):,} characters, '
-            f"{trace.num_tokens:,} tokens; {len(trace.layers)} sparse layers, each choosing {trace.top_k} of "
-            f"{trace.num_experts} experts per token. Data beside this page: {files}.</p>\n"
-            + text_section(trace) + summary_table(trace, results) + "<h2>Plots</h2>\n"
-            + "".join(figure_html(plot) for plot in plots) + "</body>\n</html>\n")
+# --- the report ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class Report:
+    """A traced, analysed text, ready to write (see :func:`build_report`)."""
+
+    model: object
+    text: str
+    title: str
+    trace: RoutingTrace
+    windowing: Windowing
+    results: Analyses
+    queries: Queries
+    plots: list[Plot]
+
+    def data_files(self) -> tuple[str, ...]:
+        """The data files written beside the page (trace.json only up to :data:`MAX_JSON_TOKENS` tokens)."""
+        return tuple(name for name in DATA_FILES if name != "trace.json" or self.trace.num_tokens <= MAX_JSON_TOKENS)
+
+    def html(self) -> str:
+        trace, files = self.trace, self.data_files()
+        links = ", ".join(f'<a href="{name}">{name}</a>' for name in files)
+        left_out = ("" if "trace.json" in files else
+                    f" (trace.json is left out above {MAX_JSON_TOKENS:,} tokens: trace.npz holds the same arrays)")
+        return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+                f"<title>{html.escape(self.title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
+                f"<h1>{html.escape(self.title)}</h1>\n"
+                f'<p class="meta">Model: {html.escape(describe_model(self.model.config))}.<br>Text: '
+                f"{len(self.text):,} characters, {trace.num_tokens:,} tokens, traced in "
+                f"{html.escape(self.windowing.describe())}; {len(trace.layers)} sparse layers, each choosing "
+                f"{trace.top_k} of {trace.num_experts} experts per token. Data beside this page: {links}{left_out}."
+                "</p>\n"
+                + text_section(trace) + summary_table(trace, self.results) + queries_section(self.queries)
+                + "<h2>Plots</h2>\n" + "".join(figure_html(plot) for plot in self.plots) + "</body>\n</html>\n")
+
+    def write(self, out_dir: str | Path) -> list[Path]:
+        """Write the page, plots and data into ``out_dir`` (created if needed); every path written, the page last."""
+        out = Path(out_dir)
+        page = self.html()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            written = []
+            for plot in self.plots:
+                (out / plot.name).write_bytes(plot.png)
+                written.append(out / plot.name)
+            self.trace.save_npz(out / "trace.npz", include_logits=False)  # [T, vocab] is large; the routing is small
+            if "trace.json" in self.data_files():
+                self.trace.to_json(out / "trace.json")
+            self.trace.write_csv(out / "routing.csv")
+            written += [out / name for name in self.data_files()]
+            (out / REPORT).write_text(page, encoding="utf-8")
+        except OSError as exc:
+            raise MinimoeError(f"{out}: cannot write the report there ({exc.strerror or exc})") from None
+        return written + [out / REPORT]
 
 
-# --- writing -----------------------------------------------------------------------------------
+def build_report(model, tokenizer, text: str, title: str | None = None, window: int | None = None,
+                 overlap: int | None = None, tokens=(), experts=(), progress: Progress = True) -> Report:
+    """Trace ``text`` (window by window if it is long), analyse its routing, answer the queries, draw the plots.
 
-def write_report_files(model, tokenizer, text: str, out_dir: str | Path, title: str | None = None) -> list[Path]:
-    """Write the report of ``text`` into ``out_dir`` (created if needed); every path written, ``report.html`` last."""
-    ids = encode_text(model, tokenizer, text)
-    trace = model.trace(ids, tokenizer=tokenizer)
-    results = analyse(model, ids, trace)
-    plots = make_plots(model, trace, results)
-    page = render_html(model, trace, text, results, plots, title or "minimoe routing report")
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        written = []
-        for plot in plots:
-            (out / plot.name).write_bytes(plot.png)
-            written.append(out / plot.name)
-        trace.save_npz(out / "trace.npz", include_logits=False)  # [T, vocab] is large; the routing is small
-        trace.to_json(out / "trace.json")
-        trace.write_csv(out / "routing.csv")
-        written += [out / name for name in DATA_FILES]
-        (out / REPORT).write_text(page, encoding="utf-8")
-    except OSError as exc:
-        raise MinimoeError(f"{out}: cannot write the report there ({exc.strerror or exc})") from None
-    return written + [out / REPORT]
+    ``window``/``overlap``: see :mod:`minimoe.windows`.  ``tokens``: ids or texts to ask
+    "where does this token go?" about; ``experts``: ``(layer, expert)`` pairs to ask
+    "which tokens does it take?" about.  MinimoeError for an empty or one-token text, a
+    bad window, or a query that names no token, layer or expert of the model.
+    """
+    ids = encode_text(tokenizer, text)
+    windowing = Windowing.plan(len(ids), model.config.max_position_embeddings, window, overlap)
+    token_ids = query_token_ids(model, tokenizer, tokens, experts)
+    trace = trace_text(model, ids, tokenizer, windowing.window, windowing.overlap, progress=progress)
+    queries = run_queries(trace, tokenizer, token_ids, experts)
+    results = analyse(model, ids, trace, windowing, progress)
+    plots = make_plots(model, trace, results, queries)
+    return Report(model, text, title or "minimoe routing report", trace, windowing, results, queries, plots)
 
 
-def write_report(model, tokenizer, text: str, out_dir: str | Path, title: str | None = None) -> Path:
+def write_report_files(model, tokenizer, text: str, out_dir: str | Path, title: str | None = None,
+                       **options) -> list[Path]:
+    """Write the report of ``text`` into ``out_dir`` (created if needed); every path written, ``report.html`` last.
+
+    ``options``: :func:`build_report`'s (window, overlap, tokens, experts, progress).
+    """
+    return build_report(model, tokenizer, text, title, **options).write(out_dir)
+
+
+def write_report(model, tokenizer, text: str, out_dir: str | Path, title: str | None = None, **options) -> Path:
     """Trace ``text``, analyse its routing and write the report into ``out_dir``; returns the HTML file's path.
 
-    MinimoeError if the text is empty or only whitespace, a single token, or longer
-    than the model's context, or if ``out_dir`` cannot be written.
+    MinimoeError if the text is empty or only whitespace or a single token, or if
+    ``out_dir`` cannot be written.  A text of any length is fine: a long one is traced
+    window by window.
     """
-    return write_report_files(model, tokenizer, text, out_dir, title)[-1]
+    return write_report_files(model, tokenizer, text, out_dir, title, **options)[-1]

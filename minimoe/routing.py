@@ -25,7 +25,9 @@ field                shape         meaning
 plus ``num_experts`` (E), ``top_k`` (k as run, after any intervention) and, when a
 tokenizer was given, ``tokens``: each token's text.  Traces of consecutive pieces of
 one sequence (a prompt, then generated tokens through the cache) join with
-:meth:`RoutingTrace.concat`.  When an intervention gave layers different k
+:meth:`RoutingTrace.concat`; a text longer than the model's context is traced window
+by window and joined that way (:mod:`minimoe.windows`; such a trace keeps an empty
+``[T, 0]`` logits array).  When an intervention gave layers different k
 (``top_k={layer: k}``, ``forced_experts``), the k axis has the largest k and the
 other layers are padded with expert ``-1`` and weight ``0``.
 """
@@ -33,9 +35,9 @@ other layers are padded with expert ``-1`` and weight ``0``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -126,15 +128,25 @@ class RoutingTrace:
 
     def first(self, count: int) -> "RoutingTrace":
         """The trace of the first ``count`` tokens (this trace itself if it is no longer)."""
-        if self.num_tokens <= count:
-            return self
+        return self if self.num_tokens <= count else self.select(0, count)
+
+    def select(self, start: int, stop: int | None = None) -> "RoutingTrace":
+        """The trace of tokens ``start .. stop - 1`` (Python slice rules; views, not copies)."""
         cut = {}
         for name in ARRAY_FIELDS:
             axis = TOKEN_AXIS.get(name, 1)
             value = getattr(self, name)
-            cut[name] = value if axis is None else value[(slice(None),) * axis + (slice(0, count),)]
-        tokens = None if self.tokens is None else self.tokens[:count]
+            cut[name] = value if axis is None else value[(slice(None),) * axis + (slice(start, stop),)]
+        tokens = None if self.tokens is None else self.tokens[start:stop]
         return RoutingTrace(**cut, num_experts=self.num_experts, top_k=self.top_k, tokens=tokens)
+
+    def shifted(self, offset: int) -> "RoutingTrace":
+        """The same trace with ``offset`` added to its positions (a window's positions become the text's)."""
+        return replace(self, positions=self.positions + offset)
+
+    def without_logits(self) -> "RoutingTrace":
+        """The same trace with an empty ``[T, 0]`` logits array (the ``[T, vocab]`` one is large)."""
+        return replace(self, logits=np.zeros((self.num_tokens, 0), dtype=np.float32))
 
     # --- export ----------------------------------------------------------------------
 
@@ -171,19 +183,21 @@ class RoutingTrace:
 
     def rows(self) -> list[dict[str, Any]]:
         """The tidy table: one row per token x sparse layer x chosen expert."""
-        table = []
+        return list(self.iter_rows())
+
+    def iter_rows(self) -> Iterator[dict[str, Any]]:
+        """:meth:`rows` one at a time (a long text's table need not be in memory at once)."""
         for s, layer in enumerate(self.layers.tolist()):
             for t in range(self.num_tokens):
                 for rank in range(self.expert_ids.shape[2]):
-                    table.append({
+                    yield {
                         "position": int(self.positions[t]), "token_id": int(self.token_ids[t]),
                         "token": None if self.tokens is None else self.tokens[t],
                         "layer": layer, "rank": rank, "expert": int(self.expert_ids[s, t, rank]),
                         "weight": float(self.expert_weights[s, t, rank]),
                         "probability": float(self.raw_weights[s, t, rank]),
                         "shared_gate": float(self.shared_gate[s, t]),
-                    })
-        return table
+                    }
 
     def to_dataframe(self):
         """:meth:`rows` as a pandas DataFrame (pandas is optional: install it to use this)."""
@@ -197,11 +211,14 @@ class RoutingTrace:
         """:meth:`rows` as CSV, which pandas, R or a spreadsheet reads."""
         import csv
 
-        rows = self.rows()
+        rows = self.iter_rows()
+        first = next(rows, None)
         with open(path, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["position"])
+            writer = csv.DictWriter(handle, fieldnames=list(first) if first else ["position"])
             writer.writeheader()
-            writer.writerows(rows)
+            if first:
+                writer.writerow(first)
+                writer.writerows(rows)
 
 
 def _finite(value):
@@ -280,6 +297,10 @@ class Interventions:
             enabled = config.num_experts - len(disabled.get(layer, ()))
             if not (isinstance(k, int) and 1 <= k <= enabled):
                 raise MinimoeError(f"top_k: {k!r} for layer {layer} must be an integer in [1, {enabled}]")
+        for layer, experts in disabled.items():
+            if layer not in forced:  # forced experts are never disabled, so those layers always have them
+                _check_enough_left(layer, config.num_experts - len(experts), config.num_experts,
+                                   ks.get(layer, config.num_experts_per_tok))
         if not isinstance(shared_expert, bool):
             shared_expert = frozenset(layer for layer in sparse if layer not in set(shared_expert))
         return cls(disabled, forced, ks or None, shared_expert)
@@ -288,6 +309,21 @@ class Interventions:
         shared = self.shared_expert if isinstance(self.shared_expert, bool) else layer in self.shared_expert
         k = self.top_k.get(layer) if isinstance(self.top_k, dict) else self.top_k
         return LayerInterventions(self.disabled_experts.get(layer, ()), self.forced_experts.get(layer), k, shared)
+
+
+def _check_enough_left(layer: int, enabled: int, num_experts: int, k: int) -> None:
+    """MinimoeError unless ``enabled`` experts leave a token its ``k`` to choose.
+
+    With none left the router's softmax is 0/0 (NaN logits); with fewer than k, top-k
+    would "choose" disabled experts with weight 0.  Neither is silently patched over:
+    to run a layer with fewer experts per token, say so with ``top_k={layer: n}``.
+    """
+    if enabled == 0:
+        raise MinimoeError(f"disabled_experts: layer {layer} disables all {num_experts} experts, 0 remain: "
+                           "its tokens would have no expert to route to")
+    if enabled < k:
+        raise MinimoeError(f"disabled_experts: layer {layer} leaves {enabled} of {num_experts} experts, fewer than "
+                           f"the {k} each token uses: disable fewer, or pass top_k={{{layer}: {enabled}}} too")
 
 
 NO_INTERVENTIONS = LayerInterventions()
@@ -329,20 +365,48 @@ class Recorder:
 
 
 def trace_generation(model, ids, max_new_tokens: int, tokenizer=None, interventions: dict | None = None,
+                     window: int | None = None, overlap: int | None = None,
                      **sampling) -> tuple[list[int], RoutingTrace]:
     """Generate after ``ids`` and trace every token the model read: (new ids, trace).
 
     The trace grows token by token through the KV cache: it covers the prompt and each
     generated token that was fed back (all but the last, which no forward pass reads).
     ``sampling`` takes :meth:`Model.generate`'s keywords (temperature, top_k, top_p, seed, ...).
+
+    A prompt too long to leave ``max_new_tokens`` positions free in the context is traced
+    window by window (``window``, ``overlap``: see :mod:`minimoe.windows`), and generation
+    continues from its last ``context - max_new_tokens`` tokens, all the model can see;
+    the generated tokens' positions continue the prompt's.
     """
+    from .windows import trace_text  # minimoe.windows builds on this module
+
+    ids = [int(i) for i in ids]
+    seen = model.config.max_position_embeddings - max_new_tokens  # prompt tokens generation can read
+    long_prompt = 0 < seen < len(ids)
     recorder = Recorder()
-    new_ids = list(model.generate_stream(ids, max_new_tokens, record=recorder, interventions=interventions,
-                                         tokenizer=tokenizer, **sampling))
-    return new_ids, RoutingTrace.from_recorder(recorder, model.config, tokenizer)
+    new_ids = list(model.generate_stream(ids[-seen:] if long_prompt else ids, max_new_tokens, record=recorder,
+                                         interventions=interventions, tokenizer=tokenizer, **sampling))
+    grown = RoutingTrace.from_recorder(recorder, model.config)
+    if long_prompt:
+        prompt = trace_text(model, ids, window=window, overlap=overlap, **(interventions or {}))
+        generated = grown.select(seen).shifted(len(ids) - seen)
+        grown = RoutingTrace.concat([prompt, generated if prompt.logits.shape[1] else generated.without_logits()])
+    if tokenizer is not None:
+        grown.tokens = [tokenizer.decode([int(t)]) for t in grown.token_ids]
+    return new_ids, grown
 
 
 # --- measuring an intervention ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NextTokenChange:
+    """Per position, how an intervention changed the next-token distribution (a piece of a text)."""
+
+    kl: np.ndarray  # [n] KL(original || intervened), nats
+    top1_changed: np.ndarray  # [n] bool: the most likely next token changed
+    base_nll: np.ndarray  # [m <= n] -log p(actual next token), original; m < n at the end of the text
+    nll: np.ndarray  # [m] the same, intervened
+
 
 @dataclass(frozen=True)
 class InterventionEffect:
@@ -359,26 +423,42 @@ class InterventionEffect:
     def loss_change(self) -> float:
         return self.loss - self.base_loss
 
+    @classmethod
+    def join(cls, pieces: Sequence[NextTokenChange]) -> "InterventionEffect":
+        """The effect over a whole text from its pieces, in order (one piece, or one per window)."""
+        kl = np.concatenate([p.kl for p in pieces])
+        base_nll, nll = np.concatenate([p.base_nll for p in pieces]), np.concatenate([p.nll for p in pieces])
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
+        def mean(values: np.ndarray) -> float:
+            return float(values.mean()) if len(values) else float("nan")  # a one-token text has no next token
+
+        changed = np.concatenate([p.top1_changed for p in pieces])
+        return cls(kl_per_token=kl, mean_kl=float(kl.mean()), last_kl=float(kl[-1]), loss=mean(nll),
+                   base_loss=mean(base_nll), top1_changed=float(changed.mean()))
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """``[..., V]`` -> ``[..., V]`` float64 log-probabilities."""
     z = logits.astype(np.float64) - logits.max(-1, keepdims=True)
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def next_token_effect(base: np.ndarray, changed: np.ndarray, next_ids: np.ndarray) -> NextTokenChange:
+    """Compare log-probabilities ``[n, V]`` position by position; ``next_ids`` ``[m <= n]``: the actual next tokens."""
+    rows = np.arange(len(next_ids))
+    return NextTokenChange(kl=(np.exp(base) * (base - changed)).sum(-1),
+                           top1_changed=base.argmax(-1) != changed.argmax(-1),
+                           base_nll=-base[rows, next_ids], nll=-changed[rows, next_ids])
 
 
 def measure_intervention(model, ids, base_logits: np.ndarray | None = None, **interventions) -> InterventionEffect:
     """Run ``ids`` ``[T]`` with and without ``interventions`` and compare the next-token distributions.
 
     ``base_logits`` (``[T, V]``, from ``model.forward(ids)``) saves the plain run when
-    several interventions are measured on the same text.
+    several interventions are measured on the same text.  The text must fit the model's
+    context; :func:`minimoe.windows.measure_interventions` measures longer ones window by window.
     """
     ids = np.asarray(ids)
-    base = _log_softmax(model.forward(ids) if base_logits is None else base_logits)
-    changed = _log_softmax(model.forward(ids, **interventions))
-    kl = (np.exp(base) * (base - changed)).sum(-1)
-    targets = ids[1:]
-
-    def loss(log_probs: np.ndarray) -> float:
-        return float(-log_probs[np.arange(len(targets)), targets].mean()) if len(targets) else float("nan")
-
-    return InterventionEffect(kl_per_token=kl, mean_kl=float(kl.mean()), last_kl=float(kl[-1]), loss=loss(changed),
-                              base_loss=loss(base), top1_changed=float((base.argmax(-1) != changed.argmax(-1)).mean()))
+    base = log_softmax(model.forward(ids) if base_logits is None else base_logits)
+    changed = log_softmax(model.forward(ids, **interventions))
+    return InterventionEffect.join([next_token_effect(base, changed, ids[1:])])

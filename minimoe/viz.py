@@ -14,42 +14,88 @@ last value of a cell).  Every plot colours an expert with the same colour,
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Mapping, Sequence
 
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.colors import BoundaryNorm, ListedColormap, TwoSlopeNorm
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from .errors import MinimoeError
 
 # Cells in the token grid up to which each cell gets its expert id written in it.
 ANNOTATE_CELLS = 12_000
 TOKENS_PER_PANEL = 64  # the token grid wraps into panels of this many tokens
+MAX_PLOTTED_TOKENS = 512  # per-token plots draw at most this many tokens, the first ones, and say so
 PADDING = (0.85, 0.85, 0.85, 1.0)  # cells without an expert (padding -1 after a per-layer intervention)
 
 
 # --- colours and labels ----------------------------------------------------------------
 
 def expert_colors(num_experts: int) -> list[tuple[float, float, float, float]]:
-    """One RGBA colour per expert id, the same in every plot; up to 60 are clearly distinct.
+    """One RGBA colour per expert id, the same in every plot, for any number of experts.
 
-    The first 10 are tab20's strong colours, then its 10 light ones, then tab20b and
-    tab20c shade by shade (each of their 5 hue groups at its darkest, then the next
-    shade, ...), so that neighbouring ids never get two shades of one hue.  Beyond 60
-    (no Qwen-MoE has more) the colours are spread evenly over ``turbo``.
+    Colour ``i`` is the sRGB colour farthest (by the CIE94 colour difference, which
+    follows what the eye sees) from colours ``0 .. i-1`` and from white, black and the
+    padding grey.  So
+    the first ``E`` colours are as distinct as ``E`` colours can be, neighbouring ids are
+    never similar (``i + 1`` is chosen to be far from ``i``), and expert ``i`` keeps its
+    colour whatever ``E`` is.
     """
     if num_experts < 0:
         raise MinimoeError(f"num_experts must be non-negative, got {num_experts}")
-    tab20 = colormaps["tab20"].colors
-    palette = [tab20[i] for i in range(0, 20, 2)] + [tab20[i] for i in range(1, 20, 2)]
-    for name in ("tab20b", "tab20c"):
-        colors = colormaps[name].colors
-        palette += [colors[group * 4 + shade] for shade in range(4) for group in range(5)]
-    if num_experts > len(palette):
-        turbo = colormaps["turbo"]
-        return [tuple(turbo(x)) for x in np.linspace(0.0, 1.0, num_experts)]
+    palette = _distinct_colors(max(num_experts, 64))
     return [(*rgb, 1.0) for rgb in palette[:num_experts]]
+
+
+@lru_cache(maxsize=8)
+def _distinct_colors(count: int) -> tuple[tuple[float, float, float], ...]:
+    """``count`` sRGB colours by farthest-point sampling (CIE94) over a 21^3 grid of candidates."""
+    levels = np.linspace(0.0, 1.0, 21)
+    candidates = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), axis=-1).reshape(-1, 3)
+    if count > len(candidates):
+        raise MinimoeError(f"at most {len(candidates)} distinct expert colours, asked for {count}")
+    lab = _srgb_to_lab(candidates)
+    avoid = _srgb_to_lab(np.array([(1.0, 1.0, 1.0), (0.0, 0.0, 0.0), PADDING[:3]]))  # background, ink, padding
+    distance = np.min([_delta_e94(lab, colour) for colour in avoid], axis=0)  # to the nearest colour taken
+    chosen = []
+    for _ in range(count):
+        best = int(distance.argmax())
+        chosen.append(tuple(float(c) for c in candidates[best]))
+        distance = np.minimum(distance, _delta_e94(lab, lab[best]))
+    return tuple(chosen)
+
+
+def _srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """sRGB ``[..., 3]`` in 0..1 -> CIELAB ``[..., 3]`` (D65 white), the standard formulas."""
+    linear = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    to_xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+    xyz = linear @ to_xyz.T / np.array([0.95047, 1.0, 1.08883])
+    delta = 6 / 29
+    f = np.where(xyz > delta**3, np.cbrt(xyz), xyz / (3 * delta**2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1)
+
+
+def _delta_e94(lab: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """CIE94 colour difference (graphic-arts weights) between CIELAB ``[..., 3]`` and ``[3]``.
+
+    Unlike plain Lab distance it discounts differences in chroma among saturated colours,
+    where the eye tells them apart less well.  Made symmetric with the geometric mean chroma.
+    """
+    dl = lab[..., 0] - other[..., 0]
+    c1, c2 = np.hypot(lab[..., 1], lab[..., 2]), np.hypot(other[..., 1], other[..., 2])
+    dc = c1 - c2
+    dh_squared = np.maximum((lab[..., 1] - other[..., 1]) ** 2 + (lab[..., 2] - other[..., 2]) ** 2 - dc**2, 0.0)
+    chroma = np.sqrt(c1 * c2)
+    return np.sqrt(dl**2 + (dc / (1 + 0.045 * chroma)) ** 2 + dh_squared / (1 + 0.015 * chroma) ** 2)
+
+
+def delta_e(a: Sequence[float], b: Sequence[float]) -> float:
+    """The CIE94 colour difference of two sRGB(A) colours (about 1 is just noticeable)."""
+    lab = _srgb_to_lab(np.array([a[:3], b[:3]], dtype=np.float64))
+    return float(_delta_e94(lab[0], lab[1]))
 
 
 def text_color(rgba: Sequence[float]) -> str:
@@ -58,9 +104,27 @@ def text_color(rgba: Sequence[float]) -> str:
     return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.55 else "white"
 
 
+# How whitespace shows in labels: the symbols DejaVu (matplotlib's font) draws.  Other control
+# characters show as their escape (\r, \x1b).
+VISIBLE = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5"}  # ␣ ↵ ⇥ (DejaVu draws ⏎ too small to read)
+
+
+def visible_text(text: str, spaces: bool = True) -> str:
+    """``text`` with whitespace and control characters as visible symbols (``spaces=False`` keeps spaces)."""
+    out = []
+    for ch in text:
+        if ch in VISIBLE and (spaces or ch != " "):
+            out.append(VISIBLE[ch])
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(repr(ch)[1:-1])
+    return "".join(out)
+
+
 def token_label(text: str | None, token_id: int | None = None, width: int = 12) -> str:
-    """A token as a tick label: ``repr`` (quotes show its spaces, ``\\n`` its newlines), shortened to ``width``."""
-    label = repr(text) if text is not None else str(token_id)
+    """A token as a tick label: its text with visible whitespace (␣ ↵ ⇥), shortened to ``width``; else its id."""
+    label = visible_text(text) if text is not None else str(token_id)
     return label if len(label) <= width else label[: width - 1] + "…"
 
 
@@ -69,6 +133,16 @@ def trace_labels(trace) -> list[str]:
     if trace.tokens is None:
         return [token_label(None, int(t)) for t in trace.token_ids]
     return [token_label(text) for text in trace.tokens]
+
+
+def first_tokens(trace, max_tokens: int) -> tuple:
+    """(the trace of its first ``max_tokens`` tokens, the words that say so: "first 512 of 3,493 tokens")."""
+    if max_tokens < 1:
+        raise MinimoeError(f"max_tokens must be at least 1, got {max_tokens}")
+    shown = trace.first(max_tokens)
+    if shown.num_tokens == trace.num_tokens:
+        return shown, f"all {trace.num_tokens:,} tokens"
+    return shown, f"first {shown.num_tokens:,} of {trace.num_tokens:,} tokens"
 
 
 def _layer_index(layer: int, count: int, layers: Sequence[int] | None) -> int:
@@ -83,17 +157,20 @@ def _layer_index(layer: int, count: int, layers: Sequence[int] | None) -> int:
 
 # --- token x layer grid ----------------------------------------------------------------
 
-def plot_token_experts(trace, rank: int = 0, tokens_per_panel: int = TOKENS_PER_PANEL) -> Figure:
+def plot_token_experts(trace, rank: int = 0, tokens_per_panel: int = TOKENS_PER_PANEL,
+                       max_tokens: int = MAX_PLOTTED_TOKENS) -> Figure:
     """The token x layer grid: each cell is coloured by the token's rank-``rank`` expert (0 = top-1) in that layer.
 
     One row per sparse layer, one column per token, the expert id written in the cell;
     texts longer than ``tokens_per_panel`` wrap into several panels, one under the other.
+    At most the first ``max_tokens`` tokens are drawn, and the title says how many of how many.
     """
     k = trace.expert_ids.shape[2]
     if not 0 <= rank < k:
         raise MinimoeError(f"rank must be in [0, {k}) for this trace (k = {k}), got {rank}")
     if tokens_per_panel < 1:
         raise MinimoeError(f"tokens_per_panel must be at least 1, got {tokens_per_panel}")
+    trace, cut = first_tokens(trace, max_tokens)
     ids = trace.expert_ids[:, :, rank]  # [S, T]
     num_layers, num_tokens = ids.shape
     labels = trace_labels(trace)
@@ -111,7 +188,9 @@ def plot_token_experts(trace, rank: int = 0, tokens_per_panel: int = TOKENS_PER_
         _token_panel(ax, ids[:, start:stop], start, labels[start:stop], trace.layers, cmap, norm, colors, annotate)
         ax.set_xlim(start - 0.5, start + per_panel - 0.5)  # a short last panel keeps the others' cell width
     which = "top-1" if rank == 0 else f"rank-{rank + 1}"
-    fig.suptitle(f"The {which} expert of each token in each sparse layer\n({trace.num_experts} experts, k = {k})")
+    # Left-aligned: a wide grid is seen through a scrolling box, which starts at the left.
+    fig.suptitle(f"The {which} expert of each token in each sparse layer\n({cut}; {trace.num_experts} experts, "
+                 f"k = {k}; whitespace drawn as ␣ ↵ ⇥)", x=0.01, ha="left")
     return fig
 
 
@@ -123,6 +202,9 @@ def _token_panel(ax, ids, start, labels, layers, cmap, norm, colors, annotate) -
     ax.set_xticks(np.arange(start, stop), labels, rotation=90, fontsize=7, fontfamily="monospace")
     ax.set_yticks(np.arange(ids.shape[0]), [f"layer {int(layer)}" for layer in layers], fontsize=8)
     ax.tick_params(length=0)
+    # Thin white lines between cells, so that neighbours with one expert still read as separate tokens.
+    ax.vlines(np.arange(start, stop - 1) + 0.5, -0.5, ids.shape[0] - 0.5, colors="white", linewidth=0.6)
+    ax.hlines(np.arange(ids.shape[0] - 1) + 0.5, start - 0.5, stop - 0.5, colors="white", linewidth=0.6)
     if annotate:
         for (row, column), expert in np.ndenumerate(ids):
             if expert >= 0:
@@ -261,18 +343,81 @@ def plot_consecutive_rate(rate, layers: Sequence[int]) -> Figure:
     return fig
 
 
+# --- token queries ---------------------------------------------------------------------
+
+def plot_token_routing(routings: Sequence) -> Figure:
+    """Where each queried token goes: one panel per :class:`~minimoe.analysis.TokenRouting`, layers x experts.
+
+    A cell is the share of the token's occurrences that chose the expert (among its k),
+    written in percent; the most frequent top-1 expert of each layer is outlined, and the
+    row label gives how consistently it was the top-1.
+    """
+    if not routings:
+        raise MinimoeError("plot_token_routing needs at least one token")
+    num_layers, num_experts = routings[0].counts.shape
+    fig = Figure(figsize=_heatmap_size(num_layers * len(routings) + len(routings), num_experts),
+                 layout="constrained")
+    axes = fig.subplots(len(routings), 1, squeeze=False)[:, 0]
+    for ax, routing in zip(axes, routings):
+        share = routing.counts / max(routing.occurrences, 1)  # [S, E]
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        for (row, column), value in np.ndenumerate(share):
+            if value > 0:
+                ax.text(column, row, f"{100 * value:.0f}", ha="center", va="center", fontsize=6,
+                        color="white" if value > 0.6 else "black")
+        for row, expert in enumerate(routing.top1_expert):
+            if expert >= 0:
+                ax.add_patch(Rectangle((expert - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="tab:red", linewidth=1.5))
+        ax.set_yticks(np.arange(num_layers), [
+            f"layer {int(layer)}: top-1 e{int(e)} {100 * c:.0f}%" if e >= 0 else f"layer {int(layer)}"
+            for layer, e, c in zip(routing.layers, routing.top1_expert, routing.top1_consistency)], fontsize=7)
+        _expert_ticks(ax, num_experts, axis="x")
+        name = token_label(routing.text, routing.token_id, width=24)
+        ax.set_title(f"{name} (id {routing.token_id}): {routing.occurrences:,} occurrences"
+                     + ("" if routing.occurrences else " (not in the text)"), fontsize=9, fontfamily="monospace")
+    axes[-1].set_xlabel("expert (cell: % of the token's occurrences choosing it; red box: most frequent top-1)")
+    fig.suptitle("Where each token is routed, per sparse layer")
+    return fig
+
+
+def plot_expert_tokens(vocabulary, layer: int, texts: Sequence[str] | None = None) -> Figure:
+    """The tokens one expert takes most often (an :class:`~minimoe.analysis.ExpertVocabulary`), as bars.
+
+    ``texts`` are the tokens' texts (parallel to ``vocabulary.token_ids``; default: their
+    ids).  Each bar is labelled with its count and exclusivity: the share of that token's
+    occurrences that went to this expert.
+    """
+    ids = np.asarray(vocabulary.token_ids)
+    labels = [token_label(texts[i] if texts is not None else None, int(t), width=20) for i, t in enumerate(ids)]
+    fig = Figure(figsize=(6.5, 1.4 + 0.28 * max(len(ids), 1)), layout="constrained")
+    ax = fig.subplots()
+    y = np.arange(len(ids))
+    color = expert_colors(vocabulary.expert + 1)[vocabulary.expert]
+    bars = ax.barh(y, vocabulary.counts, color=color, edgecolor="black", linewidth=0.5)
+    ax.bar_label(bars, labels=[f"{c} ({100 * x:.0f}% of its occurrences)" for c, x in
+                               zip(vocabulary.counts, vocabulary.exclusivity)], fontsize=7, padding=2)
+    ax.set_yticks(y, labels, fontsize=8, fontfamily="monospace")
+    ax.invert_yaxis()  # most frequent on top
+    ax.set_xlim(0, max(1, int(np.max(vocabulary.counts, initial=0))) * 1.6)
+    ax.set(xlabel="times chosen (among the token's k experts)",
+           title=f"The tokens expert {vocabulary.expert} of layer {layer} takes most often")
+    return fig
+
+
 # --- shared expert, domains, interventions ----------------------------------------------
 
-def plot_shared_gate(trace, tokens_per_panel: int = TOKENS_PER_PANEL, layers: Sequence[int] | None = None) -> Figure:
+def plot_shared_gate(trace, tokens_per_panel: int = TOKENS_PER_PANEL, layers: Sequence[int] | None = None,
+                     max_tokens: int = MAX_PLOTTED_TOKENS) -> Figure:
     """The shared expert's gate ``sigmoid(h @ w)`` per token, one line per sparse layer.
 
     ``layers`` picks the decoder layers to draw (default: every sparse layer; with
     many layers a few spread out read better).  Every token has its tick label; texts
     longer than ``tokens_per_panel`` wrap into several panels, one under the other, as
-    in :func:`plot_token_experts`.
+    in :func:`plot_token_experts`, which also draws at most ``max_tokens`` and says so.
     """
     if tokens_per_panel < 1:
         raise MinimoeError(f"tokens_per_panel must be at least 1, got {tokens_per_panel}")
+    trace, cut = first_tokens(trace, max_tokens)
     rows = [_layer_index(int(layer), len(trace.layers), trace.layers) for layer in
             (trace.layers if layers is None else layers)]
     if not rows:
@@ -297,7 +442,8 @@ def plot_shared_gate(trace, tokens_per_panel: int = TOKENS_PER_PANEL, layers: Se
         ax.set_ylabel("gate (sigmoid)")
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=7, loc="lower left", bbox_to_anchor=(1.0, 0.0), ncol=math.ceil(num_layers / 16))
-    fig.suptitle("The shared expert's gate per token:\nhow much of the always-on expert each token takes")
+    fig.suptitle(f"The shared expert's gate per token ({cut}):\nhow much of the always-on expert each token takes",
+                 x=0.01, ha="left")
     return fig
 
 

@@ -14,9 +14,12 @@ from minimoe.analysis import (
     domain_specialization,
     expert_cache_hit_rate,
     expert_load,
+    expert_tokens,
     layer_transitions,
     routing_entropy,
     shared_vs_routed,
+    token_ids_for,
+    token_routing,
     vocabulary_specialization,
 )
 from minimoe.layers import load_balancing_loss
@@ -262,6 +265,78 @@ def test_vocabulary_rejects_bad_layer_and_top():
         vocabulary_specialization(trace, layer=1, top=0)
 
 
+def test_expert_tokens_is_one_experts_vocabulary():
+    trace = make_trace([[2, 2, 2, 2, 1, 0, 1]], 4, layers=[3], token_ids=[5, 5, 7, 5, 9, 7, 4])
+    two = expert_tokens(trace, 3, 2)
+    assert (two.expert, two.token_ids.tolist(), two.counts.tolist(), two.exclusivity.tolist()) == (
+        2, [5, 7], [3, 1], [1.0, 0.5])
+    with pytest.raises(MinimoeError, match=r"expert 4 is outside \[0, 4\)"):
+        expert_tokens(trace, 3, 4)
+
+
+# --- token_routing -----------------------------------------------------------------------------
+
+def test_token_routing_by_hand():
+    # Token 5 occurs at positions 0, 2, 4; k = 2, two sparse layers (decoder layers 0 and 2).
+    expert_ids = [
+        [[1, 0], [3, 2], [1, 2], [0, 1], [3, 1], [2, 0]],  # layer 0: token 5 -> (1,0) (1,2) (3,1)
+        [[2, 3], [0, 1], [2, 3], [1, 2], [2, 3], [3, 0]],  # layer 2: token 5 -> (2,3) three times
+    ]
+    trace = make_trace(expert_ids, 4, layers=[0, 2], token_ids=[5, 7, 5, 8, 5, 7],
+                       router_probs=[0.1, 0.2, 0.3, 0.4])  # every token the same probabilities
+    trace = dataclasses.replace(trace, tokens=["a", "b", "a", "c", "a", "b"])
+    five = token_routing(trace, 5)
+    assert (five.token_id, five.text, five.occurrences) == (5, "a", 3)
+    assert five.counts.tolist() == [[1, 3, 1, 1], [0, 0, 3, 3]]
+    assert five.top1_counts.tolist() == [[0, 2, 0, 1], [0, 0, 3, 0]]
+    assert five.top1_expert.tolist() == [1, 2]
+    np.testing.assert_allclose(five.top1_consistency, [2 / 3, 1.0])
+    # A weight is the expert's router probability here, so each chosen expert's mean weight is its probability.
+    np.testing.assert_allclose(five.mean_weight, [[0.1, 0.2, 0.3, 0.4], [0, 0, 0.3, 0.4]], rtol=1e-6)
+    np.testing.assert_array_equal(five.layers, [0, 2])
+
+
+def test_token_routing_of_an_absent_token_and_pooled_traces():
+    a = make_trace([[0, 1, 0]], 2, token_ids=[4, 4, 6])
+    b = make_trace([[1, 1]], 2, token_ids=[4, 9])
+    four = token_routing([a, b], 4)
+    assert four.occurrences == 3 and four.counts.tolist() == [[1, 2]] and four.top1_expert.tolist() == [1]
+    absent = token_routing([a, b], 99, text="x")
+    assert (absent.occurrences, absent.text) == (0, "x") and absent.top1_expert.tolist() == [-1]
+    assert absent.top1_consistency.tolist() == [0.0] and absent.mean_weight.tolist() == [[0.0, 0.0]]  # no NaN
+
+
+class WordTokenizer:
+    """A vocabulary of whole pieces: a text is one token if listed, else one token per character."""
+
+    VOCAB = {"def": 10, " def": 11, " self": 12, "\n": 13, "s": 20, "e": 21, "l": 22, "f": 23, " ": 24}
+
+    def encode(self, text):
+        return [self.VOCAB[text]] if text in self.VOCAB else [self.VOCAB[ch] for ch in text]
+
+    def decode(self, ids):
+        names = {v: k for k, v in self.VOCAB.items()}
+        return "".join(names[i] for i in ids)
+
+
+@pytest.mark.parametrize("query, ids", [
+    ("def", [10, 11]),  # no leading space: both spellings
+    (" def", [11]),  # a leading space: exactly that one
+    ("self", [12]),  # "self" is not one token, " self" is
+    ("\n", [13]),
+    (42, [42]),  # an id as is
+])
+def test_token_ids_for_follows_the_leading_space_rule(query, ids):
+    assert token_ids_for(WordTokenizer(), query) == ids
+
+
+def test_token_ids_for_a_text_of_several_tokens_says_how_it_splits():
+    with pytest.raises(MinimoeError, match=r"'elf' is not one token of this vocabulary \('elf' -> \['e', 'l', 'f'\]"):
+        token_ids_for(WordTokenizer(), "elf")
+    with pytest.raises(MinimoeError, match="empty"):
+        token_ids_for(WordTokenizer(), "")
+
+
 # --- domain_specialization -------------------------------------------------------------------
 
 def test_domain_ratio():
@@ -322,6 +397,8 @@ def test_shared_vs_routed():
 EVERY_FUNCTION = [
     expert_load, routing_entropy, coactivation, consecutive_same_expert, shared_vs_routed, expert_cache_hit_rate,
     lambda traces: vocabulary_specialization(traces, layer=0),
+    lambda traces: expert_tokens(traces, 0, 1),
+    lambda traces: token_routing(traces, 0),
     lambda traces: layer_transitions(traces, 0, 0),
     lambda traces: domain_specialization({"only": traces}),
 ]

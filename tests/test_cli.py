@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json.decoder
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 import minimoe
+from minimoe.routing import RoutingTrace
 
 
-def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+def run(*args: str, stdin: str | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "minimoe", *args], input=stdin, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=timeout)
 
 
 def test_demo_generates_and_shows_routing():
@@ -78,3 +82,54 @@ def test_help_lists_the_commands():
     assert result.returncode == 0
     for command in ("demo", "generate", "chat", "params"):
         assert command in result.stdout
+
+
+def test_version():
+    result = run("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"minimoe {minimoe.__version__}"
+
+
+def test_params_of_a_small_model_are_in_millions():
+    result = run("params")
+    assert "  total                         3.29M  (3,288,192)" in result.stdout
+    big = run("params", "qwen1.5-moe-a2.7b")
+    assert big.returncode == 0 and "B  (" in big.stdout and "M  (" not in big.stdout
+
+
+STDLIB_MODULE = Path(json.decoder.__file__)  # a whole stdlib module: several thousand tokens
+
+
+def test_inspect_a_long_file_with_token_and_expert_queries(tmp_path):
+    tok = minimoe.load_tokenizer(minimoe.default_model_path())
+    tokens = len(tok.encode(STDLIB_MODULE.read_text(encoding="utf-8")))
+    assert tokens > 3000  # longer than the context of 1,024: windows
+    result = run("inspect", "--file", str(STDLIB_MODULE), "--out", str(tmp_path), "--token", "def",
+                 "--token-id", "345", "--expert", "1:3", timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "traced 6 windows of up to 1,024 tokens, each re-reading the 512 tokens before it" in result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("token 'def' (id 489): ") and "token ' def' (id 353): " in result.stdout
+    assert "token ' return' (id 345): " in result.stdout
+    assert "expert 3 of layer 1: the tokens it takes most often" in result.stdout
+    header = lines.index("  layer top-1 same top-1 most chosen experts: times, mean weight")
+    assert [line.split()[0] for line in lines[header + 1 : header + 5]] == ["0", "1", "2", "3"]
+    assert lines[-1] == str(tmp_path / "report.html")
+    trace = RoutingTrace.load_npz(tmp_path / "trace.npz")
+    np.testing.assert_array_equal(trace.positions, np.arange(tokens))
+    for name in ("token_routing.png", "expert_tokens_layer1_expert3.png", "token_experts.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (("--window", "4096"), 1, "window must be an integer from 2 to the model's context of 1024"),
+    (("--overlap", "2000", "--window", "64"), 1, "overlap must be an integer from 0 to window - 1 = 63"),
+    (("--token", "qqqqzzzz"), 1, "'qqqqzzzz' is not one token of this vocabulary"),
+    (("--expert", "1:99"), 1, "expert 99 is outside [0, 16)"),
+    (("--expert", "9:1"), 1, "layer 9 is not a sparse layer"),
+    (("--token-id", "99999"), 1, "token id 99999 is outside the vocabulary [0, 4096)"),
+    (("--expert", "seven"), 2, "'seven' is not LAYER:EXPERT"),
+])
+def test_inspect_bad_queries_and_windows(tmp_path, args, code, message):
+    result = run("inspect", "--text", "def f(x):\n    return x\n", "--out", str(tmp_path / "out"), *args)
+    assert result.returncode == code and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

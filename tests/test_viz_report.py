@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib import image as plt_image
 from matplotlib.colors import TwoSlopeNorm, to_hex
 from matplotlib.figure import Figure
 
@@ -48,13 +50,40 @@ def test_palette_tells_60_experts_apart_and_is_stable():
     assert viz.text_color((1, 1, 1, 1)) == "black" and viz.text_color((0, 0, 0, 1)) == "white"
 
 
+def test_lab_conversion_matches_published_values():
+    # sRGB white, red and mid grey in CIELAB (D65), as colour-science references list them.
+    lab = viz._srgb_to_lab(np.array([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.5, 0.5, 0.5]]))
+    np.testing.assert_allclose(lab, [[100.0, 0.0, 0.0], [53.24, 80.09, 67.20], [53.39, 0.0, 0.0]], atol=0.05)
+
+
+def test_palette_neighbours_are_far_apart_in_colour():
+    colors = viz.expert_colors(64)
+    neighbours = [viz.delta_e(colors[i], colors[i + 1]) for i in range(63)]
+    every_pair = [viz.delta_e(colors[i], colors[j]) for i in range(60) for j in range(i)]
+    assert min(neighbours) > 20  # CIE94; the old tab20 pairs 1/11, 3/13 ... were as close as 15
+    assert min(every_pair) > 15
+    first16 = [viz.delta_e(colors[i], colors[j]) for i in range(16) for j in range(i)]
+    assert min(first16) > 25  # the bundled model's 16 experts are as distinct as 16 colours get
+    padding = [viz.delta_e(c, viz.PADDING) for c in colors]
+    assert min(padding) > 15  # no expert looks like a padding cell
+
+
+def test_visible_text_marks_whitespace_and_control_characters():
+    assert viz.visible_text(" def\n\t\r\x1b") == "\u2423def\u21b5\u21e5\\r\\x1b"
+    assert viz.visible_text("a b\n", spaces=False) == "a b\u21b5"
+    assert viz.token_label("        return x") == "\u2423" * 8 + "ret…"
+
+
 # --- plots ---------------------------------------------------------------------------------------
 
 def test_token_grid_shows_each_tokens_top1_expert(trace):
     fig = viz.plot_token_experts(trace)
     assert isinstance(fig, Figure)
     (ax,) = fig.axes
-    assert tick_texts(ax) == [repr(t) if len(repr(t)) <= 12 else repr(t)[:11] + "…" for t in trace.tokens]
+    # Whitespace drawn as symbols, written out here independently of viz's table.
+    shown = [t.replace(" ", "\u2423").replace("\n", "\u21b5").replace("\t", "\u21e5") for t in trace.tokens]
+    assert tick_texts(ax) == [t if len(t) <= 12 else t[:11] + "…" for t in shown]
+    assert f"(all {trace.num_tokens} tokens;" in fig.get_suptitle()
     assert tick_texts(ax, "y") == [f"layer {layer}" for layer in trace.layers]
     np.testing.assert_array_equal(ax.images[0].get_array(), trace.expert_ids[:, :, 0])
     written = [int(text.get_text()) for text in ax.texts]
@@ -241,8 +270,7 @@ def test_token_spans_escape_markup(trace):
     assert spans.titles[0].startswith("position 0: '<b>\"x\"&'")
 
 
-@pytest.mark.parametrize("text, message", [("", "is empty"), (" \n ", "only whitespace"), ("x", "at least 2"),
-                                           ("ab " * 1100, "longer than the model's context of 1024")])
+@pytest.mark.parametrize("text, message", [("", "is empty"), (" \n ", "only whitespace"), ("x", "at least 2")])
 def test_report_rejects_bad_text(bundled, tmp_path, text, message):
     model, tok = bundled
     with pytest.raises(minimoe.MinimoeError, match=message):
@@ -294,3 +322,128 @@ def test_inspect_bad_input_exits_1(tmp_path, monkeypatch, capsys, source, messag
 def test_inspect_needs_a_text_source():
     result = run("inspect", "--out", "anywhere")
     assert result.returncode == 2 and "one of the arguments --text --file is required" in result.stderr
+
+
+# --- 60 experts, long texts, token queries ----------------------------------------------------------
+
+def synthetic_trace(tokens: int, num_experts: int = 60, layers: int = 3, k: int = 4, seed: int = 0) -> RoutingTrace:
+    """A trace of a model with ``num_experts`` experts (no such model needs to exist): random routing."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(layers, tokens, num_experts)).astype(np.float32)
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    ids = np.argsort(-probs, axis=-1)[:, :, :k]
+    weights = np.take_along_axis(probs, ids, -1)
+    per_token = np.full((layers, tokens), 0.5, dtype=np.float32)
+    return RoutingTrace(
+        token_ids=rng.integers(0, 50, tokens), positions=np.arange(tokens), layers=np.arange(layers),
+        router_logits=logits, router_probs=probs, expert_ids=ids, raw_weights=weights, expert_weights=weights,
+        shared_gate=per_token, attention_norm=np.ones((layers, tokens), np.float32), shared_norm=per_token,
+        routed_norm=per_token, logits=np.zeros((tokens, 0), np.float32),
+        **({"cache_hit": np.zeros(ids.shape, bool)} if "cache_hit" in RoutingTrace.__dataclass_fields__ else {}),
+        num_experts=num_experts, top_k=k, tokens=[" x\t"] * tokens)
+
+
+def test_plots_of_60_experts_state_their_cut():
+    trace = synthetic_trace(600)
+    fig = viz.plot_token_experts(trace)
+    assert "(first 512 of 600 tokens; 60 experts, k = 4;" in fig.get_suptitle()
+    assert sum(ax.images[0].get_array().shape[1] for ax in fig.axes) == 512
+    drawn = {int(e) for ax in fig.axes for e in np.unique(ax.images[0].get_array())}
+    colors = viz.expert_colors(60)
+    for ax in fig.axes[:1]:
+        image = ax.images[0]
+        for e in drawn:
+            assert np.allclose(image.cmap(image.norm(e)), colors[e])  # every expert its own palette colour
+    assert tick_texts(fig.axes[0])[0] == "\u2423x\u21e5"
+    gate = viz.plot_shared_gate(trace, max_tokens=100)
+    assert "(first 100 of 600 tokens)" in gate.get_suptitle()
+    assert "(all 600 tokens)" in viz.plot_shared_gate(trace, max_tokens=600).get_suptitle()
+
+
+def test_token_routing_plot_annotations():
+    trace = synthetic_trace(200)
+    token = int(trace.token_ids[0])
+    routing = analysis.token_routing(trace, token, text=" x")
+    absent = analysis.token_routing(trace, 999, text="never")
+    fig = viz.plot_token_routing([routing, absent])
+    top, bottom = fig.axes
+    assert top.get_title() == f"\u2423x (id {token}): {routing.occurrences} occurrences"
+    assert bottom.get_title() == "never (id 999): 0 occurrences (not in the text)"
+    assert len(top.patches) == 3 and not bottom.patches  # a red box on each layer's top-1 expert
+    assert tick_texts(top, "y")[0].startswith(f"layer 0: top-1 e{routing.top1_expert[0]} ")
+    written = sorted(int(t.get_text()) for t in top.texts)
+    expected = sorted(round(100 * c / routing.occurrences) for c in routing.counts[routing.counts > 0])
+    assert written == expected
+
+
+def test_expert_tokens_plot_labels_and_counts():
+    trace = synthetic_trace(300)
+    vocabulary = analysis.expert_tokens(trace, 1, 7, top=5)
+    fig = viz.plot_expert_tokens(vocabulary, 1, ["\n"] * len(vocabulary.token_ids))
+    (ax,) = fig.axes
+    assert ax.get_title() == "The tokens expert 7 of layer 1 takes most often"
+    assert tick_texts(ax, "y") == ["\u21b5"] * len(vocabulary.token_ids)
+    assert [bar.get_width() for bar in ax.patches] == vocabulary.counts.tolist()
+
+
+# --- the report of a long text, and in a browser -------------------------------------------------
+
+LONG_TEXT = "def f(self, x):\n    return self.x + x\n\n" * 40  # ~560 tokens: windows of 128
+
+
+@pytest.fixture(scope="module")
+def long_report(bundled):
+    model, tok = bundled
+    return report.build_report(model, tok, LONG_TEXT, window=128, overlap=32, tokens=["def", 300], experts=[(2, 5)],
+                               progress=False)
+
+
+def test_long_report_traces_every_token_in_windows(bundled, long_report):
+    model, tok = bundled
+    ids = tok.encode(LONG_TEXT)
+    trace = long_report.trace
+    np.testing.assert_array_equal(trace.token_ids, ids)
+    np.testing.assert_array_equal(trace.positions, np.arange(len(ids)))
+    assert trace.logits.shape == (len(ids), 0)  # several windows: no [T, vocab] logits kept
+    page = long_report.html()
+    assert long_report.windowing.describe() in page and "re-reading the 32 tokens" in page
+    assert page.count('<span class="t"') == len(ids)
+    assert f"first 512 of {len(ids):,} tokens shown" in page  # the captions say the plots' cut
+
+
+def test_long_report_answers_queries(long_report):
+    queries = long_report.queries
+    # 'def' starts each repeat, ' self' is in "return self.x", once a repeat ("(self" is '(' 'self').
+    assert [(r.text, r.occurrences) for r in queries.tokens] == [("def", 40), (" def", 0), (" self", 40)]
+    page = long_report.html()
+    assert "<h3>Token &#x27;def&#x27; (id 489): 40 occurrences</h3>" in page
+    assert "<h3>Expert 5 of layer 2: the tokens it takes most often</h3>" in page
+    names = [plot.name for plot in long_report.plots]
+    assert names[-2:] == ["token_routing.png", "expert_tokens_layer2_expert5.png"]
+    lines = report.query_lines(queries)
+    assert lines[0] == "token 'def' (id 489): 40 occurrences"
+    assert lines[2].split()[:2] == ["0", f"e{queries.tokens[0].top1_expert[0]}"]
+
+
+def test_report_page_makes_token_edges_and_a_scrolling_grid(long_report):
+    page = long_report.html()
+    assert "box-shadow: inset 1px 0 #fff, inset -1px 0 #fff" in page  # every token's edges, even between equals
+    assert '<figure id="token_experts"><div class="scroll"><img' in page
+    assert "figure .scroll img { max-width: none" in page  # full size, scrolled, not shrunk
+
+
+def test_report_renders_in_chromium(long_report, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium on PATH (Debian: apt-get install chromium): the page cannot be rendered")
+    page = long_report.write(tmp_path)[-1]
+    shot = tmp_path / "shot.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                    "--window-size=1200,1600", page.as_uri()], capture_output=True, timeout=120, check=True)
+    rgb = (np.asarray(plt_image.imread(shot))[:, :, :3] * 255).round().astype(int)
+    pixels = {tuple(p) for p in rgb.reshape(-1, 3).tolist()}
+    # The text is painted in its tokens' expert colours (the page's hex codes): each top-1 expert of layer 0 shows.
+    colors = viz.expert_colors(long_report.trace.num_experts)
+    for expert in set(long_report.trace.expert_ids[0, :40, 0].tolist()):
+        hex_code = to_hex(colors[expert])
+        assert tuple(int(hex_code[i : i + 2], 16) for i in (1, 3, 5)) in pixels, expert

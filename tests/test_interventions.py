@@ -1,0 +1,64 @@
+"""Routing interventions that would leave a layer without enough experts are refused; valid ones never give NaN."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import minimoe
+from minimoe import MinimoeError
+
+IDS = [1, 50, 300, 7, 99, 1000, 12, 3]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return minimoe.load(minimoe.default_model_path())  # 4 sparse layers, 16 experts, top-4
+
+
+def test_disabling_every_expert_of_a_layer_says_none_remain(model):
+    with pytest.raises(MinimoeError, match="layer 2 disables all 16 experts, 0 remain"):
+        model.forward(IDS, disabled_experts={2: range(16)})
+
+
+def test_leaving_fewer_than_k_says_how_many_remain(model):
+    with pytest.raises(MinimoeError, match=r"layer 1 leaves 2 of 16 experts, fewer than the 4 each token uses: "
+                                           r"disable fewer, or pass top_k=\{1: 2\} too"):
+        model.trace(IDS, disabled_experts={1: range(14)})
+
+
+def test_fewer_experts_with_a_matching_top_k_run(model):
+    trace = model.trace(IDS, disabled_experts={1: range(14)}, top_k={1: 2})
+    chosen = trace.expert_ids[trace.layer_index(1)]
+    assert (np.sort(chosen[:, :2], axis=-1) == [14, 15]).all() and (chosen[:, 2:] == -1).all()
+    np.testing.assert_allclose(trace.router_probs[1, :, 14:].sum(-1), 1.0, rtol=1e-6)
+
+
+def test_forced_experts_need_no_others(model):
+    trace = model.trace(IDS, disabled_experts={0: range(2, 16)}, forced_experts={0: [0, 1]})
+    assert np.isfinite(trace.logits).all() and set(np.unique(trace.expert_ids[0])) == {0, 1, -1}  # -1: padding to k
+
+
+layer_sets = st.dictionaries(st.sampled_from([0, 1, 2, 3]), st.sets(st.integers(0, 15), max_size=16), max_size=4)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(disabled=layer_sets, top_k=st.one_of(st.none(), st.integers(1, 16)),
+       shared=st.one_of(st.booleans(), st.sets(st.sampled_from([0, 1, 2, 3]))))
+def test_interventions_are_refused_or_finite(model, disabled, top_k, shared):
+    k = top_k or 4
+    if any(16 - len(off) < k for off in disabled.values()):  # some layer left with fewer than k experts
+        with pytest.raises(MinimoeError, match="remain|top_k"):
+            model.trace(IDS, disabled_experts=disabled, top_k=top_k, shared_expert=shared)
+        return
+    trace = model.trace(IDS, disabled_experts=disabled, top_k=top_k, shared_expert=shared)
+    assert np.isfinite(trace.logits).all()
+    for name in ("router_probs", "raw_weights", "expert_weights", "shared_gate", "shared_norm", "routed_norm",
+                 "attention_norm"):
+        assert np.isfinite(getattr(trace, name)).all(), name
+    assert not np.isnan(trace.router_logits).any()  # -inf marks a disabled expert, never NaN
+    for layer, off in disabled.items():
+        chosen = trace.expert_ids[trace.layer_index(layer)]
+        assert not np.isin(chosen, list(off)).any()  # a disabled expert is never chosen, not even with weight 0
