@@ -462,7 +462,8 @@ class Report:
                 f'<p class="meta">Model: {html.escape(describe_model(self.model.config))}.<br>Text: '
                 f"{len(self.text):,} characters, {trace.num_tokens:,} tokens, traced in "
                 f"{html.escape(self.windowing.describe())}; {len(trace.layers)} sparse layers, each choosing "
-                f"{trace.top_k} of {trace.num_experts} experts per token. Data beside this page: {links}{left_out}."
+                f"{trace.top_k} of {trace.num_experts} experts per token (routing: "
+                f"{html.escape(trace.routing_rule)}). Data beside this page: {links}{left_out}."
                 "</p>\n"
                 + text_section(trace) + summary_table(trace, self.results) + queries_section(self.queries)
                 + "<h2>Plots</h2>\n" + "".join(figure_html(plot) for plot in self.plots) + "</body>\n</html>\n")

@@ -22,7 +22,9 @@ field                shape         meaning
 ``logits``           ``[T, V]``    the model's output logits
 ==================== ============= ==========================================================
 
-plus ``num_experts`` (E), ``top_k`` (k as run, after any intervention) and, when a
+plus ``num_experts`` (E), ``top_k`` (k as run, after any intervention), ``routing_rule``
+(the model's gating rule in words: how many experts, top-k, renormalised or not, a shared
+expert or none; families differ, see :data:`minimoe.config.FAMILIES`) and, when a
 tokenizer was given, ``tokens``: each token's text.  Traces of consecutive pieces of
 one sequence (a prompt, then generated tokens through the cache) join with
 :meth:`RoutingTrace.concat`; a text longer than the model's context is traced window
@@ -69,6 +71,7 @@ class RoutingTrace:
     num_experts: int
     top_k: int
     tokens: list[str] | None = field(default=None)
+    routing_rule: str = ""  # the gating rule that produced it, e.g. "softmax over 60 experts, top-4, ..."
 
     @property
     def num_tokens(self) -> int:
@@ -103,6 +106,7 @@ class RoutingTrace:
             num_experts=config.num_experts,
             top_k=int(per_layer["expert_ids"].shape[2]),
             tokens=None if tokenizer is None else [tokenizer.decode([int(t)]) for t in token_ids],
+            routing_rule=config.routing_rule,
             **per_layer,
         )
 
@@ -115,7 +119,8 @@ class RoutingTrace:
             raise MinimoeError("concat needs at least one trace")
         first = traces[0]
         for other in traces[1:]:
-            if not np.array_equal(other.layers, first.layers) or other.num_experts != first.num_experts:
+            if (not np.array_equal(other.layers, first.layers) or other.num_experts != first.num_experts
+                    or other.routing_rule != first.routing_rule):
                 raise MinimoeError("traces to concat must come from the same model")
         joined = {}
         for name in ARRAY_FIELDS:
@@ -124,7 +129,7 @@ class RoutingTrace:
             joined[name] = values[0] if axis is None else np.concatenate(values, axis=axis)
         tokens = None if any(t.tokens is None for t in traces) else [s for t in traces for s in t.tokens]
         top_k = first.top_k if all(t.top_k == first.top_k for t in traces) else max(t.top_k for t in traces)
-        return cls(**joined, num_experts=first.num_experts, top_k=top_k, tokens=tokens)
+        return replace(first, **joined, top_k=top_k, tokens=tokens)
 
     def first(self, count: int) -> "RoutingTrace":
         """The trace of the first ``count`` tokens (this trace itself if it is no longer)."""
@@ -138,7 +143,7 @@ class RoutingTrace:
             value = getattr(self, name)
             cut[name] = value if axis is None else value[(slice(None),) * axis + (slice(start, stop),)]
         tokens = None if self.tokens is None else self.tokens[start:stop]
-        return RoutingTrace(**cut, num_experts=self.num_experts, top_k=self.top_k, tokens=tokens)
+        return replace(self, **cut, tokens=tokens)
 
     def shifted(self, offset: int) -> "RoutingTrace":
         """The same trace with ``offset`` added to its positions (a window's positions become the text's)."""
@@ -150,13 +155,18 @@ class RoutingTrace:
 
     # --- export ----------------------------------------------------------------------
 
+    def metadata(self) -> dict[str, Any]:
+        """The trace's fields that are not arrays."""
+        return {"num_experts": self.num_experts, "top_k": self.top_k, "tokens": self.tokens,
+                "routing_rule": self.routing_rule}
+
     def save_npz(self, path: str | Path, include_logits: bool = True) -> None:
         """All arrays plus metadata in one ``.npz`` (no pickles: plain numeric arrays and a JSON string).
 
         ``include_logits=False`` leaves out the ``[T, vocab]`` logits (for Qwen1.5-MoE, 0.6 MB a
         token); such a file loads back with an empty ``[T, 0]`` logits array.
         """
-        meta = {"num_experts": self.num_experts, "top_k": self.top_k, "tokens": self.tokens}
+        meta = self.metadata()
         arrays = {name: getattr(self, name) for name in ARRAY_FIELDS}
         if not include_logits:
             arrays["logits"] = np.zeros((self.num_tokens, 0), dtype=np.float32)
@@ -170,13 +180,14 @@ class RoutingTrace:
                 meta = json.loads(str(data["meta"]))
         except (OSError, KeyError, ValueError) as exc:
             raise MinimoeError(f"{path}: not a minimoe routing trace ({exc})") from None
-        return cls(**arrays, num_experts=meta["num_experts"], top_k=meta["top_k"], tokens=meta["tokens"])
+        return cls(**arrays, num_experts=meta["num_experts"], top_k=meta["top_k"], tokens=meta["tokens"],
+                   routing_rule=meta.get("routing_rule", ""))
 
     def to_json(self, path: str | Path | None = None, include_logits: bool = False) -> dict[str, Any]:
         """A JSON-ready dict of the trace (logits left out unless asked: they are large); written if ``path``."""
         data = {name: getattr(self, name).tolist() for name in ARRAY_FIELDS if include_logits or name != "logits"}
         data = _finite(data)
-        data.update(num_experts=self.num_experts, top_k=self.top_k, tokens=self.tokens)
+        data.update(self.metadata())
         if path is not None:
             Path(path).write_text(json.dumps(data))
         return data

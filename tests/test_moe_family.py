@@ -25,6 +25,7 @@ from minimoe.checkpoint import Checkpoint
 from minimoe.cli import shipped_configs
 from minimoe.config import FAMILIES
 from minimoe.params import Architecture, family_table, format_family_table
+from minimoe.routing import RoutingTrace
 
 from conftest import FIXTURES, ROOT, load_reference
 from parity import LOGIT_TOLERANCE, relative_error
@@ -305,3 +306,18 @@ def test_changing_k_equals_transformers_with_that_k(name, tmp_path):
     theirs = transformers_logits(edited_copy(source, tmp_path / "k", num_experts_per_tok=k), ids)
     assert relative_error(model.forward(ids, top_k=k), theirs) < LOGIT_TOLERANCE
     assert relative_error(model.forward(ids), theirs) > 1e-3
+
+
+@pytest.mark.parametrize("name, rule", [
+    ("moe_mixtral", "softmax over 8 experts, top-2, renormalised to sum 1"),
+    ("moe_olmoe", "softmax over 8 experts, top-3, not renormalised"),
+    ("moe_qwen3", "softmax over 8 experts, top-2, renormalised to sum 1"),
+    ("moe_qwen2_57b_shape", "softmax over 64 experts, top-8, not renormalised, + sigmoid-gated shared expert"),
+])
+def test_a_trace_says_which_routing_rule_produced_it(name, rule, tmp_path):
+    trace = minimoe.load(FIXTURES / name).trace([5, 6, 7, 8])
+    assert trace.routing_rule == rule
+    trace.save_npz(tmp_path / "t.npz")
+    assert RoutingTrace.load_npz(tmp_path / "t.npz").routing_rule == rule
+    assert RoutingTrace.concat([trace, trace]).routing_rule == rule and trace.select(1, 3).routing_rule == rule
+    assert trace.to_json()["routing_rule"] == rule
