@@ -29,6 +29,11 @@ from .routing import NO_INTERVENTIONS, OUTPUT, Interventions, LayerInterventions
 from .windows import trace_text
 
 
+# Queries attended to at once in a long prompt (see Attention.attend): the score array of a
+# chunk is [B, heads, 256, S] float32, 16 MB for Qwen1.5-MoE at S = 1024, not 64 MB.
+QUERY_CHUNK = 256
+
+
 # --- the KV cache ------------------------------------------------------------------
 
 class KVCache:
@@ -125,7 +130,24 @@ class Attention:
         q, k = layers.apply_rope(xp, q, cos, sin), layers.apply_rope(xp, k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # [B, nkv, S, D]: the cached positions, then these
-        return self.o(layers.causal_attention(xp, q, k, v, query_start=start))  # [B, T, nh*D] -> [B, T, H]
+        return self.o(self.attend(xp, q, k, v, start))  # [B, T, nh*D] -> [B, T, H]
+
+    def attend(self, xp, q, k, v, start: int):
+        """:func:`layers.causal_attention`, the queries taken ``QUERY_CHUNK`` at a time -> ``[B, T, nh*D]``.
+
+        Each chunk reads only the keys up to its own last position, so a long prompt never
+        builds a ``[B, nh, T, S]`` score array and skips the masked-out upper triangle.
+        """
+        tokens = q.shape[2]
+        if tokens <= QUERY_CHUNK:
+            return layers.causal_attention(xp, q, k, v, query_start=start)
+        chunks = []
+        for first in range(0, tokens, QUERY_CHUNK):
+            last = min(first + QUERY_CHUNK, tokens)
+            keys = start + last  # positions 0 .. start + last - 1
+            chunks.append(layers.causal_attention(xp, q[:, :, first:last], k[:, :, :keys], v[:, :, :keys],
+                                                  query_start=start + first))
+        return xp.concatenate(chunks, axis=1)
 
 
 @dataclass

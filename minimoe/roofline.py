@@ -10,9 +10,11 @@ process as the forward:
 * ``copy_bytes``: memory copy, bytes read + written per second, over minimoe's threads.
 
 Each weight matrix ``W [rows, cols]`` that ``n`` tokens multiply costs at least
-``max(2 n rows cols / gemm_flops, upcast_bytes / copy_bytes)`` -- the matmul, or the
-upcast's memory traffic (read 2, write 4 bytes an element for bf16; none for a weight
-already float32), whichever is longer, as if the two overlapped perfectly.  Attention's
+``max(2 n rows cols / gemm_flops, stored_bytes / copy_bytes)`` -- the matmul, or
+streaming the stored bf16 weight from memory (2 bytes an element; its float32 copy is
+made block by block in cache, so only the bf16 read has to reach memory; a weight that
+is float32 from load needs no upcast), whichever is longer, as if the two overlapped
+perfectly.  Attention's
 scores and weighted values (``2 * 2 * T * S * heads * head_dim`` per layer, the full
 ``T x S`` square that minimoe computes before masking) run at the GEMM rate.  A routed
 expert is counted once, with the tokens the router actually sent to it on this prompt
@@ -61,10 +63,10 @@ class MatrixWork:
 
     @property
     def upcast_bytes(self) -> int:
-        """Bytes read and written to make the float32 copy (0 for a float32 weight)."""
+        """Bytes of the stored weight the upcast streams from memory (0 for a weight float32 from load)."""
         if self.stored_bytes == FLOAT32_BYTES:
             return 0
-        return self.rows * self.cols * (self.stored_bytes + FLOAT32_BYTES)
+        return self.rows * self.cols * self.stored_bytes
 
     def seconds(self, rates: Rates) -> float:
         return max(self.flops / rates.gemm_flops, self.upcast_bytes / rates.copy_bytes)

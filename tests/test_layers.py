@@ -182,10 +182,13 @@ def test_unknown_backend_is_refused():
         minimoe.load(FIXTURES / "moe_gqa", backend="jax")
 
 
+@pytest.mark.parametrize("weight_first_below", [0, 1000], ids=["x @ W.T", "W @ x.T"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_linear_in_row_blocks_over_threads_equals_a_plain_float32_matmul(monkeypatch, threads):
-    """Blocked upcast + per-thread rows give x @ W.T + b of the float32 weights (rows not a multiple of anything)."""
+def test_linear_in_row_blocks_over_threads_equals_a_plain_float32_matmul(monkeypatch, threads, weight_first_below):
+    """Blocked upcast + per-thread rows give x @ W.T + b of the float32 weights (rows not a multiple of anything),
+    whichever way round the blocks are multiplied."""
     monkeypatch.setattr(backend, "SMALL_MATRIX_ELEMENTS", 0)
+    monkeypatch.setattr(backend, "WEIGHT_FIRST_BELOW_TOKENS", weight_first_below)
     monkeypatch.setattr(backend, "BLOCK_ELEMENTS_DECODE", 5 * 16)  # 5 rows per block
     monkeypatch.setattr(backend, "NUM_THREADS", threads)
     for rows in (1, 7, 23, 40):
@@ -213,3 +216,15 @@ def test_route_breaks_ties_by_the_lower_expert_id():
     for row_logits, ids in zip(logits, choice.expert_ids):
         expected = sorted(range(16), key=lambda e: (-row_logits[e], e))[:4]  # equal logits <=> equal probabilities
         assert ids.tolist() == expected
+
+
+def test_attention_in_query_chunks_equals_one_pass(monkeypatch):
+    """A long prompt attends in chunks of queries (each reading only the keys it may see): same output."""
+    model = minimoe.load(FIXTURES / "moe_gqa")
+    ids = rng.integers(0, model.config.vocab_size, size=40)
+    whole = model.forward(ids)
+    monkeypatch.setattr(minimoe.model, "QUERY_CHUNK", 7)  # 40 tokens: chunks of 7, the last of 5
+    np.testing.assert_allclose(model.forward(ids), whole, rtol=1e-5, atol=1e-5)
+    cache = model.new_cache()  # and continuing a cache: chunks start after the cached positions
+    model.forward(ids[:9], cache=cache)
+    np.testing.assert_allclose(model.forward(ids[9:], cache=cache), whole[9:], rtol=1e-5, atol=1e-5)
