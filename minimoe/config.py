@@ -24,6 +24,10 @@ from typing import Any
 from .errors import MinimoeError
 
 SUPPORTED_MODEL_TYPES = ("qwen2_moe", "qwen2")
+# What transformers' config classes put in when config.json omits num_key_value_heads: a
+# fixed count (the size each class was written for), not num_attention_heads.  A model
+# transformers builds from such a file has that many key/value heads, so we read it the same.
+DEFAULT_KV_HEADS = {"qwen2_moe": 16, "qwen2": 32}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +148,7 @@ def _parse(raw: dict[str, Any], source: str) -> ModelConfig:
 
     hidden = require("hidden_size")
     heads = require("num_attention_heads")
-    kv_heads = optional("num_key_value_heads", heads, int)
+    kv_heads = optional("num_key_value_heads", DEFAULT_KV_HEADS[model_type], int)
     if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
         raise fail(f"num_attention_heads ({heads}) must be a positive multiple of num_key_value_heads ({kv_heads})")
     head_dim = optional("head_dim", None, int)

@@ -59,6 +59,7 @@ class FixtureSpec:
     hub_spelling: bool = False  # rewrite config.json with transformers-4 keys (rope_theta, torch_dtype)
     seed: int = 0
     notes: str = ""
+    generation_config: dict | None = None  # written as generation_config.json when given
     extra: dict = field(default_factory=dict)
 
 
@@ -78,6 +79,12 @@ SPECS = [
                 dtype="bfloat16", shard_size="40KB", hub_spelling=True, seed=5,
                 notes="bf16 weights in several shards with an index; config.json in the Hub's transformers-4 spelling"),
     FixtureSpec("dense_qwen2", "qwen2", dict(TINY, num_hidden_layers=2), seed=6, notes="dense Qwen2ForCausalLM"),
+    FixtureSpec("moe_explicit_fields", "qwen2_moe",
+                dict(TINY_MOE, num_hidden_layers=2, head_dim=12, rms_norm_eps=0.05, qkv_bias=False,
+                     rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
+                seed=7, generation_config={"eos_token_id": [5, 7], "bos_token_id": 1},
+                notes="fields away from their defaults: head_dim 12 (not hidden/heads = 8), rms_norm_eps 0.05, "
+                      "no q/k/v bias, rope_theta 500; generation_config.json's eos [5, 7] differs from config.json's 2"),
 ]
 
 # Prompts: a batch of 2 sequences of 12 tokens, and greedy continuation of the first for 10 tokens.
@@ -136,6 +143,8 @@ def build_fixture(spec: FixtureSpec, folder: Path) -> dict[str, np.ndarray]:
     model.to(getattr(torch, spec.dtype)).save_pretrained(folder, max_shard_size=spec.shard_size or "50GB")
     for stray in ("generation_config.json",):
         (folder / stray).unlink(missing_ok=True)
+    if spec.generation_config is not None:
+        (folder / "generation_config.json").write_text(json.dumps(spec.generation_config, indent=2) + "\n")
     if spec.hub_spelling:
         _to_hub_spelling(folder / "config.json")
     return reference_outputs(spec, folder)
@@ -196,10 +205,15 @@ def topk_margin(router_logits: np.ndarray, k: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=FIXTURES, help="where to write the fixtures")
+    parser.add_argument("--only", action="append", choices=[spec.name for spec in SPECS],
+                        help="remake only this fixture (repeatable); the others stay as they are")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    manifest = {}
+    manifest_path = args.out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if args.only and manifest_path.exists() else {}
     for spec in SPECS:
+        if args.only and spec.name not in args.only:
+            continue
         reference = build_fixture(spec, args.out / spec.name)
         save_file({k: np.ascontiguousarray(v) for k, v in reference.items()}, str(args.out / spec.name / "reference.safetensors"))
         entry = {"architecture": spec.architecture, "dtype": spec.dtype, "notes": spec.notes}
@@ -207,7 +221,8 @@ def main() -> None:
             entry["min_topk_margin"] = round(float(reference["min_topk_margin"]), 5)
         manifest[spec.name] = entry
         print(f"{spec.name:20s} {entry}")
-    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    ordered = {spec.name: manifest[spec.name] for spec in SPECS if spec.name in manifest}
+    manifest_path.write_text(json.dumps(ordered, indent=2) + "\n")
 
 
 if __name__ == "__main__":
