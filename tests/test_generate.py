@@ -117,7 +117,7 @@ def test_eos_comes_from_generation_config_as_in_transformers(tmp_path):
     assert minimoe.load(copy).eos_token_ids == [fallback.eos_token_id] == [2]
 
 
-def test_generation_stops_where_transformers_generate_stops(tmp_path):
+def test_generation_stops_at_eos_where_transformers_generate_stops(tmp_path):
     """generation_config.json names a token the greedy continuation reaches; both stop on it."""
     prompt = load_reference(EXPLICIT)["ids"][0]
     free = minimoe.load(EXPLICIT).generate(prompt, 10, temperature=0, eos_token_ids=[])
