@@ -144,7 +144,8 @@ def kept_by_transformers(logits, p: float) -> list[bool]:
     ([2.0, 1.0, 1.0], 0.75, [True, False, True]),
     ([1.0, 1.0, 1.0, 1.0], 0.75, [False, True, True, True]),
     ([3.0, 0.0, 0.0, 0.0], 0.9, [True, False, False, True]),
-    ([0.0, 5.0, 0.0], 0.01, [False, True, False]),  # the most likely token always stays
+    ([0.0, 5.0, 0.0], 0.01, [False, True, False]),
+    ([0.0, 0.0], 1e-20, [False, True]),  # 1 - p rounds to 1: all the mass is "at most 1 - p", one token stays
 ])
 def test_top_p_ties_keep_what_transformers_keeps(logits, p, kept):
     assert kept_by_transformers(logits, p) == kept  # the cases say what they claim
