@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -74,8 +75,9 @@ MUTATIONS = [
       'rms_norm_eps=optional("rms_norm_eps", 1e-6, float)', 'rms_norm_eps=1e-6', CONFIG_TESTS),
     m("config: explicit head_dim ignored", CONFIG,
       'head_dim = optional("head_dim", None, int)', 'head_dim = None', CONFIG_TESTS),
-    m("config: num_key_value_heads defaults to 1", CONFIG,
-      'optional("num_key_value_heads", heads, int)', 'optional("num_key_value_heads", 1, int)', CONFIG_TESTS),
+    m("config: num_key_value_heads defaults to the query heads", CONFIG,
+      'optional("num_key_value_heads", DEFAULT_KV_HEADS[model_type], int)', 'optional("num_key_value_heads", heads, int)',
+      CONFIG_TESTS),
     m("config: tie_word_embeddings defaults to true", CONFIG,
       'optional("tie_word_embeddings", False, bool)', 'optional("tie_word_embeddings", True, bool)', CONFIG_TESTS),
     m("config: qkv_bias defaults to false", CONFIG,
@@ -228,6 +230,8 @@ def main() -> None:
     parser.add_argument("--tests-from", help="git revision whose tests/ judge today's code")
     args = parser.parse_args()
     chosen = [mu for mu in MUTATIONS if not args.k or any(word in mu.name for word in args.k)]
+    # Stopped with kill: unwind as for Ctrl-C, so the running pytest is killed and the copy removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("mutation audit stopped"))
     copy = make_copy(args.tests_from)
     try:
         sanity = {tests: run_tests(copy, tests) for tests in {mu.tests for mu in chosen}}
