@@ -39,7 +39,7 @@ LOGIT_PARITY = "tests/test_parity.py::test_logits_match_transformers"
 CONFIG_TESTS = ("tests/test_config.py", LOGIT_PARITY)
 EOS_TESTS = ("tests/test_generate.py", "-k", "eos")
 CHECKPOINT_TESTS = ("tests/test_checkpoint.py", LOGIT_PARITY)
-GENERATE_TESTS = ("tests/test_generate.py",)
+GENERATE_TESTS = ("tests/test_generate.py", "tests/test_routing.py::test_trace_grows_through_generation_like_one_pass")
 ROUTING_TESTS = ("tests/test_routing.py", "tests/test_parity.py::test_router_experts_and_aux_loss_match_transformers")
 
 
