@@ -47,18 +47,22 @@ class Family:
     rope_theta: float = 10000.0  # transformers' default when config.json gives none
     rms_norm_eps: float = 1e-6
     norm_topk_prob: bool = False
+    # What transformers' config class puts in when config.json omits num_key_value_heads: a fixed
+    # count (the size the class was written for), not num_attention_heads; None: as many as query heads.
+    num_key_value_heads: int | None = None
 
 
 FAMILIES: dict[str, Family] = {
-    "qwen2_moe": Family("Qwen2MoeForCausalLM", shared_expert=True, qkv_bias=True, sparse_step=True),
-    "qwen2": Family("Qwen2ForCausalLM", qkv_bias=True, experts_keys=()),
+    "qwen2_moe": Family("Qwen2MoeForCausalLM", shared_expert=True, qkv_bias=True, sparse_step=True,
+                        num_key_value_heads=16),
+    "qwen2": Family("Qwen2ForCausalLM", qkv_bias=True, experts_keys=(), num_key_value_heads=32),
     "mixtral": Family("MixtralForCausalLM", always_renormalise=True, experts_keys=("num_local_experts",),
-                      expert_width_key="intermediate_size", rope_theta=1e6, rms_norm_eps=1e-5),
+                      expert_width_key="intermediate_size", rope_theta=1e6, rms_norm_eps=1e-5, num_key_value_heads=8),
     "olmoe": Family("OlmoeForCausalLM", qk_norm="projection", expert_width_key="intermediate_size",
                     rms_norm_eps=1e-5),
     # transformers 5.x writes Qwen3-MoE's expert count as num_local_experts; the Hub's files say num_experts.
     "qwen3_moe": Family("Qwen3MoeForCausalLM", qk_norm="head", experts_keys=("num_experts", "num_local_experts"),
-                        sparse_step=True),
+                        sparse_step=True, num_key_value_heads=4),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
@@ -200,7 +204,7 @@ def _parse(raw: dict[str, Any], source: str) -> ModelConfig:
 
     hidden = require("hidden_size")
     heads = require("num_attention_heads")
-    kv_heads = optional("num_key_value_heads", heads, int)
+    kv_heads = optional("num_key_value_heads", family.num_key_value_heads or heads, int)
     if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
         raise fail(f"num_attention_heads ({heads}) must be a positive multiple of num_key_value_heads ({kv_heads})")
     head_dim = optional("head_dim", None, int)

@@ -4,8 +4,9 @@ The sampling filters follow transformers' logits warpers, in the same order
 (temperature, then top-k, then top-p), so the same settings keep the same tokens:
 
 * top-k keeps every token whose logit is at least the k-th largest (ties kept);
-* top-p keeps the smallest set of most likely tokens whose probability reaches p
-  (always at least one).
+* top-p walks the tokens from least to most likely and drops each one while the mass
+  of it and everything before it is at most ``1 - p``; the most likely token always
+  stays.  Tied tokens are walked in index order (lower id first, so dropped first).
 """
 
 from __future__ import annotations
@@ -31,13 +32,20 @@ def filter_top_k(logits: np.ndarray, k: int) -> np.ndarray:
 
 
 def filter_top_p(logits: np.ndarray, p: float) -> np.ndarray:
-    """Logits ``[V]`` keeping the smallest most-likely set whose probability mass reaches ``p``."""
-    probs = softmax64(logits)
-    order = np.argsort(-probs, kind="stable")
-    mass_before = np.cumsum(probs[order]) - probs[order]  # mass of strictly more likely tokens
-    keep = order[mass_before < p]  # a token stays while the tokens ahead of it have not reached p
-    filtered = np.full_like(logits, -np.inf)
-    filtered[keep] = logits[keep]
+    """Logits ``[V]`` with the least likely tokens, up to ``1 - p`` of the mass, set to -inf.
+
+    transformers' ``TopPLogitsWarper`` rule, step for step: sort ascending, accumulate
+    the probabilities, drop every token whose running mass is ``<= 1 - p``, keep the
+    last (most likely) one regardless.  At a tie across the cut the order decides which
+    of the tied tokens go: here always index order, which is what ``torch.sort`` gives
+    for up to 16 tokens (beyond that its tie order is unspecified, so no rule can match it).
+    """
+    order = np.argsort(logits, kind="stable")  # ascending; tied tokens by index
+    mass_so_far = np.cumsum(softmax64(logits[order]))
+    dropped = mass_so_far <= 1 - p
+    dropped[-1] = False  # the most likely token always stays
+    filtered = logits.copy()
+    filtered[order[dropped]] = -np.inf
     return filtered
 
 

@@ -66,6 +66,7 @@ class FixtureSpec:
     # 8th and 9th are close for some token of almost any prompt; float32 differences are ~1e-7, far below either.
     min_margin: float = MIN_TOPK_MARGIN
     notes: str = ""
+    generation_config: dict | None = None  # written as generation_config.json when given
     extra: dict = field(default_factory=dict)
 
 
@@ -85,6 +86,12 @@ SPECS = [
                 dtype="bfloat16", shard_size="40KB", hub_spelling=True, seed=5,
                 notes="bf16 weights in several shards with an index; config.json in the Hub's transformers-4 spelling"),
     FixtureSpec("dense_qwen2", "qwen2", dict(TINY, num_hidden_layers=2), seed=6, notes="dense Qwen2ForCausalLM"),
+    FixtureSpec("moe_explicit_fields", "qwen2_moe",
+                dict(TINY_MOE, num_hidden_layers=2, head_dim=12, rms_norm_eps=0.05, qkv_bias=False,
+                     rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
+                seed=7, generation_config={"eos_token_id": [5, 7], "bos_token_id": 1},
+                notes="fields away from their defaults: head_dim 12 (not hidden/heads = 8), rms_norm_eps 0.05, "
+                      "no q/k/v bias, rope_theta 500; generation_config.json's eos [5, 7] differs from config.json's 2"),
     # The MoE family: each differs from Qwen2-MoE in a few named ways (minimoe.config.FAMILIES).
     FixtureSpec("moe_qwen2_57b_shape", "qwen2_moe",
                 dict(TINY, hidden_size=56, num_attention_heads=28, num_key_value_heads=4, num_hidden_layers=2,
@@ -161,6 +168,8 @@ def build_fixture(spec: FixtureSpec, folder: Path) -> dict[str, np.ndarray]:
     model.to(getattr(torch, spec.dtype)).save_pretrained(folder, max_shard_size=spec.shard_size or "50GB")
     for stray in ("generation_config.json",):
         (folder / stray).unlink(missing_ok=True)
+    if spec.generation_config is not None:
+        (folder / "generation_config.json").write_text(json.dumps(spec.generation_config, indent=2) + "\n")
     if spec.hub_spelling:
         _to_hub_spelling(folder / "config.json")
     return reference_outputs(spec, folder)
@@ -238,9 +247,8 @@ def main() -> None:
             entry["required_margin"] = spec.min_margin
         manifest[spec.name] = entry
         print(f"{spec.name:20s} {entry}")
-    order = [spec.name for spec in SPECS]
-    manifest = {name: manifest[name] for name in sorted(manifest, key=order.index)}
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    ordered = {spec.name: manifest[spec.name] for spec in SPECS if spec.name in manifest}
+    manifest_path.write_text(json.dumps(ordered, indent=2) + "\n")
 
 
 if __name__ == "__main__":

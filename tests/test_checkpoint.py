@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import minimoe
@@ -19,6 +20,11 @@ from minimoe import MinimoeError
 from minimoe.checkpoint import MAX_HEADER_BYTES, Checkpoint, SafetensorsFile
 
 from conftest import FIXTURES
+
+try:  # the reference reader for BF16 (safetensors' NumPy API cannot hold bfloat16)
+    import torch
+except ImportError:
+    torch = None
 
 
 def write_raw(path: Path, header: dict, data: bytes) -> Path:
@@ -84,6 +90,10 @@ def bad_file_cases(tmp_path: Path):
         "dtype 'I64' is not supported"
     yield "bad shape", write_raw(tmp_path / "shape.safetensors", {"w": entry("F32", [-2], 0, 8)}, b"\x00" * 8), \
         "shape [-2] is not a list of non-negative integers"
+    yield "boolean shape", write_raw(tmp_path / "boolshape.safetensors", {"w": entry("F32", [True], 0, 4)}, b"\x00" * 4), \
+        "shape [True] is not a list of non-negative integers"
+    yield "boolean offsets", write_raw(tmp_path / "booloffsets.safetensors", {"w": entry("F32", [], False, 4)}, b"\x00" * 4), \
+        "data_offsets [False, 4] is not a pair of non-negative integers"
     notjson = tmp_path / "notjson.safetensors"
     notjson.write_bytes(struct.pack("<Q", 4) + b"{{{{")
     yield "not json", notjson, "header is not valid JSON"
@@ -91,7 +101,7 @@ def bad_file_cases(tmp_path: Path):
 
 def test_each_bad_file_raises_a_clear_error(tmp_path):
     cases = list(bad_file_cases(tmp_path))
-    assert len(cases) == 11
+    assert len(cases) == 13
     for label, path, message in cases:
         with pytest.raises(MinimoeError) as error:
             SafetensorsFile(path)
@@ -121,11 +131,29 @@ def test_sharded_checkpoint_opens(sharded):
     assert "model.layers.2.mlp.experts.7.down_proj.weight" in checkpoint
 
 
-@pytest.mark.parametrize("shard", ["../escape.safetensors", "/etc/passwd", "sub/dir.safetensors", "..", "C:evil"])
+@pytest.mark.parametrize("shard", [
+    "../escape.safetensors", "/etc/passwd", "sub/dir.safetensors", "..", ".", "", "C:evil",
+    "..\\escape.safetensors", "sub\\dir.safetensors", "C:\\evil.safetensors", "\\\\server\\share.safetensors",
+    "sub/../escape.safetensors", "./model-00001-of-00004.safetensors",
+])
 def test_index_cannot_name_a_shard_outside_the_folder(sharded, shard):
     (sharded.parent / "escape.safetensors").write_bytes((sharded / "model-00001-of-00004.safetensors").read_bytes())
     rewrite_index(sharded, lambda weight_map: weight_map.__setitem__("model.norm.weight", shard))
     with pytest.raises(MinimoeError, match="points outside the model folder"):
+        Checkpoint(sharded)
+
+
+def test_index_placing_a_tensor_in_the_wrong_shard(sharded):
+    rewrite_index(sharded, lambda weight_map: weight_map.__setitem__("model.norm.weight", "model-00001-of-00004.safetensors"))
+    assert "model.norm.weight" not in SafetensorsFile(sharded / "model-00001-of-00004.safetensors").tensors
+    with pytest.raises(MinimoeError, match="'model.norm.weight' is listed in model-00001-of-00004.safetensors but not there"):
+        Checkpoint(sharded)
+
+
+def test_a_tensor_in_two_shards_is_refused(sharded):
+    shutil.copy(sharded / "model-00004-of-00004.safetensors", sharded / "model-extra.safetensors")
+    rewrite_index(sharded, lambda weight_map: weight_map.__setitem__("model.extra.weight", "model-extra.safetensors"))
+    with pytest.raises(MinimoeError, match="appears in two files"):
         Checkpoint(sharded)
 
 
@@ -177,6 +205,64 @@ def test_corrupt_index(sharded):
     (sharded / "model.safetensors.index.json").write_text('{"weight_map": 7}')
     with pytest.raises(MinimoeError, match="not a valid safetensors index"):
         Checkpoint(sharded)
+
+
+# --- valid files whose layout a careless check would refuse --------------------------------------
+
+def test_tensor_names_in_another_order_than_their_offsets(tmp_path):
+    """Names sort a, b, c; the data holds c, a, b.  Touching tensors and empty ones are not overlaps."""
+    values = {"a": np.arange(3, dtype=np.float32), "b": np.arange(2, dtype=np.float16), "c": np.float32(7.5)}
+    header = {"a": entry("F32", [3], 4, 16), "b": entry("F16", [2], 16, 20), "c": entry("F32", [], 0, 4),
+              "empty": entry("F32", [0, 3], 20, 20)}
+    path = write_raw(tmp_path / "x.safetensors", header, values["c"].tobytes() + values["a"].tobytes() + values["b"].tobytes())
+    reader = SafetensorsFile(path)
+    for name, value in values.items():
+        assert np.array_equal(reader.array(name), value) and reader.array(name).shape == np.shape(value)
+    assert reader.array("empty").shape == (0, 3)
+
+
+# --- property: valid files, generated at random, always load and read back exactly ----------------
+
+DTYPE_OF = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16} if torch else {}
+
+
+@st.composite
+def valid_files(draw):
+    """(file bytes, {name: (dtype, shape, data bytes)}): tensors laid out contiguously in a random
+    order unrelated to their names, header padded with spaces as the safetensors writer does."""
+    names = draw(st.lists(st.text("abz._019", min_size=1, max_size=8), min_size=1, max_size=6, unique=True))
+    tensors = {}
+    for name in names:
+        dtype = draw(st.sampled_from(sorted(DTYPE_OF)))
+        shape = draw(st.lists(st.integers(0, 4), max_size=3))
+        size = int(np.prod(shape, dtype=np.int64)) * (4 if dtype == "F32" else 2)
+        tensors[name] = (dtype, shape, draw(st.binary(min_size=size, max_size=size)))
+    header, data = {}, b""
+    for name in draw(st.permutations(names)):
+        dtype, shape, blob = tensors[name]
+        header[name] = entry(dtype, shape, len(data), len(data) + len(blob))
+        data += blob
+    if draw(st.booleans()):
+        header["__metadata__"] = draw(st.dictionaries(st.text("ab", max_size=3), st.text("xy", max_size=3), max_size=2))
+    text = json.dumps(header) + " " * draw(st.integers(0, 7))
+    return struct.pack("<Q", len(text)) + text.encode() + data, tensors
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(made=valid_files())
+def test_valid_files_always_load_and_read_back_exactly(tmp_path_factory, made):
+    """The reference reader (safetensors' own, through torch) accepts each file and gives the same bytes."""
+    blob, tensors = made
+    path = tmp_path_factory.mktemp("valid") / "model.safetensors"
+    path.write_bytes(blob)
+    reader = SafetensorsFile(path)
+    assert set(reader.tensors) == set(tensors)
+    with safe_open(str(path), framework="pt") as reference:
+        for name, (dtype, shape, data) in tensors.items():
+            ours = reader.array(name)
+            assert ours.shape == tuple(shape) and ours.tobytes() == data
+            theirs = reference.get_tensor(name)
+            assert theirs.dtype == DTYPE_OF[dtype] and theirs.reshape(-1).view(torch.uint8).numpy().tobytes() == data
 
 
 # --- property: any mutation of a valid file loads correctly or raises MinimoeError -------------

@@ -38,6 +38,10 @@ def test_generate_streams_and_reports_speed():
     again = run("generate", "--prompt", "import os\n", "--max-new-tokens", "12", "--temperature", "0.8",
                 "--top-k", "20", "--top-p", "0.9", "--seed", "1")
     assert again.stdout == result.stdout  # same seed, same text
+    model = minimoe.load(minimoe.default_model_path())  # ... and the text the library samples
+    tok = minimoe.load_tokenizer(minimoe.default_model_path())
+    ids = model.generate(tok.encode("import os\n"), 12, temperature=0.8, top_k=20, top_p=0.9, seed=1)
+    assert result.stdout.rstrip("\n") == ("import os\n" + tok.decode(ids, skip_special_tokens=True)).rstrip("\n")
 
 
 def test_generate_greedy_equals_the_library():

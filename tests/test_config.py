@@ -93,3 +93,77 @@ def test_bad_files_name_the_file(tmp_path):
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(MinimoeError, match="JSON object"):
         ModelConfig.from_file(tmp_path)
+
+
+# --- defaults and explicit fields, against what transformers builds from the same file ----------
+
+# Only the fields minimoe requires; everything else is left to each side's defaults.
+# 32 heads: transformers' default key/value head count (16 or 32) must divide them.
+MINIMAL_MOE = dict(model_type="qwen2_moe", vocab_size=16, hidden_size=128, num_hidden_layers=4, num_attention_heads=32,
+                   intermediate_size=8, max_position_embeddings=32, num_experts=4, num_experts_per_tok=2,
+                   moe_intermediate_size=4, shared_expert_intermediate_size=4)
+MINIMAL_DENSE = {k: v for k, v in MINIMAL_MOE.items() if k in (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "max_position_embeddings")} | {"model_type": "qwen2", "num_attention_heads": 64}  # Qwen2Config's kv default: 32
+# Every optional field set away from its default (and head_dim away from hidden / heads).
+EXPLICIT = dict(rope_theta=500.0, norm_topk_prob=True, decoder_sparse_step=2, mlp_only_layers=[3], rms_norm_eps=1e-3,
+                num_key_value_heads=8, tie_word_embeddings=True, router_aux_loss_coef=0.05, qkv_bias=False,
+                head_dim=12, bos_token_id=3, eos_token_id=[4, 5])
+
+
+def read_by_both(tmp_path, raw: dict):
+    """(minimoe's config, transformers' config, transformers' model) from one config.json."""
+    pytest.importorskip("torch", reason="the reference config needs torch + transformers")
+    transformers = pytest.importorskip("transformers")
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path)
+    return ModelConfig.from_file(tmp_path), theirs, transformers.AutoModelForCausalLM.from_config(theirs)
+
+
+def assert_reads_like_transformers(ours: ModelConfig, theirs, model) -> None:
+    """Each field minimoe computes with equals what transformers' model is built from."""
+    attention = model.model.layers[0].self_attn
+    assert ours.rope_theta == theirs.rope_parameters["rope_theta"]
+    assert ours.rms_norm_eps == theirs.rms_norm_eps == model.model.norm.variance_epsilon
+    assert ours.head_dim == attention.head_dim
+    assert ours.num_key_value_heads == theirs.num_key_value_heads
+    assert ours.num_attention_heads * ours.head_dim == attention.q_proj.out_features
+    assert ours.num_key_value_heads * ours.head_dim == attention.k_proj.out_features
+    assert ours.qkv_bias == (attention.q_proj.bias is not None)
+    assert ours.tie_word_embeddings == (model.lm_head.weight is model.model.embed_tokens.weight)
+    assert ours.bos_token_id == theirs.bos_token_id
+    assert ours.eos_token_id == (tuple(theirs.eos_token_id) if isinstance(theirs.eos_token_id, list)
+                                 else theirs.eos_token_id)
+    sparse = [i for i, layer in enumerate(model.model.layers) if type(layer.mlp).__name__.endswith("SparseMoeBlock")]
+    assert ours.sparse_layers == sparse
+    if ours.model_type == "qwen2_moe":
+        assert ours.norm_topk_prob == theirs.norm_topk_prob
+        assert ours.router_aux_loss_coef == theirs.router_aux_loss_coef
+        assert ours.decoder_sparse_step == theirs.decoder_sparse_step
+        assert list(ours.mlp_only_layers) == theirs.mlp_only_layers
+
+
+@pytest.mark.parametrize("raw", [MINIMAL_MOE, MINIMAL_DENSE], ids=["qwen2_moe", "qwen2"])
+def test_defaults_are_transformers_defaults(tmp_path, raw):
+    assert_reads_like_transformers(*read_by_both(tmp_path, raw))
+
+
+@pytest.mark.parametrize("spelling", ["hub", "transformers5"])
+def test_explicit_fields_are_read_as_transformers_reads_them(tmp_path, spelling):
+    raw = dict(MINIMAL_MOE, **EXPLICIT)
+    if spelling == "transformers5":
+        raw["rope_parameters"] = {"rope_theta": raw.pop("rope_theta"), "rope_type": "default"}
+    ours, theirs, model = read_by_both(tmp_path, raw)
+    assert_reads_like_transformers(ours, theirs, model)
+    assert (ours.head_dim, ours.rope_theta, ours.sparse_layers) == (12, 500.0, [1])  # really not the defaults
+
+
+@pytest.mark.parametrize("field, default", [
+    ("rope_theta", 10000.0), ("norm_topk_prob", False), ("decoder_sparse_step", 1), ("mlp_only_layers", ()),
+    ("rms_norm_eps", 1e-6), ("tie_word_embeddings", False), ("router_aux_loss_coef", 0.001), ("qkv_bias", True),
+    ("head_dim", 4), ("num_key_value_heads", 16), ("bos_token_id", None), ("eos_token_id", None),
+])
+def test_each_default_alone(field, default):
+    """The same defaults, written out: a field missing from the file takes Qwen2MoeConfig's default
+    (head_dim = hidden / heads; num_key_value_heads a fixed 16, not the number of query heads)."""
+    assert getattr(ModelConfig.from_dict(MINIMAL_MOE), field) == default

@@ -14,7 +14,7 @@ from safetensors.numpy import save_file
 import minimoe
 from minimoe import MinimoeError
 from minimoe.checkpoint import Checkpoint
-from minimoe.routing import RoutingTrace, measure_intervention, trace_generation
+from minimoe.routing import ARRAY_FIELDS, RoutingTrace, measure_intervention, trace_generation
 
 from conftest import FIXTURES, load_reference
 from parity import LOGIT_TOLERANCE, check_routing, relative_error
@@ -92,10 +92,12 @@ def test_changing_k_equals_transformers_with_that_k(tmp_path):
     assert relative_error(ours, transformers_logits(variant(tmp_path, num_experts_per_tok=3), ids)) < LOGIT_TOLERANCE
 
 
-def test_switching_the_shared_expert_off_equals_transformers_with_it_zeroed(tmp_path):
-    def zero_shared(tensors):
-        return {name: np.zeros_like(v) if "shared_expert.down_proj" in name else v for name, v in tensors.items()}
+def zero_shared(tensors):
+    """The shared expert's output projection zeroed: the checkpoint equivalent of ``shared_expert=False``."""
+    return {name: np.zeros_like(v) if "shared_expert.down_proj" in name else v for name, v in tensors.items()}
 
+
+def test_switching_the_shared_expert_off_equals_transformers_with_it_zeroed(tmp_path):
     ids = load_reference(SOURCE)["ids"][0]
     model = minimoe.load(SOURCE)
     ours = model.forward(ids, shared_expert=False)
@@ -109,7 +111,9 @@ def test_switching_the_shared_expert_off_equals_transformers_with_it_zeroed(tmp_
 def test_forced_experts_are_used_with_their_router_probabilities():
     model, ids = minimoe.load(SOURCE), load_reference(SOURCE)["ids"][0]
     trace = model.trace(ids, forced_experts={0: [6, 1]})
-    assert (np.sort(trace.expert_ids[0], axis=-1) == [1, 6]).all()
+    forced = np.array([6, 1])
+    most_likely_first = np.argsort(-trace.router_probs[0][:, forced], axis=-1)
+    np.testing.assert_array_equal(trace.expert_ids[0], forced[most_likely_first])
     np.testing.assert_allclose(trace.raw_weights[0], np.take_along_axis(trace.router_probs[0], trace.expert_ids[0], -1))
 
 
@@ -126,15 +130,41 @@ def test_bad_interventions_are_refused(kwargs, message):
         minimoe.load(SOURCE).forward([1, 2, 3], **kwargs)
 
 
-def test_measure_intervention_against_transformers_loss():
-    model, ids = minimoe.load(SOURCE), load_reference(SOURCE)["ids"][0]
-    reference = transformers.AutoModelForCausalLM.from_pretrained(SOURCE, dtype=torch.float32).eval()
+def transformers_run(folder: Path, ids) -> tuple[torch.Tensor, float]:
+    """transformers' logits ``[T, V]`` and its language-model loss on ``ids``."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
-        their_loss = reference(torch.from_numpy(ids)[None], labels=torch.from_numpy(ids)[None]).loss.item()
-    effect = measure_intervention(model, ids, disabled_experts={0: [0, 1, 2]})
-    assert effect.base_loss == pytest.approx(their_loss, rel=1e-5)
-    assert effect.mean_kl > 0 and effect.kl_per_token.shape == (len(ids),)
-    assert measure_intervention(model, ids, top_k=model.config.num_experts_per_tok).mean_kl == pytest.approx(0, abs=1e-9)
+        out = model(torch.from_numpy(ids)[None], labels=torch.from_numpy(ids)[None])
+    return out.logits[0], out.loss.item()
+
+
+def test_measure_intervention_against_transformers_on_the_modified_model(tmp_path):
+    """top_k=1 without the shared expert is transformers with num_experts_per_tok=1 and the shared
+    expert zeroed.  From the two transformers runs, torch's kl_div gives KL(original || intervened)
+    per position (the original is the reference distribution); the loss after the intervention is
+    the modified model's own loss."""
+    ids = load_reference(SOURCE)["ids"][0]
+    original, base_loss = transformers_run(SOURCE, ids)
+    modified, loss = transformers_run(variant(tmp_path, zero_shared, num_experts_per_tok=1), ids)
+    log_p, log_q = torch.log_softmax(original.double(), -1), torch.log_softmax(modified.double(), -1)
+    kl = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1).numpy()
+    reverse = torch.nn.functional.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1).numpy()
+    assert np.abs(kl - reverse).max() > 0.03 * kl.max()  # asymmetric far beyond the tolerance below
+
+    effect = measure_intervention(minimoe.load(SOURCE), ids, top_k=1, shared_expert=False)
+    np.testing.assert_allclose(effect.kl_per_token, kl, rtol=1e-4, atol=1e-6)
+    assert effect.mean_kl == pytest.approx(kl.mean(), rel=1e-4)
+    assert effect.last_kl == pytest.approx(kl[-1], rel=1e-4, abs=1e-6)
+    assert effect.loss == pytest.approx(loss, rel=1e-5) and effect.base_loss == pytest.approx(base_loss, rel=1e-5)
+    assert effect.loss_change == pytest.approx(loss - base_loss, rel=1e-3)
+    assert effect.top1_changed == pytest.approx((original.argmax(-1) != modified.argmax(-1)).double().mean().item())
+    assert 0 < effect.top1_changed < 1  # neither count is trivially right
+
+
+def test_measuring_no_change_gives_zero():
+    model, ids = minimoe.load(SOURCE), load_reference(SOURCE)["ids"][0]
+    effect = measure_intervention(model, ids, top_k=model.config.num_experts_per_tok)
+    assert effect.mean_kl == pytest.approx(0, abs=1e-9) and effect.loss == effect.base_loss
 
 
 def test_trace_grows_through_generation_like_one_pass():
@@ -146,8 +176,13 @@ def test_trace_grows_through_generation_like_one_pass():
     np.testing.assert_array_equal(grown.positions, np.arange(9))
     np.testing.assert_array_equal(grown.expert_ids, whole.expert_ids)
     np.testing.assert_allclose(grown.router_probs, whole.router_probs, atol=1e-5)
-    pieces = RoutingTrace.concat([model.trace([5, 6, 7, 8]), whole])
-    assert pieces.num_tokens == 4 + whole.num_tokens
+    cache = model.new_cache()  # the same sequence traced in two pieces through one cache
+    pieces = RoutingTrace.concat([model.trace(whole.token_ids[:4], cache), model.trace(whole.token_ids[4:], cache)])
+    for name in ARRAY_FIELDS:
+        assert getattr(pieces, name).shape == getattr(whole, name).shape, name
+    np.testing.assert_array_equal(pieces.expert_ids, whole.expert_ids)
+    np.testing.assert_array_equal(pieces.positions, whole.positions)
+    np.testing.assert_allclose(pieces.attention_norm, whole.attention_norm, rtol=1e-5)
 
 
 def test_step_through_reproduces_the_forward():
@@ -209,3 +244,71 @@ def test_layers_with_different_k_are_padded_and_analysable():
     assert analysis.coactivation(trace)[1].sum() == np.count_nonzero(load.counts[1])  # only the diagonal in layer 1
     forced = model.trace(ids, forced_experts={1: [4]})
     assert (forced.expert_ids[1, :, 0] == 4).all() and (forced.expert_ids[1, :, 1:] == -1).all()
+
+
+def transformers_block_outputs(folder: Path, ids) -> dict:
+    """What each of transformers' blocks adds to the residual stream, caught with forward hooks:
+    ``("attention", l)`` ``[T, H]`` per layer; per sparse layer ``("routed", l)`` ``[T, H]``,
+    ``("shared", l)`` ``[T, H]`` (before its gate) and ``("gate", l)`` ``[T, 1]`` (before the sigmoid)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    seen = {}
+
+    def keep(key):
+        def hook(module, inputs, output):
+            seen[key] = (output[0][0] if key[0] == "attention" else output).numpy()
+        return hook
+
+    for index, layer in enumerate(model.model.layers):
+        layer.self_attn.register_forward_hook(keep(("attention", index)))
+        if hasattr(layer.mlp, "experts"):
+            layer.mlp.experts.register_forward_hook(keep(("routed", index)))
+            layer.mlp.shared_expert.register_forward_hook(keep(("shared", index)))
+            layer.mlp.shared_expert_gate.register_forward_hook(keep(("gate", index)))
+    with torch.no_grad():
+        model(torch.from_numpy(ids)[None])
+    return seen
+
+
+def test_trace_shapes_and_norms_match_transformers_with_dense_layers_among_sparse():
+    """moe_sparse_step2: layers 0 and 2 dense, 1 and 3 sparse.  attention_norm covers all four
+    layers, the routing fields the two sparse ones; the norms are those of what transformers'
+    attention, routed experts and gated shared expert add."""
+    folder = FIXTURES / "moe_sparse_step2"
+    ids = load_reference(folder)["ids"][0]
+    model = minimoe.load(folder)
+    c, tokens = model.config, len(ids)
+    trace = model.trace(ids)
+    L, S, E, k = c.num_hidden_layers, 2, c.num_experts, c.num_experts_per_tok
+    assert trace.layers.tolist() == [1, 3]
+    shapes = {"token_ids": (tokens,), "positions": (tokens,), "layers": (S,), "router_logits": (S, tokens, E),
+              "router_probs": (S, tokens, E), "expert_ids": (S, tokens, k), "raw_weights": (S, tokens, k),
+              "expert_weights": (S, tokens, k), "shared_gate": (S, tokens), "attention_norm": (L, tokens),
+              "shared_norm": (S, tokens), "routed_norm": (S, tokens), "logits": (tokens, c.vocab_size),
+              "cache_hit": (S, tokens, k)}
+    assert set(shapes) == set(ARRAY_FIELDS)
+    for name, shape in shapes.items():
+        assert getattr(trace, name).shape == shape, name
+
+    seen = transformers_block_outputs(folder, ids)
+    norm = lambda rows: np.linalg.norm(rows, axis=-1)  # noqa: E731
+    for layer in range(L):
+        np.testing.assert_allclose(trace.attention_norm[layer], norm(seen["attention", layer]), rtol=1e-5)
+    for s, layer in enumerate(trace.layers):
+        gate = 1 / (1 + np.exp(-seen["gate", layer][:, 0]))
+        np.testing.assert_allclose(trace.shared_gate[s], gate, rtol=1e-5)
+        np.testing.assert_allclose(trace.shared_norm[s], norm(gate[:, None] * seen["shared", layer]), rtol=1e-5)
+        np.testing.assert_allclose(trace.routed_norm[s], norm(seen["routed", layer]), rtol=1e-5)
+
+
+def test_rows_give_each_experts_weight_and_router_probability():
+    """On moe_norm_topk the weights are renormalised, so weight and probability differ."""
+    folder = FIXTURES / "moe_norm_topk"
+    trace = minimoe.load(folder).trace(load_reference(folder)["ids"][0])
+    rows = trace.rows()
+    weight_sums = {}
+    for row in rows:
+        s, t = trace.layer_index(row["layer"]), row["position"]
+        assert row["probability"] == pytest.approx(float(trace.router_probs[s, t, row["expert"]]), rel=1e-6)
+        weight_sums[row["layer"], t] = weight_sums.get((row["layer"], t), 0.0) + row["weight"]
+    assert all(total == pytest.approx(1.0, rel=1e-5) for total in weight_sums.values())
+    assert all(row["weight"] > row["probability"] for row in rows)
