@@ -39,6 +39,15 @@ BLOG_QUOTES = (
     "we have incorporated 4 shared experts to be always activated alongside 60 routing experts with 4 to be activated",
     "we start by repurposing our existing Qwen-1.8B, transforming it into Qwen1.5-MoE-A2.7B",
     "introducing randomness during initialization significantly expedites convergence",
+    "we start by repurposing our existing Qwen-1.8B, transforming it into Qwen1.5-MoE-A2.7B. A noteworthy finding is "
+    "that introducing randomness during initialization significantly expedites convergence",
+    "contains only 2.0 billion non-embedding parameters, approximately one-third of Qwen1.5-7B’s size",
+    "it achieves a 75% decrease in training expenses",
+    "Typically, as seen in methods like Mixtral, MoE layers within each transformer block employ eight experts and "
+    "utilize a top-2 gating strategy for routing purposes.",
+    "have demonstrated the effectiveness of using fine-grained experts",
+    "this is a generalized MoE routing approach, as having zero shared experts effectively reduces to the "
+    "conventional MoE routing setup.",
 )
 
 
