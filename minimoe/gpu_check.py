@@ -41,6 +41,7 @@ from . import layers
 from .backend import import_cupy, to_numpy
 from .config import ModelConfig
 from .errors import MinimoeError
+from .model import GPU_MODEL_TYPES
 from .params import count_parameters
 
 REPO = Path(__file__).resolve().parent.parent
@@ -368,7 +369,8 @@ def check_kernels(cp, rng, shapes: dict = REAL_SHAPES) -> list[Check]:
 def model_folders() -> list[Path]:
     from .assets import default_model_path
 
-    fixtures = sorted(p.parent for p in FIXTURES.glob("*/config.json"))
+    fixtures = sorted(p.parent for p in FIXTURES.glob("*/config.json")
+                      if ModelConfig.from_file(p).model_type in GPU_MODEL_TYPES)  # the families the GPU runs
     return fixtures + [Path(default_model_path())]
 
 

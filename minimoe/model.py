@@ -426,9 +426,12 @@ def _build(config: ModelConfig, checkpoint: Checkpoint, backend: str, xp) -> Mod
             num_heads=config.num_attention_heads,
             num_kv_heads=config.num_key_value_heads,
             head_dim=config.head_dim,
-            qk_norm=QKNorm(small(n["q_norm"]), small(n["k_norm"]), config.qk_norm == "head", config.rms_norm_eps)
-            if config.qk_norm else None,
+            qk_norm=qk_norm(layer) if config.qk_norm else None,
         )
+
+    def qk_norm(layer) -> QKNorm:
+        names = weights.qk_norm_names(layer)
+        return QKNorm(small(names["q"]), small(names["k"]), per_head=config.qk_norm == "head", eps=config.rms_norm_eps)
 
     def feed_forward(layer):
         if not config.is_sparse_layer(layer):

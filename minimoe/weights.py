@@ -29,8 +29,13 @@ def attention_names(layer: int) -> dict[str, str]:
         "k_weight": f"{p}.k_proj.weight", "k_bias": f"{p}.k_proj.bias",
         "v_weight": f"{p}.v_proj.weight", "v_bias": f"{p}.v_proj.bias",
         "o_weight": f"{p}.o_proj.weight",
-        "q_norm": f"{p}.q_norm.weight", "k_norm": f"{p}.k_norm.weight",  # OLMoE, Qwen3-MoE
     }
+
+
+def qk_norm_names(layer: int) -> dict[str, str]:
+    """The RMSNorm weights on queries and keys (OLMoE, Qwen3-MoE; see ``ModelConfig.qk_norm``)."""
+    p = f"{layer_prefix(layer)}.self_attn"
+    return {"q": f"{p}.q_norm.weight", "k": f"{p}.k_norm.weight"}
 
 
 def norm_names(layer: int) -> dict[str, str]:
@@ -100,10 +105,11 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
                        attn["v_weight"]: (kv_out, h), attn["o_weight"]: (h, q_out)})
         if config.qkv_bias:
             shapes.update({attn["q_bias"]: (q_out,), attn["k_bias"]: (kv_out,), attn["v_bias"]: (kv_out,)})
+        qk_norm = qk_norm_names(layer)
         if config.qk_norm == "projection":  # OLMoE: over all of q, all of k
-            shapes.update({attn["q_norm"]: (q_out,), attn["k_norm"]: (kv_out,)})
+            shapes.update({qk_norm["q"]: (q_out,), qk_norm["k"]: (kv_out,)})
         elif config.qk_norm == "head":  # Qwen3-MoE: one head's width, shared by every head
-            shapes.update({attn["q_norm"]: (d,), attn["k_norm"]: (d,)})
+            shapes.update({qk_norm["q"]: (d,), qk_norm["k"]: (d,)})
         for name in norm_names(layer).values():
             shapes[name] = (h,)
         if config.is_sparse_layer(layer):

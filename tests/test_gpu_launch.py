@@ -153,7 +153,8 @@ def test_permute_grouped_matmuls_and_combine_equal_routed_experts():
     mats = [tuple(rng.standard_normal(shape).astype(np.float32) for shape in ((inter, hidden),) * 2 + ((hidden, inter),))
             for _ in range(experts)]
     linear = lambda w: (lambda x: x @ w.T)  # noqa: E731
-    expected = layers.routed_experts(np, h, ids, weights, [tuple(map(linear, m)) for m in mats])
+    mlps = [lambda x, m=m: layers.swiglu(np, x, *map(linear, m)) for m in mats]  # one-argument callables
+    expected = layers.routed_experts(np, h, ids, weights, mlps)
 
     plan = launch.dispatch_plan(ids, experts)
     permuted = h[plan.rows]  # what the grouped matmuls read: each expert's tokens contiguous

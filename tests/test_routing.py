@@ -283,8 +283,7 @@ def test_trace_shapes_and_norms_match_transformers_with_dense_layers_among_spars
     shapes = {"token_ids": (tokens,), "positions": (tokens,), "layers": (S,), "router_logits": (S, tokens, E),
               "router_probs": (S, tokens, E), "expert_ids": (S, tokens, k), "raw_weights": (S, tokens, k),
               "expert_weights": (S, tokens, k), "shared_gate": (S, tokens), "attention_norm": (L, tokens),
-              "shared_norm": (S, tokens), "routed_norm": (S, tokens), "logits": (tokens, c.vocab_size),
-              "cache_hit": (S, tokens, k)}
+              "shared_norm": (S, tokens), "routed_norm": (S, tokens), "logits": (tokens, c.vocab_size)}
     assert set(shapes) == set(ARRAY_FIELDS)
     for name, shape in shapes.items():
         assert getattr(trace, name).shape == shape, name
