@@ -117,6 +117,8 @@ class RoutingTrace:
         """One trace from consecutive pieces of the same sequence (joined along the token axis)."""
         if not traces:
             raise MinimoeError("concat needs at least one trace")
+        if len(traces) == 1:  # nothing to join: no copy of its (possibly [T, vocab]) arrays
+            return traces[0]
         first = traces[0]
         for other in traces[1:]:
             if (not np.array_equal(other.layers, first.layers) or other.num_experts != first.num_experts

@@ -166,3 +166,18 @@ def test_generation_after_a_prompt_longer_than_the_context(bundled):
     np.testing.assert_array_equal(trace.positions, np.arange(trace.num_tokens))
     np.testing.assert_array_equal(trace.token_ids, prompt + new_ids[:-1])
     assert trace.tokens[-1] == tok.decode([new_ids[-2]]) and trace.logits.shape[1] == 0
+
+
+def test_a_text_that_fits_one_window_is_traced_without_copying_its_logits():
+    """One window: the trace holds the forward's own [T, vocab] logits (a copy would double the peak memory)."""
+    model = minimoe.load(minimoe.default_model_path())
+    ids = np.arange(600) % model.config.vocab_size
+    model.forward(ids)  # warm: allocator, caches
+    tracemalloc.start()
+    model.forward(ids)
+    forward_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.reset_peak()
+    model.trace(ids)
+    trace_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert trace_peak < 1.25 * forward_peak, (trace_peak, forward_peak)
