@@ -104,6 +104,10 @@ class QKNorm:
     per_head: bool
     eps: float
 
+    def __call__(self, xp, q, k):
+        """RMSNorm of q and k over their last axis (a whole projection, or one head's ``D``)."""
+        return layers.rms_norm(xp, q, self.q_weight, self.eps), layers.rms_norm(xp, k, self.k_weight, self.eps)
+
 
 @dataclass
 class Attention:
@@ -121,12 +125,12 @@ class Attention:
         q, k, v = self.q(h), self.k(h), self.v(h)  # [B, T, nh*D], [B, T, nkv*D], [B, T, nkv*D]
         norm = self.qk_norm
         if norm and not norm.per_head:  # OLMoE: over the whole projection
-            q, k = layers.rms_norm(xp, q, norm.q_weight, norm.eps), layers.rms_norm(xp, k, norm.k_weight, norm.eps)
+            q, k = norm(xp, q, k)
         q = layers.split_heads(q, self.num_heads, self.head_dim)  # [B, nh, T, D]
         k = layers.split_heads(k, self.num_kv_heads, self.head_dim)  # [B, nkv, T, D]
         v = layers.split_heads(v, self.num_kv_heads, self.head_dim)  # [B, nkv, T, D]
-        if norm and norm.per_head:  # Qwen3-MoE: each head's D values
-            q, k = layers.rms_norm(xp, q, norm.q_weight, norm.eps), layers.rms_norm(xp, k, norm.k_weight, norm.eps)
+        if norm and norm.per_head:  # Qwen3-MoE: over each head's D values
+            q, k = norm(xp, q, k)
         q, k = layers.apply_rope(xp, q, cos, sin), layers.apply_rope(xp, k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # [B, nkv, S, D]: the cached positions, then these

@@ -66,12 +66,12 @@ def step_through(model, ids, layer: int, position: int = -1) -> LayerWalk:
     q, k = attention.q(h)[None], attention.k(h)[None]  # [1, P+1, nh*D], [1, P+1, nkv*D]
     norm = attention.qk_norm
     if norm and not norm.per_head:  # OLMoE: RMSNorm over the whole q and k projections
-        q, k = layers.rms_norm(xp, q, norm.q_weight, norm.eps), layers.rms_norm(xp, k, norm.k_weight, norm.eps)
+        q, k = norm(xp, q, k)
     q = layers.split_heads(q, c.num_attention_heads, c.head_dim)  # [1, nh, P+1, D]
     k = layers.split_heads(k, c.num_key_value_heads, c.head_dim)
     v = layers.split_heads(attention.v(h)[None], c.num_key_value_heads, c.head_dim)
     if norm and norm.per_head:  # Qwen3-MoE: RMSNorm over each head
-        q, k = layers.rms_norm(xp, q, norm.q_weight, norm.eps), layers.rms_norm(xp, k, norm.k_weight, norm.eps)
+        q, k = norm(xp, q, k)
     walk["q"], walk["k"], walk["v"] = q[0, :, position], k[0, :, position], v[0, :, position]  # [heads, D]
     cos, sin = layers.rope_tables(xp, xp.arange(position + 1), c.head_dim, c.rope_theta)
     q, k = layers.apply_rope(xp, q, cos, sin), layers.apply_rope(xp, k, cos, sin)
