@@ -42,7 +42,8 @@ from .windows import Progress, Windowing, measure_interventions, trace_text
 REPORT = "report.html"
 DATA_FILES = ("trace.npz", "trace.json", "routing.csv")
 # The PNG files, in the report's order (the co-activation plots are per layer: coactivation_layer{L}.png;
-# with queries, token_routing.png and expert_tokens_layer{L}_expert{E}.png come last).
+# with queries, token_routing.png and expert_tokens_layer{L}_expert{E}.png come last; shared_gate.png only for a
+# model with a shared expert).
 PLOTS = ("token_experts.png", "expert_load.png", "entropy.png", "consecutive.png", "coactivation_layer{layer}.png",
          "shared_gate.png", "interventions.png")
 # The per-token plots (token grid, shared gate) show at most this many tokens: the first ones, as each
@@ -91,15 +92,19 @@ def encode_text(tokenizer, text: str) -> list[int]:
 
 # --- analyses --------------------------------------------------------------------------------
 
-def intervention_options(trace: RoutingTrace, load: analysis.ExpertLoad) -> dict[str, dict]:
-    """The interventions the report measures: a name for each, and its keyword arguments."""
+def intervention_options(trace: RoutingTrace, load: analysis.ExpertLoad, shared_expert: bool = True) -> dict[str, dict]:
+    """The interventions the report measures: a name for each, and its keyword arguments.
+
+    ``shared_expert``: whether the model has one to switch off (Mixtral, OLMoE, Qwen3-MoE do not).
+    """
     options = {}
     if trace.num_experts - 1 >= trace.top_k:  # disabling one must leave k experts to choose from
         busiest = {int(layer): int(load.counts[s].argmax()) for s, layer in enumerate(trace.layers)}
         options["disable busiest expert"] = {"disabled_experts": {layer: [e] for layer, e in busiest.items()}}
     if trace.top_k > 1:
         options[f"top-1 instead of top-{trace.top_k}"] = {"top_k": 1}
-    options["no shared expert"] = {"shared_expert": False}
+    if shared_expert:
+        options["no shared expert"] = {"shared_expert": False}
     return options
 
 
@@ -109,7 +114,7 @@ def analyse(model, ids: list[int], trace: RoutingTrace, windowing: Windowing, pr
     The interventions run over the same windows as the trace.
     """
     load = analysis.expert_load(trace)
-    options = intervention_options(trace, load)
+    options = intervention_options(trace, load, model.config.has_shared_expert)
     # A one-window trace keeps the plain forward's logits: each intervention then costs one forward, not two.
     effects = measure_interventions(model, ids, options, windowing.window, windowing.overlap,
                                     base_logits=trace.logits if trace.logits.shape[1] else None, progress=progress)
@@ -263,11 +268,13 @@ def make_plots(model, trace: RoutingTrace, results: Analyses, queries: Queries |
                       f"Layer {layer}: cell (i, j) is how often expert j is among a token's {k} experts when expert i "
                       f"is; independent uniform routing would give (k-1)/(E-1) = {chance_pair:.2f} everywhere, so "
                       "bright cells are pairs of experts that work together."))
+    if model.config.has_shared_expert:  # Mixtral, OLMoE and Qwen3-MoE have none
+        plots.append(
+            ("shared_gate.png", viz.plot_shared_gate(trace, layers=gate_layers, max_tokens=MAX_PLOTTED_TOKENS),
+             f"The shared expert runs for every token, scaled by this sigmoid gate{some_layers}{first}, beside the "
+             "routed experts: a gate that swings from token to token shows the model choosing how much "
+             "general-purpose computation each token gets."))
     plots += [
-        ("shared_gate.png", viz.plot_shared_gate(trace, layers=gate_layers, max_tokens=MAX_PLOTTED_TOKENS),
-         f"The shared expert runs for every token, scaled by this sigmoid gate{some_layers}{first}, beside the "
-         "routed experts: a gate that swings from token to token shows the model choosing how much general-purpose "
-         "computation each token gets."),
         ("interventions.png", viz.plot_intervention_effects(results.effects),
          "How much each change to the routing moves the next-token predictions (mean KL divergence from the "
          "unmodified model) and the loss on this text"

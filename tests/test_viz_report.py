@@ -339,7 +339,6 @@ def synthetic_trace(tokens: int, num_experts: int = 60, layers: int = 3, k: int 
         router_logits=logits, router_probs=probs, expert_ids=ids, raw_weights=weights, expert_weights=weights,
         shared_gate=per_token, attention_norm=np.ones((layers, tokens), np.float32), shared_norm=per_token,
         routed_norm=per_token, logits=np.zeros((tokens, 0), np.float32),
-        **({"cache_hit": np.zeros(ids.shape, bool)} if "cache_hit" in RoutingTrace.__dataclass_fields__ else {}),
         num_experts=num_experts, top_k=k, tokens=[" x\t"] * tokens)
 
 
@@ -447,3 +446,17 @@ def test_report_renders_in_chromium(long_report, tmp_path):
     for expert in set(long_report.trace.expert_ids[0, :40, 0].tolist()):
         hex_code = to_hex(colors[expert])
         assert tuple(int(hex_code[i : i + 2], 16) for i in (1, 3, 5)) in pixels, expert
+
+
+def test_a_family_without_a_shared_expert_gets_no_shared_gate_plot_or_intervention():
+    """Mixtral has no shared expert: the report neither switches one off nor draws its (all-zero) gate."""
+    fixtures = Path(__file__).resolve().parent / "fixtures"
+    for name, has_shared in (("moe_mixtral", False), ("moe_gqa", True)):
+        model = minimoe.load(fixtures / name)
+        ids = list(range(3, 23))
+        trace = model.trace(ids)
+        windowing = report.Windowing.plan(len(ids), model.config.max_position_embeddings)
+        results = report.analyse(model, ids, trace, windowing, progress=False)
+        assert ("no shared expert" in results.effects) == has_shared
+        files = [plot.name for plot in report.make_plots(model, trace, results)]
+        assert ("shared_gate.png" in files) == has_shared
