@@ -36,14 +36,14 @@ SMALL_MATRIX_ELEMENTS = 1 << 18
 # each: the block stays in a core's L2 between the cast and the multiply), 4 MiB once
 # there are enough tokens for the GEMM to dominate.  Measured on the 2-layer real-shape
 # checkpoint (Xeon, 2 MiB L2 a core): 512 KiB decodes ~3% faster than 2 MiB, 256 KiB
-# ~40% slower (more, smaller calls).
+# 18-41% slower (more, smaller calls).
 BLOCK_ELEMENTS_DECODE = 1 << 17
 BLOCK_ELEMENTS_PREFILL = 1 << 20
 PREFILL_TOKENS = 32
 
 # OpenBLAS multiplies a float32 block up to twice as fast as W @ x.T ([out, N]) as
 # x @ W.T ([N, out]) when x has few rows: measured 3.0 vs 1.7 G weight elements/s at 4
-# tokens, 106 vs 85 GFLOP/s at 64, even at 1024.  Below this many tokens a call computes
+# tokens, 106 vs 85 GFLOP/s at 64, about even at 1024.  Below this many tokens a call computes
 # the transposed product and copies it back once (the copy is N * out, small beside the
 # weight's out * in); above it the copy would cost more than the gain.
 WEIGHT_FIRST_BELOW_TOKENS = 256
