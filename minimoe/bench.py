@@ -83,36 +83,27 @@ class MinimoeEngine:
         return self.model.forward(ids, cache=self.cache)[-1]
 
 
-class TransformersEngine:
-    """transformers' Qwen2MoeForCausalLM in bf16, eager attention, behind the same calls."""
-
-    def __init__(self, job: Job):
-        import inspect
-
-        import torch
-        import transformers
-
-        self.job, self.torch, self.transformers = job, torch, transformers
-        torch.set_num_threads(job.threads or len(os.sched_getaffinity(0)))
-        self.threads = torch.get_num_threads()
-        forward = inspect.signature(transformers.Qwen2MoeForCausalLM.forward).parameters
-        self.cache_arg = "cache" if "cache" in forward else "past_key_values"  # renamed in transformers 5.x
-
-    def load(self) -> None:
-        self.model = self.transformers.AutoModelForCausalLM.from_pretrained(
-            self.job.model, dtype=self.torch.bfloat16, attn_implementation="eager").eval()
-
-    def reset(self) -> None:
-        self.cache = None
-
-    def forward(self, ids: list[int]) -> np.ndarray:
-        with self.torch.inference_mode():
-            out = self.model(self.torch.tensor([ids]), use_cache=True, **{self.cache_arg: self.cache})
-        self.cache = getattr(out, self.cache_arg)
-        return out.logits[0, -1].float().numpy()
+REFERENCE = Path(__file__).resolve().parent.parent / "scripts" / "transformers_reference.py"
 
 
-ENGINES = {"minimoe": MinimoeEngine, "transformers": TransformersEngine}
+def reference_module():
+    """``scripts/transformers_reference.py``: the transformers side of a comparison, loaded from the checkout.
+
+    It imports torch and transformers (the test extra), which the package itself never does.
+    ImportError when they are missing; MinimoeError outside a checkout of the repository.
+    """
+    import importlib.util
+
+    if not REFERENCE.exists():
+        raise MinimoeError(f"comparing with transformers needs a checkout of minimoe's repository ({REFERENCE} "
+                           "is missing) and its test extra")
+    spec = importlib.util.spec_from_file_location("transformers_reference", REFERENCE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ENGINES = {"minimoe": MinimoeEngine, "transformers": lambda job: reference_module().TransformersEngine(job)}
 
 
 def disk_read_bytes() -> int:

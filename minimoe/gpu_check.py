@@ -475,37 +475,13 @@ def time_minimoe(cp, path: Path, prompt: np.ndarray, decode: int) -> dict:
 
 
 def time_transformers(path: Path, prompt: np.ndarray, decode: int) -> dict:
+    """transformers' prefill and decode on the same GPU (scripts/transformers_reference.py), or why not."""
+    from .bench import reference_module
+
     try:
-        import torch
-        from transformers import AutoModelForCausalLM
-    except ImportError as error:
+        return reference_module().time_on_gpu(path, prompt, decode)
+    except (ImportError, MinimoeError) as error:
         return {"error": f"torch and transformers are needed for the comparison ({error})"}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="eager").cuda().eval()
-    ids = torch.from_numpy(prompt)[None].cuda()
-
-    def run(prompt_ids, steps):
-        with torch.inference_mode():
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = model(prompt_ids, use_cache=True)
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-            token.item()
-            t1 = time.perf_counter()
-            for _ in range(steps):
-                out = model(token, use_cache=True, past_key_values=out.past_key_values)
-                token = out.logits[:, -1].argmax(-1, keepdim=True)
-                token.item()
-            t2 = time.perf_counter()
-        return t1 - t0, t2 - t1
-
-    run(ids[:, :16], 2)  # warm-up
-    torch.cuda.reset_peak_memory_stats()
-    prefill_s, decode_s = run(ids, decode)
-    result = {"prefill_tok_s": ids.shape[1] / prefill_s, "decode_tok_s": decode / decode_s,
-              "memory_gb": torch.cuda.max_memory_allocated() / 1e9}
-    del model
-    torch.cuda.empty_cache()
-    return result
 
 
 def benchmark_rows(ours: dict, theirs: dict, bound: float) -> list[list]:
