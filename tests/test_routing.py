@@ -185,11 +185,14 @@ def test_trace_grows_through_generation_like_one_pass():
     np.testing.assert_allclose(pieces.attention_norm, whole.attention_norm, rtol=1e-5)
 
 
-def test_step_through_reproduces_the_forward():
-    model = minimoe.load(FIXTURES / "moe_dense_layer")  # layer 1 dense, layers 0 and 2 sparse
-    ids = load_reference(FIXTURES / "moe_dense_layer")["ids"][0]
+@pytest.mark.parametrize("name", ["moe_dense_layer", "moe_mixtral", "moe_olmoe", "moe_qwen3"])
+def test_step_through_reproduces_the_forward(name):
+    """Every layer's walk ends where the model's forward does (dense layers among sparse ones in moe_dense_layer;
+    the other families' q/k norms and missing shared expert in the rest)."""
+    model = minimoe.load(FIXTURES / name)
+    ids = load_reference(FIXTURES / name)["ids"][0]
     trace = model.trace(ids)
-    for layer in range(3):
+    for layer in range(model.config.num_hidden_layers):
         walk = model.step_through(ids, layer, position=7)
         after = minimoe.stepthrough.residual_before(model, ids, layer + 1)
         np.testing.assert_allclose(walk["residual_out"], after[7], rtol=1e-5, atol=1e-5)
@@ -198,6 +201,12 @@ def test_step_through_reproduces_the_forward():
             np.testing.assert_allclose(walk["router_probs"], trace.router_probs[s, 7], atol=1e-6)
             assert walk["expert_ids"].tolist() == trace.expert_ids[s, 7].tolist()
             assert f"expert_{walk['expert_ids'][0]}_output" in walk
+            assert ("shared_output" in walk) == model.config.has_shared_expert
+
+
+def test_step_through_of_a_dense_layer_and_a_layer_out_of_range():
+    model = minimoe.load(FIXTURES / "moe_dense_layer")  # layer 1 dense, layers 0 and 2 sparse
+    ids = load_reference(FIXTURES / "moe_dense_layer")["ids"][0]
     assert "router_logits" not in model.step_through(ids, 1)
     with pytest.raises(MinimoeError, match="layer 3 is outside"):
         model.step_through(ids, 3)
