@@ -168,11 +168,9 @@ class RoutingTrace:
         ``include_logits=False`` leaves out the ``[T, vocab]`` logits (for Qwen1.5-MoE, 0.6 MB a
         token); such a file loads back with an empty ``[T, 0]`` logits array.
         """
-        meta = self.metadata()
-        arrays = {name: getattr(self, name) for name in ARRAY_FIELDS}
-        if not include_logits:
-            arrays["logits"] = np.zeros((self.num_tokens, 0), dtype=np.float32)
-        np.savez_compressed(path, **arrays, meta=np.array(json.dumps(meta)))
+        trace = self if include_logits else self.without_logits()
+        arrays = {name: getattr(trace, name) for name in ARRAY_FIELDS}
+        np.savez_compressed(path, **arrays, meta=np.array(json.dumps(self.metadata())))
 
     @classmethod
     def load_npz(cls, path: str | Path) -> "RoutingTrace":
