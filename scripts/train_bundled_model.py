@@ -1,62 +1,70 @@
 #!/usr/bin/env python
-"""Train the small Qwen2-MoE that ships inside minimoe as its default model.
+"""Train the two small models that ship inside minimoe: a dense parent, and the MoE upcycled from it.
 
-Same architecture family as Qwen1.5-MoE-A2.7B -- fine-grained routed experts with
-top-k routing (softmax over all experts, no renormalisation) plus a sigmoid-gated
-shared expert four experts wide -- scaled down to run anywhere.  It is trained
-with transformers' ``Qwen2MoeForCausalLM`` (the reference implementation; needs the
-``test`` extra) on text every Python install already has: the standard library's
-own sources and the ``pydoc_data`` help topics.  Files are split by name into
-training and held-out sets, so the held-out loss measures generalisation.
+The bundled MoE is a miniature of Qwen1.5-MoE-A2.7B made the way the blog says the real one
+was made: "we start by repurposing our existing Qwen-1.8B, transforming it into
+Qwen1.5-MoE-A2.7B".  Three steps, each a subcommand:
 
-    python scripts/train_bundled_model.py --minutes 25
+    python scripts/train_bundled_model.py dense      # train minimoe/assets/tiny-dense (a Qwen2, ~12 min)
+    python scripts/train_bundled_model.py moe        # `minimoe upcycle` it, train on: minimoe/assets/tiny-moe (~25 min)
+    python scripts/train_bundled_model.py evaluate --baseline OLD_MODEL_DIR
+                                                      # held-out table, model cards, tests/data/held_out slices
 
-writes ``minimoe/assets/tiny-moe/``: config.json, model.safetensors (bf16),
-tokenizer.json, tokenizer_config.json (ChatML chat template), generation_config.json,
-and README.md, the model card with the measured numbers.
+Their shapes relate as the real ones do: the dense FFN (344) is to the expert width (88) as
+Qwen1.5-1.8B's 5504 is to Qwen1.5-MoE's 1408, and the MoE has 64 segments per layer, 4 fused
+into the sigmoid-gated shared expert and 60 routed, top-4, ``norm_topk_prob`` false.
+
+Training uses transformers' ``Qwen2ForCausalLM`` / ``Qwen2MoeForCausalLM`` (the reference
+implementation; needs the ``test`` extra) on text every Python install has: the standard library's
+own sources and the ``pydoc_data`` help topics, split into training and held-out documents by a
+hash of their name.  Python outside the standard library (requests and jinja2, installed with the
+``test`` extra) is held out entirely, to measure how far the models generalise.  Budgets are in
+tokens, so a rerun on another machine does the same work.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.metadata
 import json
 import math
 import platform
+import shutil
+import subprocess
+import sys
 import sysconfig
+import tempfile
 import time
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from minimoe.tokenizer import CHATML_TEMPLATE  # Qwen's ChatML, the bundled model's chat template
+from minimoe.tokenizer import CHATML_TEMPLATE  # Qwen's ChatML, the bundled models' chat template
 
-OUT = Path(__file__).resolve().parent.parent / "minimoe" / "assets" / "tiny-moe"
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "minimoe" / "assets"
+DENSE_DIR, MOE_DIR = ASSETS / "tiny-dense", ASSETS / "tiny-moe"
+SLICES = ROOT / "tests" / "data" / "held_out"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CONTEXT = 1024  # trained at this many positions, so max_position_embeddings can say it
+THIRD_PARTY = ("requests", "jinja2")  # held-out Python outside the stdlib (Apache-2.0, BSD-3-Clause)
+GENERATED = {"jinja2/_identifier.py"}  # a generated Unicode regex, not code anyone wrote
 
-MODEL = dict(
-    vocab_size=4096,
-    hidden_size=128,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    intermediate_size=512,  # unused: every layer is sparse
-    moe_intermediate_size=64,
-    shared_expert_intermediate_size=256,  # = 4 experts' width, as in Qwen1.5-MoE (4 x 1408 = 5632)
-    num_experts=16,
-    num_experts_per_tok=4,
-    norm_topk_prob=False,
-    decoder_sparse_step=1,
-    max_position_embeddings=1024,
-    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-    router_aux_loss_coef=0.01,
-    bos_token_id=0,
-    eos_token_id=[0, 2],
+COMMON = dict(
+    vocab_size=4096, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+    max_position_embeddings=CONTEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=0, eos_token_id=[0, 2],
 )
+DENSE = dict(COMMON, intermediate_size=344)  # 344 / 88 = 3.91, as 5504 / 1408
+UPCYCLE = dict(experts=64, shared_experts=4, top_k=4, expert_size=88, method="qwen", reinit=0.5, seed=0)
+AUX_LOSS = 0.01  # the router's load-balancing loss coefficient while training (Qwen1.5-MoE's config value)
 
+
+# ----------------------------------------------------------------------------------------------- data
 
 def corpus() -> tuple[list[str], list[str], list[str]]:
     """(train texts, held-out texts, held-out names): stdlib .py files and pydoc topics, split by name."""
@@ -78,6 +86,19 @@ def corpus() -> tuple[list[str], list[str], list[str]]:
         else:
             train.append(text)
     return train, held_out, held_out_names
+
+
+def third_party_corpus() -> tuple[list[str], list[str]]:
+    """(texts, names): the installed sources of THIRD_PARTY packages, never trained on."""
+    texts, names = [], []
+    for package in THIRD_PARTY:
+        root = Path(importlib.import_module(package).__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            name = f"{package}/{path.relative_to(root)}"
+            if name not in GENERATED:
+                texts.append(path.read_text(encoding="utf-8", errors="replace"))
+                names.append(name)
+    return texts, names
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -104,6 +125,13 @@ def encode_all(tokenizer, texts: list[str]) -> np.ndarray:
     return np.array(ids, dtype=np.int64)
 
 
+def windows(ids: np.ndarray, context: int, max_tokens: int | None = None) -> np.ndarray:
+    """[n, context] consecutive non-overlapping windows of ``ids[:max_tokens]``."""
+    ids = ids[:max_tokens]
+    n = len(ids) // context
+    return ids[: n * context].reshape(n, context)
+
+
 def unigram_loss(train_ids: np.ndarray, held_ids: np.ndarray, vocab: int) -> float:
     """Held-out cross-entropy (nats/token) of the training set's add-one-smoothed unigram distribution."""
     counts = np.bincount(train_ids, minlength=vocab) + 1.0
@@ -111,141 +139,229 @@ def unigram_loss(train_ids: np.ndarray, held_ids: np.ndarray, vocab: int) -> flo
     return float(-log_probs[held_ids].mean())
 
 
+# ----------------------------------------------------------------------------------------------- training
+
 @torch.no_grad()
 def held_out_loss(model, ids: np.ndarray, context: int, max_windows: int = 200) -> float:
+    """Mean next-token cross-entropy (nats) over up to ``max_windows`` windows of ``context`` tokens."""
     model.eval()
-    windows = [ids[start : start + context + 1] for start in range(0, len(ids) - context - 1, context)][:max_windows]
-    losses = []
-    for chunk in range(0, len(windows), 16):
-        batch = torch.from_numpy(np.stack(windows[chunk : chunk + 16]))
-        losses.append(model(batch[:, :-1], labels=batch[:, :-1].clone()).loss.item() * len(batch))
+    batches = windows(ids, context)[:max_windows]
+    total = 0.0
+    for chunk in range(0, len(batches), 8):
+        batch = torch.from_numpy(batches[chunk : chunk + 8])
+        total += model(batch, labels=batch.clone()).loss.item() * len(batch)
     model.train()
-    return sum(losses) / len(windows)
+    return total / len(batches)
 
 
-def write_model_card(out: Path) -> None:
-    """README.md beside the weights: what the model is, how it was trained, and what it learned."""
-    metrics = json.loads((out / "metrics.json").read_text())
-    config = json.loads((out / "config.json").read_text())
-    gain = metrics["unigram_held_out_loss"] - metrics["held_out_loss"]
-    card = f"""# tiny-moe: the model bundled with minimoe
-
-A small **Qwen2-MoE** (`Qwen2MoeForCausalLM`, the architecture of Qwen1.5-MoE-A2.7B) trained so that
-minimoe's demo, notebooks and tests run offline with a model whose text and routing mean something.
-It is a toy: it writes Python-flavoured text, not correct programs.
-
-| | tiny-moe | Qwen1.5-MoE-A2.7B |
-|---|---|---|
-| layers | {config["num_hidden_layers"]} | 24 |
-| hidden size | {config["hidden_size"]} | 2048 |
-| attention heads (kv heads) | {config["num_attention_heads"]} ({config["num_key_value_heads"]}) | 16 (16) |
-| routed experts, chosen per token | {config["num_experts"]}, top-{config["num_experts_per_tok"]} | 60, top-4 |
-| expert width | {config["moe_intermediate_size"]} | 1408 |
-| shared expert width (sigmoid-gated) | {config["shared_expert_intermediate_size"]} (= 4 experts) | 5632 (= 4 experts) |
-| `norm_topk_prob` | {str(config["norm_topk_prob"]).lower()} | false |
-| vocabulary | {config["vocab_size"]} (byte-level BPE) | 151936 |
-| parameters | {metrics["parameters"]:,} | 14.3B |
-| weights | bf16 safetensors | bf16 safetensors |
-
-**Data.** The CPython {metrics.get("python", platform.python_version())} standard library's own `.py` sources (no tests, no idlelib) and
-the `pydoc_data` help topics: text every Python install has. Documents are split by a hash of their name:
-{metrics["train_tokens"]:,} training tokens, {metrics["held_out_tokens"]:,} held-out tokens from documents never
-trained on (e.g. {", ".join(metrics["held_out_documents"][:4])}).
-
-**Training.** transformers' `Qwen2MoeForCausalLM` (the reference implementation), AdamW, cosine schedule,
-context 256, batch 16, router load-balancing loss at coefficient {config["router_aux_loss_coef"]}:
-{metrics["steps"]:,} steps, {metrics["tokens_seen"]:,} tokens, {metrics["train_minutes"]} minutes of training
-({metrics["total_minutes"]} in all, tokenizer included) on {metrics["machine"]}.
-
-**What it learned.** Held-out cross-entropy **{metrics["held_out_loss"]:.3f} nats/token**, against
-**{metrics["unigram_held_out_loss"]:.3f}** for a unigram model of the training tokens (add-one smoothed):
-{gain:.2f} nats/token better, a perplexity of {math.exp(metrics["held_out_loss"]):.1f} against
-{math.exp(metrics["unigram_held_out_loss"]):.1f}.
-
-Rebuild it with `python scripts/train_bundled_model.py` (needs the `test` extra: torch and transformers).
-"""
-    (out / "README.md").write_text(card)
+def cosine_lr(peak: float, step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up to ``peak``, then a cosine down to a tenth of it at ``steps``."""
+    progress = min(1.0, step / max(1, steps))
+    return peak * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=25.0, help="training time budget")
-    parser.add_argument("--context", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--card-only", action="store_true", help="only rewrite README.md from metrics.json")
-    args = parser.parse_args()
-    if args.card_only:
-        write_model_card(args.out)
-        return
+def train(model, train_ids: np.ndarray, *, tokens: int, context: int, batch: int, lr: float, seed: int,
+          warmup: int = 100, evaluate: Callable[[int], None] | None = None, evaluations: int = 0,
+          log_every: int = 100) -> dict:
+    """Train ``model`` on ``tokens`` tokens of random windows of ``train_ids`` (AdamW, cosine schedule).
 
-    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
-
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
+    The data order depends on ``seed`` only, so arms of an experiment given the same seed see the
+    same batches.  ``evaluate(tokens_seen)`` is called before the first step and ``evaluations``
+    times more, evenly spaced, the last after the final step.
+    """
+    rng = np.random.default_rng(seed)
+    steps = max(1, tokens // (batch * context))
+    eval_steps = {round(steps * (i + 1) / evaluations) for i in range(evaluations)} if evaluations else set()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    is_moe = hasattr(model.config, "num_experts")
     started = time.time()
-    train_texts, held_texts, held_names = corpus()
-    tokenizer = train_tokenizer(train_texts, MODEL["vocab_size"])
-    train_ids, held_ids = encode_all(tokenizer, train_texts), encode_all(tokenizer, held_texts)
-    print(f"corpus: {len(train_texts)} train docs ({len(train_ids):,} tokens), "
-          f"{len(held_texts)} held-out docs ({len(held_ids):,} tokens)", flush=True)
-
-    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**MODEL))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    budget = args.minutes * 60
-    warmup, step, tokens_seen, train_start = 100, 0, 0, time.time()
-    while (elapsed := time.time() - train_start) < budget:
-        progress = elapsed / budget
-        lr = args.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    if evaluate:
+        evaluate(0)
+    for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr
-        starts = rng.integers(0, len(train_ids) - args.context - 1, args.batch)
-        batch = torch.from_numpy(np.stack([train_ids[s : s + args.context] for s in starts]))
-        out = model(batch, labels=batch.clone(), output_router_logits=True)
+            group["lr"] = cosine_lr(lr, step, steps, warmup)
+        starts = rng.integers(0, len(train_ids) - context, batch)
+        ids = torch.from_numpy(np.stack([train_ids[s : s + context] for s in starts]))
+        out = model(ids, labels=ids.clone(), **({"output_router_logits": True} if is_moe else {}))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += batch.numel()
-        if step % 100 == 0:
-            print(f"step {step:5d}  {elapsed / 60:5.1f} min  loss {out.loss.item():.3f}  "
-                  f"aux {out.aux_loss.item():.3f}  lr {lr:.2e}  {tokens_seen / elapsed:,.0f} tok/s", flush=True)
-    train_minutes = (time.time() - train_start) / 60
+        seen = (step + 1) * batch * context
+        if log_every and (step + 1) % log_every == 0:
+            elapsed = time.time() - started
+            print(f"step {step + 1:5d}/{steps}  {elapsed / 60:5.1f} min  loss {out.loss.item():.3f}  "
+                  f"{seen / elapsed:,.0f} tok/s", flush=True)
+        if evaluate and step + 1 in eval_steps:
+            evaluate(seen)
+    return {"steps": steps, "tokens_seen": steps * batch * context, "context": context, "batch": batch,
+            "peak_lr": lr, "train_minutes": round((time.time() - started) / 60, 1)}
 
-    held_model = held_out_loss(model, held_ids, args.context)
-    held_unigram = unigram_loss(train_ids, held_ids, MODEL["vocab_size"])
-    print(f"held-out loss {held_model:.3f} nats/token vs unigram {held_unigram:.3f}", flush=True)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    model.to(torch.bfloat16).save_pretrained(args.out)
-    (args.out / "generation_config.json").write_text(json.dumps(
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def save(model, out: Path, tokenizer_dir: Path | None, tokenizer=None) -> None:
+    """bf16 weights in the Hub's layout, the tokenizer (trained or copied) and a generation config."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.safetensors*"):
+        stale.unlink()
+    model.to(torch.bfloat16).save_pretrained(out)
+    (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 0, "eos_token_id": [0, 2], "do_sample": True, "temperature": 0.8, "top_k": 40,
          "top_p": 0.95, "max_new_tokens": 64}, indent=2) + "\n")
-    tokenizer.save(str(args.out / "tokenizer.json"))
-    (args.out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
-        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
-        "model_max_length": MODEL["max_position_embeddings"],
-        "clean_up_tokenization_spaces": False,
-        "chat_template": CHATML_TEMPLATE,
-    }, indent=2) + "\n")
-    metrics = {
-        "train_tokens": int(len(train_ids)), "held_out_tokens": int(len(held_ids)),
-        "steps": step, "tokens_seen": tokens_seen, "train_minutes": round(train_minutes, 1),
-        "total_minutes": round((time.time() - started) / 60, 1),
-        "held_out_loss": round(held_model, 4), "unigram_held_out_loss": round(held_unigram, 4),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "python": platform.python_version(),
-        "held_out_documents": held_names[:10] + (["..."] if len(held_names) > 10 else []),
-    }
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    write_model_card(args.out)
-    print(json.dumps(metrics, indent=2))
+    if tokenizer is not None:
+        tokenizer.save(str(out / "tokenizer.json"))
+        (out / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
+            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+            "model_max_length": CONTEXT,
+            "clean_up_tokenization_spaces": False,
+            "chat_template": CHATML_TEMPLATE,
+        }, indent=2) + "\n")
+    elif tokenizer_dir is not None and tokenizer_dir != out:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(tokenizer_dir / name, out / name)
+
+
+def load_tokenizer(folder: Path):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+
+def train_dense(args) -> None:
+    """The dense parent, from scratch; it also trains the tokenizer both models share."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(args.seed)
+    train_texts, held_texts, _ = corpus()
+    tokenizer = train_tokenizer(train_texts, DENSE["vocab_size"])
+    train_ids, held_ids = encode_all(tokenizer, train_texts), encode_all(tokenizer, held_texts)
+    model = Qwen2ForCausalLM(Qwen2Config(**DENSE))
+    log = {"command": "python scripts/train_bundled_model.py dense", "parameters": model.num_parameters()}
+    log.update(train(model, train_ids, tokens=args.tokens or 4_000_000, context=CONTEXT, batch=args.batch,
+                     lr=args.lr or 3e-3, seed=args.seed))
+    log.update(held_out_loss_1024=round(held_out_loss(model, held_ids, CONTEXT), 4), machine=machine())
+    save(model, DENSE_DIR, None, tokenizer)
+    (DENSE_DIR / "training.json").write_text(json.dumps(log, indent=2) + "\n")
+    print(json.dumps(log, indent=2))
+
+
+def upcycle_command(dense: Path, out: Path) -> list[str]:
+    """The `minimoe upcycle` command line that makes the bundled MoE's starting point."""
+    u = UPCYCLE
+    return ["minimoe", "upcycle", str(dense), str(out), "--experts", str(u["experts"]),
+            "--shared-experts", str(u["shared_experts"]), "--top-k", str(u["top_k"]),
+            "--expert-size", str(u["expert_size"]), "--method", u["method"], "--reinit", str(u["reinit"]),
+            "--seed", str(u["seed"])]
+
+
+def train_moe(args) -> None:
+    """`minimoe upcycle` the dense parent, then train the MoE on the same corpus."""
+    from transformers import Qwen2MoeForCausalLM
+
+    torch.manual_seed(args.seed)
+    train_texts, held_texts, _ = corpus()
+    tokenizer = load_tokenizer(DENSE_DIR)
+    train_ids, held_ids = encode_all(tokenizer, train_texts), encode_all(tokenizer, held_texts)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = Path(tmp) / "upcycled"
+        command = upcycle_command(DENSE_DIR, start)
+        subprocess.run([sys.executable, "-m", "minimoe", *command[1:]], check=True)
+        model = Qwen2MoeForCausalLM.from_pretrained(start, dtype=torch.float32)
+    model.config.router_aux_loss_coef = AUX_LOSS
+    relative = upcycle_command(DENSE_DIR.relative_to(ROOT), Path("/tmp/tiny-moe-upcycled"))
+    log = {"commands": [" ".join(relative), "python scripts/train_bundled_model.py moe"],
+           "parameters": model.num_parameters(), "router_aux_loss_coef": AUX_LOSS,
+           "held_out_loss_1024_at_upcycling": round(held_out_loss(model, held_ids, CONTEXT), 4)}
+    log.update(train(model, train_ids, tokens=args.tokens or 6_000_000, context=CONTEXT, batch=args.batch,
+                     lr=args.lr or 2e-3, seed=args.seed))
+    log.update(held_out_loss_1024=round(held_out_loss(model, held_ids, CONTEXT), 4), machine=machine())
+    save(model, MOE_DIR, DENSE_DIR)
+    (MOE_DIR / "training.json").write_text(json.dumps(log, indent=2) + "\n")
+    print(json.dumps(log, indent=2))
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+def slice_text(texts: list[str], chars: int = 20_000) -> str:
+    """The first ``chars`` characters of the documents joined, cut at a line end: a held-out slice to ship."""
+    joined = "\n".join(texts)[:chars]
+    return joined[: joined.rfind("\n") + 1]
+
+
+def slice_loss(model, tokenizer, text: str, context: int = 256) -> float:
+    """Held-out loss on a shipped slice, as tests/test_bundled_models.py recomputes it with minimoe."""
+    return held_out_loss(model, np.array(tokenizer.encode(text).ids, dtype=np.int64), context)
+
+
+def evaluate(args) -> None:
+    """Every model on the same held-out tokens; writes evaluation.json, both cards and the shipped slices."""
+    from transformers import AutoModelForCausalLM
+
+    train_texts, held_texts, held_names = corpus()
+    third_texts, third_names = third_party_corpus()
+    tokenizer = load_tokenizer(MOE_DIR)
+    train_ids = encode_all(tokenizer, train_texts)
+    sets = {"stdlib": (held_texts, encode_all(tokenizer, held_texts)),
+            "third_party": (third_texts, encode_all(tokenizer, third_texts))}
+    SLICES.mkdir(parents=True, exist_ok=True)
+    slices = {name: slice_text(texts) for name, (texts, _) in sets.items()}
+    for name, text in slices.items():
+        (SLICES / f"{name}.txt").write_text(text)
+    budget = 200 * 256  # the same 51,200 held-out tokens, read in windows of 256 or of 1024
+    models = {"tiny-moe": MOE_DIR, "tiny-dense": DENSE_DIR}
+    if args.baseline:
+        models["baseline"] = args.baseline
+    results = {"tokens_per_set": budget, "sets": {}, "models": {}}
+    for name, (texts, ids) in sets.items():
+        results["sets"][name] = {"documents": len(texts), "tokens": int(len(ids)),
+                                 "unigram": round(unigram_loss(train_ids, ids[:budget], 4096), 4),
+                                 "slice_tokens": len(tokenizer.encode(slices[name]).ids)}
+    for label, folder in models.items():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        assert load_tokenizer(Path(folder)).to_str() == tokenizer.to_str(), f"{folder}: another tokenizer"
+        row = {"path": str(folder), "parameters": model.num_parameters(),
+               "context": model.config.max_position_embeddings}
+        for name, (_, ids) in sets.items():
+            for context in (256, 1024):
+                if context <= row["context"]:
+                    row[f"{name}_{context}"] = round(held_out_loss(model, ids[:budget], context, 10**6), 4)
+            row[f"{name}_slice"] = round(slice_loss(model, tokenizer, slices[name]), 4)
+        results["models"][label] = row
+        print(label, json.dumps(row), flush=True)
+    results["held_out_documents"] = {"stdlib": held_names, "third_party": third_names}
+    results["third_party_versions"] = {p: importlib.metadata.version(p) for p in THIRD_PARTY}
+    results["python"] = platform.python_version()
+    (MOE_DIR / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_cards(results)
+
+
+def write_cards(results: dict) -> None:
+    """README.md beside each model's weights, from training.json and evaluation.json."""
+    from model_cards import dense_card, moe_card
+
+    (DENSE_DIR / "README.md").write_text(dense_card(results, json.loads((DENSE_DIR / "training.json").read_text())))
+    (MOE_DIR / "README.md").write_text(moe_card(results, json.loads((MOE_DIR / "training.json").read_text()),
+                                                json.loads((DENSE_DIR / "training.json").read_text())))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("step", choices=["dense", "moe", "evaluate", "cards"])
+    parser.add_argument("--tokens", type=int, help="training tokens (dense 4M, moe 6M)")
+    parser.add_argument("--batch", type=int, default=4, help="windows of 1024 tokens per step")
+    parser.add_argument("--lr", type=float, help="peak learning rate (dense 3e-3, moe 2e-3)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--baseline", type=Path, help="evaluate: also measure this model (e.g. the previous tiny-moe)")
+    args = parser.parse_args()
+    if args.step == "cards":
+        write_cards(json.loads((MOE_DIR / "evaluation.json").read_text()))
+        return
+    {"dense": train_dense, "moe": train_moe, "evaluate": evaluate}[args.step](args)
 
 
 if __name__ == "__main__":
