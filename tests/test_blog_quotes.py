@@ -17,7 +17,8 @@ import pytest
 from blog_quotes import BLOG_QUOTES, BLOG_TABLE, ROOT, blog_text, normalise, table_row_text
 
 NOTEBOOK_03 = ROOT / "notebooks" / "03_parameters_and_cost.ipynb"
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "notebooks").glob("*.ipynb"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "notebooks").glob("*.ipynb")),
+         *sorted((ROOT / "minimoe" / "assets").glob("*/README.md"))]
 FENCED_CODE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
 INLINE_CODE = re.compile(r"`[^`\n]*`")
 QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”')

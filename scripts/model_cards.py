@@ -1,0 +1,148 @@
+"""The bundled models' cards (README.md beside their weights), written from what training and evaluation measured.
+
+Used by ``python scripts/train_bundled_model.py evaluate`` (and ``cards``, which rewrites them only).
+Every number comes from ``training.json`` (written when a model was trained) or ``evaluation.json``
+(written by ``evaluate``); nothing here is typed in by hand.
+"""
+
+from __future__ import annotations
+
+from minimoe.assets import default_model_path
+from minimoe.config import read_config_file
+from minimoe.params import count_parameters, format_count
+
+LABELS = {"baseline": "previous tiny-moe", "tiny-dense": "tiny-dense", "tiny-moe": "tiny-moe"}
+DATA = """**Data.** The CPython {python} standard library's own `.py` sources (no tests, no idlelib) and the
+`pydoc_data` help topics: text every Python install has, split into training and held-out documents by a
+hash of their name ({stdlib_docs} held-out documents, {stdlib_tokens:,} tokens, never trained on). Python
+outside the standard library is held out entirely: the sources of {third_party} ({third_docs} files,
+{third_tokens:,} tokens)."""
+
+
+def counts(kind: str) -> tuple[int, int]:
+    """(total, activated per token) parameters of a bundled model, counted by minimoe.params."""
+    count = count_parameters(read_config_file(default_model_path(kind) / "config.json"))
+    return count.total, count.active
+
+
+def loss_table(results: dict) -> str:
+    """Held-out loss of every evaluated model on the same tokens, one row per (texts, window)."""
+    models = [m for m in ("baseline", "tiny-dense", "tiny-moe") if m in results["models"]]
+    head = "| held-out texts, window | " + " | ".join(LABELS[m] for m in models) + " | unigram |"
+    lines = [head, "|---" * (len(models) + 2) + "|"]
+    names = {"stdlib": "stdlib", "third_party": "outside the stdlib"}
+    for name, label in names.items():
+        for context in (256, 1024):
+            cells = [results["models"][m].get(f"{name}_{context}") for m in models]
+            cells = [f"{c:.3f}" if c is not None else "(context 256)" for c in cells]
+            lines.append(f"| {label}, {context} tokens | " + " | ".join(cells)
+                         + f" | {results['sets'][name]['unigram']:.3f} |")
+    for name, label in names.items():
+        cells = [f"{results['models'][m][f'{name}_slice']:.3f}" for m in models]
+        lines.append(f"| shipped slice of {label} ({results['sets'][name]['slice_tokens']:,} tokens), 256 | "
+                     + " | ".join(cells) + " | |")
+    return "\n".join(lines)
+
+
+def data_paragraph(results: dict) -> str:
+    versions = results["third_party_versions"]
+    return DATA.format(
+        python=results["python"], stdlib_docs=len(results["held_out_documents"]["stdlib"]),
+        stdlib_tokens=results["sets"]["stdlib"]["tokens"], third_docs=results["sets"]["third_party"]["documents"],
+        third_party=" and ".join(f"{p} {v}" for p, v in versions.items()),
+        third_tokens=results["sets"]["third_party"]["tokens"])
+
+
+def training_line(log: dict) -> str:
+    return (f"{log['tokens_seen']:,} tokens ({log['steps']:,} steps of {log['batch']} windows of {log['context']} "
+            f"tokens), AdamW, peak learning rate {log['peak_lr']}, cosine schedule, {log['train_minutes']} minutes "
+            f"on {log['machine']}")
+
+
+def measured(results: dict) -> str:
+    return f"""Held-out cross-entropy in nats per token (lower is better), every model on the same
+{results['tokens_per_set']:,} held-out tokens of each kind, read in windows of 256 or 1024 tokens. "previous
+tiny-moe" is the model bundled before this one (16 experts, trained from scratch at context 256, so it has no
+1024 figure). The shipped slices are in `tests/data/held_out/`; `tests/test_bundled_models.py` recomputes
+their rows with minimoe.
+
+{loss_table(results)}"""
+
+
+def moe_card(results: dict, log: dict, dense_log: dict) -> str:
+    total, active = counts("moe")
+    upcycle, train = log["commands"]
+    return f"""# tiny-moe: a miniature Qwen1.5-MoE, bundled with minimoe
+
+A small **Qwen2-MoE** (`Qwen2MoeForCausalLM`) with Qwen1.5-MoE-A2.7B's routing structure exactly:
+60 routed experts, the top 4 chosen per token by a softmax router whose weights are not renormalised,
+and a sigmoid-gated shared expert 4 experts wide. It was made the way the Qwen1.5-MoE blog says the real
+model was: "we start by repurposing our existing Qwen-1.8B, transforming it into Qwen1.5-MoE-A2.7B".
+Here the dense model is [tiny-dense](../tiny-dense/README.md), upcycled with `minimoe upcycle` (shuffled
+copies of its FFN cut into experts, half of each expert's neurons drawn afresh: the Qwen2 Technical
+Report's recipe), then trained on. It is a toy: it writes Python-flavoured text, not correct programs.
+
+| | tiny-moe | Qwen1.5-MoE-A2.7B |
+|---|---|---|
+| layers | 4 | 24 |
+| hidden size | 128 | 2048 |
+| attention heads (key/value heads) | 4 (4) | 16 (16) |
+| routed experts, chosen per token | 60, top-4 | 60, top-4 |
+| expert width | 88 | 1408 |
+| shared expert width (sigmoid-gated) | 352 (= 4 experts) | 5632 (= 4 experts) |
+| dense parent's FFN width | 344 (tiny-dense) | 5504 (Qwen1.5-1.8B) |
+| `norm_topk_prob` | false | false |
+| vocabulary | 4096 (byte-level BPE) | 151936 |
+| context (`max_position_embeddings`) | 1024, the context it was trained at | 8192 |
+| parameters, total / activated per token | {format_count(total)} / {format_count(active)} | 14.3B / 2.7B |
+| weights | bf16 safetensors | bf16 safetensors |
+
+**How it was made.**
+
+```
+python scripts/train_bundled_model.py dense      # tiny-dense, from scratch
+{upcycle}
+{train}        # runs the line above, then trains
+python scripts/train_bundled_model.py evaluate --baseline PREVIOUS_TINY_MOE   # this card
+```
+
+At upcycling, before any MoE training, its held-out loss (1024-token windows) was
+{log['held_out_loss_1024_at_upcycling']:.3f} nats/token against the parent's {dense_log['held_out_loss_1024']:.3f}.
+Training: {training_line(log)}; router load-balancing loss at coefficient {log['router_aux_loss_coef']}.
+
+{data_paragraph(results)}
+
+**What it learned.** {measured(results)}
+
+Prompts longer than 1024 tokens raise `MinimoeError`: positions past the training context were never
+seen, so minimoe refuses them rather than report routing from a model outside what it learned.
+"""
+
+
+def dense_card(results: dict, log: dict) -> str:
+    total, _ = counts("dense")
+    return f"""# tiny-dense: the dense parent of minimoe's bundled MoE
+
+A small dense **Qwen2** (`Qwen2ForCausalLM`), the parent [tiny-moe](../tiny-moe/README.md) was upcycled
+from, as Qwen1.5-MoE-A2.7B was from Qwen-1.8B. Same tokenizer, attention, norms and embedding shapes as
+tiny-moe; its FFN (344 wide) relates to tiny-moe's experts (88 wide) as Qwen1.5-1.8B's 5504 does to
+Qwen1.5-MoE's 1408 (3.9 experts per FFN). `minimoe.default_model_path("dense")` gives this folder.
+
+| | tiny-dense | Qwen1.5-1.8B |
+|---|---|---|
+| layers | 4 | 24 |
+| hidden size | 128 | 2048 |
+| attention heads (key/value heads) | 4 (4) | 16 (16) |
+| FFN width (SwiGLU) | 344 | 5504 |
+| vocabulary | 4096 (byte-level BPE, trained with it) | 151936 |
+| context (`max_position_embeddings`) | 1024, the context it was trained at | 32768 |
+| parameters | {format_count(total)} | 1.8B |
+
+**How it was made.** `{log['command']}`: the tokenizer, then the model from scratch.
+Training: {training_line(log)}.
+
+{data_paragraph(results)}
+
+**What it learned.** {measured(results)}
+"""
+

@@ -1,0 +1,240 @@
+#!/usr/bin/env python
+"""The upcycling experiment: does a MoE learn faster started from a dense model, and does randomness help?
+
+At toy scale, on the bundled models' corpus, it puts to the test what the Qwen1.5-MoE blog says --
+"training a MoE from scratch may prove inefficient", and, of upcycling Qwen-1.8B, "introducing
+randomness during initialization significantly expedites convergence" -- and what Drop-Upcycling
+(Nakamura et al., ICLR 2025) reports: naive copies learn fast at first, then slow down.
+
+Every arm is the same MoE (the bundled tiny-moe's shape: 60 routed experts of 88, top-4, a shared
+expert 4 wide) trained on the same batches, in the same order, for the same tokens, with the same
+optimizer and schedule.  Only the starting point differs:
+
+    scratch    transformers' random initialisation
+    copy       `minimoe.upcycle(method="copy")` of the bundled dense parent: replicas, nothing random
+    qwen       shuffled replicas, 50% of each expert's neurons re-drawn (the Qwen2 report's recipe)
+    drop-R     replicas, a fraction R of each expert's neurons re-drawn (Drop-Upcycling)
+    dense      the dense parent itself, trained on for the same tokens: the baseline
+
+    python scripts/upcycling_experiment.py --seed 0 &      # one process per seed, one thread each
+    python scripts/upcycling_experiment.py --seed 1 --arms scratch,copy,qwen,drop-0.5,dense &
+    python scripts/upcycling_experiment.py --report         # table, docs/data/upcycling_experiment.json, figure
+
+Each run writes ``docs/data/upcycling_experiment/ARM-seedN.json`` when it ends, so an interrupted
+experiment keeps the arms it finished.  Held-out loss is measured on the same stdlib held-out
+windows at evenly spaced token counts.  Needs the ``test`` extra (torch, transformers) for training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import minimoe
+from train_bundled_model import UPCYCLE, corpus, encode_all, held_out_loss, load_tokenizer, train, windows
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = ROOT / "docs" / "data" / "upcycling_experiment"
+RESULTS = ROOT / "docs" / "data" / "upcycling_experiment.json"
+FIGURE = ROOT / "docs" / "images" / "upcycling_experiment.png"
+ARMS = ["scratch", "copy", "qwen", "drop-0.5", "drop-0.1", "drop-1.0", "dense"]
+START = {"copy": ("copy", 0.0), "qwen": ("qwen", 0.5), "drop-0.5": ("drop", 0.5), "drop-0.1": ("drop", 0.1),
+         "drop-1.0": ("drop", 1.0)}  # arm -> (upcycle method, reinit fraction)
+
+
+def dense_parent() -> Path:
+    return Path(minimoe.default_model_path("dense"))
+
+
+def upcycled(arm: str, seed: int, folder: Path) -> Path:
+    """The arm's starting MoE, written by minimoe.upcycle into ``folder``."""
+    method, reinit = START[arm]
+    shape = {k: UPCYCLE[k] for k in ("shared_experts", "top_k", "expert_size")}
+    minimoe.upcycle(dense_parent(), folder, num_experts=UPCYCLE["experts"], method=method, reinit=reinit,
+                    seed=seed, **shape)
+    return folder
+
+
+def starting_model(arm: str, seed: int, tmp: Path):
+    """The arm's model in float32, ready to train."""
+    from transformers import AutoModelForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    if arm == "dense":
+        return AutoModelForCausalLM.from_pretrained(dense_parent(), dtype=torch.float32)
+    if arm == "scratch":  # the upcycled arms' exact config, every weight drawn by transformers
+        config = Qwen2MoeConfig.from_pretrained(upcycled("copy", seed, tmp / "shape"))
+        torch.manual_seed(seed)
+        return Qwen2MoeForCausalLM(config)
+    return Qwen2MoeForCausalLM.from_pretrained(upcycled(arm, seed, tmp / arm), dtype=torch.float32)
+
+
+def active_parameters(model) -> int:
+    """Parameters one token uses: all but the embedding lookup and the routed experts it did not choose."""
+    config = model.config
+    total = model.num_parameters() - model.get_input_embeddings().weight.numel()
+    if not hasattr(config, "num_experts"):
+        return total
+    per_expert = 3 * config.hidden_size * config.moe_intermediate_size
+    unchosen = config.num_experts - config.num_experts_per_tok
+    return total - config.num_hidden_layers * unchosen * per_expert
+
+
+def run_arm(arm: str, seed: int, args, train_ids: np.ndarray, held: np.ndarray) -> dict:
+    """Train one arm; held-out loss at ``args.evaluations`` evenly spaced token counts (and at 0)."""
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = starting_model(arm, seed, Path(tmp))
+    curve = {"tokens": [], "loss": []}
+
+    def evaluate(tokens_seen: int) -> None:
+        curve["tokens"].append(tokens_seen)
+        curve["loss"].append(round(held_out_loss(model, held, args.context, max_windows=len(held)), 4))
+        print(f"{arm} seed {seed}: {tokens_seen:>9,} tokens  held-out {curve['loss'][-1]:.3f}", flush=True)
+
+    log = train(model, train_ids, tokens=args.tokens, context=args.context, batch=args.batch, lr=args.lr,
+                seed=seed, warmup=args.warmup, evaluate=evaluate, evaluations=args.evaluations, log_every=0)
+    return {"arm": arm, "seed": seed, **curve, **log, "active_parameters": active_parameters(model),
+            "parameters": model.num_parameters(), "threads": torch.get_num_threads()}
+
+
+def load_data(max_documents: int | None, eval_windows: int, context: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training ids, held-out ids cut to ``eval_windows`` windows) with the bundled tokenizer."""
+    train_texts, held_texts, _ = corpus()
+    tokenizer = load_tokenizer(dense_parent())
+    train_ids = encode_all(tokenizer, train_texts[:max_documents])
+    held = windows(encode_all(tokenizer, held_texts), context)[:eval_windows].reshape(-1)
+    return train_ids, held
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+def tokens_to_reach(tokens: list[int], loss: list[float], target: float) -> float | None:
+    """First token count where the held-out loss reaches ``target``, interpolated between evaluations."""
+    if loss[0] <= target:
+        return tokens[0]
+    for i in range(1, len(loss)):
+        if loss[i] <= target:  # loss[i - 1] > target >= loss[i]
+            t0, t1, l0, l1 = tokens[i - 1], tokens[i], loss[i - 1], loss[i]
+            return t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
+    return None
+
+
+def loss_at(run: dict, fraction: float) -> float:
+    """Held-out loss at the evaluation nearest ``fraction`` of the token budget."""
+    target = fraction * run["tokens"][-1]
+    return run["loss"][int(np.argmin([abs(t - target) for t in run["tokens"]]))]
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Per arm: mean and spread (max - min over seeds) of held-out loss at 25/50/100%, tokens to the parent."""
+    parent = np.mean([r["loss"][0] for r in runs if r["arm"] == "dense"])
+    summary = {"parent_loss": round(float(parent), 4), "arms": {}}
+    for arm in [a for a in ARMS if any(r["arm"] == a for r in runs)]:
+        mine = [r for r in runs if r["arm"] == arm]
+        row = {"seeds": [r["seed"] for r in mine], "start": round(float(np.mean([r["loss"][0] for r in mine])), 4)}
+        for fraction in (0.25, 0.5, 1.0):
+            values = [loss_at(r, fraction) for r in mine]
+            row[f"loss_{int(fraction * 100)}"] = [round(float(np.mean(values)), 4),
+                                                  round(float(np.ptp(values)), 4)]
+        reached = [tokens_to_reach(r["tokens"], r["loss"], parent) for r in mine]
+        row["tokens_to_parent"] = None if None in reached else int(np.mean(reached))
+        row["active_parameters"] = mine[0]["active_parameters"]
+        summary["arms"][arm] = row
+    return summary
+
+
+def print_table(summary: dict, budget: int) -> None:
+    print(f"dense parent's held-out loss: {summary['parent_loss']:.3f} nats/token; budget {budget:,} tokens")
+    print(f"{'arm':10s} {'seeds':>5s} {'start':>7s} {'25%':>14s} {'50%':>14s} {'100%':>14s} {'tokens to parent':>17s}")
+    for arm, row in summary["arms"].items():
+        cells = [f"{row[k][0]:.3f} ± {row[k][1] / 2:.3f}" for k in ("loss_25", "loss_50", "loss_100")]
+        reach = "not reached" if row["tokens_to_parent"] is None else f"{row['tokens_to_parent']:,}"
+        print(f"{arm:10s} {len(row['seeds']):5d} {row['start']:7.3f} {cells[0]:>14s} {cells[1]:>14s} "
+              f"{cells[2]:>14s} {reach:>17s}")
+
+
+def draw(runs: list[dict], summary: dict, out: Path) -> None:
+    """Held-out loss against tokens and against training FLOPs (6 x active parameters per token)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = dict(zip(ARMS, plt.get_cmap("tab10").colors))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for arm in summary["arms"]:
+        for i, run in enumerate(r for r in runs if r["arm"] == arm):
+            tokens = np.array(run["tokens"])
+            for ax, x in zip(axes, (tokens, 6.0 * run["active_parameters"] * tokens)):
+                ax.plot(x, run["loss"], color=colours[arm], lw=1.6, alpha=0.9, label=arm if i == 0 else None,
+                        ls="--" if arm == "dense" else "-")
+    for ax, label in zip(axes, ("training tokens", "training FLOPs (6 x active parameters x tokens)")):
+        ax.axhline(summary["parent_loss"], color="grey", lw=0.8, ls=":")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out loss (nats/token, stdlib)")
+    axes[0].legend(title="start", fontsize=8)
+    axes[0].text(0, summary["parent_loss"], " dense parent at the start", va="bottom", fontsize=8, color="grey")
+    low = min(min(r["loss"]) for r in runs)
+    axes[0].set_ylim(low - 0.05, summary["parent_loss"] + 0.6)  # the scratch arm starts far above: cut it
+    fig.suptitle("Upcycling at toy scale: the same MoE from different starts, same data, optimizer and schedule "
+                 f"({len({r['seed'] for r in runs})} seeds, one line each)", fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
+def report(args) -> None:
+    runs = [json.loads(p.read_text()) for p in sorted(args.runs.glob("*.json"))]
+    if not runs:
+        raise SystemExit(f"no runs in {args.runs}")
+    summary = summarise(runs)
+    print_table(summary, runs[0]["tokens_seen"])
+    settings = {k: runs[0][k] for k in ("tokens_seen", "context", "batch", "peak_lr")}
+    args.results.write_text(json.dumps({"settings": settings, "summary": summary, "runs": runs}, indent=1) + "\n")
+    draw(runs, summary, args.figure)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {ARMS}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokens", type=int, default=1_200_000, help="training tokens per arm")
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, every arm")
+    parser.add_argument("--warmup", type=int, default=30, help="warm-up steps, every arm")
+    parser.add_argument("--evaluations", type=int, default=12, help="held-out evaluations after the start")
+    parser.add_argument("--eval-windows", type=int, default=48, help="held-out windows of --context tokens")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (run one process per seed)")
+    parser.add_argument("--max-documents", type=int, help="train on the first N documents only (smoke tests)")
+    parser.add_argument("--runs", type=Path, default=RUNS, help="folder of per-arm results")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--figure", type=Path, default=FIGURE)
+    parser.add_argument("--report", action="store_true", help="summarise the runs: table, JSON, figure")
+    args = parser.parse_args(argv)
+    if args.report:
+        return report(args)
+    arms = args.arms.split(",")
+    unknown = set(arms) - set(ARMS)
+    if unknown:
+        parser.error(f"unknown arms {sorted(unknown)}; choose from {ARMS}")
+    torch.set_num_threads(args.threads)
+    train_ids, held = load_data(args.max_documents, args.eval_windows, args.context)
+    args.runs.mkdir(parents=True, exist_ok=True)
+    for arm in arms:
+        started = time.time()
+        result = run_arm(arm, args.seed, args, train_ids, held)
+        (args.runs / f"{arm}-seed{args.seed}.json").write_text(json.dumps(result) + "\n")
+        print(f"{arm} seed {args.seed}: done in {(time.time() - started) / 60:.1f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""scripts/upcycling_experiment.py's code paths, on a few steps: every arm starts, trains, and is reported.
+
+The full experiment takes about an hour (its results are in docs/data/upcycling_experiment.json);
+here each arm runs a handful of steps on a few documents, so what is checked is the plumbing: the
+starting points, the shared data order, the evaluations, the summary arithmetic and the figure.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import upcycling_experiment as experiment  # noqa: E402  (scripts/, put on sys.path by conftest)
+
+TINY = ["--tokens", "256", "--context", "32", "--batch", "2", "--evaluations", "2", "--eval-windows", "2",
+        "--max-documents", "5", "--warmup", "2"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("runs")
+    experiment.main(["--arms", "scratch,copy,qwen,dense", *TINY, "--runs", str(folder)])
+    return folder
+
+
+def test_every_arm_writes_its_curve_from_the_same_budget(runs):
+    results = {p.stem: json.loads(p.read_text()) for p in runs.glob("*.json")}
+    assert sorted(results) == ["copy-seed0", "dense-seed0", "qwen-seed0", "scratch-seed0"]
+    for run in results.values():
+        assert run["tokens"] == [0, 128, 256] and len(run["loss"]) == 3
+        assert run["tokens_seen"] == 256
+    moe, dense = results["qwen-seed0"], results["dense-seed0"]
+    assert dense["active_parameters"] < moe["active_parameters"] < moe["parameters"]
+
+
+def test_upcycled_arms_start_near_the_parent_and_scratch_far_from_it(runs):
+    start = {p.stem.split("-seed")[0]: json.loads(p.read_text())["loss"][0] for p in runs.glob("*.json")}
+    assert abs(start["copy"] - start["dense"]) < 1.0  # the copies compute almost what the parent does
+    assert start["scratch"] > start["dense"] + 2.0  # an untrained model: about ln(4096) = 8.3 nats
+
+
+def test_report_writes_the_table_json_and_figure(runs, tmp_path, capsys):
+    results, figure = tmp_path / "results.json", tmp_path / "figure.png"
+    experiment.main(["--report", "--runs", str(runs), "--results", str(results), "--figure", str(figure)])
+    summary = json.loads(results.read_text())["summary"]
+    assert set(summary["arms"]) == {"scratch", "copy", "qwen", "dense"}
+    assert summary["arms"]["dense"]["tokens_to_parent"] == 0  # the baseline starts at the parent's loss
+    assert figure.read_bytes().startswith(b"\x89PNG")
+    assert "tokens to parent" in capsys.readouterr().out
+
+
+def test_tokens_to_reach_interpolates_between_evaluations():
+    assert experiment.tokens_to_reach([0, 100, 200], [5.0, 4.0, 3.0], 3.5) == 150
+    assert experiment.tokens_to_reach([0, 100], [3.0, 2.0], 3.5) == 0
+    assert experiment.tokens_to_reach([0, 100], [5.0, 4.0], 3.5) is None
+
+
+def test_unknown_arms_are_refused():
+    with pytest.raises(SystemExit):
+        experiment.main(["--arms", "scratch,bogus"])
