@@ -186,8 +186,8 @@ def routing_cell(trace, s: int, t: int, shared: bool) -> str:
     return cell + (f" {trace.shared_gate[s, t]:6.2f}" if shared else "")
 
 
-def routing_table(trace, prompt_tokens: int, shared: bool = True) -> list[str]:
-    """One line per token, and a rule where the prompt ends and the generated tokens begin.
+def routing_table(trace, prompt_tokens: int | None = None, shared: bool = True) -> list[str]:
+    """Two header lines, then one line per token (and, given ``prompt_tokens``, a rule after the prompt's).
 
     Each sparse layer gets the ids of the experts the token chose (highest weight first),
     the sum of their weights and, with ``shared``, the shared expert's sigmoid gate.
@@ -199,8 +199,9 @@ def routing_table(trace, prompt_tokens: int, shared: bool = True) -> list[str]:
     rows = [repr(text)[: TOKEN_COLUMN - 1].ljust(TOKEN_COLUMN)
             + LAYER_GAP.join(routing_cell(trace, s, t, shared) for s in range(len(trace.layers)))
             for t, text in enumerate(trace.tokens)]
-    rows.insert(prompt_tokens, f"---- {prompt_tokens} prompt tokens above, "
-                               f"{trace.num_tokens - prompt_tokens} generated below ----")
+    if prompt_tokens is not None:
+        rows.insert(prompt_tokens, f"---- {prompt_tokens} prompt tokens above, "
+                                   f"{trace.num_tokens - prompt_tokens} generated below ----")
     return [line.rstrip() for line in lines + rows]
 
 
@@ -227,7 +228,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     ids = prompt_ids(model, tokenizer, args.prompt, args)  # every check done: from here on, only output
     print(f"minimoe demo: {args.model}")
     print(f"  {describe_model(model.config)}\n")
-    print(f"--- prompt ({len(ids)} tokens) ---")
+    print(f"--- prompt ({len(ids)} token{'s' if len(ids) != 1 else ''}) ---")
     print(args.prompt, end="" if args.prompt.endswith("\n") else "\n")
     print("--- generated" + ("" if args.prompt.endswith("\n") else " (continuing the prompt's last line)") + " ---")
     generated, seconds = stream_text(model, tokenizer, ids, args)

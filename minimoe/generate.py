@@ -82,12 +82,12 @@ def check_sampling(max_new_tokens: int, temperature: float | None, top_k: int | 
     ``as_flags`` names them as the command line spells them (``--top-p``, not ``top_p``).
     """
     def reject(name: str, rule: str, value) -> None:
-        label = "--" + name.replace("_", "-") if as_flags else name
+        label = ("--stop" if name == "stop_strings" else "--" + name.replace("_", "-")) if as_flags else name
         raise MinimoeError(f"{label} must be {rule}, got {value!r}")
 
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         reject("max_new_tokens", "a non-negative integer", max_new_tokens)
-    if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):  # NaN fails >= too
+    if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
         reject("temperature", "a finite number >= 0 (0 is greedy)", temperature)
     if top_k is not None and top_k < 1:
         reject("top_k", ">= 1", top_k)
@@ -97,7 +97,7 @@ def check_sampling(max_new_tokens: int, temperature: float | None, top_k: int | 
         reject("seed", "a non-negative integer", seed)
     for text in stop_strings:
         if not text:  # every text contains "": generation would stop after one token
-            reject("stop", "a non-empty text", text)
+            reject("stop_strings", "non-empty", text)
 
 
 def check_prompt(prompt: np.ndarray, max_new_tokens: int, context: int) -> None:
