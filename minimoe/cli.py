@@ -229,8 +229,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"minimoe demo: {args.model}")
     print(f"  {describe_model(model.config)}\n")
     print(f"--- prompt ({len(ids)} token{'s' if len(ids) != 1 else ''}) ---")
-    print(args.prompt, end="" if args.prompt.endswith("\n") else "\n")
-    print("--- generated" + ("" if args.prompt.endswith("\n") else " (continuing the prompt's last line)") + " ---")
+    mid_line = not args.prompt.endswith("\n")  # the generation continues the prompt's last line
+    print(args.prompt, end="\n" if mid_line else "")
+    print("--- generated" + (" (continuing the prompt's last line)" if mid_line else "") + " ---")
     generated, seconds = stream_text(model, tokenizer, ids, args)
     print(f"\n--- {len(generated)} tokens in {seconds:.2f} s ({len(generated) / seconds:.1f} tokens/s) ---\n")
     print(routing_legend(model.config) + "\n")
