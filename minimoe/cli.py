@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import numpy as np
 from . import __version__
 from .assets import default_model_path
 from .errors import MinimoeError
+from .generate import check_prompt, check_sampling
 from .params import Architecture, count_parameters, describe_architecture, describe_model, format_count
 from .upcycle import METHODS, ROUTER_STD
 
@@ -107,6 +109,21 @@ def sampling_options(args: argparse.Namespace, model) -> dict:
     )
 
 
+def check_sampling_flags(args: argparse.Namespace) -> None:
+    """The sampling flags, checked before anything is loaded or printed (``main`` runs this first)."""
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, args.stop, as_flags=True)
+
+
+def prompt_ids(model, tokenizer, prompt: str, args: argparse.Namespace) -> list[int]:
+    """``prompt``'s token ids, checked to be some, in the model's vocabulary, and to leave ``--max-new-tokens``
+    positions in the context: a bad prompt fails before anything is printed."""
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise MinimoeError("the prompt is empty: give --prompt a text to continue")
+    check_prompt(model.check_ids(ids), args.max_new_tokens, model.config.max_position_embeddings)
+    return ids
+
+
 def stream_text(model, tokenizer, ids: list[int], args: argparse.Namespace, out=sys.stdout) -> tuple[list[int], float]:
     """Generate after ``ids``, printing text as it completes; returns (new ids, seconds)."""
     decoder = tokenizer.stream(skip_special_tokens=True)
@@ -126,9 +143,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     prompt = args.prompt
     if args.chat:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    ids = tokenizer.encode(prompt)
-    if not ids:
-        raise MinimoeError("the prompt is empty")
+    ids = prompt_ids(model, tokenizer, prompt, args)
     if not args.chat:
         sys.stdout.write(prompt)
     generated, seconds = stream_text(model, tokenizer, ids, args)
@@ -161,31 +176,68 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 # --- demo ----------------------------------------------------------------------------
 
-def routing_table(trace) -> list[str]:
-    """One line per token: the experts it chose in each sparse layer, highest weight first."""
-    width = 3 * trace.top_k + 7
-    lines = ["token".ljust(16) + "".join(f"layer {layer}".ljust(width) for layer in trace.layers)]
-    for t, text in enumerate(trace.tokens):
-        cells = [" ".join(f"{e:2d}" for e in trace.expert_ids[s, t]) + f" ({trace.expert_weights[s, t].sum():.2f})"
-                 for s in range(len(trace.layers))]
-        lines.append(repr(text)[:15].ljust(16) + "".join(cell.ljust(width) for cell in cells))
-    return lines
+TOKEN_COLUMN = 16  # the routing table's first column: each token's repr, cut to fit
+LAYER_GAP = "  "  # between the routing table's layer groups
+
+
+def routing_cell(trace, s: int, t: int, shared: bool) -> str:
+    """Token ``t`` in sparse layer ``s``: its experts (highest weight first), their weights' sum, the shared gate."""
+    cell = " ".join(f"{e:2d}" for e in trace.expert_ids[s, t]) + f" {trace.expert_weights[s, t].sum():4.2f}"
+    return cell + (f" {trace.shared_gate[s, t]:6.2f}" if shared else "")
+
+
+def routing_table(trace, prompt_tokens: int | None = None, shared: bool = True) -> list[str]:
+    """Two header lines, then one line per token (and, given ``prompt_tokens``, a rule after the prompt's).
+
+    Each sparse layer gets the ids of the experts the token chose (highest weight first),
+    the sum of their weights and, with ``shared``, the shared expert's sigmoid gate.
+    """
+    subheader = "experts".ljust(3 * trace.top_k - 1) + "  sum" + (" shared" if shared else "")  # as wide as a cell
+    layer_names = (f"layer {layer}".ljust(len(subheader)) for layer in trace.layers)
+    lines = ["token".ljust(TOKEN_COLUMN) + LAYER_GAP.join(layer_names),
+             " " * TOKEN_COLUMN + LAYER_GAP.join(subheader for _ in trace.layers)]
+    rows = [repr(text)[: TOKEN_COLUMN - 1].ljust(TOKEN_COLUMN)
+            + LAYER_GAP.join(routing_cell(trace, s, t, shared) for s in range(len(trace.layers)))
+            for t, text in enumerate(trace.tokens)]
+    if prompt_tokens is not None:
+        rows.insert(prompt_tokens, f"---- {prompt_tokens} prompt tokens above, "
+                                   f"{trace.num_tokens - prompt_tokens} generated below ----")
+    return [line.rstrip() for line in lines + rows]
+
+
+def routing_legend(config) -> str:
+    """What the routing table's columns are, for this model's gating rule (wrapped to 100 columns)."""
+    weights = ("1, because the top-k weights are renormalised (norm_topk_prob)" if config.norm_topk_prob else
+               "below 1, because the top-k weights are not renormalised (norm_topk_prob is false, as in Qwen1.5-MoE)")
+    legend = (f"Routing: for each token, in each sparse layer, the {config.num_experts_per_tok} experts "
+              f"(of {config.num_experts}) the router chose, highest weight first; 'sum' is the sum of their weights, "
+              f"the router's softmax probabilities: {weights}.")
+    if config.has_shared_expert:
+        legend += (" 'shared' is the shared expert's gate, the sigmoid of a learned linear function of the token's "
+                   "hidden state (0 to 1), which scales the shared expert's output for that token: the shared expert "
+                   "runs on every token, beside the routed ones.")
+    legend += " The dashed rule marks where the prompt ends and the generated tokens begin."
+    return textwrap.fill(legend, width=100)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     model, tokenizer = open_model(args)
+    if not model.config.sparse_layers:
+        raise MinimoeError(f"{args.model}: a dense model, with no router: there is no routing to show "
+                           "(minimoe generate runs it)")
+    ids = prompt_ids(model, tokenizer, args.prompt, args)  # every check done: from here on, only output
     print(f"minimoe demo: {args.model}")
     print(f"  {describe_model(model.config)}\n")
-    ids = tokenizer.encode(args.prompt)
-    print("--- generated (prompt, then the model's continuation) ---")
-    sys.stdout.write(args.prompt)
+    print(f"--- prompt ({len(ids)} token{'s' if len(ids) != 1 else ''}) ---")
+    mid_line = not args.prompt.endswith("\n")  # the generation continues the prompt's last line
+    print(args.prompt, end="\n" if mid_line else "")
+    print("--- generated" + (" (continuing the prompt's last line)" if mid_line else "") + " ---")
     generated, seconds = stream_text(model, tokenizer, ids, args)
     print(f"\n--- {len(generated)} tokens in {seconds:.2f} s ({len(generated) / seconds:.1f} tokens/s) ---\n")
-    c = model.config
-    print(f"Routing: the {c.num_experts_per_tok} experts (of {c.num_experts}) each token chose in each layer, highest "
-          "weight first;\nin brackets the sum of their weights, the router's softmax probabilities, which is below 1 "
-          "because\nthe top-k weights are not renormalised (norm_topk_prob is false, as in Qwen1.5-MoE).\n")
-    print("\n".join(routing_table(model.trace(ids + generated[:-1], tokenizer=tokenizer))))
+    print(routing_legend(model.config) + "\n")
+    # One forward over every token, the last generated one included (no decoding step has read it yet).
+    trace = model.trace(ids + generated, tokenizer=tokenizer)
+    print("\n".join(routing_table(trace, len(ids), shared=model.config.has_shared_expert)))
 
 
 # --- inspect -------------------------------------------------------------------------
@@ -262,6 +314,7 @@ def add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> 
     parser.add_argument("--seed", type=int, default=0, help="random seed, for reproducible sampling (default 0)")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="stop once the generated text contains TEXT (repeatable)")
+    parser.set_defaults(check_flags=check_sampling_flags)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -372,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if check_flags := getattr(args, "check_flags", None):
+            check_flags(args)  # before the command loads or prints anything
         args.run(args)
     except MinimoeError as exc:
         print(f"minimoe: error: {exc}", file=sys.stderr)

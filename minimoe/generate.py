@@ -11,6 +11,7 @@ The sampling filters follow transformers' logits warpers, in the same order
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
@@ -74,15 +75,39 @@ def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float
     return int(min(np.searchsorted(np.cumsum(probs), rng.random() * probs.sum(), side="right"), probs.size - 1))
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_sampling(max_new_tokens: int, temperature: float | None, top_k: int | None, top_p: float | None,
+                   seed: int | None = None, stop_strings: Iterable[str] = (), *, as_flags: bool = False) -> None:
+    """Raise :class:`MinimoeError` unless every setting is usable (``None``: not set, nothing to check).
+
+    ``as_flags`` names them as the command line spells them (``--top-p``, not ``top_p``).
+    """
+    def reject(name: str, rule: str, value) -> None:
+        label = ("--stop" if name == "stop_strings" else "--" + name.replace("_", "-")) if as_flags else name
+        raise MinimoeError(f"{label} must be {rule}, got {value!r}")
+
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise MinimoeError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise MinimoeError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+        reject("max_new_tokens", "a non-negative integer", max_new_tokens)
+    if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
+        reject("temperature", "a finite number >= 0 (0 is greedy)", temperature)
     if top_k is not None and top_k < 1:
-        raise MinimoeError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise MinimoeError(f"top_p must be in (0, 1], got {top_p}")
+        reject("top_k", ">= 1", top_k)
+    if top_p is not None and not 0 < top_p <= 1:  # NaN fails too
+        reject("top_p", "in (0, 1]", top_p)
+    if isinstance(seed, (int, np.integer)) and seed < 0:  # NumPy's generators take no negative seed
+        reject("seed", "a non-negative integer", seed)
+    for text in stop_strings:
+        if not text:  # every text contains "": generation would stop after one token
+            reject("stop_strings", "non-empty", text)
+
+
+def check_prompt(prompt: np.ndarray, max_new_tokens: int, context: int) -> None:
+    """Raise :class:`MinimoeError` unless ``prompt`` ``[T]`` is non-empty and leaves room for the new tokens."""
+    if prompt.ndim != 1 or prompt.size == 0:
+        raise MinimoeError(f"generate takes a non-empty [T] list of ids, got shape {prompt.shape}")
+    if prompt.size + max_new_tokens > context:
+        raise MinimoeError(
+            f"prompt of {prompt.size} tokens + {max_new_tokens} new tokens exceeds the context of {context} positions"
+        )
 
 
 def generate_stream(model: "Model", ids: Iterable[int], max_new_tokens: int, temperature: float = 1.0,
@@ -99,15 +124,9 @@ def generate_stream(model: "Model", ids: Iterable[int], max_new_tokens: int, tem
     Raises :class:`MinimoeError` up front when prompt + new tokens exceed the context.
     """
     prompt = np.asarray(list(ids), dtype=np.int64)
-    if prompt.ndim != 1 or prompt.size == 0:
-        raise MinimoeError(f"generate takes a non-empty [T] list of ids, got shape {prompt.shape}")
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
-    context = model.config.max_position_embeddings
-    if prompt.size + max_new_tokens > context:
-        raise MinimoeError(
-            f"prompt of {prompt.size} tokens + {max_new_tokens} new tokens exceeds the context of {context} positions"
-        )
     stop_strings = list(stop_strings)
+    check_sampling(max_new_tokens, temperature, top_k, top_p, seed, stop_strings)
+    check_prompt(prompt, max_new_tokens, model.config.max_position_embeddings)
     if stop_strings and tokenizer is None:
         raise MinimoeError("stop_strings need a tokenizer to decode the generated text")
     eos = set(model.eos_token_ids if eos_token_ids is None else eos_token_ids)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json.decoder
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,11 @@ import numpy as np
 import pytest
 
 import minimoe
+from minimoe.cli import TOKEN_COLUMN, routing_table
+from minimoe.params import describe_model
 from minimoe.routing import RoutingTrace
+
+from conftest import FIXTURES
 
 
 def run(*args: str, stdin: str | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -19,14 +24,133 @@ def run(*args: str, stdin: str | None = None, timeout: int = 120) -> subprocess.
                           timeout=timeout)
 
 
-def test_demo_generates_and_shows_routing():
-    result = run("demo")
+BUNDLED = minimoe.default_model_path()
+DEMO_PROMPT = "def read_config(path):\n"
+
+
+def demo_table(stdout: str) -> tuple[list[str], list[str], list[str]]:
+    """The demo's routing table: (its two header lines, the prompt's rows, the generated tokens' rows)."""
+    lines = stdout.splitlines()
+    top = next(i for i, line in enumerate(lines) if line.startswith("token "))
+    rule = next(i for i, line in enumerate(lines) if line.startswith("---- ") and "prompt tokens above" in line)
+    return lines[top : top + 2], lines[top + 2 : rule], lines[rule + 1 :]
+
+
+def row_tokens(rows: list[str]) -> list[str]:
+    """The token column of table rows (each token's repr)."""
+    return [row[:TOKEN_COLUMN].rstrip() for row in rows]
+
+
+def row_numbers(row: str, layers: int) -> np.ndarray:
+    """A table row's numbers, one line per sparse layer: its expert ids, their weights' sum (and the shared gate)."""
+    return np.array(row[TOKEN_COLUMN:].split(), dtype=np.float64).reshape(layers, -1)
+
+
+def test_demo_marks_the_prompt_and_shows_every_token_with_its_shared_gate():
+    result = run("demo", "--prompt", DEMO_PROMPT, "--max-new-tokens", "6", "--temperature", "0")
     assert result.returncode == 0, result.stderr
-    assert "16 experts (top-4) + a gated shared expert" in result.stdout
-    assert "tokens/s" in result.stdout
-    header = next(line for line in result.stdout.splitlines() if line.startswith("token "))
-    assert all(f"layer {layer}" in header for layer in range(4))
-    assert "'def'" in result.stdout  # the prompt's first token has its own row
+    model, tok = minimoe.load(BUNDLED), minimoe.load_tokenizer(BUNDLED)
+    config = model.config
+    prompt = tok.encode(DEMO_PROMPT)
+    generated = model.generate(prompt, 6, temperature=0)  # what the demo generated (greedy: the same tokens)
+    assert describe_model(config) in result.stdout and "tokens/s" in result.stdout
+    assert f"--- prompt ({len(prompt)} tokens) ---\n{DEMO_PROMPT}--- generated ---\n" in result.stdout
+    assert f"\n--- {len(generated)} tokens in " in result.stdout
+    assert "'shared' is the shared expert's gate" in result.stdout
+
+    header, prompt_rows, generated_rows = demo_table(result.stdout)
+    assert all(f"layer {layer}" in header[0] for layer in config.sparse_layers)
+    assert header[1].split() == ["experts", "sum", "shared"] * len(config.sparse_layers)
+    assert row_tokens(prompt_rows) == [repr(tok.decode([t]))[: TOKEN_COLUMN - 1] for t in prompt]
+    assert len(generated_rows) == len(generated)  # the last generated token has its row too
+    assert len(prompt_rows) + len(generated_rows) == len(prompt) + len(generated)
+
+    trace = model.trace(prompt + generated)  # the routing the rows should show
+    shown = np.stack([row_numbers(row, len(config.sparse_layers)) for row in prompt_rows + generated_rows],
+                     axis=1)  # [S, T, k + 2]
+    np.testing.assert_array_equal(shown[..., :-2], trace.expert_ids)
+    np.testing.assert_allclose(shown[..., -2], trace.expert_weights.sum(axis=-1), atol=0.006)
+    np.testing.assert_allclose(shown[..., -1], trace.shared_gate, atol=0.006)
+    assert np.all((trace.shared_gate > 0) & (trace.shared_gate < 1))  # a sigmoid: strictly inside (0, 1)
+
+
+def test_demo_of_a_prompt_without_a_final_newline_says_where_the_generation_continues():
+    result = run("demo", "--prompt", "import os", "--max-new-tokens", "2", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    prompt = minimoe.load_tokenizer(BUNDLED).encode("import os")
+    assert (f"--- prompt ({len(prompt)} tokens) ---\nimport os\n"
+            "--- generated (continuing the prompt's last line) ---\n") in result.stdout
+    _, prompt_rows, _ = demo_table(result.stdout)
+    assert len(prompt_rows) == len(prompt)
+
+
+def test_demo_of_no_new_tokens_shows_the_prompt():
+    result = run("demo", "--max-new-tokens", "0")
+    assert result.returncode == 0, result.stderr
+    _, prompt_rows, generated_rows = demo_table(result.stdout)
+    assert len(prompt_rows) == len(minimoe.load_tokenizer(BUNDLED).encode(DEMO_PROMPT)) and generated_rows == []
+
+
+def test_routing_table_of_a_model_without_a_shared_expert():
+    model = minimoe.load(FIXTURES / "moe_mixtral")  # no shared expert; 96 tokens, no tokenizer
+    trace = model.trace([5, 6, 7, 8, 9])
+    trace.tokens = ["a", "b", "c", "d", "e"]
+    lines = routing_table(trace, prompt_tokens=3, shared=False)
+    layers = len(model.config.sparse_layers)
+    assert lines[1].split() == ["experts", "sum"] * layers
+    assert lines[5] == "---- 3 prompt tokens above, 2 generated below ----"
+    rows = lines[2:5] + lines[6:]
+    assert row_tokens(rows) == ["'a'", "'b'", "'c'", "'d'", "'e'"]
+    shown = np.stack([row_numbers(row, layers) for row in rows], axis=1)  # [S, T, k + 1]: no shared gate
+    np.testing.assert_array_equal(shown[..., :-1], trace.expert_ids)
+    assert routing_table(trace, shared=False) == lines[:5] + lines[6:]  # no prompt length given: no rule
+
+
+def dense_checkpoint(folder: Path) -> Path:
+    """The dense test fixture beside the bundled tokenizer: a model that loads but has no router."""
+    folder.mkdir()
+    for source in (FIXTURES / "dense_qwen2" / "config.json", FIXTURES / "dense_qwen2" / "model.safetensors",
+                   BUNDLED / "tokenizer.json", BUNDLED / "tokenizer_config.json"):
+        shutil.copy(source, folder)
+    return folder
+
+
+def context_of_the_bundled_model() -> int:
+    return minimoe.load(BUNDLED).config.max_position_embeddings
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--max-new-tokens", "-1"), "--max-new-tokens must be a non-negative integer, got -1"),
+    (("--temperature", "-0.5"), "--temperature must be a finite number >= 0 (0 is greedy), got -0.5"),
+    (("--temperature", "nan"), "--temperature must be a finite number >= 0"),
+    (("--top-k", "0"), "--top-k must be >= 1, got 0"),
+    (("--top-p", "0"), "--top-p must be in (0, 1], got 0.0"),
+    (("--top-p", "1.5"), "--top-p must be in (0, 1], got 1.5"),
+    (("--seed", "-1"), "--seed must be a non-negative integer, got -1"),
+    (("--stop", ""), "--stop must be non-empty, got ''"),
+    (("--model", "/nonexistent/model"), "/nonexistent/model: not a folder"),
+    (("--model", "{tmp}"), "config.json"),  # an empty folder: not a checkpoint
+    (("--model", "{dense}"), "a dense model, with no router: there is no routing to show"),
+    (("--prompt", ""), "the prompt is empty"),
+    (("--prompt", "{long}"), "new tokens exceeds the context of"),
+    (("--max-new-tokens", "{context}"), "new tokens exceeds the context of"),
+])
+def test_demo_rejects_each_bad_flag_before_printing_anything(tmp_path, args, message):
+    context = context_of_the_bundled_model()
+    values = dict(tmp=str(tmp_path), dense=str(dense_checkpoint(tmp_path / "dense")), long="x = 1\n" * context,
+                  context=str(context))
+    result = run("demo", *(arg.format(**values) for arg in args))
+    assert result.returncode == 1
+    assert result.stdout == ""  # not even the "minimoe demo: ..." header
+    assert result.stderr.startswith("minimoe: error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr
+
+
+@pytest.mark.parametrize("command, stdin", [(("generate", "--prompt", "x"), None), (("chat",), "hello\n")])
+def test_generate_and_chat_check_the_same_flags_before_printing(command, stdin):
+    result = run(*command, "--top-p", "1.5", stdin=stdin)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == "minimoe: error: --top-p must be in (0, 1], got 1.5\n"
 
 
 def test_generate_streams_and_reports_speed():
@@ -64,7 +188,7 @@ def test_params_defaults_to_the_bundled_model():
 
 
 @pytest.mark.parametrize("args, message", [
-    (("generate", "--prompt", "x", "--top-p", "1.5"), "top_p must be in (0, 1]"),
+    (("generate", "--prompt", "x", "--top-p", "1.5"), "--top-p must be in (0, 1]"),
     (("generate", "--prompt", "x", "--max-new-tokens", "5000"), "exceeds the context of 1024"),
     (("generate", "--prompt", "x", "--model", "/nonexistent/model"), "/nonexistent/model: not a folder"),
     (("generate", "--prompt", ""), "the prompt is empty"),

@@ -219,10 +219,14 @@ def test_forward_and_cache_fill_the_context_exactly(model):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(max_new_tokens=46), "prompt of 3 tokens \\+ 46 new tokens exceeds the context of 48"),
-    (dict(max_new_tokens=2, temperature=-1), "temperature must be >= 0"),
+    (dict(max_new_tokens=2, temperature=-1), "temperature must be a finite number >= 0"),
+    (dict(max_new_tokens=2, temperature=float("nan")), "temperature must be a finite number >= 0"),
     (dict(max_new_tokens=2, top_k=0), "top_k must be >= 1"),
     (dict(max_new_tokens=2, top_p=1.5), "top_p must be in \\(0, 1\\]"),
+    (dict(max_new_tokens=2, top_p=float("nan")), "top_p must be in \\(0, 1\\]"),
     (dict(max_new_tokens=-1), "max_new_tokens must be a non-negative integer"),
+    (dict(max_new_tokens=2, temperature=1.0, seed=-1), "seed must be a non-negative integer"),
+    (dict(max_new_tokens=2, stop_strings=[""]), "stop_strings must be non-empty"),
     (dict(max_new_tokens=2, stop_strings=["x"]), "stop_strings need a tokenizer"),
 ])
 def test_bad_generation_arguments(model, kwargs, message):
