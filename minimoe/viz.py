@@ -32,11 +32,12 @@ MAX_PLOTTED_TOKENS = 512  # per-token plots draw at most this many tokens, the f
 # Cells in the token grid up to which each cell gets its expert id written in it: Qwen1.5-MoE's 24 sparse
 # layers at the default cut.  Among 60 colours the id, not the colour, says which expert a cell is.
 ANNOTATE_CELLS = 24 * MAX_PLOTTED_TOKENS
-MAX_FIGURE_WIDTH = 12.0  # inches: the report's column at 100 dpi; more experts get narrower cells, not a wider figure
+MAX_FIGURE_WIDTH = 11.5  # inches: the report's column (1,168 px) at 100 dpi; more experts get narrower cells, not a wider figure
 MAX_MATRIX_SIZE = 9.0  # inches: an E x E matrix stays on one screen
 MAX_TICK_LABELS = 16  # an axis of expert (or layer) numbers labels at most this many, at a round step
 MAX_LEGEND_LINES = 8  # more lines than this (one per layer) get a colour bar instead of a legend
-CELL_FONTSIZE = 6  # numbers written in heatmap cells
+CELL_FONTSIZE = 6  # points: numbers written in heatmap cells; smaller where the cells are narrow, down to
+MIN_CELL_FONTSIZE = 5  # points: below this a number is not written at all (the colour bar gives the value)
 DIGIT_WIDTH = 0.64  # em: a digit of DejaVu Sans (matplotlib's font) is 0.636 of the font size wide
 PADDING = (0.85, 0.85, 0.85, 1.0)  # cells without an expert (padding -1 after a per-layer intervention)
 
@@ -233,10 +234,12 @@ def _heatmap_size(rows: int, columns: int) -> tuple[float, float]:
     return min(MAX_FIGURE_WIDTH, max(5.0, 0.32 * columns + HEATMAP_MARGIN)), max(2.6, 0.32 * rows + 1.6)
 
 
-def _labels_fit(columns: int, characters: int) -> bool:
-    """Whether a number of ``characters`` digits, written in a cell, fits the width of one of ``columns`` cells."""
-    cell = (_heatmap_size(1, columns)[0] - HEATMAP_MARGIN) / columns
-    return characters * DIGIT_WIDTH * CELL_FONTSIZE / 72 <= cell
+def cell_fontsize(columns: int, characters: int) -> float | None:
+    """The font size (points) at which numbers of ``characters`` digits fit the cells of a heatmap of ``columns``
+    columns (:data:`CELL_FONTSIZE` if they can), or None if that would be under :data:`MIN_CELL_FONTSIZE`."""
+    cell = (_heatmap_size(1, columns)[0] - HEATMAP_MARGIN) / columns  # inches
+    size = min(CELL_FONTSIZE, cell * 72 / (characters * DIGIT_WIDTH))
+    return size if size >= MIN_CELL_FONTSIZE else None
 
 
 def plot_expert_load(load, layers: Sequence[int]) -> Figure:
@@ -388,13 +391,13 @@ def plot_token_routing(routings: Sequence) -> Figure:
     fig = Figure(figsize=_heatmap_size(num_layers * len(routings) + len(routings), num_experts),
                  layout="constrained")
     axes = fig.subplots(len(routings), 1, squeeze=False)[:, 0]
-    annotate = _labels_fit(num_experts, 2)  # "100" overflows a 2-digit cell by a pixel; it is rare and dark
+    fontsize = cell_fontsize(num_experts, len("100"))
     for ax, routing in zip(axes, routings):
         share = routing.counts / max(routing.occurrences, 1)  # [S, E]
         image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
-        for (row, column), value in np.ndenumerate(share if annotate else np.zeros(0)):
+        for (row, column), value in np.ndenumerate(share if fontsize else np.zeros(0)):
             if value > 0:
-                ax.text(column, row, f"{100 * value:.0f}", ha="center", va="center", fontsize=CELL_FONTSIZE,
+                ax.text(column, row, f"{100 * value:.0f}", ha="center", va="center", fontsize=fontsize,
                         color="white" if value > 0.6 else "black")
         for row, expert in enumerate(routing.top1_expert):
             if expert >= 0:
@@ -407,7 +410,7 @@ def plot_token_routing(routings: Sequence) -> Figure:
         ax.set_title(f"{name} (id {routing.token_id}): {routing.occurrences:,} occurrences"
                      + ("" if routing.occurrences else " (not in the text)"), fontsize=9, fontfamily="monospace")
     fig.colorbar(image, ax=list(axes), label="share of the token's occurrences\nchoosing the expert")
-    axes[-1].set_xlabel(("expert (cell: % of the token's occurrences choosing it; " if annotate else "expert (")
+    axes[-1].set_xlabel(("expert (cell: % of the token's occurrences choosing it; " if fontsize else "expert (")
                         + "red box: most frequent top-1)")
     fig.suptitle("Where each token is routed, per sparse layer")
     return fig
@@ -495,9 +498,10 @@ def plot_domain_specialization(spec, layer: int, layers: Sequence[int] | None = 
     norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(2.0, float(matrix.max())))
     image = ax.imshow(matrix, cmap="RdBu_r", norm=norm, aspect="auto", interpolation="nearest")
     fig.colorbar(image, ax=ax, label="share / uniform share 1/E\n(1 = uniform)")
-    if matrix.size <= 400 and _labels_fit(num_experts, len("12.5")):
+    fontsize = cell_fontsize(num_experts, len("12.5"))
+    if matrix.size <= 400 and fontsize:
         for (row, column), value in np.ndenumerate(matrix):
-            ax.text(column, row, f"{value:.1f}", ha="center", va="center", fontsize=CELL_FONTSIZE,
+            ax.text(column, row, f"{value:.1f}", ha="center", va="center", fontsize=fontsize,
                     color="white" if abs(norm(value) - 0.5) > 0.3 else "black")
     _expert_ticks(ax, num_experts, axis="x")
     ax.set_yticks(np.arange(num_domains), list(spec.domains))
