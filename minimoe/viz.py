@@ -32,7 +32,8 @@ MAX_PLOTTED_TOKENS = 512  # per-token plots draw at most this many tokens, the f
 # Cells in the token grid up to which each cell gets its expert id written in it: Qwen1.5-MoE's 24 sparse
 # layers at the default cut.  Among 60 colours the id, not the colour, says which expert a cell is.
 ANNOTATE_CELLS = 24 * MAX_PLOTTED_TOKENS
-MAX_FIGURE_WIDTH = 11.5  # inches: the report's column (1,168 px) at 100 dpi; more experts get narrower cells, not a wider figure
+# Inches: the report's column (1,168 px) at 100 dpi.  More experts get narrower cells, not a wider figure.
+MAX_FIGURE_WIDTH = 11.5
 MAX_MATRIX_SIZE = 9.0  # inches: an E x E matrix stays on one screen
 MAX_TICK_LABELS = 16  # an axis of expert (or layer) numbers labels at most this many, at a round step
 MAX_LEGEND_LINES = 8  # more lines than this (one per layer) get a colour bar instead of a legend
