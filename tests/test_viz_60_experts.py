@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from matplotlib.colors import to_hex
+from test_viz_report import synthetic_trace
 
 import minimoe
 from minimoe import analysis, report, viz
-from test_viz_report import synthetic_trace
 
 DENSE = Path(__file__).resolve().parent / "fixtures" / "dense_qwen2"
 EXPERTS = 60
@@ -138,7 +138,7 @@ def test_report_plots_fit_the_page_column_unshrunk(built):
 
 def test_token_routing_has_a_labelled_colour_bar(trace):
     routing = analysis.token_routing(trace, CharTokenizer().encode("x")[0], "x")
-    heatmap, bar = viz.plot_token_routing([routing]).axes
+    _, bar = viz.plot_token_routing([routing]).axes
     assert "share of the token's occurrences" in bar.get_ylabel()
 
 
