@@ -305,6 +305,7 @@ h1 { margin-bottom: 0.2em; } .meta { color: #555; margin-top: 0; }
 .t { border-radius: 3px; padding: 1px 0; cursor: help; box-shadow: inset 1px 0 #fff, inset -1px 0 #fff; }
 .legend span { display: inline-block; min-width: 2em; text-align: center; margin: 1px; border-radius: 2px;
                font-family: ui-monospace, monospace; font-size: 0.85em; }
+.legend span[hidden] { display: none; }  /* the display above would otherwise show hidden chips */
 table { border-collapse: collapse; font-size: 0.9em; } th, td { border: 1px solid #ccc; padding: 3px 8px; }
 td { text-align: right; } td.l { text-align: left; font-family: ui-monospace, monospace; }
 figure { margin: 2em 0; } figure img { max-width: 100%; }
@@ -317,11 +318,14 @@ figcaption { color: #444; max-width: 60em; }
 PAINT_SCRIPT = """
 const colors = %s, inks = %s;
 function paint(s) {
+  const used = new Set();
   for (const t of document.querySelectorAll('.t')) {
     const e = +t.dataset.e.split(',')[s];
+    used.add(e);
     t.style.background = e < 0 ? '#d9d9d9' : colors[e];
     t.style.color = e < 0 ? '#000' : inks[e];
   }
+  for (const chip of document.querySelectorAll('.legend span')) chip.hidden = !used.has(+chip.dataset.e);
 }
 document.getElementById('layer').addEventListener('change', ev => paint(+ev.target.value));
 """
@@ -371,15 +375,22 @@ def text_section(trace: RoutingTrace) -> str:
     colors = [to_hex(c) for c in palette]
     inks = [viz.text_color(c) for c in palette]
     options = "".join(f'<option value="{s}">layer {int(layer)}</option>' for s, layer in enumerate(trace.layers))
-    legend = "".join(f'<span style="background:{c};color:{ink}">{e}</span>'
-                     for e, (c, ink) in enumerate(zip(colors, inks)))
     script = PAINT_SCRIPT % (json.dumps(colors), json.dumps(inks))
     shown, cut = viz.first_tokens(trace, MAX_TEXT_TOKENS)
     return (f'<h2>The text, coloured by top-1 expert ({cut})</h2>\n<p><label>Sparse layer: <select id="layer">'
             f'{options}</select></label> &nbsp; Hover a token for its experts and weights in every layer; a thin white '
             f'edge separates tokens, {viz.VISIBLE[chr(10)]} marks a newline.</p>\n'
-            f'<p class="legend">Experts: {legend}</p>\n<div class="text">{token_spans(shown, colors, inks)}</div>\n'
+            f'<p class="legend">Experts that are some token\'s top-1 in this layer: {legend_chips(shown, colors, inks)}'
+            f'</p>\n<div class="text">{token_spans(shown, colors, inks)}</div>\n'
             f"<script>{script}</script>\n")
+
+
+def legend_chips(trace: RoutingTrace, colors: list[str], inks: list[str], layer_index: int = 0) -> str:
+    """A chip per expert in its colour; those that are no token's top-1 in sparse layer ``layer_index`` are hidden
+    (the layer picker's script shows each layer's own), so that 60 experts do not make a legend of 60."""
+    used = set(trace.expert_ids[layer_index, :, 0].tolist())
+    return "".join(f'<span data-e="{e}"{"" if e in used else " hidden"} style="background:{c};color:{ink}">{e}</span>'
+                   for e, (c, ink) in enumerate(zip(colors, inks)))
 
 
 def summary_table(trace: RoutingTrace, results: Analyses) -> str:

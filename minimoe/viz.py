@@ -13,22 +13,33 @@ last value of a cell).  Every plot colours an expert with the same colour,
 
 from __future__ import annotations
 
+import itertools
 import math
 from functools import lru_cache
 from typing import Mapping, Sequence
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
 from matplotlib.colors import BoundaryNorm, ListedColormap, TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from .errors import MinimoeError
 
-# Cells in the token grid up to which each cell gets its expert id written in it.
-ANNOTATE_CELLS = 12_000
 TOKENS_PER_PANEL = 64  # the token grid wraps into panels of this many tokens
 MAX_PLOTTED_TOKENS = 512  # per-token plots draw at most this many tokens, the first ones, and say so
+# Cells in the token grid up to which each cell gets its expert id written in it: Qwen1.5-MoE's 24 sparse
+# layers at the default cut.  Among 60 colours the id, not the colour, says which expert a cell is.
+ANNOTATE_CELLS = 24 * MAX_PLOTTED_TOKENS
+# Inches: the report's column (1,168 px) at 100 dpi.  More experts get narrower cells, not a wider figure.
+MAX_FIGURE_WIDTH = 11.5
+MAX_MATRIX_SIZE = 9.0  # inches: an E x E matrix stays on one screen
+MAX_TICK_LABELS = 16  # an axis of expert (or layer) numbers labels at most this many, at a round step
+MAX_LEGEND_LINES = 8  # more lines than this (one per layer) get a colour bar instead of a legend
+CELL_FONTSIZE = 6  # points: numbers written in heatmap cells; smaller where the cells are narrow, down to
+MIN_CELL_FONTSIZE = 5  # points: below this a number is not written at all (the colour bar gives the value)
+DIGIT_WIDTH = 0.64  # em: a digit of DejaVu Sans (matplotlib's font) is 0.636 of the font size wide
 PADDING = (0.85, 0.85, 0.85, 1.0)  # cells without an expert (padding -1 after a per-layer intervention)
 
 
@@ -208,7 +219,7 @@ def _token_panel(ax, ids, start, labels, layers, cmap, norm, colors, annotate) -
     if annotate:
         for (row, column), expert in np.ndenumerate(ids):
             if expert >= 0:
-                ax.text(start + column, row, str(expert), ha="center", va="center", fontsize=6,
+                ax.text(start + column, row, str(expert), ha="center", va="center", fontsize=CELL_FONTSIZE,
                         color=text_color(colors[expert]))
     for spine in ax.spines.values():
         spine.set_visible(False)
@@ -216,8 +227,20 @@ def _token_panel(ax, ids, start, labels, layers, cmap, norm, colors, annotate) -
 
 # --- load, co-activation, entropy ------------------------------------------------------
 
+HEATMAP_MARGIN = 3.2  # inches of a heatmap's width that are not cells: row labels and the colour bar
+
+
 def _heatmap_size(rows: int, columns: int) -> tuple[float, float]:
-    return max(5.0, 0.32 * columns + 3.2), max(2.6, 0.32 * rows + 1.6)
+    """(width, height) in inches of a rows x columns heatmap: 0.32 inch a cell, narrower when that is too wide."""
+    return min(MAX_FIGURE_WIDTH, max(5.0, 0.32 * columns + HEATMAP_MARGIN)), max(2.6, 0.32 * rows + 1.6)
+
+
+def cell_fontsize(columns: int, characters: int) -> float | None:
+    """The font size (points) at which numbers of ``characters`` digits fit the cells of a heatmap of ``columns``
+    columns (:data:`CELL_FONTSIZE` if they can), or None if that would be under :data:`MIN_CELL_FONTSIZE`."""
+    cell = (_heatmap_size(1, columns)[0] - HEATMAP_MARGIN) / columns  # inches
+    size = min(CELL_FONTSIZE, cell * 72 / (characters * DIGIT_WIDTH))
+    return size if size >= MIN_CELL_FONTSIZE else None
 
 
 def plot_expert_load(load, layers: Sequence[int]) -> Figure:
@@ -244,11 +267,22 @@ def plot_expert_load(load, layers: Sequence[int]) -> Figure:
     return fig
 
 
+def tick_step(count: int, max_labels: int = MAX_TICK_LABELS) -> int:
+    """How far apart to label an axis of ``count`` numbers (0 .. count-1): the smallest of 1, 2, 5, 10, 20, 50 ...
+    that labels at most ``max_labels`` of them (16 experts: every one; 60: every 5th; 128: every 10th)."""
+    for power in itertools.count():
+        for step in (1 * 10**power, 2 * 10**power, 5 * 10**power):
+            if math.ceil(count / step) <= max_labels:
+                return step
+
+
 def _expert_ticks(ax, num_experts: int, axis: str) -> None:
-    """Every expert id as a tick, or every 2nd/5th one when there are many."""
-    step = 1 if num_experts <= 32 else 2 if num_experts <= 64 else 5
+    """Expert ids labelled at :func:`tick_step`'s spacing, with an unlabelled tick at every expert between."""
+    step = tick_step(num_experts)
     ticks = np.arange(0, num_experts, step)
-    (ax.set_xticks if axis == "x" else ax.set_yticks)(ticks, [str(t) for t in ticks], fontsize=7)
+    scale = ax.xaxis if axis == "x" else ax.yaxis
+    scale.set_ticks(ticks, [str(t) for t in ticks], fontsize=7)
+    scale.set_ticks(np.arange(num_experts) if step > 1 else [], minor=True)  # so that one can count the cells
 
 
 def plot_coactivation(matrix, layer: int, layers: Sequence[int] | None = None) -> Figure:
@@ -267,7 +301,7 @@ def plot_coactivation(matrix, layer: int, layers: Sequence[int] | None = None) -
     num_experts = matrix.shape[0]
     pairs = np.ma.masked_array(matrix, mask=np.eye(num_experts, dtype=bool))
     cmap = colormaps["magma"].with_extremes(bad=PADDING)
-    size = max(4.5, 0.22 * num_experts + 2.5)
+    size = min(MAX_MATRIX_SIZE, max(4.5, 0.22 * num_experts + 2.5))
     fig = Figure(figsize=(size + 1.0, size), layout="constrained")
     ax = fig.subplots()
     top = float(pairs.max()) if pairs.count() else 1.0
@@ -358,12 +392,13 @@ def plot_token_routing(routings: Sequence) -> Figure:
     fig = Figure(figsize=_heatmap_size(num_layers * len(routings) + len(routings), num_experts),
                  layout="constrained")
     axes = fig.subplots(len(routings), 1, squeeze=False)[:, 0]
+    fontsize = cell_fontsize(num_experts, len("100"))
     for ax, routing in zip(axes, routings):
         share = routing.counts / max(routing.occurrences, 1)  # [S, E]
-        ax.imshow(share, cmap="Blues", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
-        for (row, column), value in np.ndenumerate(share):
+        image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        for (row, column), value in np.ndenumerate(share if fontsize else np.zeros(0)):
             if value > 0:
-                ax.text(column, row, f"{100 * value:.0f}", ha="center", va="center", fontsize=6,
+                ax.text(column, row, f"{100 * value:.0f}", ha="center", va="center", fontsize=fontsize,
                         color="white" if value > 0.6 else "black")
         for row, expert in enumerate(routing.top1_expert):
             if expert >= 0:
@@ -375,7 +410,9 @@ def plot_token_routing(routings: Sequence) -> Figure:
         name = token_label(routing.text, routing.token_id, width=24)
         ax.set_title(f"{name} (id {routing.token_id}): {routing.occurrences:,} occurrences"
                      + ("" if routing.occurrences else " (not in the text)"), fontsize=9, fontfamily="monospace")
-    axes[-1].set_xlabel("expert (cell: % of the token's occurrences choosing it; red box: most frequent top-1)")
+    fig.colorbar(image, ax=list(axes), label="share of the token's occurrences\nchoosing the expert")
+    axes[-1].set_xlabel(("expert (cell: % of the token's occurrences choosing it; " if fontsize else "expert (")
+                        + "red box: most frequent top-1)")
     fig.suptitle("Where each token is routed, per sparse layer")
     return fig
 
@@ -429,7 +466,7 @@ def plot_shared_gate(trace, tokens_per_panel: int = TOKENS_PER_PANEL, layers: Se
     per_panel = min(tokens_per_panel, max(num_tokens, 1))
     fig = Figure(figsize=(max(7.0, 0.26 * per_panel + 2.6), 2.9 * panels + 0.5), layout="constrained")
     axes = fig.subplots(panels, 1, squeeze=False)[:, 0]
-    line_colors = colormaps["viridis"](np.linspace(0.0, 0.9, num_layers))
+    line_colors = layer_colors(num_layers)
     labels = trace_labels(trace)
     for p, ax in enumerate(axes):
         start, stop = p * tokens_per_panel, min(num_tokens, (p + 1) * tokens_per_panel)
@@ -441,7 +478,7 @@ def plot_shared_gate(trace, tokens_per_panel: int = TOKENS_PER_PANEL, layers: Se
         ax.set_ylim(0, 1)
         ax.set_ylabel("gate (sigmoid)")
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower left", bbox_to_anchor=(1.0, 0.0), ncol=math.ceil(num_layers / 16))
+    _layer_key(fig, axes, drawn, line_colors, fontsize=7, loc="lower left", bbox_to_anchor=(1.0, 0.0))
     fig.suptitle(f"The shared expert's gate per token ({cut}):\nhow much of the always-on expert each token takes",
                  x=0.01, ha="left")
     return fig
@@ -462,9 +499,10 @@ def plot_domain_specialization(spec, layer: int, layers: Sequence[int] | None = 
     norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(2.0, float(matrix.max())))
     image = ax.imshow(matrix, cmap="RdBu_r", norm=norm, aspect="auto", interpolation="nearest")
     fig.colorbar(image, ax=ax, label="share / uniform share 1/E\n(1 = uniform)")
-    if matrix.size <= 400:
+    fontsize = cell_fontsize(num_experts, len("12.5"))
+    if matrix.size <= 400 and fontsize:
         for (row, column), value in np.ndenumerate(matrix):
-            ax.text(column, row, f"{value:.1f}", ha="center", va="center", fontsize=6,
+            ax.text(column, row, f"{value:.1f}", ha="center", va="center", fontsize=fontsize,
                     color="white" if abs(norm(value) - 0.5) > 0.3 else "black")
     _expert_ticks(ax, num_experts, axis="x")
     ax.set_yticks(np.arange(num_domains), list(spec.domains))
@@ -508,14 +546,36 @@ def plot_expert_cache_hits(hits, layers: Sequence[int]) -> Figure:
     sizes = np.asarray(hits.cache_sizes)
     fig = Figure(figsize=(5.5, 3.6), layout="constrained")
     ax = fig.subplots()
+    colors = layer_colors(len(layers))
     for s, layer in enumerate(layers):
-        ax.plot(sizes, rates[s], marker="o", label=f"layer {int(layer)}")
+        ax.plot(sizes, rates[s], marker="o", color=colors[s], label=f"layer {int(layer)}")
     num_experts = int(sizes.max())
     ax.plot(sizes, np.minimum(sizes / num_experts, 1.0), "k--", label="no reuse (size / E)")
     ax.set(xlabel="experts cached per layer", ylabel="hit rate", ylim=(0, 1.02),
            title="LRU expert cache, replayed on the trace")
-    ax.legend(fontsize=8, loc="lower right")
+    _layer_key(fig, [ax], layers, colors, fontsize=8, loc="lower right")
     return fig
+
+
+def layer_colors(count: int) -> np.ndarray:
+    """One colour per line of a per-layer plot, ``[count, 4]``: dark (first layer) to light (last), in order."""
+    return colormaps["viridis"](np.linspace(0.0, 0.9, count))
+
+
+def _layer_key(fig, axes, layers: Sequence[int], colors, **legend_options) -> None:
+    """Say which line is which layer: a legend for a few layers; a colour bar of the layers for many
+    (24 legend entries swamp the plot), with a legend for the other lines only."""
+    if len(layers) <= MAX_LEGEND_LINES:
+        axes[0].legend(**legend_options)
+        return
+    names = {f"layer {int(layer)}" for layer in layers}
+    others = [line for line in axes[0].get_lines() if line.get_label() not in names]
+    if others:
+        axes[0].legend(handles=others, **legend_options)
+    bar = fig.colorbar(ScalarMappable(BoundaryNorm(np.arange(len(layers) + 1) - 0.5, len(layers)),
+                                      ListedColormap(colors)), ax=list(axes), label="layer (line colour)")
+    ticks = np.arange(0, len(layers), tick_step(len(layers)))
+    bar.set_ticks(ticks, labels=[str(int(layers[i])) for i in ticks])
 
 
 def _labelled_bars(ax, y, values, color, fmt: str) -> None:

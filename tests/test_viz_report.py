@@ -365,7 +365,8 @@ def test_token_routing_plot_annotations():
     routing = analysis.token_routing(trace, token, text=" x")
     absent = analysis.token_routing(trace, 999, text="never")
     fig = viz.plot_token_routing([routing, absent])
-    top, bottom = fig.axes
+    top, bottom, colour_bar = fig.axes
+    assert "share of the token's occurrences" in colour_bar.get_ylabel()
     assert top.get_title() == f"\u2423x (id {token}): {routing.occurrences} occurrences"
     assert bottom.get_title() == "never (id 999): 0 occurrences (not in the text)"
     assert len(top.patches) == 3 and not bottom.patches  # a red box on each layer's top-1 expert
