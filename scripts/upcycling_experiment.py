@@ -16,8 +16,8 @@ optimizer and schedule.  Only the starting point differs:
     drop-R     replicas, a fraction R of each expert's neurons re-drawn (Drop-Upcycling)
     dense      the dense parent itself, trained on for the same tokens: the baseline
 
-    python scripts/upcycling_experiment.py --seed 0 &      # one process per seed, one thread each
-    python scripts/upcycling_experiment.py --seed 1 --arms scratch,copy,qwen,drop-0.5,dense &
+    python scripts/upcycling_experiment.py --seed 0 --arms scratch,copy,qwen,drop-0.5,drop-0.1,dense &
+    python scripts/upcycling_experiment.py --seed 1 --arms scratch,copy,qwen,drop-0.5,drop-1.0,dense &
     python scripts/upcycling_experiment.py --report         # table, docs/data/upcycling_experiment.json, figure
 
 Each run writes ``docs/data/upcycling_experiment/ARM-seedN.json`` when it ends, so an interrupted
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {ARMS}")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tokens", type=int, default=1_200_000, help="training tokens per arm")
+    parser.add_argument("--tokens", type=int, default=1_000_000, help="training tokens per arm")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, every arm")

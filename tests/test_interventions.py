@@ -15,24 +15,27 @@ IDS = [1, 50, 300, 7, 99, 1000, 12, 3]
 
 @pytest.fixture(scope="module")
 def model():
-    return minimoe.load(minimoe.default_model_path())  # 4 sparse layers, 16 experts, top-4
+    return minimoe.load(minimoe.default_model_path())  # 4 sparse layers, 60 experts, top-4
 
 
 def test_disabling_every_expert_of_a_layer_says_none_remain(model):
-    with pytest.raises(MinimoeError, match="layer 2 disables all 16 experts, 0 remain"):
-        model.forward(IDS, disabled_experts={2: range(16)})
+    experts = model.config.num_experts
+    with pytest.raises(MinimoeError, match=f"layer 2 disables all {experts} experts, 0 remain"):
+        model.forward(IDS, disabled_experts={2: range(experts)})
 
 
 def test_leaving_fewer_than_k_says_how_many_remain(model):
-    with pytest.raises(MinimoeError, match=r"layer 1 leaves 2 of 16 experts, fewer than the 4 each token uses: "
-                                           r"disable fewer, or pass top_k=\{1: 2\} too"):
-        model.trace(IDS, disabled_experts={1: range(14)})
+    experts = model.config.num_experts
+    with pytest.raises(MinimoeError, match=rf"layer 1 leaves 2 of {experts} experts, fewer than the 4 each token "
+                                           r"uses: disable fewer, or pass top_k=\{1: 2\} too"):
+        model.trace(IDS, disabled_experts={1: range(experts - 2)})
 
 
 def test_fewer_experts_with_a_matching_top_k_run(model):
-    trace = model.trace(IDS, disabled_experts={1: range(14)}, top_k={1: 2})
+    experts = model.config.num_experts
+    trace = model.trace(IDS, disabled_experts={1: range(experts - 2)}, top_k={1: 2})
     chosen = trace.expert_ids[trace.layer_index(1)]
-    assert (np.sort(chosen[:, :2], axis=-1) == [14, 15]).all() and (chosen[:, 2:] == -1).all()
+    assert (np.sort(chosen[:, :2], axis=-1) == [experts - 2, experts - 1]).all() and (chosen[:, 2:] == -1).all()
     np.testing.assert_allclose(trace.router_probs[1, :, 14:].sum(-1), 1.0, rtol=1e-6)
 
 
