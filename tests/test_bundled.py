@@ -113,3 +113,21 @@ def test_model_card_held_out_figures_are_recomputed_on_the_shipped_slices(label,
     ids = minimoe.load_tokenizer(folder).encode((SLICES / f"{texts}.txt").read_text())
     assert len(ids) >= 8 * SLICE_WINDOW
     assert abs(slice_loss(minimoe.load(folder), ids) - card) < CARD_TOLERANCE
+
+
+def test_a_built_wheel_carries_both_bundled_models(tmp_path):
+    """A non-editable install gets the models too: their files are package data in pyproject.toml."""
+    import subprocess
+    import sys
+    import zipfile
+
+    pytest.importorskip("setuptools")
+    root = MOE.parents[2]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("minimoe-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for folder in (MOE, DENSE):
+        for path in folder.iterdir():
+            if path.is_file():
+                assert f"minimoe/assets/{folder.name}/{path.name}" in names
