@@ -8,7 +8,7 @@ Every number comes from ``training.json`` (written when a model was trained) or 
 from __future__ import annotations
 
 from minimoe.assets import default_model_path
-from minimoe.config import read_config_file
+from minimoe.config import ModelConfig
 from minimoe.params import count_parameters, format_count
 
 LABELS = {"baseline": "previous tiny-moe", "tiny-dense": "tiny-dense", "tiny-moe": "tiny-moe"}
@@ -21,8 +21,8 @@ outside the standard library is held out entirely: the sources of {third_party} 
 
 def counts(kind: str) -> tuple[int, int]:
     """(total, activated per token) parameters of a bundled model, counted by minimoe.params."""
-    count = count_parameters(read_config_file(default_model_path(kind) / "config.json"))
-    return count.total, count.active
+    count = count_parameters(ModelConfig.from_file(default_model_path(kind) / "config.json"))
+    return count.total, count.activated
 
 
 def loss_table(results: dict) -> str:
@@ -63,7 +63,7 @@ def measured(results: dict) -> str:
     return f"""Held-out cross-entropy in nats per token (lower is better), every model on the same
 {results['tokens_per_set']:,} held-out tokens of each kind, read in windows of 256 or 1024 tokens. "previous
 tiny-moe" is the model bundled before this one (16 experts, trained from scratch at context 256, so it has no
-1024 figure). The shipped slices are in `tests/data/held_out/`; `tests/test_bundled_models.py` recomputes
+1024 figure). The shipped slices are in `tests/data/held_out/`; `tests/test_bundled.py` recomputes
 their rows with minimoe.
 
 {loss_table(results)}"""
@@ -72,6 +72,9 @@ their rows with minimoe.
 def moe_card(results: dict, log: dict, dense_log: dict) -> str:
     total, active = counts("moe")
     upcycle, train = log["commands"]
+    stages = log.get("more", [])  # further training stages, each from the weights the one before saved
+    more_commands = "".join(f"\n{stage['command']}   # then trained on" for stage in stages)
+    more_lines = "".join(f" Then, from those weights with a fresh optimizer: {training_line(stage)}." for stage in stages)
     return f"""# tiny-moe: a miniature Qwen1.5-MoE, bundled with minimoe
 
 A small **Qwen2-MoE** (`Qwen2MoeForCausalLM`) with Qwen1.5-MoE-A2.7B's routing structure exactly:
@@ -102,13 +105,13 @@ Report's recipe), then trained on. It is a toy: it writes Python-flavoured text,
 ```
 python scripts/train_bundled_model.py dense      # tiny-dense, from scratch
 {upcycle}
-{train}        # runs the line above, then trains
+{train}        # runs the line above, then trains{more_commands}
 python scripts/train_bundled_model.py evaluate --baseline PREVIOUS_TINY_MOE   # this card
 ```
 
 At upcycling, before any MoE training, its held-out loss (1024-token windows) was
 {log['held_out_loss_1024_at_upcycling']:.3f} nats/token against the parent's {dense_log['held_out_loss_1024']:.3f}.
-Training: {training_line(log)}; router load-balancing loss at coefficient {log['router_aux_loss_coef']}.
+Training, with the router's load-balancing loss at coefficient {log['router_aux_loss_coef']}: {training_line(log)}.{more_lines}
 
 {data_paragraph(results)}
 

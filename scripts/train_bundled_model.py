@@ -6,7 +6,8 @@ was made: "we start by repurposing our existing Qwen-1.8B, transforming it into
 Qwen1.5-MoE-A2.7B".  Three steps, each a subcommand:
 
     python scripts/train_bundled_model.py dense      # train minimoe/assets/tiny-dense (a Qwen2, ~12 min)
-    python scripts/train_bundled_model.py moe        # `minimoe upcycle` it, train on: minimoe/assets/tiny-moe (~25 min)
+    python scripts/train_bundled_model.py moe        # `minimoe upcycle` it, train on: minimoe/assets/tiny-moe (~40 min)
+    python scripts/train_bundled_model.py more --tokens 5000000 --lr 1e-3 --seed 1   # a second stage (~35 min)
     python scripts/train_bundled_model.py evaluate --baseline OLD_MODEL_DIR
                                                       # held-out table, model cards, tests/data/held_out slices
 
@@ -199,7 +200,8 @@ def train(model, train_ids: np.ndarray, *, tokens: int, context: int, batch: int
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    return f"{platform.processor() or platform.machine()}, {threads} thread{'s' * (threads > 1)}, torch {torch.__version__}"
 
 
 def save(model, out: Path, tokenizer_dir: Path | None, tokenizer=None) -> None:
@@ -285,6 +287,28 @@ def train_moe(args) -> None:
     print(json.dumps(log, indent=2))
 
 
+def train_moe_more(args) -> None:
+    """A second stage: the bundled MoE trained on from its saved weights, with a schedule of its own."""
+    from transformers import Qwen2MoeForCausalLM
+
+    torch.manual_seed(args.seed)
+    train_texts, held_texts, _ = corpus()
+    tokenizer = load_tokenizer(MOE_DIR)
+    train_ids, held_ids = encode_all(tokenizer, train_texts), encode_all(tokenizer, held_texts)
+    model = Qwen2MoeForCausalLM.from_pretrained(MOE_DIR, dtype=torch.float32)
+    model.config.router_aux_loss_coef = AUX_LOSS
+    log = json.loads((MOE_DIR / "training.json").read_text())
+    stage = {"command": f"python scripts/train_bundled_model.py more --tokens {args.tokens} --lr {args.lr} "
+                        f"--seed {args.seed}"}
+    stage.update(train(model, train_ids, tokens=args.tokens, context=CONTEXT, batch=args.batch, lr=args.lr,
+                       seed=args.seed))
+    stage.update(held_out_loss_1024=round(held_out_loss(model, held_ids, CONTEXT), 4), machine=machine())
+    log.setdefault("more", []).append(stage)
+    save(model, MOE_DIR, None)
+    (MOE_DIR / "training.json").write_text(json.dumps(log, indent=2) + "\n")
+    print(json.dumps(stage, indent=2))
+
+
 # ----------------------------------------------------------------------------------------------- evaluation
 
 def slice_text(texts: list[str], chars: int = 20_000) -> str:
@@ -351,7 +375,7 @@ def write_cards(results: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("step", choices=["dense", "moe", "evaluate", "cards"])
+    parser.add_argument("step", choices=["dense", "moe", "more", "evaluate", "cards"])
     parser.add_argument("--tokens", type=int, help="training tokens (dense 4M, moe 6M)")
     parser.add_argument("--batch", type=int, default=4, help="windows of 1024 tokens per step")
     parser.add_argument("--lr", type=float, help="peak learning rate (dense 3e-3, moe 2e-3)")
@@ -361,7 +385,9 @@ def main() -> None:
     if args.step == "cards":
         write_cards(json.loads((MOE_DIR / "evaluation.json").read_text()))
         return
-    {"dense": train_dense, "moe": train_moe, "evaluate": evaluate}[args.step](args)
+    if args.step == "more" and not (args.tokens and args.lr):
+        parser.error("more needs --tokens and --lr")
+    {"dense": train_dense, "moe": train_moe, "more": train_moe_more, "evaluate": evaluate}[args.step](args)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ optimizer and schedule.  Only the starting point differs:
     drop-R     replicas, a fraction R of each expert's neurons re-drawn (Drop-Upcycling)
     dense      the dense parent itself, trained on for the same tokens: the baseline
 
-    python scripts/upcycling_experiment.py --seed 0 --arms scratch,copy,qwen,drop-0.5,drop-0.1,dense &
-    python scripts/upcycling_experiment.py --seed 1 --arms scratch,copy,qwen,drop-0.5,drop-1.0,dense &
-    python scripts/upcycling_experiment.py --report         # table, docs/data/upcycling_experiment.json, figure
+    python scripts/upcycling_experiment.py --seed 0 &    # every arm, on one core: about 45 minutes
+    python scripts/upcycling_experiment.py --seed 1 &    # the same arms, another data order and draw
+    python scripts/upcycling_experiment.py --report      # table, docs/data/upcycling_experiment.json, figure
 
 Each run writes ``docs/data/upcycling_experiment/ARM-seedN.json`` when it ends, so an interrupted
 experiment keeps the arms it finished.  Held-out loss is measured on the same stdlib held-out
@@ -193,8 +193,8 @@ def draw(runs: list[dict], summary: dict, out: Path) -> None:
 
 def report(args) -> None:
     runs = [json.loads(p.read_text()) for p in sorted(args.runs.glob("*.json"))]
-    if not runs:
-        raise SystemExit(f"no runs in {args.runs}")
+    if not any(run["arm"] == "dense" for run in runs):
+        raise SystemExit(f"no dense run in {args.runs}: its first evaluation is the parent's loss, the yardstick")
     summary = summarise(runs)
     print_table(summary, runs[0]["tokens_seen"])
     settings = {k: runs[0][k] for k in ("tokens_seen", "context", "batch", "peak_lr")}
