@@ -8,7 +8,7 @@ consecutive-token same-expert rate against chance (the Mixtral view), load balan
 router confidence and the shared expert's share.
 
 ``context``: how much the left context matters -- for tokens 600-999 of ``json/decoder.py``,
-the share whose top-1 expert, traced after only 100, 300 or 599 tokens of context, equals
+the share whose top-1 expert, traced after only 0, 100, 300 or 599 tokens of context, equals
 that of a single pass over tokens 0-999, per sparse layer.
 
 ``memory``: the peak of NumPy allocations (``tracemalloc``) while tracing 4,096 tokens in
@@ -34,7 +34,7 @@ from minimoe.windows import trace_text
 
 CHARACTERS = 6000
 TRACED_TOKENS = (600, 1000)          # the tokens of json/decoder.py whose routing is compared
-CONTEXTS = (100, 300, 599)           # tokens of context before them; 599: all but the text's first token
+CONTEXTS = (0, 100, 300, 599)        # tokens of context before them; 599: all but the text's first token
 MEMORY_TOKENS, MEMORY_WINDOW = 4096, 256
 
 
@@ -87,7 +87,7 @@ def context_study(model, tokenizer) -> None:
           f"per sparse layer {layers}")
     for context in CONTEXTS:
         shares = context_agreement(model, ids, start, stop, context)
-        print(f"  {context:>4} tokens of context: " + " / ".join(f"{100 * share:.0f}%" for share in shares))
+        print(f"  {context:>4} tokens of context: " + " / ".join(f"{100 * share:.1f}%" for share in shares))
 
 
 def peak_traced_mib(model, ids, keep_logits: bool) -> float:
