@@ -102,6 +102,7 @@ def peak_traced_mib(model, ids, keep_logits: bool) -> float:
 def memory_study(model, tokenizer) -> None:
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, MEMORY_TOKENS)  # as tests/test_windows.py
     logits_mib = MEMORY_TOKENS * model.config.vocab_size * 4 / 2**20
+    trace_text(model, ids, window=MEMORY_WINDOW, progress=False)  # warm: buffers a first run allocates once
     print(f"\ntracing {MEMORY_TOKENS} tokens in windows of {MEMORY_WINDOW}, peak NumPy allocations (tracemalloc):")
     print(f"  without the logits {peak_traced_mib(model, ids, False):.0f} MiB; "
           f"keeping them {peak_traced_mib(model, ids, True):.0f} MiB (the logits alone: {logits_mib:.0f} MiB)")
