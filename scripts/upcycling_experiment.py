@@ -2,7 +2,7 @@
 """The upcycling experiment: does a MoE learn faster started from a dense model, and does randomness help?
 
 At toy scale, on the bundled models' corpus, it puts to the test what the Qwen1.5-MoE blog says --
-"training a MoE from scratch may prove inefficient", and, of upcycling Qwen-1.8B, "introducing
+"training a MoE model from scratch may prove inefficient", and, of upcycling Qwen-1.8B, "introducing
 randomness during initialization significantly expedites convergence" -- and what Drop-Upcycling
 (Nakamura et al., ICLR 2025) reports: naive copies learn fast at first, then slow down.
 
@@ -181,10 +181,10 @@ def draw(runs: list[dict], summary: dict, out: Path) -> None:
     axes[0].set_ylabel("held-out loss (nats/token, stdlib)")
     axes[0].legend(title="start", fontsize=8)
     axes[0].text(0, summary["parent_loss"], " dense parent at the start", va="bottom", fontsize=8, color="grey")
-    low = min(min(r["loss"]) for r in runs)
-    axes[0].set_ylim(low - 0.05, summary["parent_loss"] + 0.6)  # the scratch arm starts far above: cut it
+    low, last = min(min(r["loss"]) for r in runs), max(r["loss"][-1] for r in runs)
+    axes[0].set_ylim(low - 0.05, max(summary["parent_loss"] + 0.6, last + 0.15))  # random starts are cut off
     fig.suptitle("Upcycling at toy scale: the same MoE from different starts, same data, optimizer and schedule "
-                 f"({len({r['seed'] for r in runs})} seeds, one line each)", fontsize=10)
+                 f"(seeds {sorted({r['seed'] for r in runs})}, one line each)", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

@@ -39,7 +39,7 @@ BLOG_QUOTES = (
     "we have incorporated 4 shared experts to be always activated alongside 60 routing experts with 4 to be activated",
     "we start by repurposing our existing Qwen-1.8B, transforming it into Qwen1.5-MoE-A2.7B",
     "introducing randomness during initialization significantly expedites convergence",
-    "training a MoE from scratch may prove inefficient",
+    "training a MoE model from scratch may prove inefficient",
     "we start by repurposing our existing Qwen-1.8B, transforming it into Qwen1.5-MoE-A2.7B. A noteworthy finding is "
     "that introducing randomness during initialization significantly expedites convergence",
     "contains only 2.0 billion non-embedding parameters, approximately one-third of Qwen1.5-7B’s size",
