@@ -111,7 +111,7 @@ python scripts/train_bundled_model.py evaluate --baseline PREVIOUS_TINY_MOE   # 
 
 At upcycling, before any MoE training, its held-out loss (1024-token windows) was
 {log['held_out_loss_1024_at_upcycling']:.3f} nats/token against the parent's {dense_log['held_out_loss_1024']:.3f}.
-Training, with the router's load-balancing loss at coefficient {log['router_aux_loss_coef']}: {training_line(log)}.{more_lines}
+Training, with the router's load-balancing loss at coefficient {log['router_aux_loss_coef']} (Qwen1.5-MoE's config.json says 0.001): {training_line(log)}.{more_lines}
 
 {data_paragraph(results)}
 
