@@ -62,8 +62,8 @@ def training_line(log: dict) -> str:
 def measured(results: dict) -> str:
     return f"""Held-out cross-entropy in nats per token (lower is better), every model on the same
 {results['tokens_per_set']:,} held-out tokens of each kind, read in windows of 256 or 1024 tokens. "previous
-tiny-moe" is the model bundled before this one (16 experts, trained from scratch at context 256, so it has no
-1024 figure). The shipped slices are in `tests/data/held_out/`; `tests/test_bundled.py` recomputes
+tiny-moe" is the model bundled before this one (16 experts, trained from scratch at context 256: its
+1024-token figures are from positions it never trained on). The shipped slices are in `tests/data/held_out/`; `tests/test_bundled.py` recomputes
 their rows with minimoe.
 
 {loss_table(results)}"""

@@ -348,7 +348,9 @@ def evaluate(args) -> None:
     for label, folder in models.items():
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         assert load_tokenizer(Path(folder)).to_str() == tokenizer.to_str(), f"{folder}: another tokenizer"
-        row = {"path": str(folder), "parameters": model.num_parameters(),
+        where = Path(folder).resolve()
+        row = {"path": str(where.relative_to(ROOT)) if where.is_relative_to(ROOT) else where.name,
+               "parameters": model.num_parameters(),
                "context": model.config.max_position_embeddings}
         for name, (_, ids) in sets.items():
             for context in (256, 1024):
