@@ -27,7 +27,10 @@ from .params import Architecture, count_parameters, describe_architecture, descr
 from .upcycle import METHODS, ROUTER_STD
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-DEMO_PROMPT = "def read_config(path):\n"
+# The prompt stops three spaces into the body's indentation, where the tokenizer splits it: byte-level BPE
+# cuts "\n    return" into "\n   " + " return". A prompt ending at a bare "\n" asks for a line that starts
+# at column 0, and the model (rightly) continues with a comment or a new def instead of a body.
+DEMO_PROMPT = "def read_config(path):\n   "
 
 
 def shipped_configs() -> dict[str, Path]:
