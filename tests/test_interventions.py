@@ -11,6 +11,7 @@ import minimoe
 from minimoe import MinimoeError
 
 IDS = [1, 50, 300, 7, 99, 1000, 12, 3]
+EXPERTS = minimoe.ModelConfig.from_file(minimoe.default_model_path() / "config.json").num_experts  # 60
 
 
 @pytest.fixture(scope="module")
@@ -40,19 +41,20 @@ def test_fewer_experts_with_a_matching_top_k_run(model):
 
 
 def test_forced_experts_need_no_others(model):
-    trace = model.trace(IDS, disabled_experts={0: range(2, 16)}, forced_experts={0: [0, 1]})
+    trace = model.trace(IDS, disabled_experts={0: range(2, EXPERTS)}, forced_experts={0: [0, 1]})
     assert np.isfinite(trace.logits).all() and set(np.unique(trace.expert_ids[0])) == {0, 1, -1}  # -1: padding to k
 
 
-layer_sets = st.dictionaries(st.sampled_from([0, 1, 2, 3]), st.sets(st.integers(0, 15), max_size=16), max_size=4)
+layer_sets = st.dictionaries(st.sampled_from([0, 1, 2, 3]), st.sets(st.integers(0, EXPERTS - 1), max_size=EXPERTS),
+                             max_size=4)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(disabled=layer_sets, top_k=st.one_of(st.none(), st.integers(1, 16)),
+@given(disabled=layer_sets, top_k=st.one_of(st.none(), st.integers(1, EXPERTS)),
        shared=st.one_of(st.booleans(), st.sets(st.sampled_from([0, 1, 2, 3]))))
 def test_interventions_are_refused_or_finite(model, disabled, top_k, shared):
     k = top_k or 4
-    if any(16 - len(off) < k for off in disabled.values()):  # some layer left with fewer than k experts
+    if any(EXPERTS - len(off) < k for off in disabled.values()):  # some layer left with fewer than k experts
         with pytest.raises(MinimoeError, match="remain|top_k"):
             model.trace(IDS, disabled_experts=disabled, top_k=top_k, shared_expert=shared)
         return

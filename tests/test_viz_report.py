@@ -113,7 +113,7 @@ def test_load_heatmap_has_a_cell_per_layer_and_expert(trace):
     np.testing.assert_allclose(ax.images[0].get_array(), load.share)
     assert ax.images[0].get_array().shape == (len(trace.layers), trace.num_experts)
     assert tick_texts(ax, "y") == [f"layer {layer}  CV {cv:.2f}" for layer, cv in zip(trace.layers, load.cv)]
-    assert "1/E = 0.062" in fig.axes[1].get_ylabel()  # the colour bar
+    assert f"1/E = {1 / trace.num_experts:.3f}" in fig.axes[1].get_ylabel()  # the colour bar
 
 
 def test_coactivation_heatmap(trace):
