@@ -121,7 +121,6 @@ def test_a_built_wheel_carries_both_bundled_models(tmp_path):
     import sys
     import zipfile
 
-    pytest.importorskip("setuptools")
     root = MOE.parents[2]
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path)], check=True, capture_output=True)
