@@ -232,9 +232,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"minimoe demo: {args.model}")
     print(f"  {describe_model(model.config)}\n")
     print(f"--- prompt ({len(ids)} token{'s' if len(ids) != 1 else ''}) ---")
-    mid_line = not args.prompt.endswith("\n")  # the generation continues the prompt's last line
-    print(args.prompt, end="\n" if mid_line else "")
-    print("--- generated" + (" (continuing the prompt's last line)" if mid_line else "") + " ---")
+    last_line = args.prompt.rsplit("\n", 1)[-1]  # "" when the prompt ends with a newline
+    print(args.prompt, end="\n" if last_line else "")
+    # The generation continues the prompt's last line: repeat it, so the continuation reads in place.
+    print("--- generated" + (" (after the prompt's last line, repeated)" if last_line else "") + " ---")
+    sys.stdout.write(last_line)
     generated, seconds = stream_text(model, tokenizer, ids, args)
     print(f"\n--- {len(generated)} tokens in {seconds:.2f} s ({len(generated) / seconds:.1f} tokens/s) ---\n")
     print(routing_legend(model.config) + "\n")

@@ -61,10 +61,11 @@ def training_line(log: dict) -> str:
 
 def measured(results: dict) -> str:
     return f"""Held-out cross-entropy in nats per token (lower is better), every model on the same
-{results['tokens_per_set']:,} held-out tokens of each kind, read in windows of 256 or 1024 tokens. "previous
-tiny-moe" is the model bundled before this one (16 experts, trained from scratch at context 256: its
-1024-token figures are from positions it never trained on). The shipped slices are in `tests/data/held_out/`; `tests/test_bundled.py` recomputes
-their rows with minimoe.
+{results['tokens_per_set']:,} held-out tokens of each kind: 50 chunks of 1024 tokens spread evenly over the
+set, read whole or as windows of 256. "previous tiny-moe" is the MoE bundled with minimoe before tiny-moe and
+tiny-dense (16 experts, trained from scratch at context 256: its 1024-token figures are from positions it
+never trained on). The shipped slices (`tests/data/held_out/`, the start of each set) are what
+`tests/test_bundled.py` recomputes with minimoe, standing in for the full sets.
 
 {loss_table(results)}"""
 
@@ -82,8 +83,8 @@ A small **Qwen2-MoE** (`Qwen2MoeForCausalLM`) with Qwen1.5-MoE-A2.7B's routing s
 and a sigmoid-gated shared expert 4 experts wide. It was made the way the Qwen1.5-MoE blog says the real
 model was: "we start by repurposing our existing Qwen-1.8B, transforming it into Qwen1.5-MoE-A2.7B".
 Here the dense model is [tiny-dense](../tiny-dense/README.md), upcycled with `minimoe upcycle` (shuffled
-copies of its FFN cut into experts, half of each expert's neurons drawn afresh: the Qwen2 Technical
-Report's recipe), then trained on. It is a toy: it writes Python-flavoured text, not correct programs.
+copies of its FFN cut into experts, and half of each expert re-initialised: the Qwen2 Technical Report's
+recipe, applied per neuron as Drop-Upcycling does), then trained on. It is a toy: it writes Python-flavoured text, not correct programs.
 
 | | tiny-moe | Qwen1.5-MoE-A2.7B |
 |---|---|---|
@@ -109,8 +110,8 @@ python scripts/train_bundled_model.py dense      # tiny-dense, from scratch
 python scripts/train_bundled_model.py evaluate --baseline PREVIOUS_TINY_MOE   # this card
 ```
 
-At upcycling, before any MoE training, its held-out loss (1024-token windows) was
-{log['held_out_loss_1024_at_upcycling']:.3f} nats/token against the parent's {dense_log['held_out_loss_1024']:.3f}.
+At upcycling, before any MoE training, its loss on all the held-out stdlib tokens (in 1024-token windows)
+was {log['held_out_loss_1024_at_upcycling']:.3f} nats/token, against the parent's {dense_log['held_out_loss_1024']:.3f} on the same tokens.
 Training, with the router's load-balancing loss at coefficient {log['router_aux_loss_coef']} (Qwen1.5-MoE's config.json says 0.001): {training_line(log)}.{more_lines}
 
 {data_paragraph(results)}
@@ -129,7 +130,8 @@ def dense_card(results: dict, log: dict) -> str:
 A small dense **Qwen2** (`Qwen2ForCausalLM`), the parent [tiny-moe](../tiny-moe/README.md) was upcycled
 from, as Qwen1.5-MoE-A2.7B was from Qwen-1.8B. Same tokenizer, attention, norms and embedding shapes as
 tiny-moe; its FFN (344 wide) relates to tiny-moe's experts (88 wide) as Qwen1.5-1.8B's 5504 does to
-Qwen1.5-MoE's 1408 (3.9 experts per FFN). `minimoe.default_model_path("dense")` gives this folder.
+Qwen1.5-MoE's 1408 (3.9 experts per FFN). The blog calls the parent Qwen-1.8B; the shapes here are from
+Qwen1.5-1.8B's config (`minimoe/configs/qwen1.5-1.8b.json`). `minimoe.default_model_path("dense")` gives this folder.
 
 | | tiny-dense | Qwen1.5-1.8B |
 |---|---|---|

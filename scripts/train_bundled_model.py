@@ -5,9 +5,9 @@ The bundled MoE is a miniature of Qwen1.5-MoE-A2.7B made the way the blog says t
 was made: "we start by repurposing our existing Qwen-1.8B, transforming it into
 Qwen1.5-MoE-A2.7B".  Three steps, each a subcommand:
 
-    python scripts/train_bundled_model.py dense      # train minimoe/assets/tiny-dense (a Qwen2, ~12 min)
+    python scripts/train_bundled_model.py dense      # train minimoe/assets/tiny-dense (a Qwen2, ~20 min)
     python scripts/train_bundled_model.py moe        # `minimoe upcycle` it, train on: minimoe/assets/tiny-moe (~40 min)
-    python scripts/train_bundled_model.py more --tokens 5000000 --lr 1e-3 --seed 1   # a second stage (~35 min)
+    python scripts/train_bundled_model.py more --tokens 5000000 --lr 1e-3 --seed 1   # a second stage (~30 min)
     python scripts/train_bundled_model.py evaluate --baseline OLD_MODEL_DIR
                                                       # held-out table, model cards, tests/data/held_out slices
 
@@ -143,8 +143,8 @@ def unigram_loss(train_ids: np.ndarray, held_ids: np.ndarray, vocab: int) -> flo
 # ----------------------------------------------------------------------------------------------- training
 
 @torch.no_grad()
-def held_out_loss(model, ids: np.ndarray, context: int, max_windows: int = 200) -> float:
-    """Mean next-token cross-entropy (nats) over up to ``max_windows`` windows of ``context`` tokens."""
+def held_out_loss(model, ids: np.ndarray, context: int, max_windows: int | None = 200) -> float:
+    """Mean next-token cross-entropy (nats) over up to ``max_windows`` windows of ``context`` tokens (None: all)."""
     model.eval()
     batches = windows(ids, context)[:max_windows]
     total = 0.0
@@ -172,6 +172,7 @@ def train(model, train_ids: np.ndarray, *, tokens: int, context: int, batch: int
     """
     rng = np.random.default_rng(seed)
     steps = max(1, tokens // (batch * context))
+    evaluations = min(evaluations, steps)  # at most one per step
     eval_steps = {round(steps * (i + 1) / evaluations) for i in range(evaluations)} if evaluations else set()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     is_moe = hasattr(model.config, "num_experts")
@@ -311,6 +312,12 @@ def train_moe_more(args) -> None:
 
 # ----------------------------------------------------------------------------------------------- evaluation
 
+def spread_tokens(ids: np.ndarray, chunks: int, size: int) -> np.ndarray:
+    """``chunks`` windows of ``size`` tokens evenly spaced over ``ids``, joined: ``[chunks * size]``."""
+    every = windows(ids, size)
+    return every[np.linspace(0, len(every) - 1, chunks).round().astype(int)].reshape(-1)
+
+
 def slice_text(texts: list[str], chars: int = 20_000) -> str:
     """The first ``chars`` characters of the documents joined, cut at a line end: a held-out slice to ship."""
     joined = "\n".join(texts)[:chars]
@@ -318,7 +325,7 @@ def slice_text(texts: list[str], chars: int = 20_000) -> str:
 
 
 def slice_loss(model, tokenizer, text: str, context: int = 256) -> float:
-    """Held-out loss on a shipped slice, as tests/test_bundled_models.py recomputes it with minimoe."""
+    """Held-out loss on a shipped slice, as tests/test_bundled.py recomputes it with minimoe."""
     return held_out_loss(model, np.array(tokenizer.encode(text).ids, dtype=np.int64), context)
 
 
@@ -336,14 +343,15 @@ def evaluate(args) -> None:
     slices = {name: slice_text(texts) for name, (texts, _) in sets.items()}
     for name, text in slices.items():
         (SLICES / f"{name}.txt").write_text(text)
-    budget = 200 * 256  # the same 51,200 held-out tokens, read in windows of 256 or of 1024
+    spread = 50  # chunks of 1024 tokens evenly spaced over each set: 51,200 tokens, read whole or as 4 x 256
     models = {"tiny-moe": MOE_DIR, "tiny-dense": DENSE_DIR}
     if args.baseline:
         models["baseline"] = args.baseline
-    results = {"tokens_per_set": budget, "sets": {}, "models": {}}
+    measured = {name: spread_tokens(ids, spread, CONTEXT) for name, (_, ids) in sets.items()}
+    results = {"tokens_per_set": spread * CONTEXT, "sets": {}, "models": {}}
     for name, (texts, ids) in sets.items():
         results["sets"][name] = {"documents": len(texts), "tokens": int(len(ids)),
-                                 "unigram": round(unigram_loss(train_ids, ids[:budget], 4096), 4),
+                                 "unigram": round(unigram_loss(train_ids, measured[name], 4096), 4),
                                  "slice_tokens": len(tokenizer.encode(slices[name]).ids)}
     for label, folder in models.items():
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -352,10 +360,10 @@ def evaluate(args) -> None:
         row = {"path": str(where.relative_to(ROOT)) if where.is_relative_to(ROOT) else where.name,
                "parameters": model.num_parameters(),
                "context": model.config.max_position_embeddings}
-        for name, (_, ids) in sets.items():
+        for name in sets:
             for context in (256, 1024):
                 if context <= row["context"]:
-                    row[f"{name}_{context}"] = round(held_out_loss(model, ids[:budget], context, 10**6), 4)
+                    row[f"{name}_{context}"] = round(held_out_loss(model, measured[name], context, None), 4)
             row[f"{name}_slice"] = round(slice_loss(model, tokenizer, slices[name]), 4)
         results["models"][label] = row
         print(label, json.dumps(row), flush=True)

@@ -12,12 +12,12 @@ optimizer and schedule.  Only the starting point differs:
 
     scratch    transformers' random initialisation
     copy       `minimoe.upcycle(method="copy")` of the bundled dense parent: replicas, nothing random
-    qwen       shuffled replicas, 50% of each expert's neurons re-drawn (the Qwen2 report's recipe)
+    qwen       shuffled replicas, 50% re-drawn (the Qwen2 report's recipe; per neuron, as Drop-Upcycling does)
     drop-R     replicas, a fraction R of each expert's neurons re-drawn (Drop-Upcycling)
     dense      the dense parent itself, trained on for the same tokens: the baseline
 
-    python scripts/upcycling_experiment.py --seed 0 &    # every arm, on one core: about 45 minutes
-    python scripts/upcycling_experiment.py --seed 1 &    # the same arms, another data order and draw
+    python scripts/upcycling_experiment.py --seed 0 &    # every arm, on one core: about 40 minutes
+    python scripts/upcycling_experiment.py --seed 1 --arms scratch,copy,qwen,drop-0.5,drop-1.0,dense &
     python scripts/upcycling_experiment.py --report      # table, docs/data/upcycling_experiment.json, figure
 
 Each run writes ``docs/data/upcycling_experiment/ARM-seedN.json`` when it ends, so an interrupted
@@ -94,7 +94,7 @@ def run_arm(arm: str, seed: int, args, train_ids: np.ndarray, held: np.ndarray) 
 
     def evaluate(tokens_seen: int) -> None:
         curve["tokens"].append(tokens_seen)
-        curve["loss"].append(round(held_out_loss(model, held, args.context, max_windows=len(held)), 4))
+        curve["loss"].append(round(held_out_loss(model, held, args.context, max_windows=None), 4))
         print(f"{arm} seed {seed}: {tokens_seen:>9,} tokens  held-out {curve['loss'][-1]:.3f}", flush=True)
 
     log = train(model, train_ids, tokens=args.tokens, context=args.context, batch=args.batch, lr=args.lr,
@@ -115,14 +115,17 @@ def load_data(max_documents: int | None, eval_windows: int, context: int) -> tup
 # ----------------------------------------------------------------------------------------------- report
 
 def tokens_to_reach(tokens: list[int], loss: list[float], target: float) -> float | None:
-    """First token count where the held-out loss reaches ``target``, interpolated between evaluations."""
-    if loss[0] <= target:
-        return tokens[0]
+    """Tokens until the held-out loss comes down through ``target``, interpolated between evaluations.
+
+    The first crossing from above: an arm that starts at or under ``target`` and rises above it while
+    its learning rate warms up (the dense parent itself does) counts from when it comes back.  0 if the
+    loss never goes above ``target``; None if it never comes down to it.
+    """
     for i in range(1, len(loss)):
-        if loss[i] <= target:  # loss[i - 1] > target >= loss[i]
+        if loss[i] <= target < loss[i - 1]:
             t0, t1, l0, l1 = tokens[i - 1], tokens[i], loss[i - 1], loss[i]
             return t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
-    return None
+    return 0 if max(loss) <= target else None
 
 
 def loss_at(run: dict, fraction: float) -> float:

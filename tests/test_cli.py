@@ -75,11 +75,11 @@ def test_demo_marks_the_prompt_and_shows_every_token_with_its_shared_gate():
 
 
 def test_demo_of_a_prompt_without_a_final_newline_says_where_the_generation_continues():
-    result = run("demo", "--prompt", "import os", "--max-new-tokens", "2", "--temperature", "0")
+    result = run("demo", "--prompt", "x = 1\nimport os", "--max-new-tokens", "2", "--temperature", "0")
     assert result.returncode == 0, result.stderr
-    prompt = minimoe.load_tokenizer(BUNDLED).encode("import os")
-    assert (f"--- prompt ({len(prompt)} tokens) ---\nimport os\n"
-            "--- generated (continuing the prompt's last line) ---\n") in result.stdout
+    prompt = minimoe.load_tokenizer(BUNDLED).encode("x = 1\nimport os")
+    assert (f"--- prompt ({len(prompt)} tokens) ---\nx = 1\nimport os\n"
+            "--- generated (after the prompt's last line, repeated) ---\nimport os") in result.stdout
     _, prompt_rows, _ = demo_table(result.stdout)
     assert len(prompt_rows) == len(prompt)
 
