@@ -126,9 +126,14 @@ def encode_all(tokenizer, texts: list[str]) -> np.ndarray:
     return np.array(ids, dtype=np.int64)
 
 
-def windows(ids: np.ndarray, context: int, max_tokens: int | None = None) -> np.ndarray:
-    """[n, context] consecutive non-overlapping windows of ``ids[:max_tokens]``."""
-    ids = ids[:max_tokens]
+def stdlib_ids(tokenizer, max_documents: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(training ids, held-out ids) of the stdlib corpus; training on its first ``max_documents`` only."""
+    train_texts, held_texts, _ = corpus()
+    return encode_all(tokenizer, train_texts[:max_documents]), encode_all(tokenizer, held_texts)
+
+
+def windows(ids: np.ndarray, context: int) -> np.ndarray:
+    """[n, context] consecutive non-overlapping windows of ``ids`` (the remainder dropped)."""
     n = len(ids) // context
     return ids[: n * context].reshape(n, context)
 
@@ -235,6 +240,12 @@ def load_tokenizer(folder: Path):
     return Tokenizer.from_file(str(folder / "tokenizer.json"))
 
 
+def write_training_log(folder: Path, log: dict) -> None:
+    """training.json beside the weights, which the model card is written from; printed too."""
+    (folder / "training.json").write_text(json.dumps(log, indent=2) + "\n")
+    print(json.dumps(log, indent=2))
+
+
 def train_dense(args) -> None:
     """The dense parent, from scratch; it also trains the tokenizer both models share."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -249,8 +260,7 @@ def train_dense(args) -> None:
                      lr=args.lr or 3e-3, seed=args.seed))
     log.update(held_out_loss_1024=round(held_out_loss(model, held_ids, CONTEXT), 4), machine=machine())
     save(model, DENSE_DIR, None, tokenizer)
-    (DENSE_DIR / "training.json").write_text(json.dumps(log, indent=2) + "\n")
-    print(json.dumps(log, indent=2))
+    write_training_log(DENSE_DIR, log)
 
 
 def upcycle_command(dense: Path, out: Path) -> list[str]:
@@ -267,9 +277,7 @@ def train_moe(args) -> None:
     from transformers import Qwen2MoeForCausalLM
 
     torch.manual_seed(args.seed)
-    train_texts, held_texts, _ = corpus()
-    tokenizer = load_tokenizer(DENSE_DIR)
-    train_ids, held_ids = encode_all(tokenizer, train_texts), encode_all(tokenizer, held_texts)
+    train_ids, held_ids = stdlib_ids(load_tokenizer(DENSE_DIR))
     with tempfile.TemporaryDirectory() as tmp:
         start = Path(tmp) / "upcycled"
         command = upcycle_command(DENSE_DIR, start)
@@ -284,8 +292,7 @@ def train_moe(args) -> None:
                      lr=args.lr or 2e-3, seed=args.seed))
     log.update(held_out_loss_1024=round(held_out_loss(model, held_ids, CONTEXT), 4), machine=machine())
     save(model, MOE_DIR, DENSE_DIR)
-    (MOE_DIR / "training.json").write_text(json.dumps(log, indent=2) + "\n")
-    print(json.dumps(log, indent=2))
+    write_training_log(MOE_DIR, log)
 
 
 def train_moe_more(args) -> None:
@@ -293,9 +300,7 @@ def train_moe_more(args) -> None:
     from transformers import Qwen2MoeForCausalLM
 
     torch.manual_seed(args.seed)
-    train_texts, held_texts, _ = corpus()
-    tokenizer = load_tokenizer(MOE_DIR)
-    train_ids, held_ids = encode_all(tokenizer, train_texts), encode_all(tokenizer, held_texts)
+    train_ids, held_ids = stdlib_ids(load_tokenizer(MOE_DIR))
     model = Qwen2MoeForCausalLM.from_pretrained(MOE_DIR, dtype=torch.float32)
     model.config.router_aux_loss_coef = AUX_LOSS
     log = json.loads((MOE_DIR / "training.json").read_text())
@@ -306,8 +311,7 @@ def train_moe_more(args) -> None:
     stage.update(held_out_loss_1024=round(held_out_loss(model, held_ids, CONTEXT), 4), machine=machine())
     log.setdefault("more", []).append(stage)
     save(model, MOE_DIR, None)
-    (MOE_DIR / "training.json").write_text(json.dumps(log, indent=2) + "\n")
-    print(json.dumps(stage, indent=2))
+    write_training_log(MOE_DIR, log)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation

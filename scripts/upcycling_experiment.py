@@ -37,7 +37,9 @@ import numpy as np
 import torch
 
 import minimoe
-from train_bundled_model import UPCYCLE, corpus, encode_all, held_out_loss, load_tokenizer, train, windows
+from minimoe.config import ModelConfig
+from minimoe.params import count_parameters
+from train_bundled_model import UPCYCLE, held_out_loss, load_tokenizer, stdlib_ids, train, windows
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "docs" / "data" / "upcycling_experiment"
@@ -75,14 +77,9 @@ def starting_model(arm: str, seed: int, tmp: Path):
 
 
 def active_parameters(model) -> int:
-    """Parameters one token uses: all but the embedding lookup and the routed experts it did not choose."""
-    config = model.config
-    total = model.num_parameters() - model.get_input_embeddings().weight.numel()
-    if not hasattr(config, "num_experts"):
-        return total
-    per_expert = 3 * config.hidden_size * config.moe_intermediate_size
-    unchosen = config.num_experts - config.num_experts_per_tok
-    return total - config.num_hidden_layers * unchosen * per_expert
+    """Parameters one token uses, as minimoe.params counts them, less the embedding lookup (a row read, no FLOPs)."""
+    config = ModelConfig.from_dict(model.config.to_dict())
+    return count_parameters(config).activated - config.vocab_size * config.hidden_size
 
 
 def run_arm(arm: str, seed: int, args, train_ids: np.ndarray, held: np.ndarray) -> dict:
@@ -105,11 +102,8 @@ def run_arm(arm: str, seed: int, args, train_ids: np.ndarray, held: np.ndarray) 
 
 def load_data(max_documents: int | None, eval_windows: int, context: int) -> tuple[np.ndarray, np.ndarray]:
     """(training ids, held-out ids cut to ``eval_windows`` windows) with the bundled tokenizer."""
-    train_texts, held_texts, _ = corpus()
-    tokenizer = load_tokenizer(dense_parent())
-    train_ids = encode_all(tokenizer, train_texts[:max_documents])
-    held = windows(encode_all(tokenizer, held_texts), context)[:eval_windows].reshape(-1)
-    return train_ids, held
+    train_ids, held_ids = stdlib_ids(load_tokenizer(dense_parent()), max_documents)
+    return train_ids, windows(held_ids, context)[:eval_windows].reshape(-1)
 
 
 # ----------------------------------------------------------------------------------------------- report
