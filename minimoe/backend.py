@@ -31,21 +31,27 @@ BACKENDS = ("numpy", "cupy")
 # them on every call would cost more than the matmul itself.
 SMALL_MATRIX_ELEMENTS = 1 << 18
 
-# Rows per upcast block are chosen so that one block holds about this many float32
-# elements: 512 KiB with few tokens (decode, and the experts of a prefill, ~4 tokens
-# each: the block stays in a core's L2 between the cast and the multiply), 4 MiB once
-# there are enough tokens for the GEMM to dominate.  Measured on the 2-layer real-shape
-# checkpoint (Xeon, 2 MiB L2 a core): 512 KiB decodes ~3% faster than 2 MiB, 256 KiB
-# 18-41% slower (more, smaller calls).
-BLOCK_ELEMENTS_DECODE = 1 << 17
-BLOCK_ELEMENTS_PREFILL = 1 << 20
-PREFILL_TOKENS = 32
+# Each thread upcasts its rows of a weight this many float32 elements at a time (8 MiB),
+# in one NumPy call.  Few, large calls matter more than keeping the block in L2: the
+# threads take turns holding the GIL between calls, and on two cores each hand-off costs
+# a few microseconds, as much as a small call's work (measured on the 2-layer real-shape
+# checkpoint, 64-token prefill: the routed experts took 0.51 s upcast 64 rows at a time,
+# 0.35 s a whole matrix at a time).
+UPCAST_ELEMENTS = 1 << 21
+
+# OpenBLAS multiplies small matrices (M * N * K up to 100^3) with a kernel of its own that
+# skips packing; above that a skinny product takes the packed path, 2-3x slower per weight
+# element with 2-12 tokens (measured, one core: 64 rows x 4 tokens x 2048 at 10 G weight
+# elements/s, 128 rows at 3.6).  So with fewer than FEW_TOKENS tokens an upcast block is
+# multiplied in pieces that stay under this bound; with more, in one call.
+SMALL_GEMM_MNK = 100 ** 3
+FEW_TOKENS = 16
 
 # OpenBLAS multiplies a float32 block up to twice as fast as W @ x.T ([out, N]) as
 # x @ W.T ([N, out]) when x has few rows: measured 3.0 vs 1.7 G weight elements/s at 4
-# tokens, 106 vs 85 GFLOP/s at 64, about even at 1024.  Below this many tokens a call computes
-# the transposed product and copies it back once (the copy is N * out, small beside the
-# weight's out * in); above it the copy would cost more than the gain.
+# tokens, 106 vs 85 GFLOP/s at 64, about even at 1024.  Below this many tokens each piece
+# computes the transposed product and its thread writes it back into the output's columns
+# (N * rows, small beside the piece's rows * in); above it the copy would cost more than the gain.
 WEIGHT_FIRST_BELOW_TOKENS = 256
 
 # The bf16 -> f32 upcast runs on one core inside NumPy, and at decode it costs more
@@ -111,6 +117,13 @@ class _Scratch(threading.local):
 
 
 _scratch = _Scratch()
+
+
+class _WorkerFlag(threading.local):
+    flag = False  # True in minimoe's own pool threads
+
+
+_in_worker = _WorkerFlag()
 _pool: ThreadPoolExecutor | None = None
 _blas: ThreadpoolController | None = None
 
@@ -124,14 +137,22 @@ def single_threaded_blas():
 
 
 def parallel_map(function, items) -> list:
-    """``[function(item) for item in items]``, spread over minimoe's threads."""
+    """``[function(item) for item in items]``, spread over minimoe's threads.
+
+    Called from inside one of those threads (a :class:`Linear` inside an expert that
+    runs on its own thread), it runs the items right there: the threads are already busy.
+    """
     global _pool
     items = list(items)
-    if len(items) <= 1:
+    if len(items) <= 1 or _in_worker.flag:
         return [function(item) for item in items]
     if _pool is None:
-        _pool = ThreadPoolExecutor(NUM_THREADS, thread_name_prefix="minimoe")
+        _pool = ThreadPoolExecutor(NUM_THREADS, thread_name_prefix="minimoe", initializer=_mark_worker)
     return list(_pool.map(function, items))
+
+
+def _mark_worker() -> None:
+    _in_worker.flag = True
 
 
 def row_ranges(rows: int, parts: int) -> list[range]:
@@ -170,36 +191,49 @@ class Linear:
         tokens, out_features = flat.shape[0], self.shape[0]
         if self.small:
             y = flat @ self.weight.T
-        elif tokens < WEIGHT_FIRST_BELOW_TOKENS:
-            y_t = np.empty((out_features, tokens), dtype=np.float32)  # [out, N] = W @ x.T
-            self.in_row_blocks(lambda w, rows: np.matmul(w, flat.T, out=y_t[rows]), tokens)
-            y = np.ascontiguousarray(y_t.T)
         else:
-            y = np.empty((tokens, out_features), dtype=np.float32)  # [N, out] = x @ W.T
-            self.in_row_blocks(lambda w, rows: np.matmul(flat, w.T, out=y[:, rows]), tokens)
+            y = np.empty((tokens, out_features), dtype=np.float32)  # [N, out]
+            weight_first = tokens < WEIGHT_FIRST_BELOW_TOKENS
+
+            def multiply(w, rows: slice) -> None:
+                if weight_first:  # [rows, N] = W[rows] @ x.T, transposed into y's columns by this thread
+                    y[:, rows] = (w @ flat.T).T
+                else:
+                    np.matmul(flat, w.T, out=y[:, rows])
+
+            self.in_row_blocks(multiply, tokens)
         if self.bias is not None:
             y += self.bias
         return y.reshape(*x.shape[:-1], out_features)
 
     def in_row_blocks(self, multiply, tokens: int) -> None:
-        """``multiply(W[rows] as float32, rows)`` for every block of rows, the rows shared out over the threads.
+        """``multiply(W[rows] as float32, rows)`` over all of ``W``'s rows, shared out over the threads.
 
-        Each thread upcasts its blocks one at a time into its reused scratch buffer, so a
-        block is still in cache when it is multiplied.
+        Each thread upcasts its rows ``UPCAST_ELEMENTS`` at a time into its reused scratch
+        buffer and multiplies each upcast block in pieces of :meth:`multiply_rows` rows.
         """
-        budget = BLOCK_ELEMENTS_DECODE if tokens < PREFILL_TOKENS else BLOCK_ELEMENTS_PREFILL
-        block_rows = max(1, budget // self.shape[1])
+        cols = self.shape[1]
+        upcast_rows = max(1, UPCAST_ELEMENTS // cols)
+        piece_rows = self.multiply_rows(tokens)
 
         def run(rows: range) -> None:
-            for start in range(rows.start, rows.stop, block_rows):
-                block = slice(start, min(start + block_rows, rows.stop))
-                weight = self.weight[block]
-                if weight.dtype != np.float32:  # bf16 -> f32, into this thread's reused buffer
-                    weight = _scratch.take(block.stop - block.start, self.shape[1])
-                    np.copyto(weight, self.weight[block], casting="unsafe")
-                multiply(weight, block)
+            for start in range(rows.start, rows.stop, upcast_rows):
+                stop = min(start + upcast_rows, rows.stop)
+                block = self.weight[start:stop]
+                if block.dtype != np.float32:  # bf16 -> f32, into this thread's reused buffer
+                    block = _scratch.take(stop - start, cols)
+                    np.copyto(block, self.weight[start:stop], casting="unsafe")
+                for first in range(start, stop, piece_rows):
+                    last = min(first + piece_rows, stop)
+                    multiply(block[first - start:last - start], slice(first, last))
 
         parallel_map(run, row_ranges(self.shape[0], NUM_THREADS))
+
+    def multiply_rows(self, tokens: int) -> int:
+        """Rows of ``W`` per BLAS call when ``tokens`` rows of x multiply it (see ``SMALL_GEMM_MNK``)."""
+        if tokens < FEW_TOKENS:
+            return max(1, SMALL_GEMM_MNK // (tokens * self.shape[1]))
+        return max(1, UPCAST_ELEMENTS // self.shape[1])
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows ``W[ids]`` as float32 (an embedding lookup): ids ``[...]`` -> ``[..., in]``."""

@@ -156,7 +156,7 @@ def route(xp, router_logits, top_k: int, norm_topk_prob: bool, disabled: Sequenc
     return RouterChoice(logits, probs, expert_ids, raw_weights, weights)
 
 
-def routed_experts(xp, h, expert_ids, expert_weights, experts: Sequence[Expert]):
+def routed_experts(xp, h, expert_ids, expert_weights, experts: Sequence[Expert], map_each: Callable = map):
     """Weighted sum of the chosen experts' outputs, each expert run only on its own tokens.
 
     h ``[N, H]``, expert_ids / expert_weights ``[N, k]``, ``experts[e]`` a callable
@@ -165,7 +165,9 @@ def routed_experts(xp, h, expert_ids, expert_weights, experts: Sequence[Expert])
 
     The N*k (token, expert) assignments are sorted by expert, so that each chosen
     expert runs once, on the batch of tokens routed to it; experts no token chose are
-    never touched (nothing here grows with the number of experts).
+    never touched (nothing here grows with the number of experts).  The chosen experts
+    are independent of each other: ``map_each`` runs them (the built-in ``map``, one after
+    another; the NumPy model passes :func:`minimoe.backend.parallel_map`, one expert a thread).
     """
     top_k = expert_ids.shape[1]
     flat_ids = expert_ids.reshape(-1)  # [N*k]
@@ -173,11 +175,12 @@ def routed_experts(xp, h, expert_ids, expert_weights, experts: Sequence[Expert])
     slots = xp.argsort(flat_ids, kind="stable")  # assignment slots, grouped by expert
     chosen, starts = xp.unique(flat_ids[slots], return_index=True)  # each chosen expert, where its slots begin
     bounds = starts.tolist() + [flat_ids.shape[0]]
+    groups = [(expert, slots[begin:end]) for expert, begin, end in zip(chosen.tolist(), bounds[:-1], bounds[1:])]
+    # a group's tokens are its slots // top_k; a token picks an expert at most once, so no repeats and += is safe
+    outputs = map_each(lambda group: experts[group[0]](h[group[1] // top_k]), groups)  # [n_e, H] each
     out = xp.zeros_like(h)
-    for expert, begin, end in zip(chosen.tolist(), bounds[:-1], bounds[1:]):
-        mine = slots[begin:end]  # this expert's assignments
-        rows = mine // top_k  # their tokens; a token picks an expert at most once, so no repeats and += is safe
-        out[rows] += experts[expert](h[rows]) * flat_weights[mine][:, None]
+    for (_, mine), output in zip(groups, outputs):
+        out[mine // top_k] += output * flat_weights[mine][:, None]
     return out
 
 

@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from . import layers, weights
-from .backend import Linear, array_module, single_threaded_blas
+from .backend import Linear, array_module, parallel_map, single_threaded_blas
 from .checkpoint import Checkpoint
 from .config import ModelConfig, read_json_object
 from .errors import MinimoeError
@@ -189,7 +189,8 @@ class SparseMoeBlock:
         flat = h.reshape(-1, h.shape[-1])  # [N, H], N = B*T
         choice = layers.route(xp, self.router(flat), change.top_k or self.top_k, self.norm_topk_prob,
                               change.disabled, change.forced)  # expert_ids, expert_weights [N, k]
-        routed = layers.routed_experts(xp, flat, choice.expert_ids, choice.expert_weights, self.experts)  # [N, H]
+        routed = layers.routed_experts(xp, flat, choice.expert_ids, choice.expert_weights, self.experts,
+                                        parallel_map)  # [N, H]
         if self.shared is None:  # a family without one
             shared, gate = xp.zeros_like(flat), xp.zeros(len(flat), dtype=xp.float32)
         else:

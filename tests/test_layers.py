@@ -19,8 +19,8 @@ rng = np.random.default_rng(0)
 @pytest.mark.parametrize("tokens", [1, 3, 40])
 def test_linear_blocked_upcast_equals_float32_matmul(monkeypatch, dtype, tokens):
     monkeypatch.setattr(backend, "SMALL_MATRIX_ELEMENTS", 0)
-    monkeypatch.setattr(backend, "BLOCK_ELEMENTS_DECODE", 7 * 24)  # 7 rows: blocks do not divide 50 rows
-    monkeypatch.setattr(backend, "BLOCK_ELEMENTS_PREFILL", 11 * 24)
+    monkeypatch.setattr(backend, "UPCAST_ELEMENTS", 11 * 24)  # 11-row blocks do not divide 50 rows
+    monkeypatch.setattr(backend, "SMALL_GEMM_MNK", 3 * tokens * 24)  # few tokens: 3-row pieces of each block
     weight = rng.standard_normal((50, 24)).astype(dtype)
     bias = rng.standard_normal(50).astype(np.float32)
     x = rng.standard_normal((tokens, 24)).astype(np.float32)
@@ -189,7 +189,8 @@ def test_linear_in_row_blocks_over_threads_equals_a_plain_float32_matmul(monkeyp
     whichever way round the blocks are multiplied."""
     monkeypatch.setattr(backend, "SMALL_MATRIX_ELEMENTS", 0)
     monkeypatch.setattr(backend, "WEIGHT_FIRST_BELOW_TOKENS", weight_first_below)
-    monkeypatch.setattr(backend, "BLOCK_ELEMENTS_DECODE", 5 * 16)  # 5 rows per block
+    monkeypatch.setattr(backend, "UPCAST_ELEMENTS", 5 * 16)  # 5 rows per block
+    monkeypatch.setattr(backend, "SMALL_GEMM_MNK", 2 * 6 * 16)  # the 6 tokens multiply 2 rows at a time
     monkeypatch.setattr(backend, "NUM_THREADS", threads)
     for rows in (1, 7, 23, 40):
         weight = rng.standard_normal((rows, 16)).astype(ml_dtypes.bfloat16)
@@ -197,6 +198,58 @@ def test_linear_in_row_blocks_over_threads_equals_a_plain_float32_matmul(monkeyp
         x = rng.standard_normal((2, 3, 16)).astype(np.float32)
         expected = x @ weight.astype(np.float32).T + bias
         np.testing.assert_allclose(Linear(weight, bias)(x), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 15, 16, 300])
+def test_linear_pieces_cover_every_row_once_and_few_tokens_stay_under_the_small_gemm_bound(tokens):
+    """Every BLAS call of a real-shape expert matrix: with fewer than FEW_TOKENS tokens its rows * tokens * in
+    stays within OpenBLAS's small-matrix kernel; with more, each call takes a whole upcast block."""
+    weight = np.zeros((1408, 2048), dtype=ml_dtypes.bfloat16)
+    pieces = []
+    Linear(weight).in_row_blocks(lambda w, rows: pieces.append((w.shape, rows)), tokens)
+    covered = sorted(r for _, rows in pieces for r in range(rows.start, rows.stop))
+    assert covered == list(range(1408))
+    assert all(shape == (rows.stop - rows.start, 2048) for shape, rows in pieces)
+    largest = max(shape[0] for shape, _ in pieces)
+    if tokens < backend.FEW_TOKENS:
+        assert largest * tokens * 2048 <= backend.SMALL_GEMM_MNK
+    else:
+        assert largest == min(backend.UPCAST_ELEMENTS // 2048, -(-1408 // backend.NUM_THREADS))
+
+
+def test_parallel_map_inside_a_worker_runs_there():
+    """A Linear inside an expert that runs on a worker thread maps its rows in that thread: nested maps
+    neither wait on the busy pool (a deadlock with as many tasks as threads) nor fan out further."""
+    import threading
+
+    def outer(i):
+        here = threading.current_thread()
+        inner = backend.parallel_map(lambda j: (threading.current_thread() is here, i * 10 + j), range(3))
+        return [same for same, _ in inner], [value for _, value in inner]
+
+    results = backend.parallel_map(outer, range(backend.NUM_THREADS + 2))
+    assert all(all(same) for same, _ in results)
+    assert [values for _, values in results] == [[i * 10, i * 10 + 1, i * 10 + 2] for i in range(backend.NUM_THREADS + 2)]
+
+
+def test_routed_experts_on_threads_equal_one_after_another():
+    """The NumPy model runs the chosen experts with backend.parallel_map: the same sum as the built-in map."""
+    tokens, hidden, inter, num_experts, k = 40, 8, 6, 12, 3
+    h = rng.standard_normal((tokens, hidden)).astype(np.float32)
+    experts = [swiglu_callable(*(Linear(rng.standard_normal(shape).astype(ml_dtypes.bfloat16))
+                                 for shape in ((inter, hidden), (inter, hidden), (hidden, inter))))
+               for _ in range(num_experts)]
+    choice = layers.route(np, rng.standard_normal((tokens, num_experts)).astype(np.float32), k, False)
+    mapped = []
+
+    def recording_map(function, groups):
+        mapped.append(len(groups))
+        return backend.parallel_map(function, groups)
+
+    threaded = layers.routed_experts(np, h, choice.expert_ids, choice.expert_weights, experts, recording_map)
+    sequential = layers.routed_experts(np, h, choice.expert_ids, choice.expert_weights, experts)
+    assert mapped == [len(np.unique(choice.expert_ids))]  # one call, one item per chosen expert
+    np.testing.assert_array_equal(threaded, sequential)
 
 
 @pytest.mark.parametrize("rows, parts", [(1, 2), (7, 2), (23, 3), (40, 16), (5, 1)])

@@ -36,8 +36,8 @@ def test_blocked_upcast_path_matches_transformers(fixture_dir, monkeypatch):
     """The fixtures are small enough that every weight would be upcast once at load;
     force the blocked bf16/f16 -> f32 path (tiny blocks, several per matrix) instead."""
     monkeypatch.setattr(backend, "SMALL_MATRIX_ELEMENTS", 0)
-    monkeypatch.setattr(backend, "BLOCK_ELEMENTS_DECODE", 100)
-    monkeypatch.setattr(backend, "BLOCK_ELEMENTS_PREFILL", 300)
+    monkeypatch.setattr(backend, "UPCAST_ELEMENTS", 300)
+    monkeypatch.setattr(backend, "SMALL_GEMM_MNK", 100)
     model = minimoe.load(fixture_dir)
     stored = model.checkpoint.info("model.layers.0.self_attn.q_proj.weight").dtype
     assert model.decoder[0].attention.q.weight.dtype == stored
