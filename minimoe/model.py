@@ -140,18 +140,22 @@ class Attention:
         """:func:`layers.causal_attention`, the queries taken ``QUERY_CHUNK`` at a time -> ``[B, T, nh*D]``.
 
         Each chunk reads only the keys up to its own last position, so a long prompt never
-        builds a ``[B, nh, T, S]`` score array and skips the masked-out upper triangle.
+        builds a ``[B, nh, T, S]`` score array and skips the masked-out upper triangle.  The
+        chunks are independent: they run on the backend's threads, the last (longest) first
+        so that the threads finish together.
         """
         tokens = q.shape[2]
         if tokens <= QUERY_CHUNK:
             return layers.causal_attention(xp, q, k, v, query_start=start)
-        chunks = []
-        for first in range(0, tokens, QUERY_CHUNK):
+
+        def chunk(first: int):
             last = min(first + QUERY_CHUNK, tokens)
             keys = start + last  # positions 0 .. start + last - 1
-            chunks.append(layers.causal_attention(xp, q[:, :, first:last], k[:, :, :keys], v[:, :, :keys],
-                                                  query_start=start + first))
-        return xp.concatenate(chunks, axis=1)
+            return layers.causal_attention(xp, q[:, :, first:last], k[:, :, :keys], v[:, :, :keys],
+                                           query_start=start + first)
+
+        longest_first = range(0, tokens, QUERY_CHUNK)[::-1]
+        return xp.concatenate(parallel_map(chunk, longest_first)[::-1], axis=1)
 
 
 @dataclass
