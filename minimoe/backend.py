@@ -235,6 +235,21 @@ class Linear:
             return max(1, SMALL_GEMM_MNK // (tokens * self.shape[1]))
         return max(1, UPCAST_ELEMENTS // self.shape[1])
 
+    def row_slice(self, rows: range) -> "Linear":
+        """The output features ``rows`` of this layer: ``W[rows]`` (a view, no copy) and their bias."""
+        bias = None if self.bias is None else self.bias[rows.start:rows.stop]
+        return Linear(self.weight[rows.start:rows.stop], bias)
+
+    def column_slice(self, columns: range) -> "Linear":
+        """The part of this layer that reads input features ``columns``: ``W[:, columns]``.
+
+        The column slices' outputs add up to the layer's, so a bias (which would be added once
+        per slice) has no place in them.
+        """
+        if self.bias is not None:
+            raise ValueError("column slices of a layer with a bias do not add up to the layer")
+        return Linear(self.weight[:, columns.start:columns.stop])
+
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows ``W[ids]`` as float32 (an embedding lookup): ids ``[...]`` -> ``[..., in]``."""
         return self.weight[ids].astype(np.float32)

@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from . import layers, weights
-from .backend import Linear, array_module, parallel_map, single_threaded_blas
+from .backend import NUM_THREADS, Linear, array_module, parallel_map, row_ranges, single_threaded_blas
 from .checkpoint import Checkpoint
 from .config import ModelConfig, read_json_object
 from .errors import MinimoeError
@@ -166,10 +166,26 @@ class SwiGLU:
     up: Linear
     down: Linear
     xp: object = field(default=np, repr=False)  # held, so that experts are one-argument callables
+    slices: list["SwiGLU"] = field(default_factory=list, repr=False)  # see split_by_width
 
     def __call__(self, h):
         """h ``[..., H]`` -> ``[..., H]``."""
+        if self.slices:  # one slice of the inner width a thread; their outputs add up
+            partial = parallel_map(lambda mlp: mlp(h), self.slices)
+            return sum(partial[1:], partial[0])
         return layers.swiglu(self.xp, h, self.gate, self.up, self.down)
+
+    def split_by_width(self, parts: int) -> "SwiGLU":
+        """This MLP, run from now on as ``parts`` slices of its inner width, each on a thread of its own.
+
+        Slice ``s`` of the inner width takes its rows of gate and up and its columns of down, and
+        ``down(silu(gate(h)) * up(h)) = sum_s down[:, s](silu(gate[s](h)) * up[s](h))``: the same
+        MLP (tensor parallelism, as in Megatron-LM), whose threads each do three matmuls and
+        their share of the elementwise work, handing off once instead of once a matrix.
+        """
+        self.slices = [SwiGLU(self.gate.row_slice(s), self.up.row_slice(s), self.down.column_slice(s), self.xp)
+                       for s in row_ranges(self.gate.shape[0], parts)] if parts > 1 else []
+        return self
 
 
 @dataclass
@@ -424,6 +440,9 @@ def _build(config: ModelConfig, checkpoint: Checkpoint, backend: str, xp) -> Mod
     def mlp(names: dict[str, str]) -> SwiGLU:
         return SwiGLU(*(Linear(tensor(names[part])) for part in ("gate", "up", "down")), xp=xp)
 
+    def wide_mlp(names: dict[str, str]) -> SwiGLU:  # a dense layer's or the shared expert: called alone, so split
+        return mlp(names).split_by_width(NUM_THREADS)
+
     def attention(layer) -> Attention:
         n = weights.attention_names(layer)
         bias = (lambda key: small(n[key])) if config.qkv_bias else (lambda key: None)
@@ -444,12 +463,12 @@ def _build(config: ModelConfig, checkpoint: Checkpoint, backend: str, xp) -> Mod
 
     def feed_forward(layer):
         if not config.is_sparse_layer(layer):
-            return mlp(weights.swiglu_names(weights.dense_mlp_prefix(layer)))
+            return wide_mlp(weights.swiglu_names(weights.dense_mlp_prefix(layer)))
         shared = config.has_shared_expert
         return SparseMoeBlock(
             router=Linear(tensor(weights.router_name(layer, config.model_type))),
             experts=[mlp(weights.expert_names(layer, e, config.model_type)) for e in range(config.num_experts)],
-            shared=mlp(weights.swiglu_names(weights.shared_expert_prefix(layer))) if shared else None,
+            shared=wide_mlp(weights.swiglu_names(weights.shared_expert_prefix(layer))) if shared else None,
             shared_gate=Linear(tensor(weights.shared_expert_gate_name(layer))) if shared else None,
             top_k=config.num_experts_per_tok,
             norm_topk_prob=config.norm_topk_prob,

@@ -252,6 +252,25 @@ def test_routed_experts_on_threads_equal_one_after_another():
     np.testing.assert_array_equal(threaded, sequential)
 
 
+@pytest.mark.parametrize("parts", [2, 3, 7])
+def test_swiglu_split_by_inner_width_equals_the_whole_mlp(monkeypatch, parts):
+    """Slices of the inner width (rows of gate and up, columns of down), one a thread, add up to the MLP."""
+    from minimoe.model import SwiGLU
+
+    monkeypatch.setattr(backend, "SMALL_MATRIX_ELEMENTS", 0)  # keep the bf16 weights, sliced as views
+    hidden, inner = 12, 20
+    gate, up, down = (rng.standard_normal(shape).astype(ml_dtypes.bfloat16)
+                      for shape in ((inner, hidden), (inner, hidden), (hidden, inner)))
+    h = rng.standard_normal((5, hidden)).astype(np.float32)
+    whole = SwiGLU(Linear(gate), Linear(up), Linear(down))(h)
+    split = SwiGLU(Linear(gate), Linear(up), Linear(down)).split_by_width(parts)
+    assert len(split.slices) == parts and sum(s.gate.shape[0] for s in split.slices) == inner
+    assert all(s.down.weight.base is not None for s in split.slices)  # views of the stored weight, not copies
+    np.testing.assert_allclose(split(h), whole, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="bias"):
+        Linear(down, np.ones(hidden, np.float32)).column_slice(range(0, 4))
+
+
 @pytest.mark.parametrize("rows, parts", [(1, 2), (7, 2), (23, 3), (40, 16), (5, 1)])
 def test_row_ranges_cover_every_row_once_in_near_equal_parts(rows, parts):
     ranges = backend.row_ranges(rows, parts)
