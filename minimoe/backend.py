@@ -10,6 +10,10 @@ checkpoint, and upcast it to float32 in blocks of rows into one reused scratch
 buffer right before the BLAS call.  The block stays in cache between the upcast
 and the matmul, the model never holds a float32 copy of itself, and the
 checkpoint's bytes are read only when a layer (or an expert) actually runs.
+
+Work is spread over minimoe's threads with :func:`parallel_map`: the rows of one
+matrix here, and, in the blocks of :mod:`minimoe.model`, whole pieces of a layer
+(the chosen experts, the slices of a wide MLP, the query chunks of attention).
 """
 
 from __future__ import annotations
@@ -55,12 +59,12 @@ FEW_TOKENS = 16
 WEIGHT_FIRST_BELOW_TOKENS = 256
 
 # The bf16 -> f32 upcast runs on one core inside NumPy, and at decode it costs more
-# than the matmul.  So minimoe parallelises over rows itself: a matrix's rows are
-# split over this many threads (NumPy releases the GIL in both the cast and the BLAS
-# call), each upcasting and multiplying its own blocks, while BLAS is held to one
-# thread for the duration of a forward (see `single_threaded_blas`) so that the two
-# kinds of threads do not fight over the same cores.  This is the only concurrency
-# in minimoe: the layers and blocks above it are written as plain sequential math.
+# than the matmul.  So minimoe runs its own threads, this many (NumPy releases the GIL in
+# both the cast and the BLAS call): a matrix's rows are split over them, each thread
+# upcasting and multiplying its own blocks, and the model's blocks hand them whole
+# pieces of a layer (see `parallel_map`), while BLAS is held to one thread for the
+# duration of a forward (see `single_threaded_blas`) so that the two kinds of threads
+# do not fight over the same cores.  The math in minimoe.layers stays sequential.
 NUM_THREADS = int(os.environ.get("MINIMOE_NUM_THREADS", 0)) or len(os.sched_getaffinity(0))
 
 

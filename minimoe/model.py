@@ -8,7 +8,10 @@ in one residual stream ``x [B, T, H]``:
 
 then a final norm and the output head: ``[B, T, H] -> [B, T, V]``.  Every weight is a
 :class:`minimoe.backend.Linear`, called as ``W(x)``; how it multiplies (bf16 upcast in
-blocks, spread over threads) is the backend's business, not this file's.
+blocks, spread over threads) is the backend's business, not this file's.  The blocks
+here only say which pieces of a layer are independent -- the chosen experts, the slices
+of a wide MLP, the query chunks of a long prompt -- and run them with
+:func:`minimoe.backend.parallel_map`.
 """
 
 from __future__ import annotations
