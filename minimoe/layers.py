@@ -175,11 +175,16 @@ def routed_experts(xp, h, expert_ids, expert_weights, experts: Sequence[Expert],
     slots = xp.argsort(flat_ids, kind="stable")  # assignment slots, grouped by expert
     chosen, starts = xp.unique(flat_ids[slots], return_index=True)  # each chosen expert, where its slots begin
     bounds = starts.tolist() + [flat_ids.shape[0]]
+    # each chosen expert with its assignments; their tokens are the slots // top_k
     groups = [(expert, slots[begin:end]) for expert, begin, end in zip(chosen.tolist(), bounds[:-1], bounds[1:])]
-    # a group's tokens are its slots // top_k; a token picks an expert at most once, so no repeats and += is safe
-    outputs = map_each(lambda group: experts[group[0]](h[group[1] // top_k]), groups)  # [n_e, H] each
+
+    def run(group):  # one expert on the tokens routed to it: [n_e, H] -> [n_e, H]
+        expert, mine = group
+        return experts[expert](h[mine // top_k])
+
     out = xp.zeros_like(h)
-    for (_, mine), output in zip(groups, outputs):
+    for (_, mine), output in zip(groups, map_each(run, groups)):
+        # a token picks an expert at most once, so its rows do not repeat and += is safe
         out[mine // top_k] += output * flat_weights[mine][:, None]
     return out
 
