@@ -171,8 +171,8 @@ class Linear:
 
     ``W`` may be a memory-mapped bf16/f16 view straight from the checkpoint.  A call
     splits ``W``'s rows over minimoe's threads; each thread upcasts its rows to
-    float32 one cache-sized block at a time into a reused scratch buffer and
-    multiplies that block, so the model never holds a float32 copy of itself and a
+    float32 8 MiB at a time into a reused scratch buffer and multiplies that
+    block, so the model never holds a float32 copy of itself and a
     weight's bytes are read only when it is used.  Small weights (norms, the router,
     the shared-expert gate) are upcast once, here, and used as float32 directly.
     """
@@ -236,7 +236,7 @@ class Linear:
     def multiply_rows(self, tokens: int) -> int:
         """Rows of ``W`` per BLAS call when ``tokens`` rows of x multiply it (see ``SMALL_GEMM_MNK``)."""
         if tokens < FEW_TOKENS:
-            return max(1, SMALL_GEMM_MNK // (tokens * self.shape[1]))
+            return max(1, SMALL_GEMM_MNK // (max(tokens, 1) * self.shape[1]))  # 0 tokens: an empty product
         return max(1, UPCAST_ELEMENTS // self.shape[1])
 
     def row_slice(self, rows: range) -> "Linear":
