@@ -7,7 +7,9 @@ process as the forward:
 
 * ``gemm_flops``: float32 matrix multiply, FLOP/s, with BLAS on every core
   (``x [T, H] @ W.T [H, H]`` at the prompt's T);
-* ``copy_bytes``: memory copy, bytes read + written per second, over minimoe's threads.
+* ``copy_bytes``: memory copy, bytes read + written per second, over minimoe's threads;
+* ``cast_bytes``: bf16 bytes per second that NumPy's bf16 -> float32 cast reads from
+  memory, over minimoe's threads, upcasting blocks the way :class:`minimoe.backend.Linear` does.
 
 Each weight matrix ``W [rows, cols]`` that ``n`` tokens multiply costs at least
 ``max(2 n rows cols / gemm_flops, stored_bytes / copy_bytes)`` -- the matmul, or
@@ -23,6 +25,12 @@ bandwidth; with many, by the GEMM.
 
 The sum over the forward is the roofline time; ``measured / roofline`` is how close
 minimoe is to NumPy's limit (docs/benchmarks.md explains the model and its limits).
+
+The bf16 bytes stream at the copy bandwidth in the roofline the issue defined.  A copy
+counts its reads and its writes, while the upcast's cost is mostly the read (and the cast),
+so on a machine whose cast reads slower than that, no NumPy code reaches it.
+``cast_bound=True`` streams them at ``cast_bytes`` instead: the limit with NumPy's own
+cast, reported beside the first.
 """
 
 from __future__ import annotations
@@ -31,9 +39,10 @@ import time
 from dataclasses import dataclass
 from typing import Iterable
 
+import ml_dtypes
 import numpy as np
 
-from .backend import NUM_THREADS, SMALL_MATRIX_ELEMENTS, parallel_map, row_ranges
+from .backend import FEW_TOKENS, NUM_THREADS, SMALL_MATRIX_ELEMENTS, Linear, parallel_map, row_ranges
 from .config import ModelConfig
 
 FLOAT32_BYTES = 4
@@ -44,7 +53,8 @@ class Rates:
     """What this machine does per second with NumPy."""
 
     gemm_flops: float  # float32 matmul FLOP/s
-    copy_bytes: float  # bytes read + written per second
+    copy_bytes: float  # bytes read + written per second by a memory copy
+    cast_bytes: float  # bf16 bytes read per second by NumPy's cast to float32
 
 
 @dataclass(frozen=True)
@@ -67,9 +77,6 @@ class MatrixWork:
         if self.stored_bytes == FLOAT32_BYTES:
             return 0
         return self.rows * self.cols * self.stored_bytes
-
-    def seconds(self, rates: Rates) -> float:
-        return max(self.flops / rates.gemm_flops, self.upcast_bytes / rates.copy_bytes)
 
 
 def expert_loads(expert_ids: np.ndarray, num_experts: int) -> list[np.ndarray]:
@@ -141,11 +148,16 @@ class Roofline:
 
 
 def roofline(config: ModelConfig, tokens: int, loads: Iterable[np.ndarray], rates: Rates,
-             stored_bytes: int = 2, small_elements: int = SMALL_MATRIX_ELEMENTS) -> Roofline:
-    """The roofline of a ``tokens``-token prefill with the given expert loads (see :func:`prefill_work`)."""
+             stored_bytes: int = 2, small_elements: int = SMALL_MATRIX_ELEMENTS,
+             cast_bound: bool = False) -> Roofline:
+    """The roofline of a ``tokens``-token prefill with the given expert loads (see :func:`prefill_work`).
+
+    The stored weights stream at the copy bandwidth, or with ``cast_bound`` at NumPy's cast rate.
+    """
+    stream_bytes = rates.cast_bytes if cast_bound else rates.copy_bytes
     matmul = bandwidth = 0.0
     for work in prefill_work(config, tokens, loads, stored_bytes, small_elements):
-        compute, traffic = work.flops / rates.gemm_flops, work.upcast_bytes / rates.copy_bytes
+        compute, traffic = work.flops / rates.gemm_flops, work.upcast_bytes / stream_bytes
         if compute >= traffic:
             matmul += compute
         else:
@@ -187,5 +199,18 @@ def measure_copy_bytes(megabytes: int = 256, repeat: int = 5) -> float:
     return 2 * source.nbytes / _best_seconds(copy, repeat)
 
 
+def measure_cast_bytes(megabytes: int = 256, repeat: int = 5) -> float:
+    """bf16 bytes per second NumPy's cast to float32 reads from memory, over minimoe's threads.
+
+    The cast runs the way a bf16 :class:`minimoe.backend.Linear` upcasts its weight: each
+    thread casts its rows a block at a time into its reused float32 scratch (the multiply is
+    left out).
+    """
+    cols = 2048
+    weight = np.ones((megabytes * (1 << 20) // (2 * cols), cols), dtype=ml_dtypes.bfloat16)
+    layer = Linear(weight)
+    return weight.nbytes / _best_seconds(lambda: layer.in_row_blocks(lambda block, rows: None, FEW_TOKENS), repeat)
+
+
 def measure_rates(tokens: int, hidden: int) -> Rates:
-    return Rates(measure_gemm_flops(tokens, hidden), measure_copy_bytes())
+    return Rates(measure_gemm_flops(tokens, hidden), measure_copy_bytes(), measure_cast_bytes())

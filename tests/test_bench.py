@@ -124,3 +124,17 @@ def test_memory_error_in_a_worker_is_reported(monkeypatch):
     monkeypatch.setattr(bench.MinimoeEngine, "load", fail)
     job = Job("minimoe", str(minimoe.default_model_path()), [1, 2], new_tokens=2, repeat=1)
     assert bench.run_job(job)["status"] == "out of memory"
+
+
+def test_roofline_table_on_a_bf16_checkpoint(tmp_path):
+    """``--roofline``: each prompt's prefill beside the copy-bound and the cast-bound roofline."""
+    out = tmp_path / "roofline.json"
+    result = run_bench("--model", FIXTURE, "--roofline", "8", "--repeat", "1", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    header = result.stdout.splitlines()[0].split("  ")
+    assert [cell.strip() for cell in header if cell.strip()][-3:] == ["cast GB/s", "cast-bound tok/s", "fraction"]
+    (row,) = json.loads(out.read_text())["roofline"]
+    assert row["tokens"] == 8 and row["measured_tok_s"] > 0
+    assert row["fraction"] == pytest.approx(row["measured_tok_s"] / row["roofline_tok_s"])
+    assert row["cast_fraction"] == pytest.approx(row["measured_tok_s"] / row["cast_roofline_tok_s"])
+    assert row["gemm_gflops"] > 0 and row["copy_gb_s"] > 0 and row["cast_gb_s"] > 0

@@ -31,7 +31,7 @@ def test_roofline_by_hand_bandwidth_bound():
     """At 1 FLOP/s and 0.25 byte/s every bf16 matrix is bound by streaming its 2 bytes an element."""
     elements = 4 * 16 + 2 * 4 + 3 * 12 + 3 * 24 + 1 * 4 + 10 * 4  # q k v o, router, expert 0, shared, gate, head
     # ... except the router and shared gate, float32 from load (small matrices; here: up to 8 elements): GEMM only.
-    line = roofline.roofline(CONFIG, 2, LOADS, Rates(gemm_flops=1, copy_bytes=0.25), small_elements=8)
+    line = roofline.roofline(CONFIG, 2, LOADS, Rates(gemm_flops=1, copy_bytes=0.25, cast_bytes=1e12), small_elements=8)
     small_flops = 2 * 2 * (2 * 4) + 2 * 2 * 4
     assert line.bandwidth_s == pytest.approx(2 * (elements - 2 * 4 - 4) / 0.25)
     assert line.matmul_s == pytest.approx(small_flops)
@@ -42,13 +42,22 @@ def test_roofline_by_hand_bandwidth_bound():
 def test_roofline_by_hand_compute_bound():
     """With free memory traffic, the roofline is the FLOPs: 2 * tokens * elements of every matrix, plus attention."""
     elements = 4 * 16 + 2 * 4 + 3 * 12 + 3 * 24 + 1 * 4 + 10 * 4
-    line = roofline.roofline(CONFIG, 2, LOADS, Rates(gemm_flops=1, copy_bytes=1e12), small_elements=8)
+    line = roofline.roofline(CONFIG, 2, LOADS, Rates(gemm_flops=1, copy_bytes=1e12, cast_bytes=1e12), small_elements=8)
     assert line.matmul_s == pytest.approx(2 * 2 * elements) and line.bandwidth_s == pytest.approx(0, abs=1e-6)
     assert line.seconds == pytest.approx(2 * 2 * elements + 64)
 
 
+def test_cast_bound_roofline_streams_the_weights_at_the_cast_rate():
+    """The same work, with the stored bytes read at ``cast_bytes``: a slower cast, a longer bandwidth term."""
+    rates = Rates(gemm_flops=1, copy_bytes=0.25, cast_bytes=0.125)
+    copy_line = roofline.roofline(CONFIG, 2, LOADS, rates, small_elements=8)
+    cast_line = roofline.roofline(CONFIG, 2, LOADS, rates, small_elements=8, cast_bound=True)
+    assert cast_line.bandwidth_s == pytest.approx(2 * copy_line.bandwidth_s)
+    assert (cast_line.matmul_s, cast_line.attention_s) == (copy_line.matmul_s, copy_line.attention_s)
+
+
 def test_float32_weights_need_no_upcast():
-    line = roofline.roofline(CONFIG, 2, LOADS, Rates(gemm_flops=1e12, copy_bytes=1), stored_bytes=4, small_elements=0)
+    line = roofline.roofline(CONFIG, 2, LOADS, Rates(gemm_flops=1e12, copy_bytes=1, cast_bytes=1), stored_bytes=4, small_elements=0)
     assert line.bandwidth_s == 0
 
 
