@@ -159,6 +159,14 @@ def _mark_worker() -> None:
     _in_worker.flag = True
 
 
+def small_gemm_rows(tokens: int, cols: int) -> int:
+    """Rows of a ``[rows, cols]`` weight that ``tokens`` tokens multiply within OpenBLAS's small kernel.
+
+    The most rows with rows * tokens * cols <= ``SMALL_GEMM_MNK`` (at least one).
+    """
+    return max(1, SMALL_GEMM_MNK // (max(tokens, 1) * cols))
+
+
 def row_ranges(rows: int, parts: int) -> list[range]:
     """``range(rows)`` cut into at most ``parts`` contiguous, near-equal pieces (one per thread)."""
     parts = max(1, min(parts, rows))
@@ -201,24 +209,23 @@ class Linear:
 
             def multiply(w, rows: slice) -> None:
                 if weight_first:  # [rows, N] = W[rows] @ x.T, transposed into y's columns by this thread
-                    y[:, rows] = (w @ flat.T).T
+                    y[:, rows] = self.weight_first_product(w, flat).T
                 else:
                     np.matmul(flat, w.T, out=y[:, rows])
 
-            self.in_row_blocks(multiply, tokens)
+            self.in_row_blocks(multiply)
         if self.bias is not None:
             y += self.bias
         return y.reshape(*x.shape[:-1], out_features)
 
-    def in_row_blocks(self, multiply, tokens: int) -> None:
+    def in_row_blocks(self, multiply) -> None:
         """``multiply(W[rows] as float32, rows)`` over all of ``W``'s rows, shared out over the threads.
 
         Each thread upcasts its rows ``UPCAST_ELEMENTS`` at a time into its reused scratch
-        buffer and multiplies each upcast block in pieces of :meth:`multiply_rows` rows.
+        buffer and hands ``multiply`` each upcast block.
         """
         cols = self.shape[1]
         upcast_rows = max(1, UPCAST_ELEMENTS // cols)
-        piece_rows = self.multiply_rows(tokens)
 
         def run(rows: range) -> None:
             for start in range(rows.start, rows.stop, upcast_rows):
@@ -227,17 +234,30 @@ class Linear:
                 if block.dtype != np.float32:  # bf16 -> f32, into this thread's reused buffer
                     block = _scratch.take(stop - start, cols)
                     np.copyto(block, self.weight[start:stop], casting="unsafe")
-                for first in range(start, stop, piece_rows):
-                    last = min(first + piece_rows, stop)
-                    multiply(block[first - start:last - start], slice(first, last))
+                multiply(block, slice(start, stop))
 
         parallel_map(run, row_ranges(self.shape[0], NUM_THREADS))
 
-    def multiply_rows(self, tokens: int) -> int:
-        """Rows of ``W`` per BLAS call when ``tokens`` rows of x multiply it (see ``SMALL_GEMM_MNK``)."""
-        if tokens < FEW_TOKENS:
-            return max(1, SMALL_GEMM_MNK // (max(tokens, 1) * self.shape[1]))  # 0 tokens: an empty product
-        return max(1, UPCAST_ELEMENTS // self.shape[1])
+    @staticmethod
+    def weight_first_product(block: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """``block @ x.T``: block ``[R, in]``, x ``[N, in]`` -> ``[R, N]``.
+
+        With fewer than ``FEW_TOKENS`` tokens the block is multiplied as a stack of pieces of
+        :func:`small_gemm_rows` rows: one ``np.matmul`` for the whole stack (NumPy calls BLAS
+        once per piece without coming back to Python, so without a GIL hand-off between
+        pieces) and one for the rows left over.
+        """
+        rows, tokens = block.shape[0], x.shape[0]
+        piece = small_gemm_rows(tokens, block.shape[1])
+        stacked = rows // piece * piece
+        if tokens >= FEW_TOKENS or stacked == 0 or piece == rows:
+            return block @ x.T
+        out = np.empty((rows, tokens), dtype=np.float32)
+        np.matmul(block[:stacked].reshape(-1, piece, block.shape[1]), x.T,
+                  out=out[:stacked].reshape(-1, piece, tokens))  # [pieces, piece, N]
+        if stacked < rows:
+            np.matmul(block[stacked:], x.T, out=out[stacked:])
+        return out
 
     def row_slice(self, rows: range) -> "Linear":
         """The output features ``rows`` of this layer: ``W[rows]`` (a view, no copy) and their bias."""

@@ -42,7 +42,7 @@ from typing import Iterable
 import ml_dtypes
 import numpy as np
 
-from .backend import FEW_TOKENS, NUM_THREADS, SMALL_MATRIX_ELEMENTS, Linear, parallel_map, row_ranges
+from .backend import NUM_THREADS, SMALL_MATRIX_ELEMENTS, Linear, parallel_map, row_ranges
 from .config import ModelConfig
 
 FLOAT32_BYTES = 4
@@ -209,7 +209,7 @@ def measure_cast_bytes(megabytes: int = 256, repeat: int = 5) -> float:
     cols = 2048
     weight = np.ones((megabytes * (1 << 20) // (2 * cols), cols), dtype=ml_dtypes.bfloat16)
     layer = Linear(weight)
-    return weight.nbytes / _best_seconds(lambda: layer.in_row_blocks(lambda block, rows: None, FEW_TOKENS), repeat)
+    return weight.nbytes / _best_seconds(lambda: layer.in_row_blocks(lambda block, rows: None), repeat)
 
 
 def measure_rates(tokens: int, hidden: int) -> Rates:

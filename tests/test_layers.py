@@ -200,21 +200,32 @@ def test_linear_in_row_blocks_over_threads_equals_a_plain_float32_matmul(monkeyp
         np.testing.assert_allclose(Linear(weight, bias)(x), expected, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("tokens", [1, 4, 15, 16, 300])
-def test_linear_pieces_cover_every_row_once_and_few_tokens_stay_under_the_small_gemm_bound(tokens):
-    """Every BLAS call of a real-shape expert matrix: with fewer than FEW_TOKENS tokens its rows * tokens * in
-    stays within OpenBLAS's small-matrix kernel; with more, each call takes a whole upcast block."""
+def test_linear_blocks_cover_every_row_once_in_upcast_sized_blocks():
+    """A real-shape expert matrix: each thread's blocks are at most UPCAST_ELEMENTS, and together every row once."""
     weight = np.zeros((1408, 2048), dtype=ml_dtypes.bfloat16)
-    pieces = []
-    Linear(weight).in_row_blocks(lambda w, rows: pieces.append((w.shape, rows)), tokens)
-    covered = sorted(r for _, rows in pieces for r in range(rows.start, rows.stop))
+    blocks = []
+    Linear(weight).in_row_blocks(lambda w, rows: blocks.append((w.shape, rows)))
+    covered = sorted(r for _, rows in blocks for r in range(rows.start, rows.stop))
     assert covered == list(range(1408))
-    assert all(shape == (rows.stop - rows.start, 2048) for shape, rows in pieces)
-    largest = max(shape[0] for shape, _ in pieces)
-    if tokens < backend.FEW_TOKENS:
-        assert largest * tokens * 2048 <= backend.SMALL_GEMM_MNK
-    else:
-        assert largest == min(backend.UPCAST_ELEMENTS // 2048, -(-1408 // backend.NUM_THREADS))
+    assert all(shape == (rows.stop - rows.start, 2048) for shape, rows in blocks)
+    assert max(shape[0] for shape, _ in blocks) == min(backend.UPCAST_ELEMENTS // 2048, -(-1408 // backend.NUM_THREADS))
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 15])
+def test_few_tokens_multiply_in_pieces_under_the_small_gemm_bound(tokens):
+    """Below FEW_TOKENS a piece's rows * tokens * in stays within OpenBLAS's small-matrix kernel."""
+    rows = backend.small_gemm_rows(tokens, 2048)
+    assert rows * tokens * 2048 <= backend.SMALL_GEMM_MNK < (rows + 1) * tokens * 2048
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 6, 16])
+@pytest.mark.parametrize("rows", [1, 2, 5, 11])
+def test_weight_first_product_in_stacked_pieces_equals_the_plain_product(monkeypatch, tokens, rows):
+    """The stack of pieces and the rows left over give block @ x.T (pieces of 2 rows here)."""
+    monkeypatch.setattr(backend, "SMALL_GEMM_MNK", 2 * 6 * 8)
+    block = rng.standard_normal((rows, 8)).astype(np.float32)
+    x = rng.standard_normal((tokens, 8)).astype(np.float32)
+    np.testing.assert_allclose(Linear.weight_first_product(block, x), block @ x.T, rtol=1e-6, atol=1e-6)
 
 
 def test_parallel_map_inside_a_worker_runs_there():
