@@ -431,7 +431,7 @@ def prefill_roofline(model_path: Path, token_counts: list[int], repeat: int, see
 
 
 def format_roofline(rows: list[dict]) -> list[str]:
-    """The roofline table: the copy-bound roofline (the issue's), then the one bound by NumPy's cast."""
+    """The roofline table: the copy-bound roofline, then the one bound by NumPy's bf16 cast."""
     header = ["prompt tokens", "prefill tok/s", "roofline tok/s", "fraction", "GEMM GFLOP/s", "copy GB/s",
               "roofline s: matmul + bandwidth + attention", "cast GB/s", "cast-bound tok/s", "fraction"]
     cells = [[str(r["tokens"]), f"{r['measured_tok_s']:.1f}", f"{r['roofline_tok_s']:.1f}", f"{r['fraction']:.2f}",

@@ -26,11 +26,11 @@ bandwidth; with many, by the GEMM.
 The sum over the forward is the roofline time; ``measured / roofline`` is how close
 minimoe is to NumPy's limit (docs/benchmarks.md explains the model and its limits).
 
-The bf16 bytes stream at the copy bandwidth in the roofline the issue defined.  A copy
-counts its reads and its writes, while the upcast's cost is mostly the read (and the cast),
-so on a machine whose cast reads slower than that, no NumPy code reaches it.
-``cast_bound=True`` streams them at ``cast_bytes`` instead: the limit with NumPy's own
-cast, reported beside the first.
+That roofline streams the bf16 bytes at the copy bandwidth.  A copy's rate counts its
+reads and its writes, while the upcast's cost is mostly the read (and the cast), so on a
+machine whose cast reads slower than that rate, no NumPy code reaches it.
+``cast_bound=True`` streams them at ``cast_bytes`` instead: the limit with the cast NumPy
+has, which ``minimoe bench --roofline`` reports beside the first.
 """
 
 from __future__ import annotations
