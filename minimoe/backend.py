@@ -249,9 +249,9 @@ class Linear:
         """
         rows, tokens = block.shape[0], x.shape[0]
         piece = small_gemm_rows(tokens, block.shape[1])
-        stacked = rows // piece * piece
-        if tokens >= FEW_TOKENS or stacked == 0 or piece == rows:
+        if tokens >= FEW_TOKENS or piece >= rows:  # one call: many tokens, or a block of one piece
             return block @ x.T
+        stacked = rows // piece * piece
         out = np.empty((rows, tokens), dtype=np.float32)
         np.matmul(block[:stacked].reshape(-1, piece, block.shape[1]), x.T,
                   out=out[:stacked].reshape(-1, piece, tokens))  # [pieces, piece, N]

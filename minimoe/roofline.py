@@ -199,18 +199,17 @@ def measure_copy_bytes(megabytes: int = 256, repeat: int = 5) -> float:
     return 2 * source.nbytes / _best_seconds(copy, repeat)
 
 
-def measure_cast_bytes(megabytes: int = 256, repeat: int = 5) -> float:
+def measure_cast_bytes(cols: int, megabytes: int = 256, repeat: int = 5) -> float:
     """bf16 bytes per second NumPy's cast to float32 reads from memory, over minimoe's threads.
 
-    The cast runs the way a bf16 :class:`minimoe.backend.Linear` upcasts its weight: each
-    thread casts its rows a block at a time into its reused float32 scratch (the multiply is
-    left out).
+    The cast runs the way a bf16 :class:`minimoe.backend.Linear` ``[rows, cols]`` upcasts its
+    weight: each thread casts its rows a block at a time into its reused float32 scratch (the
+    multiply is left out).
     """
-    cols = 2048
     weight = np.ones((megabytes * (1 << 20) // (2 * cols), cols), dtype=ml_dtypes.bfloat16)
     layer = Linear(weight)
     return weight.nbytes / _best_seconds(lambda: layer.in_row_blocks(lambda block, rows: None), repeat)
 
 
 def measure_rates(tokens: int, hidden: int) -> Rates:
-    return Rates(measure_gemm_flops(tokens, hidden), measure_copy_bytes(), measure_cast_bytes())
+    return Rates(measure_gemm_flops(tokens, hidden), measure_copy_bytes(), measure_cast_bytes(hidden))
