@@ -183,18 +183,25 @@ def _matmul_rows(x, x_rows, weight, bias, y, group, first, last, out_features, i
     _rows(y, out_features)[first:last] = rows + (bias if _given(bias) else 0.0)
 
 
-def gemv_grouped(grid, block, x, x_rows, weight, bias, y, offsets, active, num_active, out_features, in_features):
-    assert grid[0] * block[0] // 32 >= out_features and grid[1] >= num_active[0]
+def gemv_grouped(grid, block, x, x_rows, weight, bias, y, offsets, active, num_active, out_features, in_features,
+                 total_rows):
+    assert grid[0] * block[0] // 32 >= out_features
+    if not _given(offsets):  # one group owning every row
+        assert not _given(active) and not _given(num_active) and grid[1] == 1
+        _matmul_rows(x, x_rows, weight, bias, y, 0, 0, total_rows, out_features, in_features)
+        return
+    assert grid[1] >= num_active[0]
     for group in active[: num_active[0]]:
         _matmul_rows(x, x_rows, weight, bias, y, group, offsets[group], offsets[group + 1], out_features, in_features)
 
 
-def gemm_grouped(grid, block, x, x_rows, weight, bias, y, offsets, tile_group, tile_row, out_features, in_features):
+def gemm_grouped(grid, block, x, x_rows, weight, bias, y, offsets, tile_group, tile_row, out_features, in_features,
+                 total_rows):
     tile = launch.kernel_constants("matmul.cu")["TILE_M"]
     assert grid[1] == tile_group.size and grid[0] * launch.kernel_constants("matmul.cu")["TILE_N"] >= out_features
     for group, first in zip(tile_group, tile_row):
-        _matmul_rows(x, x_rows, weight, bias, y, group, first, min(first + tile, offsets[group + 1]), out_features,
-                     in_features)
+        end = offsets[group + 1] if _given(offsets) else total_rows
+        _matmul_rows(x, x_rows, weight, bias, y, group, first, min(first + tile, end), out_features, in_features)
 
 
 def _attention(q, k, v, out, batch, tokens, heads, kv_heads, head_dim, q_row_stride, kv_batch_stride, kv_head_stride,

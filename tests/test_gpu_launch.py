@@ -10,7 +10,7 @@ from minimoe.gpu import launch
 
 
 def test_kernel_constants_are_read_from_the_cu_files():
-    assert launch.kernel_constants("matmul.cu") == {"GEMV_WARPS": 8, "GEMV_MAX_ROWS": 8, "TILE_M": 64, "TILE_N": 64,
+    assert launch.kernel_constants("matmul.cu") == {"GEMV_WARPS": 8, "GEMV_MAX_ROWS": 8, "GEMV_UNROLL": 4, "TILE_M": 64, "TILE_N": 64,
                                                     "TILE_K": 16, "TILE_PAD": 2, "PATCH": 4}
     assert launch.kernel_constants("router.cu")["MAX_EXPERTS_PER_LANE"] * 32 >= 60  # Qwen1.5-MoE's experts fit
 

@@ -18,7 +18,6 @@ the KV cache stay on the device; :meth:`GpuModel.forward` returns CuPy logits
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import cupy as cp
 import numpy as np
@@ -33,22 +32,12 @@ from ..routing import NO_INTERVENTIONS, LayerInterventions
 from . import kernels, launch
 
 
-def device_dtype(array: np.ndarray):
-    """The dtype a stored weight has on the GPU: bf16 stays bf16 (as uint16 bits), anything else is float32."""
-    return cp.uint16 if array.dtype.name == "bfloat16" else cp.float32
-
-
 def device_weight(array: np.ndarray):
-    """A stored weight copied to the GPU in :func:`device_dtype`."""
+    """A stored weight copied to the GPU in the dtype the kernels read: bf16 stays bf16 (as uint16 bit
+    patterns), anything else becomes float32."""
     if array.dtype.name == "bfloat16":
         return cp.asarray(np.ascontiguousarray(array).view(np.uint16))
     return cp.asarray(np.asarray(array, dtype=np.float32))
-
-
-@lru_cache(maxsize=64)
-def one_group(rows: int):
-    """The dispatch arrays of an ungrouped matmul: offsets ``[0, rows]``, active ``[0]``, num_active ``[1]``."""
-    return cp.asarray([0, rows], dtype=cp.int32), cp.zeros(1, dtype=cp.int32), cp.ones(1, dtype=cp.int32)
 
 
 class GpuLinear:
@@ -63,21 +52,21 @@ class GpuLinear:
         self.bias = bias  # [out] float32 or None
 
     @classmethod
-    def stacked(cls, groups: list[list[np.ndarray]], biases: list[np.ndarray] | None = None) -> "GpuLinear":
-        """One weight from host matrices: ``groups[g]`` are stacked along the output axis into group g.
+    def stacked(cls, groups: list[list], biases: list | None = None) -> "GpuLinear":
+        """One weight from device matrices: ``groups[g]`` are stacked along the output axis into group g.
 
         ``stacked([[q, k, v]])`` is the fused qkv projection; ``stacked([[gate_e, up_e] for e in experts])``
-        the experts' gate_up.  Copied to the GPU matrix by matrix (no host copy of the whole stack).
+        the experts' gate_up.  Each matrix is copied into place and may be dropped afterwards.
         """
         first = groups[0][0]
         out = sum(m.shape[0] for m in groups[0])
-        weight = cp.empty((len(groups), out, first.shape[1]), dtype=device_dtype(first))
+        weight = cp.empty((len(groups), out, first.shape[1]), dtype=first.dtype)
         for g, matrices in enumerate(groups):
             row = 0
             for matrix in matrices:
-                weight[g, row : row + matrix.shape[0]] = device_weight(matrix)
+                weight[g, row : row + matrix.shape[0]] = matrix
                 row += matrix.shape[0]
-        bias = None if biases is None else cp.asarray(np.concatenate(biases).astype(np.float32))
+        bias = None if biases is None else cp.concatenate(biases).astype(cp.float32)
         return cls(weight, bias)
 
     @property
@@ -89,8 +78,7 @@ class GpuLinear:
         """x ``[..., in]`` float32 -> ``[..., out]`` float32."""
         flat = x.reshape(-1, x.shape[-1])
         rows = flat.shape[0]
-        y = kernels.grouped_matmul(flat, self.weight, self.bias, *one_group(rows), max_rows_per_group=rows,
-                                   counts=np.array([rows]))
+        y = kernels.grouped_matmul(flat, self.weight, self.bias, None, None, None, max_rows_per_group=rows)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def grouped(self, x, plan: kernels.DevicePlan, max_rows_per_group: int, counts=None, x_rows=None):
@@ -246,11 +234,17 @@ class GpuModel(Model):
 
 def build(config: ModelConfig, checkpoint: Checkpoint) -> GpuModel:
     """The GPU model of a checked checkpoint (the cupy counterpart of :func:`minimoe.model._build`)."""
-    def tensor(name):
-        return checkpoint.array(name)
+    model = build_from(config, lambda name: device_weight(checkpoint.array(name)))
+    model.checkpoint = checkpoint
+    return model
 
+
+def build_from(config: ModelConfig, tensor) -> GpuModel:
+    """The GPU model whose weights ``tensor(name)`` gives: a device array of the checkpoint tensor's shape,
+    uint16 bf16 bits or float32 (:func:`device_weight` of a stored tensor; random ones for a benchmark)."""
     def small(name):  # norms and biases: float32 vectors
-        return cp.asarray(np.asarray(tensor(name), dtype=np.float32))
+        values = tensor(name)
+        return upcast(values) if values.dtype == cp.uint16 else values.astype(cp.float32)
 
     def linear(name) -> GpuLinear:
         return GpuLinear.stacked([[tensor(name)]])
@@ -261,7 +255,7 @@ def build(config: ModelConfig, checkpoint: Checkpoint) -> GpuModel:
 
     def attention(layer) -> GpuAttention:
         n = weights.attention_names(layer)
-        biases = [np.asarray(tensor(n[f"{key}_bias"])) for key in "qkv"] if config.qkv_bias else None
+        biases = [small(n[f"{key}_bias"]) for key in "qkv"] if config.qkv_bias else None
         return GpuAttention(
             qkv=GpuLinear.stacked([[tensor(n["q_weight"]), tensor(n["k_weight"]), tensor(n["v_weight"])]], biases),
             o=linear(n["o_weight"]),
@@ -292,4 +286,9 @@ def build(config: ModelConfig, checkpoint: Checkpoint) -> GpuModel:
                                        feed_forward(layer), config.rms_norm_eps))
     embed = linear(weights.EMBED)
     lm_head = embed if config.tie_word_embeddings else linear(weights.LM_HEAD)
-    return GpuModel(config, embed, decoder, small(weights.FINAL_NORM), lm_head, checkpoint, "cupy", cp)
+    return GpuModel(config, embed, decoder, small(weights.FINAL_NORM), lm_head, None, "cupy", cp)
+
+
+def upcast(bits):
+    """bf16 bit patterns (uint16) as float32, on the device: a bf16 is the top half of a float32."""
+    return (bits.astype(cp.uint32) << 16).view(cp.float32)

@@ -17,6 +17,8 @@ have no CUDA graphs).  Interventions and routing traces are not supported here: 
 
 from __future__ import annotations
 
+import time
+
 import cupy as cp
 import numpy as np
 
@@ -42,6 +44,7 @@ class GraphDecoder:
         self.cos, self.sin = (cp.zeros((1, config.head_dim), dtype=cp.float32) for _ in range(2))
         self.graph = None
         self.captured_for = None  # (cache buffer address, capacity) the graph's pointers and splits belong to
+        self.captures, self.capture_seconds = 0, 0.0  # how often the step was captured, and how long that took
         self.logits = None
         self.pool = None
         self.stream = cp.cuda.Stream(non_blocking=True) if capture else None  # graphs are captured off the null stream
@@ -90,13 +93,16 @@ class GraphDecoder:
     def capture_step(self) -> None:
         """Capture the step as a CUDA graph, on this decoder's stream.
 
-        Run first with the default allocator (compiling kernels and creating what the blocks cache
-        across calls, so that none of it lives in the private pool), then once from a memory pool of
-        this decoder's own, then captured: the capture allocates the same sizes again, all from that
-        pool's cache, and as nothing else draws from the pool, the addresses the graph holds are
-        never handed out to anything else.  The warm-ups write this step's k/v, which the graph's
-        first launch writes again.
+        Run first with the default allocator (compiling the kernels), then once from a memory pool
+        of this decoder's own, then captured: the capture allocates the same sizes again, all from
+        that pool's cache, and as nothing else draws from the pool, the addresses the graph holds
+        are never handed out to anything else.  Every other address the graph holds belongs to
+        something this decoder keeps alive: the model's weights, the cache's buffers (a new buffer
+        means a new capture) and the step's inputs.  No launch reads a device array cached
+        elsewhere (a plain projection passes no dispatch arrays), which another owner could free.
+        The warm-ups write this step's k/v, which the graph's first launch writes again.
         """
+        started = time.perf_counter()
         self.step()
         self.pool = cp.cuda.MemoryPool()
         with cp.cuda.using_allocator(self.pool.malloc):
@@ -106,3 +112,6 @@ class GraphDecoder:
             self.logits = self.step()
             self.graph = self.stream.end_capture()
         self.captured_for = (kernels.address(self.cache.keys[0]), self.cache.capacity)
+        self.stream.synchronize()
+        self.captures += 1
+        self.capture_seconds += time.perf_counter() - started

@@ -25,9 +25,11 @@ NULL = np.uint64(0)  # a null pointer argument (an optional input the kernel ski
 
 
 @cache
-def module(file_name: str) -> "cp.RawModule":
-    """The compiled kernels of one ``.cu`` file (common.cuh inlined, so CuPy's cache key covers it)."""
-    return cp.RawModule(code=launch.module_source(file_name), options=launch.COMPILE_OPTIONS)
+def module(file_name: str, defines: tuple[str, ...] = ()) -> "cp.RawModule":
+    """The compiled kernels of one ``.cu`` file (common.cuh inlined, so CuPy's cache key covers it),
+    with ``defines`` (``"NAME=value"``) overriding its ``#ifndef`` constants."""
+    options = launch.COMPILE_OPTIONS + tuple(f"-D{define}" for define in defines)
+    return cp.RawModule(code=launch.module_source(file_name), options=options)
 
 
 @cache
@@ -37,15 +39,20 @@ def compiled(file_name: str, name: str) -> "cp.RawKernel":
 
 
 launches = 0  # kernel launches made through kernel() since import: gpu_check reports them per decoded token
+# Profiling hooks (minimoe.gpu.profile), None / () in normal use:
+observer = None  # called as observer(name, launch, args, kwargs) in place of launch(*args, **kwargs)
+variant: tuple[str, ...] = ()  # defines every kernel is compiled with (see profile.compiled_with)
 
 
 def kernel(file_name: str, name: str):
     """A kernel to launch as ``kernel(file, name)(grid, block, args, shared_mem=0)``; counts its launches."""
-    launch_ = compiled(file_name, name)
+    launch_ = module(file_name, variant).get_function(name) if variant else compiled(file_name, name)
 
     def counted(*args, **kwargs):
         global launches
         launches += 1
+        if observer is not None:
+            return observer(name, launch_, args, kwargs)
         return launch_(*args, **kwargs)
 
     return counted
@@ -195,31 +202,42 @@ def grouped_matmul(x, weight, bias, offsets, active, num_active, max_rows_per_gr
     :class:`minimoe.backend.Linear` (one group) and each expert's matmul in :func:`minimoe.layers.routed_experts`.
 
     x ``[R, in]`` rows grouped by ``offsets`` ``[G + 1]`` -- or, with ``x_rows`` ``[R]``, row r is
-    ``x[x_rows[r]]`` (the experts read the hidden states in dispatch order, no permuted copy); weight ``[G, out, in]`` (uint16 bf16 bits
-    or float32); ``active`` / ``num_active``: the groups with rows (device arrays).  Up to
-    GEMV_MAX_ROWS rows per group the GEMV kernel runs (grid over ``active``, no host sync);
-    beyond, the tiled GEMM runs on a tile schedule built from ``counts`` (host ints; read
-    from the device when not given).  -> ``[R, out]`` float32, in the grouped order.
+    ``x[x_rows[r]]`` (the experts read the hidden states in dispatch order, no permuted copy); weight
+    ``[G, out, in]`` (uint16 bf16 bits or float32); ``active`` / ``num_active``: the groups with rows
+    (device arrays).  ``offsets``, ``active`` and ``num_active`` all None: one group owning all R rows
+    (a plain projection; nothing on the device describes it).  Up to GEMV_MAX_ROWS rows per group
+    the GEMV kernel runs (grid over ``active``, no host sync); beyond, the tiled GEMM runs on a tile
+    schedule built from ``counts`` (host ints; read from the device when not given).
+    -> ``[R, out]`` float32, in the grouped order.
     """
     x = _contiguous(x)
     groups, out_features, in_features = weight.shape
     rows = x.shape[0] if x_rows is None else x_rows.shape[0]
+    ungrouped = offsets is None
+    if ungrouped and groups != 1:
+        raise ValueError(f"a weight of {groups} groups needs the dispatch offsets of its rows")
     row_map = NULL if x_rows is None else cp.ascontiguousarray(x_rows, dtype=cp.int32)
     y = cp.empty((rows, out_features), dtype=cp.float32)
     suffix = weight_suffix(weight)
     if max_rows_per_group <= launch.kernel_constants("matmul.cu")["GEMV_MAX_ROWS"]:
-        grid, block = launch.gemv_grid(out_features, min(groups, rows))
-        kernel("matmul.cu", f"gemv_grouped_{suffix}")(grid, block, (x, row_map, weight, _optional(bias), y, offsets,
-                                                                     active, num_active, np.int32(out_features),
-                                                                     np.int32(in_features)))
+        grid, block = launch.gemv_grid(out_features, 1 if ungrouped else min(groups, rows))
+        dispatch = (NULL, NULL, NULL) if ungrouped else (offsets, active, num_active)
+        kernel("matmul.cu", f"gemv_grouped_{suffix}")(grid, block, (x, row_map, weight, _optional(bias), y, *dispatch,
+                                                                     np.int32(out_features), np.int32(in_features),
+                                                                     np.int32(rows)))
         return y
-    counts_host = cp.asnumpy(cp.diff(offsets)) if counts is None else counts
+    if ungrouped:
+        counts_host = np.array([rows])
+    else:
+        counts_host = cp.asnumpy(cp.diff(offsets)) if counts is None else counts
     tile_group, tile_row = launch.gemm_schedule(counts_host, np.concatenate([[0], np.cumsum(counts_host)]))
     if tile_group.size:
         grid, block = launch.gemm_grid(out_features, tile_group.size)
-        kernel("matmul.cu", f"gemm_grouped_{suffix}")(grid, block, (x, row_map, weight, _optional(bias), y, offsets,
+        kernel("matmul.cu", f"gemm_grouped_{suffix}")(grid, block, (x, row_map, weight, _optional(bias), y,
+                                                                     NULL if ungrouped else offsets,
                                                                      cp.asarray(tile_group), cp.asarray(tile_row),
-                                                                     np.int32(out_features), np.int32(in_features)))
+                                                                     np.int32(out_features), np.int32(in_features),
+                                                                     np.int32(rows)))
     return y
 
 

@@ -4,16 +4,21 @@
 // the per-expert matmuls inside minimoe.layers.routed_experts.  Both kernels are *grouped*: the weight is [groups, out, in]
 // (group g = expert g; a plain Linear is one group), and the rows of x are grouped
 // the same way by `offsets` (group g owns rows offsets[g] .. offsets[g+1]-1, the tokens
-// moe_dispatch sorted to expert g).  Each group's rows meet only its own weight.
+// moe_dispatch sorted to expert g).  Each group's rows meet only its own weight.  A plain
+// Linear passes no offsets (null): then its one group owns all `rows` rows, and no device
+// array describes it (a CUDA graph that captured such a launch holds no pointer to one).
 //
 // `x_rows`, when given, maps the grouped problem's rows to rows of x (row r reads
 // x[x_rows[r]]): the experts read their tokens straight from the hidden states, in
 // dispatch order, without a permuted copy of them.  Without it row r reads x[r].
 //
 //   gemv_grouped_*: decode (few rows per group).  One warp per output feature; the warp
-//     reads that weight row once, 8 elements per lane per step (16-byte loads of bf16),
-//     and dots it with every row of its group.  Only the active experts' blocks run
-//     (blockIdx.y indexes `active`), so a decode step reads only the chosen experts' weights.
+//     reads that weight row once, 8 elements per lane per 16-byte load of bf16, and dots it
+//     with every row of its group.  Each lane issues GEMV_UNROLL such loads before it uses
+//     any of them, so that many bytes are in flight per warp (one load at a time leaves the
+//     memory system idle between a load and the arithmetic on it).  Only the active experts'
+//     blocks run (blockIdx.y indexes `active`), so a decode step reads only the chosen
+//     experts' weights.
 //   gemm_grouped_*: prefill.  64x64 output tiles over k-steps of 16 through shared memory,
 //     each of 256 threads computing 4x4 outputs (rows tr + 16i, columns tc + 16j); a
 //     host-built schedule lists the (group, first row) of every 64-row tile that has rows,
@@ -26,6 +31,9 @@
 
 #define GEMV_WARPS 8        // output features per block
 #define GEMV_MAX_ROWS 8     // rows of x (tokens) a warp carries at once, in registers
+#ifndef GEMV_UNROLL         // (minimoe.gpu.profile compiles GEMV_UNROLL=1 beside it, to measure what it buys)
+#define GEMV_UNROLL 4       // 16-byte weight loads a lane has in flight at once
+#endif
 #define TILE_M 64
 #define TILE_N 64
 #define TILE_K 16
@@ -42,31 +50,40 @@ template <typename W>
 __device__ void gemv_grouped(const float* __restrict__ x, const int* __restrict__ x_rows, const W* __restrict__ weight,
                              const float* __restrict__ bias,
                              float* __restrict__ y, const int* __restrict__ offsets, const int* __restrict__ active,
-                             const int* __restrict__ num_active, int out_features, int in_features) {
-    if (blockIdx.y >= num_active[0]) return;  // fewer experts were chosen than the grid allows for
-    const int group = active[blockIdx.y];
+                             const int* __restrict__ num_active, int out_features, int in_features, int total_rows) {
+    const bool grouped = offsets != nullptr;  // else one group of total_rows rows
+    if (grouped && blockIdx.y >= num_active[0]) return;  // fewer experts were chosen than the grid allows for
+    const int group = grouped ? active[blockIdx.y] : 0;
     const int lane = threadIdx.x % 32;
     const int feature = blockIdx.x * GEMV_WARPS + threadIdx.x / 32;
     if (feature >= out_features) return;
     const W* w = weight + ((long)group * out_features + feature) * in_features;
-    const int first = offsets[group], last = offsets[group + 1];
+    const int first = grouped ? offsets[group] : 0, last = grouped ? offsets[group + 1] : total_rows;
     const bool vector = in_features % 8 == 0;  // rows then start 16/32-byte aligned
 
     for (int row0 = first; row0 < last; row0 += GEMV_MAX_ROWS) {
         const int rows = min(GEMV_MAX_ROWS, last - row0);
         float acc[GEMV_MAX_ROWS] = {0.0f};
         if (vector) {
-            for (int i = lane * 8; i < in_features; i += 32 * 8) {
-                float wv[8];
-                load_weight8(w + i, wv);
+            constexpr int stride = 32 * 8;  // the warp's 32 lanes read 8 consecutive weights each
+            for (int base = lane * 8; base < in_features; base += stride * GEMV_UNROLL) {
+                float wv[GEMV_UNROLL][8];
 #pragma unroll
-                for (int r = 0; r < GEMV_MAX_ROWS; ++r) {
-                    if (r < rows) {
-                        const float* xr = x_row(x, x_rows, row0 + r, in_features) + i;
-                        const float4 a = *reinterpret_cast<const float4*>(xr);
-                        const float4 b = *reinterpret_cast<const float4*>(xr + 4);
-                        acc[r] += wv[0] * a.x + wv[1] * a.y + wv[2] * a.z + wv[3] * a.w
-                                + wv[4] * b.x + wv[5] * b.y + wv[6] * b.z + wv[7] * b.w;
+                for (int u = 0; u < GEMV_UNROLL; ++u)  // all the loads first ...
+                    if (base + u * stride < in_features) load_weight8(w + base + u * stride, wv[u]);
+#pragma unroll
+                for (int u = 0; u < GEMV_UNROLL; ++u) {  // ... then the arithmetic on them
+                    const int i = base + u * stride;
+                    if (i >= in_features) continue;
+#pragma unroll
+                    for (int r = 0; r < GEMV_MAX_ROWS; ++r) {
+                        if (r < rows) {
+                            const float* xr = x_row(x, x_rows, row0 + r, in_features) + i;
+                            const float4 a = *reinterpret_cast<const float4*>(xr);
+                            const float4 b = *reinterpret_cast<const float4*>(xr + 4);
+                            acc[r] += wv[u][0] * a.x + wv[u][1] * a.y + wv[u][2] * a.z + wv[u][3] * a.w
+                                    + wv[u][4] * b.x + wv[u][5] * b.y + wv[u][6] * b.z + wv[u][7] * b.w;
+                        }
                     }
                 }
             }
@@ -91,12 +108,12 @@ template <typename W>
 __device__ void gemm_grouped(const float* __restrict__ x, const int* __restrict__ x_rows, const W* __restrict__ weight,
                              const float* __restrict__ bias,
                              float* __restrict__ y, const int* __restrict__ offsets, const int* __restrict__ tile_group,
-                             const int* __restrict__ tile_row, int out_features, int in_features) {
+                             const int* __restrict__ tile_row, int out_features, int in_features, int total_rows) {
     __shared__ float xs[TILE_K][TILE_M + TILE_PAD];  // x tile, k-major so the inner loop reads rows of it
     __shared__ float ws[TILE_K][TILE_N + TILE_PAD];
     constexpr int step = TILE_M / PATCH;  // a thread's rows (and columns) are `step` apart
     const int group = tile_group[blockIdx.y];
-    const int row0 = tile_row[blockIdx.y], row_end = offsets[group + 1];
+    const int row0 = tile_row[blockIdx.y], row_end = offsets != nullptr ? offsets[group + 1] : total_rows;
     const int col0 = blockIdx.x * TILE_N;
     const W* w = weight + (long)group * out_features * in_features;
     const int tr = threadIdx.x / step, tc = threadIdx.x % step;  // rows tr + step * i, columns tc + step * j
@@ -150,21 +167,23 @@ __device__ void gather_rows(const W* __restrict__ weight, const int* __restrict_
 
 // The entry points CuPy looks up by name, one per weight type.
 #define GEMV_ARGS(W) const float* x, const int* x_rows, const W* weight, const float* bias, float* y, \
-                     const int* offsets, const int* active, const int* num_active, int out_features, int in_features
+                     const int* offsets, const int* active, const int* num_active, int out_features, int in_features, \
+                     int total_rows
 #define GEMM_ARGS(W) const float* x, const int* x_rows, const W* weight, const float* bias, float* y, \
-                     const int* offsets, const int* tile_group, const int* tile_row, int out_features, int in_features
+                     const int* offsets, const int* tile_group, const int* tile_row, int out_features, int in_features, \
+                     int total_rows
 
 extern "C" __global__ void gemv_grouped_bf16(GEMV_ARGS(unsigned short)) {
-    gemv_grouped(x, x_rows, weight, bias, y, offsets, active, num_active, out_features, in_features);
+    gemv_grouped(x, x_rows, weight, bias, y, offsets, active, num_active, out_features, in_features, total_rows);
 }
 extern "C" __global__ void gemv_grouped_f32(GEMV_ARGS(float)) {
-    gemv_grouped(x, x_rows, weight, bias, y, offsets, active, num_active, out_features, in_features);
+    gemv_grouped(x, x_rows, weight, bias, y, offsets, active, num_active, out_features, in_features, total_rows);
 }
 extern "C" __global__ void gemm_grouped_bf16(GEMM_ARGS(unsigned short)) {
-    gemm_grouped(x, x_rows, weight, bias, y, offsets, tile_group, tile_row, out_features, in_features);
+    gemm_grouped(x, x_rows, weight, bias, y, offsets, tile_group, tile_row, out_features, in_features, total_rows);
 }
 extern "C" __global__ void gemm_grouped_f32(GEMM_ARGS(float)) {
-    gemm_grouped(x, x_rows, weight, bias, y, offsets, tile_group, tile_row, out_features, in_features);
+    gemm_grouped(x, x_rows, weight, bias, y, offsets, tile_group, tile_row, out_features, in_features, total_rows);
 }
 extern "C" __global__ void gather_rows_bf16(const unsigned short* weight, const int* ids, float* out, int rows, int width) {
     gather_rows(weight, ids, out, rows, width);
