@@ -24,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 
 import numpy as np
-from threadpoolctl import ThreadpoolController
 
 from .errors import MinimoeError
 
@@ -129,13 +128,15 @@ class _WorkerFlag(threading.local):
 
 _in_worker = _WorkerFlag()
 _pool: ThreadPoolExecutor | None = None
-_blas: ThreadpoolController | None = None
+_blas = None  # threadpoolctl's controller, made at first use (the GPU backend never needs it)
 
 
 def single_threaded_blas():
     """Context manager: BLAS uses one thread inside it (minimoe's own threads split the work)."""
     global _blas
     if _blas is None:
+        from threadpoolctl import ThreadpoolController
+
         _blas = ThreadpoolController()
     return _blas.limit(limits=1, user_api="blas")
 

@@ -22,10 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-import ml_dtypes
 import numpy as np
 
 from .errors import MinimoeError
+
+try:
+    import ml_dtypes
+except ImportError:  # a dependency; without it (a bare GPU machine) reading a bf16 tensor says what is missing
+    ml_dtypes = None
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -34,7 +38,7 @@ INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 DTYPES = {
-    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "BF16": np.dtype(ml_dtypes.bfloat16) if ml_dtypes is not None else None,
     "F16": np.dtype(np.float16),
     "F32": np.dtype(np.float32),
 }
@@ -123,6 +127,8 @@ def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> Tensor
         raise MinimoeError(f"{where}: data_offsets {offsets!r} is not a pair of non-negative integers")
     begin, end = offsets
     dtype = DTYPES[dtype_name]
+    if dtype is None:
+        raise MinimoeError(f"{where}: reading {dtype_name} tensors needs the ml_dtypes package: pip install ml_dtypes")
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
     if end < begin or end - begin != expected:
         raise MinimoeError(

@@ -1,33 +1,37 @@
 """Check the GPU backend on a GPU machine, in one command:
 
-    python -m minimoe.gpu_check
+    PYTHONUNBUFFERED=1 python -m minimoe.gpu_check --json gpu_check.json
 
-1. every CUDA kernel against the NumPy function it replaces, on random inputs of the
+1. the device: its name, and its memory's copy rate, measured (the bound below divides by it);
+2. every CUDA kernel against the NumPy function it replaces, on random inputs of the
    real Qwen1.5-MoE-A2.7B's shapes (:data:`REAL_SHAPES`), and again at sizes that are no
    multiple of the kernels' blocks (:data:`ODD_SHAPES`), within :data:`TOLERANCES`;
-2. full-model logits, cupy vs numpy backend, on the test fixtures and the bundled model;
-3. a benchmark on a random checkpoint with the real model's layer shapes (fewer layers,
-   written by ``scripts/make_real_shape_checkpoint.py``): prefill and decode tokens/s and
-   GPU memory of minimoe-cupy against transformers (bf16, eager attention, same GPU),
-   with the decode targets: >= 3x transformers at batch 1, and >= 40% of the bandwidth
-   bound (bf16 bytes one decode token reads / the GPU's memory bandwidth) -- for eager
-   decode and for decode replayed as CUDA graphs (:mod:`minimoe.gpu.decode`), with each
-   one's kernel launches and host time per token, so the first run shows where time goes.
+3. full-model logits, cupy vs numpy backend, on the test fixtures and the bundled model --
+   eagerly, and decoded through CUDA graphs (with the key/value splits some of them empty,
+   and with the cache regrown and the step captured again);
+4. a benchmark on the real model's shapes (all 24 layers unless ``--bench-layers``), with random
+   weights made on the device (or a checkpoint folder, ``--checkpoint``): prefill and decode
+   tokens/s of minimoe-cupy, eagerly and as CUDA graphs, against the bandwidth bound (every byte
+   a decode token reads -- weights and the KV cache -- over the measured copy rate), then where
+   the time goes (:mod:`minimoe.gpu.profile`: each kernel of a decode step and of a prefill,
+   decode attention at each split count, the GEMV's unrolling), then transformers (bf16, eager
+   attention, same GPU) for comparison.
 
-Prints one summary table and exits 0 when every check passed, 1 otherwise -- and 1,
-with a one-line reason, where CuPy or a GPU is missing.  Expected to take 3-6 minutes
-on an H200 (not yet run on one), most of it writing the 8-layer benchmark checkpoint
-(10.5 GB) and loading it into both engines.  With few layers the output head is a
-larger share of the bytes per token than in the 24-layer model, while minimoe's
-per-layer launch overhead is not, so ``--bench-layers 24`` gives the figure the
-decode targets are about.
+Every check is printed as it finishes, and the JSON is rewritten after every stage, so a run cut
+off by a time limit keeps all it measured; a stage that fails becomes a failed row and the run
+goes on.  The check needs only NumPy and CuPy to start (the kernel checks); the model checks
+and the benchmark also read checkpoints (ml_dtypes) and tokenizers like the rest of minimoe.
+Exits 0 when every check passed, 1 otherwise -- and 1, with a one-line reason (in the JSON too),
+where CuPy or a GPU is missing.  ``--stages`` and ``--shapes`` run a part (e.g. the odd-shape
+kernel checks under ``compute-sanitizer``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import subprocess
+import os
 import sys
 import tempfile
 import time
@@ -41,12 +45,13 @@ from . import layers
 from .backend import import_cupy, to_numpy
 from .config import ModelConfig
 from .errors import MinimoeError
-from .model import GPU_MODEL_TYPES
+from .gpu.launch import GPU_MODEL_TYPES
 from .params import count_parameters
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
-MAKE_CHECKPOINT = REPO / "scripts" / "make_real_shape_checkpoint.py"
+SHIPPED_CONFIG = Path(__file__).resolve().parent / "configs" / "qwen1.5-moe-a2.7b.json"
+STAGES = ("kernels", "models", "bench")
 
 # Qwen1.5-MoE-A2.7B's shapes (minimoe/configs/qwen1.5-moe-a2.7b.json), for the kernel checks.
 REAL_SHAPES = dict(hidden=2048, heads=16, head_dim=128, experts=60, moe_intermediate=1408, shared_intermediate=5632,
@@ -63,9 +68,8 @@ ODD_SHAPES = dict(hidden=1004, heads=12, head_dim=72, experts=45, moe_intermedia
 # that and still catches any wrong index, which shows up at 1e-1.  Whole models
 # compound it over layers: 1e-3, ten times finer than one bf16 rounding step (2^-8).
 TOLERANCES = {"kernel": 1e-4, "model": 1e-3}
-H200_BANDWIDTH = 4.3e12  # bytes/s of HBM3e, the bound's denominator
 DECODE_TARGET_SPEEDUP = 3.0
-DECODE_TARGET_BANDWIDTH_SHARE = 0.40
+DECODE_TARGET_BANDWIDTH_SHARE = 0.50  # within 2x of the bandwidth bound
 
 
 @dataclass
@@ -95,8 +99,14 @@ def decode_bytes_per_token(config: ModelConfig, bytes_per_parameter: int = 2) ->
     return (counts.activated_non_embedding + head + config.hidden_size) * bytes_per_parameter
 
 
-def bandwidth_bound(bytes_per_token: int, bandwidth: float = H200_BANDWIDTH) -> float:
-    """The decode tokens/s memory bandwidth allows at batch 1 (weights read once per token)."""
+def kv_bytes_per_token(config: ModelConfig, keys: float, bytes_per_value: int = 4) -> float:
+    """Bytes of the KV cache one decode token reads when attending to ``keys`` positions: a key and a
+    value of every key/value head at each position, in every layer (float32 on the GPU)."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * keys * bytes_per_value
+
+
+def bandwidth_bound(bytes_per_token: float, bandwidth: float) -> float:
+    """The decode tokens/s a memory rate of ``bandwidth`` bytes/s allows at batch 1 (every byte read once)."""
     return bandwidth / bytes_per_token
 
 
@@ -115,15 +125,86 @@ def format_table(header: list[str], rows: list[list]) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m minimoe.gpu_check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--no-bench", action="store_true", help="only the kernel and model checks")
-    parser.add_argument("--bench-layers", type=int, default=8,
-                        help="decoder layers of the benchmark checkpoint (24 = the full model, ~3 min more)")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help=f"comma-separated stages to run, of {', '.join(STAGES)} (default: all)")
+    parser.add_argument("--shapes", default="real,odd", help="kernel checks at these shapes: real, odd or both")
+    parser.add_argument("--no-bench", action="store_true", help="skip the benchmark (same as --stages kernels,models)")
+    parser.add_argument("--bench-layers", type=int, default=24, help="decoder layers of the benchmark model")
     parser.add_argument("--prefill", type=int, default=512, help="prompt tokens of the benchmark")
     parser.add_argument("--decode", type=int, default=64, help="greedy decode steps of the benchmark")
-    parser.add_argument("--checkpoint", type=Path, help="benchmark on this real-shape checkpoint instead of writing one")
+    parser.add_argument("--checkpoint", type=Path, help="benchmark this real-shape checkpoint folder instead of random "
+                                                        "weights made on the device")
+    parser.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
+    parser.add_argument("--no-memory-pool", action="store_true",
+                        help="give every array its own cudaMalloc (no CuPy pool), so that compute-sanitizer sees "
+                             "each array's bounds")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, help="also write every check and figure to this file")
-    return parser.parse_args(argv)
+    parser.add_argument("--json", type=Path, help="write every check and figure to this file (after every stage)")
+    args = parser.parse_args(argv)
+    args.stages = [stage.strip() for stage in args.stages.split(",") if stage.strip()]
+    if args.no_bench:
+        args.stages = [stage for stage in args.stages if stage != "bench"]
+    args.shapes = [shape.strip() for shape in args.shapes.split(",") if shape.strip()]
+    for value, allowed, option in ((args.stages, STAGES, "--stages"), (args.shapes, ("real", "odd"), "--shapes")):
+        unknown = sorted(set(value) - set(allowed))
+        if unknown:
+            parser.error(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(allowed)}")
+    return args
+
+
+class Report:
+    """What the run has found so far: each check printed as it finishes, and everything written to the
+    JSON file (when given) after every stage -- atomically, so a killed run leaves the last whole file."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.data: dict = {"checks": []}
+        self.checks: list[Check] = []
+
+    def add(self, check: Check) -> None:
+        self.checks.append(check)
+        self.data["checks"].append({"name": check.name, "error": check.error, "tolerance": check.tolerance,
+                                    "passed": check.passed})
+        print(f"{'ok' if check.passed else 'FAIL':<4}  {check.error:>10.3g}  {check.tolerance:>7.0e}  {check.name}",
+              flush=True)
+
+    def add_all(self, checks) -> None:
+        for check in checks:
+            self.add(check)
+        self.write()
+
+    def set(self, key: str, value) -> None:
+        self.data[key] = value
+        self.write()
+
+    def write(self) -> None:
+        if self.path is None:
+            return
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text(json.dumps(self.data, indent=2, default=float) + "\n")
+        os.replace(partial, self.path)
+
+    @property
+    def failed(self) -> list[str]:
+        return [check.name for check in self.checks if not check.passed]
+
+
+def stage(report: Report, name: str, function, *args):
+    """``function(*args)``, or -- if it raises -- a failed check saying so (traceback on stderr), so one broken
+    stage leaves every other stage's figures standing."""
+    try:
+        return function(*args)
+    except Exception as error:  # noqa: BLE001 -- reported, and the run goes on to the next stage
+        traceback.print_exc()
+        report.add(failure(name, error))
+        report.write()
+        return None
+
+
+def failure(name: str, error: BaseException) -> Check:
+    """A check that failed because ``name`` raised ``error``: its first line in the check's name."""
+    message = str(error).splitlines()[0] if str(error) else ""
+    return Check(f"{name}: raised {type(error).__name__}: {message}", float("inf"), 0)
 
 
 # --- 1. kernels against their NumPy functions ------------------------------------------------------------
@@ -338,30 +419,29 @@ def guarded(name: str, function, *args) -> list[Check]:
         return function(*args)
     except Exception as error:  # noqa: BLE001 -- reported, and the run goes on to the next check
         traceback.print_exc()
-        return [Check(f"{name}: raised {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
-                      float("inf"), 0)]
+        return [failure(name, error)]
 
 
-def check_kernels(cp, rng, shapes: dict = REAL_SHAPES) -> list[Check]:
-    """Each kernel wrapper of :mod:`minimoe.gpu.kernels` against its NumPy function, at ``shapes``."""
+def check_kernels(cp, rng, shapes: dict = REAL_SHAPES):
+    """Each kernel wrapper of :mod:`minimoe.gpu.kernels` against its NumPy function, at ``shapes``: the
+    checks, yielded as each group of them finishes."""
     t = Inputs(cp, rng, shapes)
     s = shapes
-    checks = guarded("norms", check_norms, t)
+    yield from guarded("norms", check_norms, t)
     for heads, kv_heads, tokens, start in ((s["heads"], s["heads"], 200, 0), (s["heads"], 4, 64, 300)):
         # multi-head prefill from position 0; grouped-query continuing a cache of 300 positions
-        checks += guarded(f"rope and attention ({heads}/{kv_heads} heads)", check_rope_and_attention, t, heads,
-                          kv_heads, tokens, start)
-    for keys in (700, 4000):  # flash-decoding: 3 and 16 splits per head at batch 1
-        checks += guarded(f"decode attention (S={keys})", check_decode_attention, t, s["heads"], 4, keys)
-    checks += guarded("silu_mul", check_silu_mul, t)
-    checks += guarded("router ties", check_router_ties, t, 64)
-    checks += guarded("unusable router rows", check_unusable_router_rows, t)
+        yield from guarded(f"rope and attention ({heads}/{kv_heads} heads)", check_rope_and_attention, t, heads,
+                           kv_heads, tokens, start)
+    for keys in (700, 4000):  # flash-decoding: several splits per head at batch 1
+        yield from guarded(f"decode attention (S={keys})", check_decode_attention, t, s["heads"], 4, keys)
+    yield from guarded("silu_mul", check_silu_mul, t)
+    yield from guarded("router ties", check_router_ties, t, 64)
+    yield from guarded("unusable router rows", check_unusable_router_rows, t)
     experts = bf16_matrix(rng, (s["experts"], 2 * s["moe_intermediate"], s["hidden"]))
     for tokens in (1, 7, 300):  # GEMV (decode), GEMV (small batch), GEMM (prefill)
-        checks += guarded(f"moe (N={tokens})", check_moe, t, tokens, experts)
-        checks += guarded(f"linear (N={tokens})", check_linear, t, s["shared_intermediate"], tokens, True)
-    checks += guarded("lm_head", check_linear, t, s["vocab"], 3, False)
-    return checks
+        yield from guarded(f"moe (N={tokens})", check_moe, t, tokens, experts)
+        yield from guarded(f"linear (N={tokens})", check_linear, t, s["shared_intermediate"], tokens, True)
+    yield from guarded("lm_head", check_linear, t, s["vocab"], 3, False)
 
 
 # --- 2. whole models: cupy backend vs numpy backend ------------------------------------------------------
@@ -392,7 +472,16 @@ def check_model(folder: Path, rng) -> list[Check]:
 def check_graph_decode(folder: Path, rng, capture: bool = True, prompt: int = 30, steps: int = 10,
                        capacity: int | None = None) -> list[Check]:
     """Decode through :class:`minimoe.gpu.decode.GraphDecoder` (captured as a CUDA graph, or with
-    ``capture=False`` its fixed-buffer step run eagerly) against the numpy backend, token by token."""
+    ``capture=False`` its fixed-buffer step run eagerly) against the numpy backend, token by token.
+
+    ``capacity``: the KV cache's, which the graph's decode attention is launched over (its splits
+    cover the capacity, the keys past the position are skipped on the device): 1024 after a short
+    prompt leaves most splits empty; one smaller than prompt + steps makes the cache grow mid-run,
+    and the step is captured again.  Between steps, the CuPy memory pool is emptied and refilled
+    with other arrays, so a graph reading memory it does not own reads garbage.
+    """
+    import cupy as cp
+
     from . import load
     from .gpu.decode import GraphDecoder
 
@@ -401,36 +490,81 @@ def check_graph_decode(folder: Path, rng, capture: bool = True, prompt: int = 30
     caches = cpu.new_cache(capacity), gpu.new_cache(capacity)
     cpu.forward(ids[:prompt], cache=caches[0]), gpu.forward(ids[:prompt], cache=caches[1])
     decoder = GraphDecoder(gpu, caches[1], capture=capture)
-    error = max(relative_error(decoder([ids[t]]), cpu.forward(ids[t : t + 1], cache=caches[0]))
-                for t in range(prompt, prompt + steps))
+    error, litter = 0.0, []
+    for t in range(prompt, prompt + steps):
+        error = max(error, relative_error(decoder([ids[t]]), cpu.forward(ids[t : t + 1], cache=caches[0])))
+        cp.get_default_memory_pool().free_all_blocks()
+        litter = [cp.full(int(n), np.nan, dtype=cp.float32) for n in rng.integers(1, 1 << 16, 8)]
+    del litter
     way = "CUDA graph" if capture else "fixed buffers, eager"
-    return [Check(f"model logits: {folder.name} (prefill {prompt} + {steps} decode steps, {way})", error,
-                  TOLERANCES["model"])]
+    grown = caches[1].capacity > (capacity or 0) and capacity is not None
+    setting = (f"capacity {caches[1].capacity}" if capacity is None
+               else f"capacity {capacity}{f' grown to {caches[1].capacity}' if grown else ''}")
+    checks = [Check(f"model logits: {folder.name} (prefill {prompt} + {steps} decode steps, {way}, {setting})", error,
+                    TOLERANCES["model"])]
+    if grown and capture:
+        checks.append(Check(f"{folder.name}: the grown cache was captured again (captures - 2)",
+                            abs(decoder.captures - 2), 0))
+    return checks
 
 
-def check_models(rng, folders=None) -> list[Check]:
-    """:func:`check_model` and :func:`check_graph_decode` on each folder (default: the test fixtures and the
-    bundled model)."""
-    return [check for folder in folders or model_folders()
-            for check in guarded(folder.name, check_model, folder, rng)
-            + guarded(f"{folder.name} graph decode", check_graph_decode, folder, rng)]
+GRAPH_DECODES = (dict(), dict(prompt=2, steps=10, capacity=1024), dict(prompt=6, steps=10, capacity=8))
+
+
+def check_models(rng, folders=None):
+    """:func:`check_model` and :func:`check_graph_decode` (each of :data:`GRAPH_DECODES`) on each folder
+    (default: the test fixtures and the bundled model): the checks, yielded model by model."""
+    for folder in folders or model_folders():
+        yield from guarded(folder.name, check_model, folder, rng)
+        for setting in GRAPH_DECODES:
+            yield from guarded(f"{folder.name} graph decode {setting}",
+                               functools.partial(check_graph_decode, **setting), folder, rng)
 
 
 # --- 3. the benchmark -------------------------------------------------------------------------------------------
 
-def write_benchmark_checkpoint(folder: Path, layers_: int, seed: int) -> Path:
-    """The real model's shapes with ``layers_`` layers, by scripts/make_real_shape_checkpoint.py (its one home)."""
-    command = [sys.executable, str(MAKE_CHECKPOINT), str(folder), "--layers", str(layers_), "--seed", str(seed)]
-    subprocess.run(command, check=True, cwd=REPO)
-    return folder
+def device_info(cp) -> dict:
+    """The GPU's name and size, the software, and its memory's copy rate (measured: the bound's denominator)."""
+    from .gpu import profile
+
+    properties = cp.cuda.runtime.getDeviceProperties(0)
+    name = properties["name"]
+    return {"name": name.decode() if isinstance(name, bytes) else str(name),
+            "multiprocessors": int(properties["multiProcessorCount"]),
+            "memory_gb": int(properties["totalGlobalMem"]) / 1e9,
+            "compute_capability": f"{properties['major']}.{properties['minor']}",
+            "cupy": cp.__version__, "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(),
+            "cuda_driver": cp.cuda.runtime.driverGetVersion(), "copy_gb_s": profile.copy_bandwidth() / 1e9}
+
+
+def format_device(info: dict) -> str:
+    return (f"Device: {info['name']}, {info['multiprocessors']} SMs, {info['memory_gb']:.0f} GB, compute capability "
+            f"{info['compute_capability']}; CuPy {info['cupy']}, CUDA runtime {info['cuda_runtime']}, driver "
+            f"{info['cuda_driver']}; device-to-device copy {info['copy_gb_s']:,.0f} GB/s (read + written)")
+
+
+def benchmark_model(cp, args):
+    """(config, model, its source) of the benchmark: the ``--checkpoint`` folder, or the shipped Qwen1.5-MoE-A2.7B
+    config with ``--bench-layers`` layers and random weights made on the device."""
+    from . import load
+
+    if args.checkpoint:
+        model = load(args.checkpoint, backend="cupy")
+        return model.config, model, str(args.checkpoint)
+    from .gpu import profile
+    from .gpu.blocks import build_from
+
+    raw = json.loads(SHIPPED_CONFIG.read_text()) | {"num_hidden_layers": args.bench_layers}
+    config = ModelConfig.from_dict(raw, source=SHIPPED_CONFIG.name)
+    return config, build_from(config, profile.random_tensors(config, args.seed)), "random weights (made on the GPU)"
 
 
 def time_decode(cp, model, prompt: np.ndarray, steps: int, graph: bool) -> dict:
     """Greedy decode after ``prompt``, eagerly (``model.forward``) or through a captured CUDA graph
-    (:class:`~minimoe.gpu.decode.GraphDecoder`): tokens/s, minimoe's kernel launches per token (CuPy's
-    own few ops, e.g. the final norm, are not counted; a graph replay counts none), and the host's
-    time per token -- until the step returns, before the GPU finishes; near the whole time per token
-    means the host, not the GPU, bounds decode."""
+    (:class:`~minimoe.gpu.decode.GraphDecoder`): tokens/s, the tokens, minimoe's kernel launches per
+    token (a graph replay counts none), the host's time per token -- until the step returns, before
+    the GPU finishes; near the whole time per token means the host, not the GPU, bounds decode --
+    and, for a graph, how long capturing it took."""
     from .gpu import kernels
     from .gpu.decode import GraphDecoder
 
@@ -439,56 +573,157 @@ def time_decode(cp, model, prompt: np.ndarray, steps: int, graph: bool) -> dict:
     step = GraphDecoder(model, cache) if graph else (lambda ids: model.forward(ids, cache=cache))
     token = int(step([token])[-1].argmax())  # warm-up (and the capture)
     cp.cuda.Device().synchronize()
-    launches, host = kernels.launches, 0.0
+    launches, host, tokens = kernels.launches, 0.0, []
     started = time.perf_counter()
     for _ in range(steps):
         t0 = time.perf_counter()
         logits = step([token])
         host += time.perf_counter() - t0
         token = int(logits[-1].argmax())  # the host needs the token: a sync, as in generation
+        tokens.append(token)
     elapsed = time.perf_counter() - started
-    return {"decode_tok_s": steps / elapsed, "launches_per_token": (kernels.launches - launches) / steps,
-            "host_ms_per_token": 1e3 * host / steps}
-
-
-def time_minimoe(cp, path: Path, prompt: np.ndarray, decode: int) -> dict:
-    """Prefill tokens/s and GPU memory, and decode eagerly and as CUDA graphs (:func:`time_decode`)."""
-    from . import load
-
-    pool = cp.get_default_memory_pool()
-    model = load(path, backend="cupy")
-    time_decode(cp, model, prompt[:16], 2, graph=False)  # compile the kernels (NVRTC; cached on disk afterwards)
-    cp.cuda.Device().synchronize()
-    t0 = time.perf_counter()
-    int(model.forward(prompt, cache=model.new_cache(capacity=len(prompt)))[-1].argmax())
-    prefill_s = time.perf_counter() - t0
-    result = {"prefill_tok_s": len(prompt) / prefill_s, **time_decode(cp, model, prompt, decode, graph=False),
-              "memory_gb": pool.total_bytes() / 1e9}
-    try:
-        result["graph"] = time_decode(cp, model, prompt, decode, graph=True)
-    except Exception as error:  # noqa: BLE001 -- the eager figures stand; say why there is no graph row
-        traceback.print_exc()
-        result["graph"] = {"error": f"CUDA-graph decode failed: {type(error).__name__}: {error}"}
-    del model
-    pool.free_all_blocks()
+    result = {"decode_tok_s": steps / elapsed, "ms_per_token": 1e3 * elapsed / steps,
+              "launches_per_token": (kernels.launches - launches) / steps, "host_ms_per_token": 1e3 * host / steps,
+              "tokens": tokens}
+    if graph:
+        result["capture_s"] = step.capture_seconds
     return result
 
 
-def time_transformers(path: Path, prompt: np.ndarray, decode: int) -> dict:
-    """transformers' prefill and decode on the same GPU (scripts/transformers_reference.py), or why not."""
+def time_prefill(cp, model, prompt: np.ndarray, repeats: int = 3) -> float:
+    """Prefill tokens/s: the best of ``repeats`` forward passes over ``prompt`` into a fresh cache."""
+    best = float("inf")
+    for _ in range(repeats):
+        cp.cuda.Device().synchronize()
+        t0 = time.perf_counter()
+        int(model.forward(prompt, cache=model.new_cache(capacity=len(prompt)))[-1].argmax())
+        best = min(best, time.perf_counter() - t0)
+    return len(prompt) / best
+
+
+def time_minimoe(cp, model, prompt: np.ndarray, decode: int, report: Report, bench: dict) -> None:
+    """Prefill, eager decode and CUDA-graph decode, each into ``bench["minimoe"]`` (written as it is measured);
+    the graph's tokens are held to the eager decode's."""
+    ours = bench["minimoe"] = {}
+    time_decode(cp, model, prompt[:16], 2, graph=False)  # compile the kernels (NVRTC; cached on disk afterwards)
+    ours["prefill_tok_s"] = time_prefill(cp, model, prompt)
+    ours["eager"] = time_decode(cp, model, prompt, decode, graph=False)
+    ours["memory_gb"] = cp.get_default_memory_pool().total_bytes() / 1e9
+    report.write()
+    print(f"minimoe: prefill {ours['prefill_tok_s']:,.0f} tok/s; eager decode {ours['eager']['decode_tok_s']:,.1f} "
+          f"tok/s", flush=True)
+    try:
+        ours["graph"] = time_decode(cp, model, prompt, decode, graph=True)
+    except Exception as error:  # noqa: BLE001 -- the eager figures stand; say why there is no graph row
+        traceback.print_exc()
+        ours["graph"] = {"error": f"CUDA-graph decode failed: {type(error).__name__}: {error}"}
+        report.add(failure("CUDA-graph decode of the benchmark model", error))
+    else:
+        eager, graph = ours["eager"]["tokens"], ours["graph"]["tokens"]
+        report.add(Check(f"benchmark: CUDA-graph decode's {len(graph)} tokens equal the eager decode's (mismatches)",
+                         sum(a != b for a, b in zip(eager, graph)), 0))
+        print(f"minimoe: CUDA-graph decode {ours['graph']['decode_tok_s']:,.1f} tok/s (captured in "
+              f"{ours['graph']['capture_s']:.2f} s)", flush=True)
+    report.write()
+
+
+def profile_minimoe(cp, model, prompt: np.ndarray, report: Report, bench: dict) -> None:
+    """Where minimoe's time goes (:mod:`minimoe.gpu.profile`), each part into ``bench["profile"]`` as it is
+    measured: one decode step's kernels at the benchmark's context, a prefill's kernels, decode attention at
+    577 and 4k keys over split counts, the GEMV at each unrolling."""
+    from .gpu import profile
+
+    config = model.config
+    roles = profile.matmul_roles(config)
+    result = bench["profile"] = {}
+    cache = model.new_cache(capacity=len(prompt) + 64)
+    model.forward(prompt, cache=cache)
+    for _ in range(bench["decode_steps"] // 2):  # the middle of the timed decode's context
+        model.forward([1], cache=cache)
+    result["decode_step"] = profile.step_profile(lambda: model.forward([1], cache=cache), roles)
+    result["decode_step"]["keys"] = cache.length
+    report.write()
+    print("\n" + format_kernels(f"One eager decode step at {cache.length} keys, per kernel", result["decode_step"]),
+          flush=True)
+    result["prefill"] = profile.step_profile(lambda: model.forward(prompt, cache=model.new_cache(len(prompt))), roles)
+    result["prefill"]["tokens"] = len(prompt)
+    report.write()
+    print("\n" + format_kernels(f"One prefill of {len(prompt)} tokens, per kernel", result["prefill"]), flush=True)
+    result["decode_attention"] = profile.decode_attention_sweep(config)
+    report.write()
+    print("\n" + format_table(["keys", "splits", "blocks", "us", "GB/s", "chosen"],
+                              [[r["keys"], r["splits"], r["blocks"], r["us"], r["gb_s"], "<-" if r["chosen"] else ""]
+                               for r in result["decode_attention"]]), flush=True)
+    result["gemv"] = profile.gemv_variants(config)
+    report.write()
+    print("\n" + format_table(["GEMV, one token", "unroll", "us", "weight MB", "GB/s"],
+                              [[r["matmul"], r["unroll"], r["us"], r["weight_bytes"] / 1e6, r["gb_s"]]
+                               for r in result["gemv"]]), flush=True)
+
+
+def format_kernels(title: str, step: dict) -> str:
+    rows = [[r["kernel"], r["launches"], r["us"], r["bytes"] / 1e6, r["gb_s"], r["tflop_s"]] for r in step["kernels"]]
+    return (f"{title} (kernels' sum {step['kernel_us']:,.0f} us):\n"
+            + format_table(["kernel", "launches", "us", "MB", "GB/s", "TFLOP/s"], rows))
+
+
+def time_transformers(source, prompt: np.ndarray, decode: int, random_weights: bool) -> dict:
+    """transformers' prefill and decode on the same GPU (scripts/transformers_reference.py), or why not.
+    Any failure on that side -- missing, loading, out of memory, an API change -- is reported here, as
+    an error with its traceback, and never touches minimoe's figures."""
     from .bench import reference_module
 
     try:
-        return reference_module().time_on_gpu(path, prompt, decode)
-    except (ImportError, MinimoeError) as error:
-        return {"error": f"torch and transformers are needed for the comparison ({error})"}
+        return reference_module().time_on_gpu(source, prompt, decode, random_weights=random_weights)
+    except Exception as error:  # noqa: BLE001 -- the comparison is optional; minimoe's figures stand
+        return {"error": f"transformers could not be timed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+                "traceback": traceback.format_exc()}
+
+
+def run_benchmark(cp, args, report: Report) -> None:
+    """The benchmark stage, each part written to the report as it is measured: the setting and the bound,
+    minimoe's rates, its profile, then transformers'."""
+    config, model, source = benchmark_model(cp, args)
+    steps = args.decode
+    mean_keys = args.prefill + (steps + 3) / 2  # the timed steps attend to prefill + 2 .. prefill + steps + 1 keys
+    weight_bytes, kv_bytes = decode_bytes_per_token(config), kv_bytes_per_token(config, mean_keys)
+    copy_rate = report.data["device"]["copy_gb_s"] * 1e9
+    bench = {"source": source, "layers": config.num_hidden_layers, "prefill_tokens": args.prefill,
+             "decode_steps": steps, "mean_keys": mean_keys, "weight_bytes_per_token": weight_bytes,
+             "kv_bytes_per_token": kv_bytes, "copy_gb_s": copy_rate / 1e9,
+             "bound_tok_s": bandwidth_bound(weight_bytes + kv_bytes, copy_rate)}
+    report.set("benchmark", bench)
+    print(f"\nBenchmark: {config.num_hidden_layers} layers of Qwen1.5-MoE-A2.7B's shapes, {source}; bound "
+          f"{bench['bound_tok_s']:,.0f} tok/s", flush=True)
+    rng = np.random.default_rng(args.seed)
+    prompt = rng.integers(0, config.vocab_size, args.prefill)
+    stage(report, "benchmark: minimoe", time_minimoe, cp, model, prompt, steps, report, bench)
+    stage(report, "benchmark: profile", profile_minimoe, cp, model, prompt, report, bench)
+    del model
+    cp.get_default_memory_pool().free_all_blocks()
+    if args.no_transformers:
+        bench["transformers"] = {"error": "not run (--no-transformers)"}
+    else:
+        with tempfile.TemporaryDirectory(prefix="minimoe-bench-") as scratch:
+            folder = args.checkpoint
+            if folder is None:  # transformers builds the same config with its own random weights
+                folder = Path(scratch)
+                raw = json.loads(SHIPPED_CONFIG.read_text()) | {"num_hidden_layers": config.num_hidden_layers}
+                (folder / "config.json").write_text(json.dumps(raw))
+            bench["transformers"] = time_transformers(folder, prompt, steps, random_weights=args.checkpoint is None)
+        if "traceback" in bench["transformers"]:
+            print(bench["transformers"]["traceback"], file=sys.stderr)
+    report.write()
+    print("\n" + format_benchmark(bench), flush=True)
 
 
 def benchmark_rows(ours: dict, theirs: dict, bound: float) -> list[list]:
     """The benchmark's table rows: each engine's rates and memory, minimoe's decode (eager and, when
     measured, as a CUDA graph) against both targets."""
     rows = []
-    engines = [("minimoe (cupy)", ours)]
+    engines = []
+    if "eager" in ours:
+        engines.append(("minimoe (cupy), eager decode", {**ours, **ours["eager"]}))
     if "graph" in ours:
         engines.append(("minimoe (cupy), CUDA-graph decode", ours["graph"] if "error" in ours["graph"]
                         else {**ours, **ours["graph"]}))
@@ -509,70 +744,63 @@ def benchmark_rows(ours: dict, theirs: dict, bound: float) -> list[list]:
 def launch_rows(ours: dict) -> list[list]:
     """Decode's host side, per token: minimoe's kernel launches and the host's time, eager and as a graph."""
     rows = []
-    for way, result in (("eager", ours), ("CUDA graph", ours.get("graph"))):
+    for way in ("eager", "graph"):
+        result = ours.get(way)
         if result is None or "error" in result:
             continue
-        rows.append([way, result["decode_tok_s"], result["launches_per_token"], result["host_ms_per_token"],
-                     1e3 / result["decode_tok_s"]])
+        rows.append(["CUDA graph" if way == "graph" else way, result["decode_tok_s"], result["launches_per_token"],
+                     result["host_ms_per_token"], result["ms_per_token"]])
     return rows
-
-
-def run_benchmark(cp, args) -> dict:
-    """Write (or take) the real-shape checkpoint and time both engines on it: the figures, as a dict."""
-    with tempfile.TemporaryDirectory(prefix="minimoe-bench-") as scratch:
-        path = args.checkpoint or write_benchmark_checkpoint(Path(scratch) / "real-shape", args.bench_layers, args.seed)
-        config = ModelConfig.from_file(path)
-        prompt = np.random.default_rng(args.seed).integers(0, config.vocab_size, args.prefill)
-        ours = time_minimoe(cp, path, prompt, args.decode)
-        theirs = time_transformers(path, prompt, args.decode)
-    per_token = decode_bytes_per_token(config)
-    return {"checkpoint": path.name, "layers": config.num_hidden_layers, "prefill_tokens": args.prefill,
-            "decode_steps": args.decode, "bytes_per_token": per_token, "bound_tok_s": bandwidth_bound(per_token),
-            "minimoe": ours, "transformers": theirs}
 
 
 def format_benchmark(result: dict) -> str:
     """The benchmark's caption and table."""
     header = ["engine", "prefill tok/s", "decode tok/s", "GPU memory GB", "decode vs transformers",
               "decode vs bandwidth bound"]
-    return (f"Benchmark: {result['checkpoint']}, {result['layers']} layers of Qwen1.5-MoE-A2.7B's shapes; prefill "
+    per_token = (result["weight_bytes_per_token"] + result["kv_bytes_per_token"]) / 1e9
+    return (f"Benchmark: {result['layers']} layers of Qwen1.5-MoE-A2.7B's shapes ({result['source']}); prefill "
             f"{result['prefill_tokens']} tokens, then {result['decode_steps']} greedy decode steps, batch 1.  Bound = "
-            f"{result['bytes_per_token'] / 1e9:.2f} GB of bf16 weights per token / {H200_BANDWIDTH / 1e12:.1f} TB/s.\n"
+            f"{per_token:.2f} GB per token ({result['weight_bytes_per_token'] / 1e9:.2f} GB of bf16 weights + "
+            f"{result['kv_bytes_per_token'] / 1e9:.2f} GB of float32 KV cache at {result['mean_keys']:.0f} keys) / "
+            f"{result['copy_gb_s']:,.0f} GB/s measured.\n"
             f"Memory: minimoe = CuPy pool held, transformers = torch peak allocated.\n"
-            + format_table(header, benchmark_rows(result["minimoe"], result["transformers"], result["bound_tok_s"]))
+            + format_table(header, benchmark_rows(result.get("minimoe", {}), result.get("transformers", {"error": "not run"}),
+                                                  result["bound_tok_s"]))
             + "\n\nDecode per token on the host (kernel launches: minimoe's own; a graph replay is one launch):\n"
-            + format_table(["decode", "tok/s", "kernel launches", "host ms", "wall ms"], launch_rows(result["minimoe"])))
+            + format_table(["decode", "tok/s", "kernel launches", "host ms", "wall ms"],
+                           launch_rows(result.get("minimoe", {}))))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    report = Report(args.json)
+    started = time.perf_counter()
     try:
         cp = import_cupy()
     except MinimoeError as error:
         print(f"gpu_check: nothing to check here: {error}", file=sys.stderr)
+        report.set("error", str(error))
         return 1
+    if args.no_memory_pool:
+        cp.cuda.set_allocator(None)
     rng = np.random.default_rng(args.seed)
-    started = time.perf_counter()
-    checks = [Check(f"[{label}] {check.name}", check.error, check.tolerance)
-              for label, shapes in (("real", REAL_SHAPES), ("odd", ODD_SHAPES))
-              for check in check_kernels(cp, rng, shapes)]
-    checks += check_models(rng)
-    print(format_table(["check", "error", "tolerance", "result"],
-                       [[c.name, c.error, c.tolerance, "ok" if c.passed else "FAIL"] for c in checks]))
-    report = {"checks": [{"name": c.name, "error": c.error, "tolerance": c.tolerance, "passed": c.passed}
-                         for c in checks]}
-    if not args.no_bench:
-        try:
-            report["benchmark"] = run_benchmark(cp, args)
-            print("\n" + format_benchmark(report["benchmark"]))
-        except Exception:  # noqa: BLE001 -- the checks above still stand; say why there are no figures
-            traceback.print_exc()
-            print("\nBenchmark: failed (traceback above)")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    failed = [c.name for c in checks if not c.passed]
-    print(f"\n{len(checks) - len(failed)}/{len(checks)} checks passed in {time.perf_counter() - started:.0f} s"
-          + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    info = stage(report, "device", device_info, cp)
+    report.set("device", info)
+    if info:
+        print(format_device(info), flush=True)
+    print(f"{'':<4}  {'error':>10}  {'tol':>7}  check", flush=True)
+    if "kernels" in args.stages:
+        for label, shapes in (("real", REAL_SHAPES), ("odd", ODD_SHAPES)):
+            if label in args.shapes:
+                report.add_all(Check(f"[{label}] {check.name}", check.error, check.tolerance)
+                               for check in check_kernels(cp, rng, shapes))
+    if "models" in args.stages:
+        report.add_all(check_models(rng))
+    if "bench" in args.stages and info:
+        stage(report, "benchmark", run_benchmark, cp, args, report)
+    failed = report.failed
+    print(f"\n{len(report.checks) - len(failed)}/{len(report.checks)} checks passed in "
+          f"{time.perf_counter() - started:.0f} s" + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)
     return 1 if failed else 0
 
 

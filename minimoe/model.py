@@ -16,6 +16,7 @@ of a wide MLP, the query chunks of a long prompt -- and run them with
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -28,6 +29,7 @@ from .checkpoint import Checkpoint
 from .config import ModelConfig, read_json_object
 from .errors import MinimoeError
 from .generate import generate_stream
+from .gpu.launch import GPU_MODEL_TYPES
 from .routing import NO_INTERVENTIONS, OUTPUT, Interventions, LayerInterventions, Recorder, RoutingTrace
 from .windows import trace_text
 
@@ -322,7 +324,7 @@ class Model:
             cache.reserve(batch.shape[0], tokens)
 
         cos, sin = layers.rope_tables(xp, xp.arange(start, start + tokens), self.config.head_dim, self.config.rope_theta)
-        with single_threaded_blas():
+        with single_threaded_blas() if xp is np else contextlib.nullcontext():  # NumPy's BLAS, not the GPU
             x = self.embed.rows(batch)  # [B, T, H]
             for layer in self.decoder:
                 x = layer(xp, x, cos, sin, cache, start, changes, record)
@@ -422,7 +424,6 @@ def _check_shapes(checkpoint: Checkpoint, expected: Iterable[tuple[str, tuple[in
             )
 
 
-GPU_MODEL_TYPES = ("qwen2_moe", "qwen2")
 
 
 def _build(config: ModelConfig, checkpoint: Checkpoint, backend: str, xp) -> Model:

@@ -124,3 +124,16 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         else:
             shapes.update(_swiglu_shapes(swiglu_names(dense_mlp_prefix(layer)), h, config.intermediate_size))
     return shapes
+
+
+def random_init(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
+    """(mean, std) of the random values a stand-in checkpoint gives tensor ``name`` of ``shape``: norms
+    near 1, small biases, unit embeddings, matrices at 1/sqrt(fan_in) (the router at twice that, so
+    that routing is decisive) -- a scale at which activations stay sane through every layer."""
+    if name.endswith("norm.weight"):
+        return 1.0, 0.1
+    if name.endswith(".bias"):
+        return 0.0, 0.1
+    if "embed_tokens" in name:
+        return 0.0, 1.0
+    return 0.0, (2.0 if name.endswith("mlp.gate.weight") else 1.0) / shape[-1] ** 0.5

@@ -29,23 +29,15 @@ from tqdm import tqdm
 from minimoe import ModelConfig
 from minimoe.cli import shipped_configs
 from minimoe.safetensors_writer import write_checkpoint
-from minimoe.weights import expected_shapes
+from minimoe.weights import expected_shapes, random_init
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 def random_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """Random bf16 values: norms near 1, small biases, unit embeddings, 1/sqrt(fan_in) matrices."""
-    if name.endswith("norm.weight"):
-        values = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
-    elif name.endswith(".bias"):
-        values = 0.1 * rng.standard_normal(shape, dtype=np.float32)
-    elif "embed_tokens" in name:
-        values = rng.standard_normal(shape, dtype=np.float32)
-    else:
-        scale = (2.0 if name.endswith("mlp.gate.weight") else 1.0) / math.sqrt(shape[-1])
-        values = scale * rng.standard_normal(shape, dtype=np.float32)
-    return values.astype(BF16)
+    """Random bf16 values at :func:`minimoe.weights.random_init`'s scale."""
+    mean, std = random_init(name, shape)
+    return (mean + std * rng.standard_normal(shape, dtype=np.float32)).astype(BF16)
 
 
 def main() -> None:

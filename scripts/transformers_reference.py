@@ -17,6 +17,12 @@ import torch
 import transformers
 
 
+def cache_argument(model_class) -> str:
+    """The name of the KV-cache argument (and output field) of a transformers model's forward: ``cache``,
+    or ``past_key_values`` before transformers 5.x renamed it."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 class TransformersEngine:
     """transformers' Qwen2MoeForCausalLM in bf16, eager attention, behind the same calls."""
 
@@ -24,8 +30,7 @@ class TransformersEngine:
         self.job = job
         torch.set_num_threads(job.threads or len(os.sched_getaffinity(0)))
         self.threads = torch.get_num_threads()
-        forward = inspect.signature(transformers.Qwen2MoeForCausalLM.forward).parameters
-        self.cache_arg = "cache" if "cache" in forward else "past_key_values"  # renamed in transformers 5.x
+        self.cache_arg = cache_argument(transformers.Qwen2MoeForCausalLM)
 
     def load(self) -> None:
         self.model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -41,10 +46,22 @@ class TransformersEngine:
         return out.logits[0, -1].float().numpy()
 
 
-def time_on_gpu(path: Path, prompt: np.ndarray, decode: int) -> dict:
-    """Prefill and greedy decode tokens/s and peak GPU memory of transformers in bf16 (``minimoe.gpu_check``)."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.bfloat16, attn_implementation="eager").cuda().eval()
+def time_on_gpu(path: Path, prompt: np.ndarray, decode: int, random_weights: bool = False) -> dict:
+    """Prefill and greedy decode tokens/s and peak GPU memory of transformers in bf16 (``minimoe.gpu_check``).
+
+    ``random_weights``: ``path`` holds only a config.json; the model is built on the GPU with
+    transformers' own random initialisation (the same shapes as minimoe's random benchmark model).
+    """
+    if random_weights:
+        config = transformers.AutoConfig.from_pretrained(path)
+        with torch.device("cuda"):
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
+                                                                   attn_implementation="eager")
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
+                                                                  attn_implementation="eager").cuda()
+    model.eval()
+    cache_arg = cache_argument(type(model))
     ids = torch.from_numpy(prompt)[None].cuda()
 
     def run(model, prompt_ids, steps):
@@ -56,7 +73,7 @@ def time_on_gpu(path: Path, prompt: np.ndarray, decode: int) -> dict:
             token.item()
             t1 = time.perf_counter()
             for _ in range(steps):
-                out = model(token, use_cache=True, past_key_values=out.past_key_values)
+                out = model(token, use_cache=True, **{cache_arg: getattr(out, cache_arg)})
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
                 token.item()
             t2 = time.perf_counter()
@@ -66,7 +83,8 @@ def time_on_gpu(path: Path, prompt: np.ndarray, decode: int) -> dict:
     torch.cuda.reset_peak_memory_stats()
     prefill_s, decode_s = run(model, ids, decode)
     result = {"prefill_tok_s": ids.shape[1] / prefill_s, "decode_tok_s": decode / decode_s,
-              "memory_gb": torch.cuda.max_memory_allocated() / 1e9}
+              "memory_gb": torch.cuda.max_memory_allocated() / 1e9, "transformers": transformers.__version__,
+              "torch": torch.__version__}
     del model
     torch.cuda.empty_cache()
     return result

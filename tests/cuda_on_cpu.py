@@ -110,9 +110,9 @@ def cpu_source(file_name: str) -> str:
 
 
 @cache
-def library(file_name: str) -> ctypes.CDLL:
-    """The .cu file compiled for the CPU (cached by source in a temporary folder)."""
-    source = cpu_source(file_name)
+def library(file_name: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """The .cu file compiled for the CPU with ``defines`` (``"NAME=value"``), cached by source in a temporary folder."""
+    source = "".join(f"#define {define.replace('=', ' ', 1)}\n" for define in defines) + cpu_source(file_name)
     folder = Path(tempfile.gettempdir()) / f"minimoe-cuda-on-cpu-{hashlib.sha1((SHIM + source).encode()).hexdigest()[:12]}"
     folder.mkdir(exist_ok=True)
     target = folder / f"{Path(file_name).stem}.so"
@@ -139,10 +139,10 @@ def unavailable_reason() -> str | None:
     return None if result.returncode == 0 else f"g++ cannot compile the CUDA shim (C++20 <barrier>): {result.stderr[:200]}"
 
 
-def cpu_kernel(file_name: str, name: str):
-    """A stand-in for ``kernels.compiled(file_name, name)`` that runs the kernel's own code on the CPU."""
+def cpu_kernel(file_name: str, name: str, defines: tuple[str, ...] = ()):
+    """A stand-in for ``kernels.compiled(file_name, name, defines)`` that runs the kernel's own code on the CPU."""
     parameters = gpu_emulation.kernel_parameters(file_name, name)
-    function = getattr(library(file_name), f"launch_{name}")
+    function = getattr(library(file_name, defines), f"launch_{name}")
     function.argtypes = [ctypes.c_uint] * 6 + [C_TYPES[c_type] for c_type, _ in parameters]
     function.restype = None
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 import types
 
 import numpy as np
@@ -24,14 +25,37 @@ import numpy as np
 from minimoe.gpu import launch
 
 
+class FakeEvent:
+    """A CUDA event on the host: the time it was recorded."""
+
+    def record(self, stream=None):
+        self.time = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+
+class FakePool:
+    def free_all_blocks(self):
+        pass
+
+    def total_bytes(self):
+        return 0
+
+
 def fake_cupy() -> types.ModuleType:
-    """A ``cupy`` module that is NumPy (plus ``asnumpy`` and a runtime that reports one device)."""
+    """A ``cupy`` module that is NumPy (plus ``asnumpy``, a runtime that reports one device, events that
+    read the host's clock, a memory pool that holds nothing, and ``random.RandomState`` as NumPy's generator)."""
     module = types.ModuleType("cupy")
     module.__getattr__ = lambda name: getattr(np, name)
     module.asnumpy = np.asarray
     module.asarray = lambda a, dtype=None: np.array(a, dtype=dtype)  # a copy, as from host to device
     module.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
-                                        Device=lambda: types.SimpleNamespace(synchronize=lambda: None))
+                                        Device=lambda: types.SimpleNamespace(synchronize=lambda: None),
+                                        Event=FakeEvent,
+                                        get_elapsed_time=lambda start, end: 1e3 * (end.time - start.time))
+    module.get_default_memory_pool = FakePool
+    module.random = types.SimpleNamespace(RandomState=np.random.default_rng)
     return module
 
 
@@ -40,7 +64,7 @@ def install(monkeypatch) -> None:
     import minimoe.gpu
 
     monkeypatch.setitem(sys.modules, "cupy", fake_cupy())
-    for name in ("kernels", "blocks", "decode"):  # re-imported over the fake cupy (`from .gpu import kernels` reads the attribute)
+    for name in ("kernels", "blocks", "decode", "profile"):  # re-imported over the fake cupy (`from .gpu import kernels` reads the attribute)
         monkeypatch.delitem(sys.modules, f"minimoe.gpu.{name}", raising=False)
         monkeypatch.delattr(minimoe.gpu, name, raising=False)
     import minimoe.gpu.kernels as kernels
@@ -49,9 +73,9 @@ def install(monkeypatch) -> None:
     monkeypatch.setattr(kernels, "address", lambda x: x.ctypes.data)
 
 
-def emulated_kernel(file_name: str, name: str):
-    """A stand-in for ``kernels.compiled(file_name, name)``: checks the arguments (:func:`check_arguments`),
-    then runs the NumPy version."""
+def emulated_kernel(file_name: str, name: str, defines: tuple[str, ...] = ()):
+    """A stand-in for ``kernels.compiled(file_name, name, defines)``: checks the arguments (:func:`check_arguments`),
+    then runs the NumPy version (the same whatever ``defines`` tune)."""
     parameters = kernel_parameters(file_name, name)
     function = KERNELS[name]
 

@@ -126,3 +126,12 @@ def test_a_fixture_model_prefill_and_decode_match_numpy(monkeypatch):
     for position in (10, 11):
         got = decoder([ids[position]])
         assert gpu_check.relative_error(got, cpu.forward(ids[position : position + 1], cache=caches[0])) < 1e-5
+
+
+@pytest.mark.parametrize("unroll", [1, 2, 3])  # 3: the unrolled loads run past the end of a 1408-wide row
+def test_the_gemv_gives_the_same_product_at_every_unrolling(monkeypatch, unroll):
+    inputs = make_inputs(monkeypatch, TINY | dict(hidden=1408))
+    from minimoe.gpu import profile
+
+    with profile.compiled_with(GEMV_UNROLL=unroll):
+        assert_passed(gpu_check.check_linear(inputs, 40, 3, bias=True))

@@ -33,9 +33,9 @@ def module(file_name: str, defines: tuple[str, ...] = ()) -> "cp.RawModule":
 
 
 @cache
-def compiled(file_name: str, name: str) -> "cp.RawKernel":
+def compiled(file_name: str, name: str, defines: tuple[str, ...] = ()) -> "cp.RawKernel":
     """One kernel of a ``.cu`` file, looked up once (a decode step launches ~17 per sparse layer)."""
-    return module(file_name).get_function(name)
+    return module(file_name, defines).get_function(name)
 
 
 launches = 0  # kernel launches made through kernel() since import: gpu_check reports them per decoded token
@@ -46,7 +46,7 @@ variant: tuple[str, ...] = ()  # defines every kernel is compiled with (see prof
 
 def kernel(file_name: str, name: str):
     """A kernel to launch as ``kernel(file, name)(grid, block, args, shared_mem=0)``; counts its launches."""
-    launch_ = module(file_name, variant).get_function(name) if variant else compiled(file_name, name)
+    launch_ = compiled(file_name, name, variant) if variant else compiled(file_name, name)
 
     def counted(*args, **kwargs):
         global launches
@@ -257,7 +257,8 @@ def gather_rows(weight, ids, out=None):
 
 # --- attention ---------------------------------------------------------------------------------------------
 
-def causal_attention(q_rows, k, v, tokens: int, heads: int, head_dim: int, query_start: int, position=None):
+def causal_attention(q_rows, k, v, tokens: int, heads: int, head_dim: int, query_start: int, position=None,
+                     splits: int | None = None):
     """Replaces :func:`minimoe.layers.causal_attention`.
 
     q_rows ``[B * T, width]``: each row's first ``heads * D`` floats are the (rotated) query
@@ -266,7 +267,8 @@ def causal_attention(q_rows, k, v, tokens: int, heads: int, head_dim: int, query
     T == 1 runs the decode kernel (flash-decoding: the keys split over blocks, then merged), longer the
     tiled prefill kernel.  ``position`` (decode only, the CUDA-graph path): a device int32 ``[1]``
     holding the query's position; k and v are then the whole cache and the kernel attends to
-    positions ``0 .. position``.
+    positions ``0 .. position``.  ``splits``: decode's blocks per head, instead of
+    :func:`~minimoe.gpu.launch.decode_splits`' choice (a profile's sweep).
     """
     batch, kv_heads, keys = k.shape[0], k.shape[1], k.shape[2]
     launch.check_attention(heads, kv_heads, head_dim)
@@ -279,7 +281,7 @@ def causal_attention(q_rows, k, v, tokens: int, heads: int, head_dim: int, query
     strides = (np.int64(q_rows.shape[1]), np.int64(k.strides[0] // 4), np.int64(k.strides[1] // 4))
     scale = np.float32(1.0 / np.sqrt(head_dim))
     if tokens == 1:
-        plan = launch.decode_attention_launch(heads, batch, head_dim, keys)
+        plan = launch.decode_attention_launch(heads, batch, head_dim, keys, splits)
         partial = cp.empty((batch, heads, plan.splits, head_dim + 2), dtype=cp.float32) if plan.splits > 1 else NULL
         kernel("attention.cu", "attention_decode")(
             plan.grid, plan.block, (q_rows, k, v, partial, out, np.int32(heads), np.int32(kv_heads),

@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import MinimoeError
 
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
+GPU_MODEL_TYPES = ("qwen2_moe", "qwen2")  # the families the kernels run (no q/k norms, no Mixtral naming)
 WARP = 32
 MAX_BLOCK = 1024
 ELEMENTWISE_BLOCK = 256  # threads per block of the one-thread-per-element kernels (RoPE, SwiGLU, combine)
@@ -192,10 +193,12 @@ def decode_splits(keys: int, heads: int, batch: int) -> int:
     return max(1, min(ceil_div(keys, DECODE_MIN_KEYS_PER_SPLIT), ceil_div(DECODE_TARGET_BLOCKS, heads * batch)))
 
 
-def decode_attention_launch(heads: int, batch: int, head_dim: int, keys: int) -> DecodeAttentionLaunch:
+def decode_attention_launch(heads: int, batch: int, head_dim: int, keys: int,
+                            splits: int | None = None) -> DecodeAttentionLaunch:
     """The launch of attention_decode (and of its merge) for one new token over ``keys`` positions
-    (the CUDA-graph decode passes its cache's capacity: the count it attends to is read on the device)."""
-    splits = decode_splits(keys, heads, batch)
+    (the CUDA-graph decode passes its cache's capacity: the count it attends to is read on the device),
+    in :func:`decode_splits` splits unless ``splits`` says how many (a profile's sweep)."""
+    splits = splits or decode_splits(keys, heads, batch)
     return DecodeAttentionLaunch((splits, heads, batch), (DECODE_ATTENTION_WARPS * WARP,),
                                  DECODE_ATTENTION_WARPS * (head_dim + 2) * 4, splits, (heads, batch),
                                  (round_up(head_dim, WARP),))
