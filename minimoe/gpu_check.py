@@ -296,18 +296,10 @@ def check_decode_attention(t: Inputs, heads: int, kv_heads: int, keys: int, batc
                   relative_error(out, want), TOLERANCES["kernel"])]
 
 
-def check_silu_mul(t: Inputs, rows: int = 300) -> list[Check]:
-    from .gpu import kernels
-
-    inter = t.shapes["moe_intermediate"]
-    gate_up = t.f32(rows, 2 * inter)
-    return [Check("silu_mul", relative_error(kernels.silu_mul(t.dev(gate_up)),
-                                             layers.silu(np, gate_up[:, :inter]) * gate_up[:, inter:]),
-                  TOLERANCES["kernel"])]
-
-
 def check_moe(t: Inputs, tokens: int, experts: np.ndarray) -> list[Check]:
-    """The MoE chain for ``tokens`` tokens: route, dispatch, the experts' grouped matmul, combine.
+    """The MoE chain for ``tokens`` tokens: route (from the router's logits stacked with the shared gate's, as
+    the GPU model computes them), dispatch (and both in one launch), the experts' grouped gate/up and down
+    matmuls (the down one reading silu(gate) * up), combine.
 
     experts: a layer's stacked gate_up weights ``[E, 2I, H]`` as bf16 bits.
     """
@@ -315,9 +307,10 @@ def check_moe(t: Inputs, tokens: int, experts: np.ndarray) -> list[Check]:
 
     s, tol, checks = t.shapes, TOLERANCES["kernel"], []
     E, k, H, inter = s["experts"], s["top_k"], s["hidden"], s["moe_intermediate"]
-    logits = 3 * t.f32(tokens, E)
+    stacked = 3 * t.f32(tokens, E + 1)  # the router's E logits, then the shared expert gate's
+    logits = stacked[:, :E]
     for norm, disabled in ((False, ()), (True, (0, 5))):
-        got = kernels.route(t.dev(logits), k, norm, disabled)
+        got = kernels.route(t.dev(stacked), k, norm, disabled, experts=E)
         want = layers.route(np, logits, k, norm, disabled)
         checks.append(Check(f"route (N={tokens}, norm={norm}, disabled={list(disabled)}): id mismatches",
                             int((to_numpy(got.expert_ids) != want.expert_ids).sum()), 0))
@@ -325,10 +318,12 @@ def check_moe(t: Inputs, tokens: int, experts: np.ndarray) -> list[Check]:
             relative_error(got.probs, want.probs), relative_error(got.expert_weights, want.expert_weights)), tol))
     want_plan = launch.dispatch_plan(want.expert_ids, E)
     plan = kernels.dispatch(t.dev(want.expert_ids.astype(np.int32)), E)
-    exact = all(np.array_equal(to_numpy(getattr(plan, f)), getattr(want_plan, f))
-                for f in ("counts", "offsets", "perm", "inv_perm", "rows"))
-    exact &= np.array_equal(to_numpy(plan.active)[: int(to_numpy(plan.num_active)[0])], want_plan.active)
-    checks.append(Check(f"moe_dispatch (N={tokens}): mismatches", 0 if exact else 1, 0))
+    checks.append(Check(f"moe_dispatch (N={tokens}): mismatches", plan_mismatches(plan, want_plan), 0))
+    if tokens <= launch.kernel_constants("matmul.cu")["GEMV_MAX_ROWS"]:
+        choice, fused = kernels.route_dispatch(t.dev(stacked), k, True, (0, 5), experts=E)
+        checks.append(Check(f"route_dispatch (N={tokens}, norm=True, disabled=[0, 5]): id and plan mismatches",
+                            int((to_numpy(choice.expert_ids) != want.expert_ids).sum())
+                            + plan_mismatches(fused, want_plan), 0))
 
     h = t.f32(tokens, H)
     permuted = h[want_plan.rows]  # each expert's tokens contiguous
@@ -337,16 +332,34 @@ def check_moe(t: Inputs, tokens: int, experts: np.ndarray) -> list[Check]:
         rows = slice(want_plan.offsets[e], want_plan.offsets[e + 1])
         want_out[rows] = permuted[rows] @ upcast(experts[e]).T
     grouped = blocks.GpuLinear(t.dev(experts)).grouped
-    checks.append(Check(f"grouped matmul, experts, tokens by row map (N={tokens})",
-                        relative_error(grouped(t.dev(h), plan, tokens, x_rows=plan.rows), want_out), tol))
+    gate_up = grouped(t.dev(h), plan, tokens, x_rows=plan.rows)
+    checks.append(Check(f"grouped matmul, experts, tokens by row map (N={tokens})", relative_error(gate_up, want_out),
+                        tol))
     checks.append(Check(f"grouped matmul, experts, permuted rows (N={tokens})",
                         relative_error(grouped(t.dev(permuted), plan, tokens), want_out), tol))
-    expert_out, residual, shared, gate = t.f32(tokens * k, H), t.f32(tokens, H), t.f32(tokens, H), t.f32(tokens)
+    down = bf16_matrix(t.rng, (E, H, inter))
+    activation = layers.silu(np, want_out[:, :inter]) * want_out[:, inter:]
+    want_down = np.zeros((tokens * k, H), dtype=np.float32)
+    for e in want_plan.active:
+        rows = slice(want_plan.offsets[e], want_plan.offsets[e + 1])
+        want_down[rows] = activation[rows] @ upcast(down[e]).T
+    got_down = blocks.GpuLinear(t.dev(down)).grouped(t.dev(want_out), plan, tokens, swiglu_input=True)
+    checks.append(Check(f"grouped matmul, experts down of silu(gate) * up (N={tokens})",
+                        relative_error(got_down, want_down), tol))
+    expert_out, residual, shared = t.f32(tokens * k, H), t.f32(tokens, H), t.f32(tokens, H)
     got = kernels.combine(t.dev(expert_out), plan.inv_perm, t.dev(want.expert_weights), t.dev(residual),
-                          t.dev(shared), t.dev(gate))
-    want_sum = launch.combine(expert_out, want_plan.inv_perm, want.expert_weights, residual, shared, gate)
+                          t.dev(shared), t.dev(stacked)[:, E])  # the gate's logit read in place, a column
+    want_sum = launch.combine(expert_out, want_plan.inv_perm, want.expert_weights, residual, shared, stacked[:, E])
     checks.append(Check(f"moe_combine (N={tokens})", relative_error(got, want_sum), tol))
     return checks
+
+
+def plan_mismatches(plan, want: "launch.DispatchPlan") -> int:
+    """1 unless a device dispatch plan equals the NumPy one field for field, else 0."""
+    exact = all(np.array_equal(to_numpy(getattr(plan, f)), getattr(want, f))
+                for f in ("counts", "offsets", "perm", "inv_perm", "rows"))
+    exact &= np.array_equal(to_numpy(plan.active)[: int(to_numpy(plan.num_active)[0])], want.active)
+    return 0 if exact else 1
 
 
 def lower_id_first_top_k(logits: np.ndarray, top_k: int) -> np.ndarray:
@@ -399,17 +412,19 @@ def check_unusable_router_rows(t: Inputs) -> list[Check]:
     return checks
 
 
-def check_linear(t: Inputs, out_features: int, tokens: int, bias: bool) -> list[Check]:
-    """One bf16 projection (GEMV up to GEMV_MAX_ROWS tokens, GEMM beyond)."""
+def check_linear(t: Inputs, out_features: int, tokens: int, bias: bool, swiglu: bool = False) -> list[Check]:
+    """One bf16 projection (GEMV up to GEMV_MAX_ROWS tokens -- the one-row kernel for one -- GEMM beyond);
+    ``swiglu``: a down projection, reading silu(gate) * up of a [gate | up] input."""
     from .gpu import blocks
 
     H = t.shapes["hidden"]
-    weight, h = bf16_matrix(t.rng, (1, out_features, H)), t.f32(tokens, H)
+    weight, h = bf16_matrix(t.rng, (1, out_features, H)), t.f32(tokens, 2 * H if swiglu else H)
     b = t.f32(out_features) if bias else None
-    got = blocks.GpuLinear(t.dev(weight), None if b is None else t.dev(b))(t.dev(h))
-    want = h @ upcast(weight[0]).T + (0.0 if b is None else b)
-    return [Check(f"linear bf16 {out_features}x{H}{' + bias' if bias else ''} (N={tokens})",
-                  relative_error(got, want), TOLERANCES["kernel"])]
+    got = blocks.GpuLinear(t.dev(weight), None if b is None else t.dev(b))(t.dev(h), swiglu_input=swiglu)
+    x = layers.silu(np, h[:, :H]) * h[:, H:] if swiglu else h
+    want = x @ upcast(weight[0]).T + (0.0 if b is None else b)
+    return [Check(f"linear bf16 {out_features}x{H}{' + bias' if bias else ''}{' of silu(gate) * up' if swiglu else ''} "
+                  f"(N={tokens})", relative_error(got, want), TOLERANCES["kernel"])]
 
 
 def guarded(name: str, function, *args) -> list[Check]:
@@ -434,13 +449,14 @@ def check_kernels(cp, rng, shapes: dict = REAL_SHAPES):
                            kv_heads, tokens, start)
     for keys in (700, 4000):  # flash-decoding: several splits per head at batch 1
         yield from guarded(f"decode attention (S={keys})", check_decode_attention, t, s["heads"], 4, keys)
-    yield from guarded("silu_mul", check_silu_mul, t)
     yield from guarded("router ties", check_router_ties, t, 64)
     yield from guarded("unusable router rows", check_unusable_router_rows, t)
     experts = bf16_matrix(rng, (s["experts"], 2 * s["moe_intermediate"], s["hidden"]))
     for tokens in (1, 7, 300):  # GEMV (decode), GEMV (small batch), GEMM (prefill)
         yield from guarded(f"moe (N={tokens})", check_moe, t, tokens, experts)
         yield from guarded(f"linear (N={tokens})", check_linear, t, s["shared_intermediate"], tokens, True)
+        yield from guarded(f"linear of silu(gate) * up (N={tokens})", check_linear, t, s["shared_intermediate"],
+                           tokens, False, True)
     yield from guarded("lm_head", check_linear, t, s["vocab"], 3, False)
 
 

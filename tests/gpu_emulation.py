@@ -15,6 +15,7 @@ covers that on a GPU machine.
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 import time
@@ -71,6 +72,7 @@ def install(monkeypatch) -> None:
 
     monkeypatch.setattr(kernels, "compiled", emulated_kernel)  # kernels.kernel still counts the launches
     monkeypatch.setattr(kernels, "address", lambda x: x.ctypes.data)
+    monkeypatch.setattr(kernels, "upload", lambda target, host: np.copyto(target, host))
 
 
 def emulated_kernel(file_name: str, name: str, defines: tuple[str, ...] = ()):
@@ -164,13 +166,9 @@ def rope_store_kv(grid, block, x, cos, sin, k_cache, v_cache, rows, tokens, head
         caches[1][b, :, kv_start + t] = v[heads + kv_heads :]
 
 
-def silu_mul(grid, block, gate_up, out, rows, inter):
-    g = _rows(gate_up, 2 * inter)
-    _rows(out, inter)[:] = g[:, :inter] / (1.0 + np.exp(-g[:, :inter])) * g[:, inter:]
-
-
-def route_topk(grid, block, logits, used, probs, expert_ids, raw, weights, disabled, tokens, experts, top_k, norm):
-    values = _rows(logits, experts).copy()
+def route_topk(grid, block, logits, logits_stride, used, probs, expert_ids, raw, weights, disabled, tokens, experts,
+               top_k, norm):
+    values = _rows(logits, logits_stride)[:tokens, :experts].copy()
     if _given(disabled):
         values[:, disabled.astype(bool)] = -np.inf
     _rows(used, experts)[:] = values
@@ -194,38 +192,53 @@ def moe_dispatch(grid, block, expert_ids, slots, experts, top_k, counts, offsets
     num_active[0] = plan.active.size
 
 
-def moe_combine(grid, block, expert_out, inv_perm, weights, residual, shared, shared_gate, out, tokens, top_k, hidden):
+def route_dispatch(grid, block, logits, logits_stride, used, probs, expert_ids, raw, weights, disabled, tokens, experts,
+                   top_k, norm, counts, offsets, perm, inv_perm, rows, active, num_active):
+    assert grid == (1,) and block[0] >= max(32 * tokens, experts)
+    route_topk(grid, block, logits, logits_stride, used, probs, expert_ids, raw, weights, disabled, tokens, experts,
+               top_k, norm)
+    moe_dispatch((1,), block, expert_ids, tokens * top_k, experts, top_k, counts, offsets, perm, inv_perm, rows, active,
+                 num_active)
+
+
+def moe_combine(grid, block, expert_out, inv_perm, weights, residual, shared, shared_gate, gate_stride, out, tokens,
+                top_k, hidden):
+    gate = np.lib.stride_tricks.as_strided(shared_gate, (tokens,), (4 * gate_stride,)) if _given(shared_gate) else None
     _rows(out, hidden)[:] = launch.combine(
         _rows(expert_out, hidden), inv_perm, _rows(weights, top_k), _rows(residual, hidden) if _given(residual) else None,
-        _rows(shared, hidden) if _given(shared) else None, shared_gate if _given(shared_gate) else None)
+        _rows(shared, hidden) if _given(shared) else None, gate)
 
 
-def _matmul_rows(x, x_rows, weight, bias, y, group, first, last, out_features, in_features):
+def _matmul_rows(x, x_rows, weight, bias, y, group, first, last, out_features, in_features, swiglu_input):
     w = _float32(weight.reshape(-1, out_features, in_features)[group])
-    inputs = _rows(x, in_features)[x_rows[first:last] if _given(x_rows) else slice(first, last)]
+    inputs = _rows(x, in_features * (2 if swiglu_input else 1))[x_rows[first:last] if _given(x_rows) else slice(first, last)]
+    if swiglu_input:  # [gate | up] -> silu(gate) * up
+        inputs = inputs[:, :in_features] / (1.0 + np.exp(-inputs[:, :in_features])) * inputs[:, in_features:]
     rows = inputs @ w.T
     _rows(y, out_features)[first:last] = rows + (bias if _given(bias) else 0.0)
 
 
 def gemv_grouped(grid, block, x, x_rows, weight, bias, y, offsets, active, num_active, out_features, in_features,
-                 total_rows):
+                 total_rows, swiglu_input=False):
     assert grid[0] * block[0] // 32 >= out_features
     if not _given(offsets):  # one group owning every row
         assert not _given(active) and not _given(num_active) and grid[1] == 1
-        _matmul_rows(x, x_rows, weight, bias, y, 0, 0, total_rows, out_features, in_features)
+        _matmul_rows(x, x_rows, weight, bias, y, 0, 0, total_rows, out_features, in_features, swiglu_input)
         return
     assert grid[1] >= num_active[0]
     for group in active[: num_active[0]]:
-        _matmul_rows(x, x_rows, weight, bias, y, group, offsets[group], offsets[group + 1], out_features, in_features)
+        _matmul_rows(x, x_rows, weight, bias, y, group, offsets[group], offsets[group + 1], out_features, in_features,
+                     swiglu_input)
 
 
 def gemm_grouped(grid, block, x, x_rows, weight, bias, y, offsets, tile_group, tile_row, out_features, in_features,
-                 total_rows):
+                 total_rows, swiglu_input=False):
     tile = launch.kernel_constants("matmul.cu")["TILE_M"]
     assert grid[1] == tile_group.size and grid[0] * launch.kernel_constants("matmul.cu")["TILE_N"] >= out_features
     for group, first in zip(tile_group, tile_row):
         end = offsets[group + 1] if _given(offsets) else total_rows
-        _matmul_rows(x, x_rows, weight, bias, y, group, first, min(first + tile, end), out_features, in_features)
+        _matmul_rows(x, x_rows, weight, bias, y, group, first, min(first + tile, end), out_features, in_features,
+                     swiglu_input)
 
 
 def _attention(q, k, v, out, batch, tokens, heads, kv_heads, head_dim, q_row_stride, kv_batch_stride, kv_head_stride,
@@ -302,10 +315,11 @@ def gather_rows(grid, block, weight, ids, out, rows, width):
 
 
 KERNELS = {
-    "rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "rope_store_kv": rope_store_kv, "silu_mul": silu_mul,
-    "route_topk": route_topk, "moe_dispatch": moe_dispatch, "moe_combine": moe_combine,
-    "gemv_grouped_bf16": gemv_grouped, "gemv_grouped_f32": gemv_grouped,
-    "gemm_grouped_bf16": gemm_grouped, "gemm_grouped_f32": gemm_grouped,
+    "rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "rope_store_kv": rope_store_kv,
+    "route_topk": route_topk, "moe_dispatch": moe_dispatch, "route_dispatch": route_dispatch, "moe_combine": moe_combine,
+    **{f"{kind}_grouped{swiglu}_{weight}": functools.partial(
+        gemv_grouped if kind.startswith("gemv") else gemm_grouped, swiglu_input=bool(swiglu))
+       for kind in ("gemv", "gemv1", "gemm") for swiglu in ("", "_swiglu") for weight in ("bf16", "f32")},
     "attention_prefill": attention_prefill, "attention_decode": attention_decode,
     "attention_decode_merge": attention_decode_merge, "gather_rows_bf16": gather_rows, "gather_rows_f32": gather_rows,
 }

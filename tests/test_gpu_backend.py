@@ -132,10 +132,10 @@ def test_the_graph_decoder_counts_one_launch_per_kernel_and_refuses_a_large_batc
     decoder([1, 2])
     c = gpu.config
     sparse, dense = len(c.sparse_layers), c.num_hidden_layers - len(c.sparse_layers)
-    # per layer: norm, qkv, rope, attention (+ merge when split), o, add_norm; sparse: router, route, dispatch,
-    # gate_up, silu, down, shared gate, shared gate_up, silu, down, combine; dense: gate_up, silu, down
+    # per layer: norm, qkv, rope, attention (+ merge when split), o, add_norm; sparse: router (with the shared
+    # gate), route_dispatch, gate_up, down, shared gate_up, shared down, combine; dense: gate_up, down
     per_layer = 6 + (launch_splits(gpu, cache) > 1)
-    assert kernels.launches - before == 1 + c.num_hidden_layers * per_layer + 11 * sparse + 3 * dense + 1
+    assert kernels.launches - before == 1 + c.num_hidden_layers * per_layer + 7 * sparse + 2 * dense + 1
     big = gpu.new_cache()
     gpu.forward(np.ones((9, 2), dtype=int), cache=big)
     with pytest.raises(MinimoeError, match="batches of up to 8 sequences"):

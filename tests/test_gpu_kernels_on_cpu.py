@@ -52,13 +52,13 @@ def assert_passed(checks):
     assert checks and [(c.name, c.error) for c in checks if not c.passed] == []
 
 
-def test_norms_and_swiglu(inputs):
-    assert_passed(gpu_check.check_norms(inputs) + gpu_check.check_silu_mul(inputs))
+def test_norms(inputs):
+    assert_passed(gpu_check.check_norms(inputs))
 
 
-def test_norms_and_swiglu_at_real_widths(monkeypatch):
-    inputs = make_inputs(monkeypatch, gpu_check.REAL_SHAPES)  # hidden 2048, moe_intermediate 1408
-    assert_passed(gpu_check.check_norms(inputs, rows=3) + gpu_check.check_silu_mul(inputs, rows=2))
+def test_norms_at_real_width(monkeypatch):
+    inputs = make_inputs(monkeypatch, gpu_check.REAL_SHAPES)  # hidden 2048
+    assert_passed(gpu_check.check_norms(inputs, rows=3))
 
 
 @pytest.mark.parametrize("heads, kv_heads, tokens, start", [(4, 4, 6, 0), (4, 2, 5, 3)])
@@ -75,7 +75,7 @@ def test_flash_decoding_over_a_long_cache(inputs, heads, kv_heads, keys, batch):
     assert_passed(gpu_check.check_decode_attention(inputs, heads, kv_heads, keys, batch))
 
 
-@pytest.mark.parametrize("tokens", [2, 10])  # GEMV (decode) and GEMM (prefill) paths
+@pytest.mark.parametrize("tokens", [1, 2, 10])  # one-row GEMV (decode), GEMV and GEMM (prefill) paths
 def test_router_dispatch_grouped_matmul_and_combine(inputs, tokens):
     experts = gpu_check.bf16_matrix(inputs.rng, (TINY["experts"], 2 * TINY["moe_intermediate"], TINY["hidden"]))
     assert_passed(gpu_check.check_moe(inputs, tokens, experts))
@@ -105,6 +105,14 @@ def test_rows_with_no_usable_logit_never_index_out_of_range(inputs):
 def test_bf16_linear(monkeypatch, hidden, tokens):
     inputs = make_inputs(monkeypatch, TINY | dict(hidden=hidden))
     assert_passed(gpu_check.check_linear(inputs, 40, tokens, bias=True))
+
+
+# the down projection reading silu(gate) * up: GEMV with one row and with several, GEMM; vector and odd widths
+@pytest.mark.parametrize("hidden", [70, 1408])
+@pytest.mark.parametrize("tokens", [1, 3, 70])
+def test_bf16_linear_of_a_swiglu_input(monkeypatch, hidden, tokens):
+    inputs = make_inputs(monkeypatch, TINY | dict(hidden=hidden))
+    assert_passed(gpu_check.check_linear(inputs, 40, tokens, bias=False, swiglu=True))
 
 
 def test_a_fixture_model_prefill_and_decode_match_numpy(monkeypatch):

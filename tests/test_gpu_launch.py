@@ -12,7 +12,7 @@ from minimoe.gpu import launch
 def test_kernel_constants_are_read_from_the_cu_files():
     assert launch.kernel_constants("matmul.cu") == {"GEMV_WARPS": 8, "GEMV_MAX_ROWS": 8, "GEMV_UNROLL": 4, "TILE_M": 64, "TILE_N": 64,
                                                     "TILE_K": 16, "TILE_PAD": 2, "PATCH": 4}
-    assert launch.kernel_constants("router.cu")["MAX_EXPERTS_PER_LANE"] * 32 >= 60  # Qwen1.5-MoE's experts fit
+    assert launch.kernel_constants("moe.cu")["MAX_EXPERTS_PER_LANE"] * 32 >= 60  # Qwen1.5-MoE's experts fit
 
 
 def test_elementwise_and_norm_launches_cover_every_element():
@@ -29,6 +29,14 @@ def test_router_grid_gives_each_token_a_warp_and_rejects_what_the_kernel_cannot_
         launch.router_grid(1, 257, 4)
     with pytest.raises(MinimoeError, match="top_k"):
         launch.router_grid(1, 8, 9)
+
+
+def test_route_dispatch_block_has_a_warp_per_token_and_a_thread_per_expert():
+    assert launch.route_dispatch_block(tokens=1, experts=60) == (64,)
+    assert launch.route_dispatch_block(tokens=8, experts=60) == (256,)
+    assert launch.route_dispatch_block(tokens=3, experts=200) == (224,)
+    with pytest.raises(MinimoeError, match="at most 32 tokens"):
+        launch.route_dispatch_block(tokens=33, experts=60)
 
 
 def test_gemv_grid_has_a_warp_per_output_feature():

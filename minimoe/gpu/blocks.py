@@ -9,8 +9,9 @@ Weights go to the GPU once, at load, in the dtype the kernels read: bf16 stays b
 (uint16 bit patterns, half the bytes of float32; the matmul kernels upcast as they
 read), f16 and f32 checkpoints (the test fixtures) become float32.  Matrices that read
 the same input are stacked so one kernel launch computes them: q/k/v into one ``qkv``
-weight, each SwiGLU's gate and up into one ``gate_up``, and all of a layer's experts
-into ``[E, out, in]`` tensors the grouped matmuls index by expert.  Activations and
+weight, each SwiGLU's gate and up into one ``gate_up``, the router and the shared
+expert's gate into one ``router``, and all of a layer's experts into ``[E, out, in]``
+tensors the grouped matmuls index by expert.  Activations and
 the KV cache stay on the device; :meth:`GpuModel.forward` returns CuPy logits
 (``minimoe.to_numpy`` brings them back) and hands routing traces NumPy arrays.
 """
@@ -74,18 +75,22 @@ class GpuLinear:
         """``(out_features, in_features)``."""
         return self.weight.shape[1:]
 
-    def __call__(self, x):
-        """x ``[..., in]`` float32 -> ``[..., out]`` float32."""
+    def __call__(self, x, swiglu_input: bool = False):
+        """x ``[..., in]`` float32 -> ``[..., out]`` float32 (``swiglu_input``: x ``[..., 2 * in]`` is a SwiGLU's
+        ``[gate | up]``, and the product reads ``silu(gate) * up``)."""
         flat = x.reshape(-1, x.shape[-1])
         rows = flat.shape[0]
-        y = kernels.grouped_matmul(flat, self.weight, self.bias, None, None, None, max_rows_per_group=rows)
+        y = kernels.grouped_matmul(flat, self.weight, self.bias, None, None, None, max_rows_per_group=rows,
+                                   swiglu_input=swiglu_input)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
-    def grouped(self, x, plan: kernels.DevicePlan, max_rows_per_group: int, counts=None, x_rows=None):
+    def grouped(self, x, plan: kernels.DevicePlan, max_rows_per_group: int, counts=None, x_rows=None,
+                swiglu_input: bool = False):
         """Rows grouped by ``plan`` (expert e's at plan.offsets[e]..) -> ``[R, out]`` in that order: x ``[R, in]``
-        already in dispatch order, or the token rows ``[N, in]`` read through ``x_rows = plan.rows``."""
+        already in dispatch order, or the token rows ``[N, in]`` read through ``x_rows = plan.rows``
+        (``swiglu_input``: as in ``__call__``)."""
         return kernels.grouped_matmul(x, self.weight, self.bias, plan.offsets, plan.active, plan.num_active,
-                                      max_rows_per_group, counts, x_rows)
+                                      max_rows_per_group, counts, x_rows, swiglu_input)
 
     def rows(self, ids):
         """Rows ``W[ids]`` as float32 (the embedding lookup): host ids ``[...]`` -> ``[..., in]``."""
@@ -126,47 +131,52 @@ class GpuAttention:
 
 @dataclass
 class GpuSwiGLU:
-    """Mirrors :func:`minimoe.layers.swiglu`: ``down(silu(gate(x)) * up(x))`` with gate/up as one matmul."""
+    """Mirrors :func:`minimoe.layers.swiglu`: ``down(silu(gate(x)) * up(x))`` with gate/up as one matmul, and
+    ``silu(gate) * up`` formed by the down projection as it reads its input."""
 
     gate_up: GpuLinear
     down: GpuLinear
 
     def __call__(self, h):
         """h ``[N, H]`` -> ``[N, H]``."""
-        return self.down(kernels.silu_mul(self.gate_up(h)))
+        return self.down(self.gate_up(h), swiglu_input=True)
 
 
 @dataclass
 class GpuSparseMoe:
-    """Mirrors :class:`minimoe.model.SparseMoeBlock`, with the residual add folded into the combine."""
+    """Mirrors :class:`minimoe.model.SparseMoeBlock`, with the residual add folded into the combine and the
+    shared expert's gate stacked under the router (one matmul gives both)."""
 
-    router: GpuLinear  # [1, E, H]
+    router: GpuLinear  # [1, E + 1, H]: the router's E rows, then the shared expert gate's
     gate_up: GpuLinear  # [E, 2 * moe_intermediate, H]
     down: GpuLinear  # [E, H, moe_intermediate]
     shared: GpuSwiGLU
-    shared_gate: GpuLinear  # [1, 1, H]
     top_k: int
     norm_topk_prob: bool
 
     def __call__(self, h, residual, layer: int, change: LayerInterventions = NO_INTERVENTIONS, record=None):
         """h, residual ``[N, H]`` -> ``residual + routed(h) + shared(h)`` ``[N, H]``."""
         tokens, num_experts = h.shape[0], self.gate_up.weight.shape[0]
-        logits = self.router(h)
+        logits = self.router(h)  # [N, E + 1]
+        gate_logit = logits[:, num_experts]  # read in place by the combine
         top_k = change.top_k or self.top_k
-        if change.forced is None:
-            choice = kernels.route(logits, top_k, self.norm_topk_prob, change.disabled)
-        else:  # forcing experts is an experiment, not a hot path: the reference router, on the GPU arrays
-            choice = layers.route(cp, logits, top_k, self.norm_topk_prob, change.disabled, change.forced)
-        plan = kernels.dispatch(choice.expert_ids, num_experts)
         # A token picks an expert at most once, so no expert has more than N rows.  Decode
         # (N <= GEMV_MAX_ROWS) never leaves the device; prefill reads the counts once for the GEMM tiles.
-        counts = None if tokens <= launch.kernel_constants("matmul.cu")["GEMV_MAX_ROWS"] \
-            else cp.asnumpy(plan.counts)
+        few = tokens <= launch.kernel_constants("matmul.cu")["GEMV_MAX_ROWS"]
+        if change.forced is not None:  # forcing experts is an experiment, not a hot path: the reference router
+            choice = layers.route(cp, logits[:, :num_experts], top_k, self.norm_topk_prob, change.disabled,
+                                  change.forced)
+            plan = kernels.dispatch(choice.expert_ids, num_experts)
+        elif few:  # decode: the router's choice and the dispatch in one launch
+            choice, plan = kernels.route_dispatch(logits, top_k, self.norm_topk_prob, change.disabled, num_experts)
+        else:
+            choice = kernels.route(logits, top_k, self.norm_topk_prob, change.disabled, num_experts)
+            plan = kernels.dispatch(choice.expert_ids, num_experts)
+        counts = None if few else cp.asnumpy(plan.counts)
         # gate_up reads each expert's tokens straight from h (plan.rows); its output, and all
         # that follows, is in dispatch order [N*k, ...]: each expert's rows contiguous.
         gate_up = self.gate_up.grouped(h, plan, tokens, counts, x_rows=plan.rows)
-        expert_out = self.down.grouped(kernels.silu_mul(gate_up), plan, tokens, counts)
-        gate_logit = self.shared_gate(h)[:, 0]
+        expert_out = self.down.grouped(gate_up, plan, tokens, counts, swiglu_input=True)
         shared = self.shared(h) if change.shared_expert else None
         out = kernels.combine(expert_out, plan.inv_perm, choice.expert_weights, residual, shared,
                               None if shared is None else gate_logit)
@@ -269,11 +279,11 @@ def build_from(config: ModelConfig, tensor) -> GpuModel:
             return swiglu(weights.dense_mlp_prefix(layer))
         experts = [weights.swiglu_names(weights.expert_prefix(layer, e)) for e in range(config.num_experts)]
         return GpuSparseMoe(
-            router=linear(weights.router_name(layer)),
+            router=GpuLinear.stacked([[tensor(weights.router_name(layer)),
+                                       tensor(weights.shared_expert_gate_name(layer))]]),
             gate_up=GpuLinear.stacked([[tensor(names["gate"]), tensor(names["up"])] for names in experts]),
             down=GpuLinear.stacked([[tensor(names["down"])] for names in experts]),
             shared=swiglu(weights.shared_expert_prefix(layer)),
-            shared_gate=linear(weights.shared_expert_gate_name(layer)),
             top_k=config.num_experts_per_tok,
             norm_topk_prob=config.norm_topk_prob,
         )

@@ -6,7 +6,7 @@ likely to bound the speed.  :class:`GraphDecoder` runs the same blocks with ever
 fixed device buffer -- the token ids, the new position (read by ``rope_store_kv`` and
 ``attention_decode`` on the device), its RoPE row -- and every intermediate drawn from a memory
 pool of its own, so a step's kernel arguments never change.  CuPy then captures the step once
-in a CUDA graph, and each token costs a few small host-to-device copies and one graph launch.
+in a CUDA graph, and each token costs one small host-to-device copy and one graph launch.
 
     decoder = GraphDecoder(model, cache)           # after the prompt's prefill filled `cache`
     logits = decoder([token])                      # [B, V] on the GPU, valid until the next step
@@ -39,9 +39,14 @@ class GraphDecoder:
                                f"(the expert matmuls need no host sync up to there), got {cache.batch_size}")
         self.model, self.cache, self.capture = model, cache, capture
         config = model.config
-        self.tokens = cp.zeros((cache.batch_size, 1), dtype=cp.int32)  # the step's inputs, on the device
-        self.position = cp.zeros(1, dtype=cp.int32)
-        self.cos, self.sin = (cp.zeros((1, config.head_dim), dtype=cp.float32) for _ in range(2))
+        # The step's inputs, on the device in one buffer (one copy per token): the token ids [B], the
+        # position [1] and its RoPE row's cos and sin [D] each (float32 bits in int32 slots).
+        batch, D = cache.batch_size, config.head_dim
+        self.inputs = cp.zeros(batch + 1 + 2 * D, dtype=cp.int32)
+        self.tokens = self.inputs[:batch].reshape(batch, 1)
+        self.position = self.inputs[batch : batch + 1]
+        self.cos = self.inputs[batch + 1 : batch + 1 + D].view(cp.float32).reshape(1, D)
+        self.sin = self.inputs[batch + 1 + D :].view(cp.float32).reshape(1, D)
         self.graph = None
         self.captured_for = None  # (cache buffer address, capacity) the graph's pointers and splits belong to
         self.captures, self.capture_seconds = 0, 0.0  # how often the step was captured, and how long that took
@@ -75,10 +80,11 @@ class GraphDecoder:
         return self.logits[:, 0]
 
     def set_inputs(self, ids: np.ndarray, position: int, cos: np.ndarray, sin: np.ndarray) -> None:
-        """The step's inputs copied (host -> device, on the current stream) into the fixed buffers."""
-        self.tokens[...] = ids.astype(np.int32)
-        self.position[...] = np.array([position], dtype=np.int32)
-        self.cos[...], self.sin[...] = cos.astype(np.float32), sin.astype(np.float32)
+        """The step's inputs copied into the fixed buffer: one host-to-device copy, on the current stream."""
+        host = np.concatenate([ids.reshape(-1).astype(np.int32), [np.int32(position)],
+                               cos.astype(np.float32).reshape(-1).view(np.int32),
+                               sin.astype(np.float32).reshape(-1).view(np.int32)])
+        kernels.upload(self.inputs, host)
 
     def step(self):
         """One decode step on the fixed buffers -> logits ``[B, 1, V]``: :meth:`minimoe.model.Model.forward`'s

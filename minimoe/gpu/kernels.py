@@ -64,6 +64,12 @@ def _contiguous(x):
     return x if address(x) % 16 == 0 else x.copy()
 
 
+def upload(target, host: np.ndarray) -> None:
+    """Copy ``host`` into the device array ``target`` of the same shape and dtype, in place, on the current
+    stream (``target[...] = host`` would take the host array for a scalar fill)."""
+    target.set(np.ascontiguousarray(host, dtype=target.dtype), stream=cp.cuda.get_current_stream())
+
+
 def address(x) -> int:
     """The device address of x's first element."""
     return x.data.ptr
@@ -119,49 +125,73 @@ def rope_store_kv(rows, cos, sin, k_cache, v_cache, start: int, tokens: int, hea
                       NULL if position is None else position))
 
 
-def silu_mul(gate_up):
-    """Replaces ``silu(gate) * up`` in :func:`minimoe.layers.swiglu`.  gate_up ``[N, 2I]`` -> ``[N, I]``."""
-    rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
-    out = cp.empty((rows, inter), dtype=cp.float32)
-    grid, block = launch.elementwise_grid(rows * inter)
-    kernel("swiglu.cu", "silu_mul")(grid, block, (_contiguous(gate_up), out, np.int64(rows), np.int32(inter)))
-    return out
-
-
 # --- the router and the MoE dispatch ------------------------------------------------------------------
 
-def route(router_logits, top_k: int, norm_topk_prob: bool, disabled=()) -> layers.RouterChoice:
+def route(router_logits, top_k: int, norm_topk_prob: bool, disabled=(), experts: int | None = None) -> layers.RouterChoice:
     """Replaces :func:`minimoe.layers.route` (without ``forced``).  router_logits ``[N, E]`` -> RouterChoice.
 
+    ``experts``: the router's logits are the first ``experts`` columns of wider rows (the GPU's router
+    output with the shared expert gate's logit stacked after them); default: every column.
     expert_ids are int32 on the GPU (the dispatch kernel's index type).
     """
     logits = _contiguous(router_logits)
-    tokens, experts = logits.shape
+    tokens, experts = logits.shape[0], experts or logits.shape[1]
     grid, block = launch.router_grid(tokens, experts, top_k)
-    mask = NULL
-    if len(disabled):
-        mask = cp.zeros(experts, dtype=cp.uint8)
-        mask[cp.asarray(list(disabled))] = 1
-    used, probs = cp.empty_like(logits), cp.empty_like(logits)
+    outputs = _choice_arrays(tokens, experts, top_k)
+    kernel("moe.cu", "route_topk")(grid, block, (logits, np.int32(logits.shape[1]), *outputs, _disabled_mask(disabled, experts),
+                                                 np.int32(tokens), np.int32(experts), np.int32(top_k),
+                                                 np.int32(norm_topk_prob)))
+    return layers.RouterChoice(*outputs)
+
+
+def _choice_arrays(tokens: int, experts: int, top_k: int) -> tuple:
+    """The route kernels' outputs: logits used ``[N, E]``, probs ``[N, E]``, ids ``[N, k]`` int32, raw and
+    final weights ``[N, k]`` (RouterChoice's fields, in its order)."""
+    used, probs = (cp.empty((tokens, experts), dtype=cp.float32) for _ in range(2))
     ids = cp.empty((tokens, top_k), dtype=cp.int32)
-    raw, weights = cp.empty((tokens, top_k), dtype=cp.float32), cp.empty((tokens, top_k), dtype=cp.float32)
-    kernel("router.cu", "route_topk")(grid, block, (logits, used, probs, ids, raw, weights, mask, np.int32(tokens),
-                                                    np.int32(experts), np.int32(top_k), np.int32(norm_topk_prob)))
-    return layers.RouterChoice(used, probs, ids, raw, weights)
+    raw, weights = (cp.empty((tokens, top_k), dtype=cp.float32) for _ in range(2))
+    return used, probs, ids, raw, weights
+
+
+def _disabled_mask(disabled, experts: int):
+    """``[E]`` bytes, 1 for a disabled expert, or a null pointer when none is."""
+    if not len(disabled):
+        return NULL
+    mask = cp.zeros(experts, dtype=cp.uint8)
+    mask[cp.asarray(list(disabled))] = 1
+    return mask
 
 
 def dispatch(expert_ids, num_experts: int) -> launch.DispatchPlan:
     """The GPU :func:`minimoe.gpu.launch.dispatch_plan`.  expert_ids ``[N, k]`` -> :class:`DevicePlan`."""
     ids = cp.ascontiguousarray(expert_ids, dtype=cp.int32)
-    slots, top_k = ids.size, ids.shape[-1]
+    plan = _plan_arrays(ids.size, num_experts)
+    kernel("moe.cu", "moe_dispatch")((1,), launch.dispatch_block(num_experts),
+                                     (ids, np.int32(ids.size), np.int32(num_experts), np.int32(ids.shape[-1]), *plan))
+    return DevicePlan(*plan)
+
+
+def _plan_arrays(slots: int, num_experts: int) -> tuple:
+    """The dispatch kernels' outputs, in :class:`DevicePlan`'s order."""
     counts = cp.empty(num_experts, dtype=cp.int32)
     offsets = cp.empty(num_experts + 1, dtype=cp.int32)
     perm, inv_perm, rows = (cp.empty(slots, dtype=cp.int32) for _ in range(3))
     active, num_active = cp.empty(num_experts, dtype=cp.int32), cp.empty(1, dtype=cp.int32)
-    kernel("moe.cu", "moe_dispatch")((1,), launch.dispatch_block(num_experts),
-                                     (ids, np.int32(slots), np.int32(num_experts), np.int32(top_k), counts, offsets,
-                                      perm, inv_perm, rows, active, num_active))
-    return DevicePlan(counts, offsets, perm, inv_perm, rows, active, num_active)
+    return counts, offsets, perm, inv_perm, rows, active, num_active
+
+
+def route_dispatch(router_logits, top_k: int, norm_topk_prob: bool, disabled=(), experts: int | None = None):
+    """:func:`route` then :func:`dispatch` in one launch, for a few tokens (a decode step):
+    router_logits ``[N, >= E]`` -> (RouterChoice, :class:`DevicePlan`)."""
+    logits = _contiguous(router_logits)
+    tokens, experts = logits.shape[0], experts or logits.shape[1]
+    launch.router_grid(tokens, experts, top_k)  # the checks of what the kernel can hold
+    outputs, plan = _choice_arrays(tokens, experts, top_k), _plan_arrays(tokens * top_k, experts)
+    kernel("moe.cu", "route_dispatch")((1,), launch.route_dispatch_block(tokens, experts),
+                                       (logits, np.int32(logits.shape[1]), *outputs, _disabled_mask(disabled, experts),
+                                        np.int32(tokens), np.int32(experts), np.int32(top_k),
+                                        np.int32(norm_topk_prob), *plan))
+    return layers.RouterChoice(*outputs), DevicePlan(*plan)
 
 
 class DevicePlan(NamedTuple):
@@ -178,14 +208,22 @@ class DevicePlan(NamedTuple):
 
 
 def combine(expert_out, inv_perm, weights, residual=None, shared=None, shared_gate=None):
-    """The GPU :func:`minimoe.gpu.launch.combine` (the ``out[rows] += y`` of :func:`minimoe.layers.routed_experts`,
-    plus the gated shared expert and the residual).  expert_out ``[N * k, H]`` -> ``[N, H]``."""
+    """The GPU :func:`minimoe.gpu.launch.combine` (the ``out[rows] += y * w`` of :func:`minimoe.layers.routed_experts`,
+    plus the gated shared expert and the residual).  expert_out ``[N * k, H]`` -> ``[N, H]``.
+
+    shared_gate ``[N]``: the gate's logit per token, which may be a column of a wider array (the
+    router output it is stacked in), read in place.
+    """
     tokens, top_k = weights.shape
     hidden = expert_out.shape[1]
     out = cp.empty((tokens, hidden), dtype=cp.float32)
     grid, block = launch.elementwise_grid(tokens * hidden)
-    args = (_contiguous(expert_out), inv_perm, _contiguous(weights), _optional(residual), _optional(shared),
-            _optional(shared_gate), out, np.int32(tokens), np.int32(top_k), np.int32(hidden))
+    gate, gate_stride = NULL, 1
+    if shared_gate is not None:
+        gate = shared_gate if shared_gate.dtype == cp.float32 and shared_gate.ndim == 1 else _contiguous(shared_gate)
+        gate_stride = gate.strides[0] // 4
+    args = (_contiguous(expert_out), inv_perm, _contiguous(weights), _optional(residual), _optional(shared), gate,
+            np.int32(gate_stride), out, np.int32(tokens), np.int32(top_k), np.int32(hidden))
     kernel("moe.cu", "moe_combine")(grid, block, args)
     return out
 
@@ -197,7 +235,8 @@ def weight_suffix(weight) -> str:
     return {cp.dtype(cp.uint16): "bf16", cp.dtype(cp.float32): "f32"}[weight.dtype]
 
 
-def grouped_matmul(x, weight, bias, offsets, active, num_active, max_rows_per_group: int, counts=None, x_rows=None):
+def grouped_matmul(x, weight, bias, offsets, active, num_active, max_rows_per_group: int, counts=None, x_rows=None,
+                   swiglu_input: bool = False):
     """``y[rows of g] = x[rows of g] @ weight[g].T (+ bias)`` for every group g.  Replaces
     :class:`minimoe.backend.Linear` (one group) and each expert's matmul in :func:`minimoe.layers.routed_experts`.
 
@@ -205,13 +244,19 @@ def grouped_matmul(x, weight, bias, offsets, active, num_active, max_rows_per_gr
     ``x[x_rows[r]]`` (the experts read the hidden states in dispatch order, no permuted copy); weight
     ``[G, out, in]`` (uint16 bf16 bits or float32); ``active`` / ``num_active``: the groups with rows
     (device arrays).  ``offsets``, ``active`` and ``num_active`` all None: one group owning all R rows
-    (a plain projection; nothing on the device describes it).  Up to GEMV_MAX_ROWS rows per group
-    the GEMV kernel runs (grid over ``active``, no host sync); beyond, the tiled GEMM runs on a tile
-    schedule built from ``counts`` (host ints; read from the device when not given).
-    -> ``[R, out]`` float32, in the grouped order.
+    (a plain projection; nothing on the device describes it).  ``swiglu_input``: x's rows are a
+    SwiGLU's ``[gate | up]`` ``[R, 2 * in]`` and the product reads ``silu(gate) * up`` (the down
+    projection of :func:`minimoe.layers.swiglu`, its activation formed as it is read).  Up to
+    GEMV_MAX_ROWS rows per group a GEMV kernel runs (grid over ``active``, no host sync; the one-row
+    kernel for groups of one row); beyond, the tiled GEMM runs on a tile schedule built from
+    ``counts`` (host ints; read from the device when not given).  -> ``[R, out]`` float32, in the
+    grouped order.
     """
     x = _contiguous(x)
     groups, out_features, in_features = weight.shape
+    if x.shape[-1] != in_features * (2 if swiglu_input else 1):
+        raise ValueError(f"x has rows of {x.shape[-1]} values for a weight of {in_features} inputs"
+                         f"{' (a SwiGLU input holds 2 * in)' if swiglu_input else ''}")
     rows = x.shape[0] if x_rows is None else x_rows.shape[0]
     ungrouped = offsets is None
     if ungrouped and groups != 1:
@@ -219,12 +264,14 @@ def grouped_matmul(x, weight, bias, offsets, active, num_active, max_rows_per_gr
     row_map = NULL if x_rows is None else cp.ascontiguousarray(x_rows, dtype=cp.int32)
     y = cp.empty((rows, out_features), dtype=cp.float32)
     suffix = weight_suffix(weight)
+    sizes = (np.int32(out_features), np.int32(in_features), np.int32(rows))
+    variant = f"{'_swiglu' if swiglu_input else ''}_{suffix}"
     if max_rows_per_group <= launch.kernel_constants("matmul.cu")["GEMV_MAX_ROWS"]:
         grid, block = launch.gemv_grid(out_features, 1 if ungrouped else min(groups, rows))
         dispatch = (NULL, NULL, NULL) if ungrouped else (offsets, active, num_active)
-        kernel("matmul.cu", f"gemv_grouped_{suffix}")(grid, block, (x, row_map, weight, _optional(bias), y, *dispatch,
-                                                                     np.int32(out_features), np.int32(in_features),
-                                                                     np.int32(rows)))
+        kind = "gemv1" if max_rows_per_group == 1 else "gemv"  # the one-row kernel keeps more loads in flight
+        kernel("matmul.cu", f"{kind}_grouped{variant}")(grid, block, (x, row_map, weight, _optional(bias), y,
+                                                                      *dispatch, *sizes))
         return y
     if ungrouped:
         counts_host = np.array([rows])
@@ -233,11 +280,10 @@ def grouped_matmul(x, weight, bias, offsets, active, num_active, max_rows_per_gr
     tile_group, tile_row = launch.gemm_schedule(counts_host, np.concatenate([[0], np.cumsum(counts_host)]))
     if tile_group.size:
         grid, block = launch.gemm_grid(out_features, tile_group.size)
-        kernel("matmul.cu", f"gemm_grouped_{suffix}")(grid, block, (x, row_map, weight, _optional(bias), y,
+        kernel("matmul.cu", f"gemm_grouped{variant}")(grid, block, (x, row_map, weight, _optional(bias), y,
                                                                      NULL if ungrouped else offsets,
                                                                      cp.asarray(tile_group), cp.asarray(tile_row),
-                                                                     np.int32(out_features), np.int32(in_features),
-                                                                     np.int32(rows)))
+                                                                     *sizes))
     return y
 
 

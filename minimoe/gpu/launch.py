@@ -93,7 +93,7 @@ def norm_block(hidden: int) -> tuple[int]:
 
 def router_grid(tokens: int, experts: int, top_k: int) -> tuple[tuple[int], tuple[int]]:
     """(grid, block) of route_topk: one warp per token.  MinimoeError for shapes the kernel cannot hold."""
-    capacity = WARP * kernel_constants("router.cu")["MAX_EXPERTS_PER_LANE"]
+    capacity = WARP * kernel_constants("moe.cu")["MAX_EXPERTS_PER_LANE"]
     if experts > capacity:
         raise MinimoeError(f"the GPU router handles at most {capacity} experts, this model has {experts}")
     if not 1 <= top_k <= experts:
@@ -106,6 +106,14 @@ def dispatch_block(experts: int) -> tuple[int]:
     if experts > MAX_BLOCK:
         raise MinimoeError(f"the GPU MoE dispatch handles at most {MAX_BLOCK} experts, this model has {experts}")
     return (round_up(experts, WARP),)
+
+
+def route_dispatch_block(tokens: int, experts: int) -> tuple[int]:
+    """Threads of route_dispatch's single block: a warp per token, and at least one thread per expert."""
+    threads = max(WARP * tokens, dispatch_block(experts)[0])
+    if threads > MAX_BLOCK:
+        raise MinimoeError(f"route_dispatch routes at most {MAX_BLOCK // WARP} tokens in one block, got {tokens}")
+    return (threads,)
 
 
 def gemv_grid(out_features: int, groups: int) -> tuple[tuple[int, int], tuple[int]]:

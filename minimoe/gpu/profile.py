@@ -19,6 +19,7 @@ real shapes generated on the device (no checkpoint to write or read).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import defaultdict
 from typing import Callable
 
@@ -29,24 +30,49 @@ from .. import weights
 from ..config import ModelConfig
 from . import kernels, launch
 
-MATMULS = ("gemv_grouped_bf16", "gemv_grouped_f32", "gemm_grouped_bf16", "gemm_grouped_f32")
+L2_FLUSH_BYTES = 256 << 20  # data a micro-benchmark cycles through: several times the H200's 60 MB of L2
+MATMULS = tuple(f"{kind}_grouped{swiglu}_{weight}" for kind in ("gemv", "gemv1", "gemm") for swiglu in ("", "_swiglu")
+                for weight in ("bf16", "f32"))
 
 
 # --- ceilings and stand-in weights --------------------------------------------------------------
 
-def elapsed_ms(function: Callable[[], object], repeats: int) -> float:
-    """The GPU's milliseconds per call of ``function`` (launching work on the current stream), the
-    median of ``repeats`` calls after one warm-up."""
-    function()
-    times = []
-    for _ in range(repeats):
-        start, end = cp.cuda.Event(), cp.cuda.Event()
-        start.record()
-        function()
-        end.record()
-        end.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, end))
-    return float(np.median(times))
+# One thread that spins for a number of clock cycles: it keeps the GPU busy while the host queues work
+# behind it, so that the work then runs back to back and its events time the kernels, not the launches.
+SPIN = r"""
+extern "C" __global__ void spin(long long cycles) {
+    const long long start = clock64();
+    while (clock64() - start < cycles) {}
+}
+"""
+
+
+@contextlib.contextmanager
+def gpu_held(ms: float = 100.0):
+    """The GPU kept busy for ``ms`` milliseconds while the body queues its work on the current stream (the
+    body must queue it faster than that, and must not wait for the GPU)."""
+    spin = cp.RawKernel(SPIN, "spin")
+    cycles_per_ms = cp.cuda.runtime.getDeviceProperties(0)["clockRate"]  # kHz: cycles per millisecond
+    spin((1,), (1,), (np.int64(ms * cycles_per_ms),))
+    yield
+
+
+def gpu_us_per_call(calls: list[Callable[[], object]], repeats: int) -> float:
+    """The GPU's microseconds per call: the median over ``repeats`` calls, cycling through ``calls`` (each on
+    other data, so that the L2 cache does not already hold the next call's inputs), each timed by a pair of
+    CUDA events, all queued behind :func:`gpu_held` so that the host's launch time is not counted."""
+    for call in calls[:2]:
+        call()  # warm-up: compiles the kernels
+    events = []
+    with gpu_held():
+        for i in range(repeats):
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            start.record()
+            calls[i % len(calls)]()
+            end.record()
+            events.append((start, end))
+    events[-1][1].synchronize()
+    return float(np.median([1e3 * cp.cuda.get_elapsed_time(start, end) for start, end in events]))
 
 
 def copy_bandwidth(nbytes: int = 2 << 30, repeats: int = 5) -> float:
@@ -54,10 +80,10 @@ def copy_bandwidth(nbytes: int = 2 << 30, repeats: int = 5) -> float:
     byte written: the memory rate a kernel that streams its inputs once can reach."""
     source = cp.ones(nbytes // 4, dtype=cp.float32)
     target = cp.empty_like(source)
-    ms = elapsed_ms(lambda: cp.copyto(target, source), repeats)
+    us = gpu_us_per_call([lambda: cp.copyto(target, source)], repeats)
     del source, target
     cp.get_default_memory_pool().free_all_blocks()
-    return 2 * nbytes / (ms / 1e3)
+    return 2 * nbytes / (us / 1e6)
 
 
 def random_tensors(config: ModelConfig, seed: int = 0) -> Callable[[str], "cp.ndarray"]:
@@ -128,7 +154,7 @@ def matmul_roles(config: ModelConfig) -> dict[tuple[int, int, bool], str]:
              (config.vocab_size, H, False): "output head", (2 * config.intermediate_size, H, False): "dense MLP gate/up",
              (H, config.intermediate_size, False): "dense MLP down"}
     if config.sparse_layers:
-        roles |= {(E, H, False): "router", (1, H, False): "shared expert gate",
+        roles |= {(E + 1, H, False): "router and shared expert gate",
                   (2 * config.shared_expert_intermediate_size, H, False): "shared expert gate/up",
                   (H, config.shared_expert_intermediate_size, False): "shared expert down",
                   (2 * config.moe_intermediate_size, H, True): "experts gate/up",
@@ -140,15 +166,16 @@ def nbytes(value) -> int:
     return value.nbytes if isinstance(value, cp.ndarray) else 0
 
 
-def matmul_launch(arguments: tuple) -> tuple[int, int, int, int]:
-    """(out_features, in_features, groups the launch read, rows) of a gemv/gemm launch's arguments
-    (their order in matmul.cu's GEMV_ARGS / GEMM_ARGS)."""
-    weight, y, offsets = arguments[2], arguments[4], arguments[5]
+def matmul_launch(name: str, arguments: tuple) -> tuple[int, int, int, int, int]:
+    """(out_features, in_features, groups the launch read, rows, input floats per row) of a gemv/gemm launch
+    (its arguments in matmul.cu's GEMV_ARGS / GEMM_ARGS order)."""
+    y, offsets = arguments[4], arguments[5]
     out_features, in_features = int(arguments[8]), int(arguments[9])
+    width = in_features * (2 if "_swiglu_" in name else 1)  # a SwiGLU input row holds gate and up
     if not isinstance(offsets, cp.ndarray):  # one group
-        return out_features, in_features, 1, y.shape[0]
+        return out_features, in_features, 1, y.shape[0], width
     counts = cp.asnumpy(cp.diff(offsets))
-    return out_features, in_features, int((counts > 0).sum()), y.shape[0]
+    return out_features, in_features, int((counts > 0).sum()), y.shape[0], width
 
 
 def launch_label(name: str, arguments: tuple, roles: dict) -> tuple[str, int, float]:
@@ -156,13 +183,13 @@ def launch_label(name: str, arguments: tuple, roles: dict) -> tuple[str, int, fl
     plus its input and output; any other kernel, every array it is handed (each read or written
     once, a close count for these streaming kernels)."""
     if name in MATMULS:
-        out_features, in_features, groups, rows = matmul_launch(arguments)
+        out_features, in_features, groups, rows, width = matmul_launch(name, arguments)
         weight = arguments[2]
         read = weight.nbytes // weight.shape[0] * groups
         grouped = weight.shape[0] > 1
         role = roles.get((out_features, in_features, grouped), f"{out_features}x{in_features}")
         label = f"{name} {role} ({out_features}x{in_features}{f', {groups} of {weight.shape[0]} groups' if grouped else ''})"
-        x_bytes = rows * in_features * 4
+        x_bytes = rows * width * 4
         return label, read + x_bytes + nbytes(arguments[4]), 2.0 * rows * out_features * in_features
     return name, sum(nbytes(a) for a in arguments), 0.0
 
@@ -189,63 +216,81 @@ def kernel_table(results: list[tuple[str, tuple, float]], roles: dict, per: int 
 
 # --- the measurements ----------------------------------------------------------------------------
 
-def step_profile(run: Callable[[], object], roles: dict, per: int = 1) -> dict:
-    """One call of ``run`` (a forward pass) with every launch timed: the kernel table and the kernels'
-    total microseconds (divided by ``per``)."""
-    with timing_launches() as timer:
+def step_profile(run: Callable[[], object], roles: dict, per: int = 1, hold: bool = True) -> dict:
+    """One call of ``run`` (a forward pass) with every launch timed: the kernel table, the kernels' total
+    microseconds and the GPU's span from the first kernel's start to the last one's end (kernels, CuPy's
+    own operations and the gaps between them), each divided by ``per``.  ``hold``: queue the call behind
+    :func:`gpu_held`, so the kernels run back to back as a CUDA graph would run them (for a call that
+    never waits for the GPU: a decode step); without it, each kernel runs as the host launches it."""
+    with timing_launches() as timer, (gpu_held(200.0) if hold else contextlib.nullcontext()):
         run()
-    rows = kernel_table(timer.results(), roles, per)
-    return {"kernels": rows, "kernel_us": sum(r["us"] for r in rows)}
+    results = timer.results()
+    rows = kernel_table(results, roles, per)
+    first, last = timer.launches[0][2], timer.launches[-1][3]
+    return {"kernels": rows, "kernel_us": sum(r["us"] for r in rows),
+            "span_us": 1e3 * cp.cuda.get_elapsed_time(first, last) / per, "queued": hold}
 
 
-def decode_attention_sweep(config: ModelConfig, keys_list=(577, 4096), repeats: int = 50, seed: int = 0) -> list[dict]:
+def decode_attention_sweep(config: ModelConfig, keys_list=(577, 4096), repeats: int = 30, seed: int = 0) -> list[dict]:
     """Decode attention (one query, batch 1, the model's heads) over ``keys`` cached positions at each
-    split count: microseconds per call (with the merge), and GB/s of the keys and values read.
-    ``chosen`` marks the split count :func:`minimoe.gpu.launch.decode_splits` picks."""
+    split count: the GPU's microseconds per call (with the merge; each call on another layer's keys and
+    values, as in a decode step), and GB/s of the keys and values read.  ``chosen`` marks the split
+    count :func:`minimoe.gpu.launch.decode_splits` picks."""
     heads, kv_heads, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     rng = cp.random.RandomState(seed)
     rows = []
     for keys in keys_list:
         q = rng.standard_normal((1, heads * D), dtype=cp.float32)
-        k, v = (rng.standard_normal((1, kv_heads, keys, D), dtype=cp.float32) for _ in range(2))
+        layers_ = max(2, L2_FLUSH_BYTES // (2 * kv_heads * keys * D * 4))  # more keys and values than the L2 holds
+        caches = [[rng.standard_normal((1, kv_heads, keys, D), dtype=cp.float32) for _ in range(2)]
+                  for _ in range(layers_)]
         chosen = launch.decode_splits(keys, heads, 1)
         for splits in sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, chosen}):
             if splits > keys:
                 continue
-            us = 1e3 * elapsed_ms(lambda: kernels.causal_attention(q, k, v, 1, heads, D, keys - 1, splits=splits),
-                                  repeats)
+            calls = [functools.partial(kernels.causal_attention, q, k, v, 1, heads, D, keys - 1, splits=splits)
+                     for k, v in caches]
+            us = gpu_us_per_call(calls, repeats)
             rows.append({"keys": keys, "splits": splits, "blocks": splits * heads, "us": us,
-                         "gb_s": (k.nbytes + v.nbytes) / (us / 1e6) / 1e9, "chosen": splits == chosen})
+                         "gb_s": 2 * caches[0][0].nbytes / (us / 1e6) / 1e9, "chosen": splits == chosen})
+        del caches
     return rows
 
 
-def gemv_variants(config: ModelConfig, unrolls=(1, 4), repeats: int = 20, seed: int = 0) -> list[dict]:
-    """The decode GEMV (one token) on the model's projections, compiled with each GEMV_UNROLL (weight
-    loads a lane has in flight): microseconds and GB/s of the weights read, per variant."""
+def gemv_variants(config: ModelConfig, unrolls=(1, 2, 4, 8), repeats: int = 30, seed: int = 0) -> list[dict]:
+    """The one-token GEMV on the model's projections, compiled with each GEMV_UNROLL (weight loads a lane
+    has in flight): the GPU's microseconds per call and GB/s of the weights read (each call reads other
+    weights -- another copy, or other experts -- so none comes from the L2 cache)."""
     H, E, k = config.hidden_size, config.num_experts, config.num_experts_per_tok
     rng = cp.random.RandomState(seed)
     roles = matmul_roles(config)
     shapes = [(role, out, inp, E if grouped else 1) for (out, inp, grouped), role in roles.items()
               if role in ("attention q/k/v", "attention o", "shared expert gate/up", "shared expert down",
                           "experts gate/up", "experts down", "output head")]
-    chosen = kernels.dispatch(cp.asarray((np.arange(k) * (E // k)).reshape(1, k), dtype=cp.int32), E)
+    plans = [kernels.dispatch(cp.asarray(np.arange(first, first + k).reshape(1, k), dtype=cp.int32), E)
+             for first in range(0, E - k + 1, k)]  # disjoint experts, call after call
     rows = []
     for role, out, inp, groups in shapes:
-        weight = (rng.standard_normal((groups, out, inp), dtype=cp.float32).view(cp.uint32) >> 16).astype(cp.uint16)
         x = rng.standard_normal((1, inp), dtype=cp.float32)
         if groups == 1:
-            def call():
-                return kernels.grouped_matmul(x, weight, None, None, None, None, 1)
-            read = weight.nbytes
+            copies = max(2, -(-L2_FLUSH_BYTES // (out * inp * 2)))
+            weights_ = [random_bits(rng, (1, out, inp)) for _ in range(copies)]
+            calls = [functools.partial(kernels.grouped_matmul, x, w, None, None, None, None, 1) for w in weights_]
+            read = out * inp * 2
         else:
-            def call():
-                return kernels.grouped_matmul(x, weight, None, chosen.offsets, chosen.active, chosen.num_active, 1,
-                                              x_rows=chosen.rows)
-            read = weight.nbytes // groups * k
+            weights_ = [random_bits(rng, (groups, out, inp))]
+            calls = [functools.partial(kernels.grouped_matmul, x, weights_[0], None, plan.offsets, plan.active,
+                                       plan.num_active, 1, x_rows=plan.rows) for plan in plans]
+            read = out * inp * 2 * k
         for unroll in unrolls:
             with compiled_with(GEMV_UNROLL=unroll):
-                us = 1e3 * elapsed_ms(call, repeats)
+                us = gpu_us_per_call(calls, repeats)
             rows.append({"matmul": f"{role} ({out}x{inp}{f', {k} of {groups} groups' if groups > 1 else ''})",
                          "unroll": unroll, "us": us, "weight_bytes": read, "gb_s": read / (us / 1e6) / 1e9})
-        del weight
+        del weights_
     return rows
+
+
+def random_bits(rng, shape) -> "cp.ndarray":
+    """Random bf16 bit patterns (uint16) of unit normal values."""
+    return (rng.standard_normal(shape, dtype=cp.float32).view(cp.uint32) >> 16).astype(cp.uint16)

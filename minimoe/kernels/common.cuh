@@ -46,19 +46,29 @@ __device__ __forceinline__ float bf16_to_float(unsigned short bits) {
 __device__ __forceinline__ float load_weight(const unsigned short* p) { return bf16_to_float(*p); }
 __device__ __forceinline__ float load_weight(const float* p) { return *p; }
 
-// Eight consecutive weights (p 16-byte aligned for bf16, 32-byte for f32) as float32, in one or two vector loads.
-__device__ __forceinline__ void load_weight8(const unsigned short* p, float out[8]) {
-    const uint4 packed = *reinterpret_cast<const uint4*>(p);
-    const unsigned int words[4] = {packed.x, packed.y, packed.z, packed.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        out[2 * i] = __uint_as_float(words[i] << 16);              // low half: element 2i
-        out[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);  // high half: element 2i+1
-    }
+// Eight consecutive weights (p 16-byte aligned for bf16, 32-byte for f32) as loaded -- one 16-byte
+// vector of bf16, two of float32 -- and unpacked to float32 only where they are used, so that
+// several loads in flight hold half the registers (for bf16) their float32 values would.
+template <typename W> struct Packed8;
+template <> struct Packed8<unsigned short> { uint4 bits; };
+template <> struct Packed8<float> { float4 low, high; };
+
+__device__ __forceinline__ Packed8<unsigned short> load_packed8(const unsigned short* p) {
+    return {*reinterpret_cast<const uint4*>(p)};
+}
+__device__ __forceinline__ Packed8<float> load_packed8(const float* p) {
+    return {*reinterpret_cast<const float4*>(p), *reinterpret_cast<const float4*>(p + 4)};
 }
 
-__device__ __forceinline__ void load_weight8(const float* p, float out[8]) {
-    const float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);
-    out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
-    out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+// The dot product of eight packed weights with eight inputs a (elements 0..3) and b (4..7).
+__device__ __forceinline__ float dot8(const Packed8<unsigned short>& w, const float4& a, const float4& b) {
+    const unsigned int x = w.bits.x, y = w.bits.y, z = w.bits.z, v = w.bits.w;  // element 2i in word i's low half
+    return __uint_as_float(x << 16) * a.x + __uint_as_float(x & 0xffff0000u) * a.y
+         + __uint_as_float(y << 16) * a.z + __uint_as_float(y & 0xffff0000u) * a.w
+         + __uint_as_float(z << 16) * b.x + __uint_as_float(z & 0xffff0000u) * b.y
+         + __uint_as_float(v << 16) * b.z + __uint_as_float(v & 0xffff0000u) * b.w;
+}
+__device__ __forceinline__ float dot8(const Packed8<float>& w, const float4& a, const float4& b) {
+    return w.low.x * a.x + w.low.y * a.y + w.low.z * a.z + w.low.w * a.w
+         + w.high.x * b.x + w.high.y * b.y + w.high.z * b.z + w.high.w * b.w;
 }

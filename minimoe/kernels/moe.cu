@@ -1,10 +1,126 @@
-// MoE dispatch and combine: group the (token, expert) assignments by expert, and add
-// the experts' weighted outputs back to their tokens.
+// The MoE block's bookkeeping: the router's choice, the dispatch that groups the (token, expert)
+// assignments by expert, and the combine that adds the experts' weighted outputs back to their tokens.
 //
-// Replaces the bookkeeping of minimoe.layers.routed_experts (argsort by expert, bincount,
-// h[rows], out[rows] += y * w); minimoe.gpu.launch.dispatch_plan / combine are the NumPy
-// mirrors the tests hold these to.  Assignment `slot = token * k + j` is token's j-th choice.
+// Replaces minimoe.layers.route (without `forced` experts, which fall back to it) and the
+// bookkeeping of minimoe.layers.routed_experts (argsort by expert, bincount, h[rows],
+// out[rows] += y * w); minimoe.gpu.launch.dispatch_plan / combine are the NumPy mirrors the
+// tests hold the dispatch and combine to.  Assignment `slot = token * k + j` is token's j-th choice.
+//
+// The router's logits may be the first `experts` columns of wider rows (`logits_stride` floats):
+// the GPU stacks the shared expert's gate under the router, so one matmul gives both, and the
+// gate's logit is each row's last column.
 #include "common.cuh"
+
+// The router's choice per token: softmax over all experts, top-k, optional renormalisation.
+//
+// As minimoe.layers.route:
+//   probs = softmax(logits) over ALL experts, in float32 (a disabled expert's logit is -inf);
+//   expert_ids = the k most probable, highest first; among equal probabilities the lower
+//     expert id first, both in which experts are chosen and in their order (minimoe's rule:
+//     a stable sort of -probs, as layers.route does);
+//   raw_weights = their probabilities; weights = raw / sum(raw) if norm_topk_prob else raw.
+// A row with no usable logit -- every expert disabled or at -inf, or a NaN or +inf logit --
+// gets NaN probabilities, as the NumPy softmax gives it (max - max = NaN), and NaN sorts after
+// every number (as in NumPy's sort), so its experts are 0 .. k-1 with NaN weights: the ids
+// are always valid, whatever the logits hold.
+// One warp per token.  Each lane keeps the probabilities of experts lane, lane + 32, ...
+// in registers, so there can be at most 32 * MAX_EXPERTS_PER_LANE experts.
+#define MAX_EXPERTS_PER_LANE 8  // up to 256 experts (Qwen1.5-MoE has 60)
+#define NAN_KEY (-1.0f)  // a NaN probability's rank: below every probability (all >= 0) ...
+#define TAKEN (-2.0f)    // ... and above an expert already chosen (or past the last expert)
+
+// The value the top-k ranks a probability by: NaN compares false with everything, so it gets NAN_KEY.
+__device__ __forceinline__ float rank_key(float probability) {
+    return is_nan(probability) ? NAN_KEY : probability;
+}
+
+// The router's choice for one token, by one warp (every lane calls it with the same token).
+// logits: row `token` at token * logits_stride -> logits_used (with -inf for disabled experts),
+// probs [tokens, experts], expert_ids / raw_weights / weights [tokens, top_k].  disabled:
+// [experts] bytes, nonzero = removed; may be null.
+__device__ void route_token(long token, const float* logits, int logits_stride, float* logits_used, float* probs,
+                            int* expert_ids, float* raw_weights, float* weights, const unsigned char* disabled,
+                            int experts, int top_k, int norm_topk_prob) {
+    const int lane = threadIdx.x % 32;
+    const float* row = logits + token * logits_stride;
+
+    float p[MAX_EXPERTS_PER_LANE];
+    float row_max = NEG_INF;
+    int nans = 0;
+#pragma unroll
+    for (int j = 0; j < MAX_EXPERTS_PER_LANE; ++j) {
+        const int e = lane + 32 * j;
+        p[j] = NEG_INF;
+        if (e < experts) {
+            p[j] = (disabled != nullptr && disabled[e]) ? NEG_INF : row[e];
+            logits_used[token * experts + e] = p[j];
+            row_max = fmaxf(row_max, p[j]);  // fmaxf skips NaN ...
+            nans += is_nan(p[j]);
+        }
+    }
+    row_max = warp_sum((float)nans) > 0.0f ? NAN_F : warp_max(row_max);  // ... NumPy's max does not
+    float total = 0.0f;
+#pragma unroll
+    for (int j = 0; j < MAX_EXPERTS_PER_LANE; ++j) {
+        p[j] = (lane + 32 * j < experts) ? expf(p[j] - row_max) : 0.0f;  // exp(-inf) = 0 for disabled
+        total += p[j];
+    }
+    total = warp_sum(total);
+#pragma unroll
+    for (int j = 0; j < MAX_EXPERTS_PER_LANE; ++j) {
+        const int e = lane + 32 * j;
+        p[j] = e < experts ? p[j] / total : TAKEN;  // experts past the end: never chosen
+        if (e < experts) probs[token * experts + e] = p[j];
+    }
+
+    // k rounds of a warp-wide argmax over rank_key (NaN below every probability, taken below NaN);
+    // the winner's owner marks it taken.  top_k <= experts (checked on the host), so every round
+    // finds an expert not yet taken and best_expert is always < experts.
+    float chosen_sum = 0.0f;
+    for (int rank = 0; rank < top_k; ++rank) {
+        float best = TAKEN;
+        int best_expert = experts;
+#pragma unroll
+        for (int j = 0; j < MAX_EXPERTS_PER_LANE; ++j) {
+            if (rank_key(p[j]) > best) { best = rank_key(p[j]); best_expert = lane + 32 * j; }  // j ascending: lower id wins ties
+        }
+        for (int offset = 16; offset > 0; offset /= 2) {
+            const float other = __shfl_xor_sync(FULL_MASK, best, offset);
+            const int other_expert = __shfl_xor_sync(FULL_MASK, best_expert, offset);
+            if (other > best || (other == best && other_expert < best_expert)) { best = other; best_expert = other_expert; }
+        }
+        if (best_expert % 32 == lane) {
+#pragma unroll
+            for (int j = 0; j < MAX_EXPERTS_PER_LANE; ++j) if (lane + 32 * j == best_expert) p[j] = TAKEN;
+        }
+        const float probability = best == NAN_KEY ? NAN_F : best;
+        if (lane == 0) {
+            expert_ids[token * top_k + rank] = best_expert;
+            raw_weights[token * top_k + rank] = probability;
+        }
+        chosen_sum += probability;
+    }
+    if (lane == 0) {
+        for (int rank = 0; rank < top_k; ++rank) {
+            const float raw = raw_weights[token * top_k + rank];
+            weights[token * top_k + rank] = norm_topk_prob ? raw / chosen_sum : raw;
+        }
+    }
+}
+
+// One warp per token (blocks of ROUTER_WARPS warps): route_token for every token.
+extern "C" __global__ void route_topk(const float* __restrict__ logits, int logits_stride, float* __restrict__ logits_used,
+                                      float* __restrict__ probs, int* __restrict__ expert_ids,
+                                      float* __restrict__ raw_weights, float* __restrict__ weights,
+                                      const unsigned char* __restrict__ disabled, int tokens, int experts, int top_k,
+                                      int norm_topk_prob) {
+    const long token = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    if (token >= tokens) return;  // the whole warp leaves together
+    route_token(token, logits, logits_stride, logits_used, probs, expert_ids, raw_weights, weights, disabled, experts,
+                top_k, norm_topk_prob);
+}
+
+// ---- the dispatch and the combine ----
 
 #define DISPATCH_CHUNK 1024
 
@@ -17,10 +133,11 @@
 // Each thread scans all slots (chunks staged in shared memory, so the reads are
 // shared): O(experts * slots) work, deterministic and stable without atomics; a few
 // microseconds at prefill sizes.
-extern "C" __global__ void moe_dispatch(const int* __restrict__ expert_ids, int slots, int experts, int top_k,
-                                        int* __restrict__ counts, int* __restrict__ offsets, int* __restrict__ perm,
-                                        int* __restrict__ inv_perm, int* __restrict__ rows, int* __restrict__ active,
-                                        int* __restrict__ num_active) {
+// expert_ids is read without __restrict__: route_dispatch writes it in the same launch, and a
+// read-only (non-coherent) cached load could miss those writes.
+__device__ void dispatch_slots(const int* expert_ids, int slots, int experts, int top_k, int* __restrict__ counts,
+                               int* __restrict__ offsets, int* __restrict__ perm, int* __restrict__ inv_perm,
+                               int* __restrict__ rows, int* __restrict__ active, int* __restrict__ num_active) {
     __shared__ int chunk[DISPATCH_CHUNK];
     __shared__ int start[1024 + 1];
     const int e = threadIdx.x;
@@ -65,16 +182,39 @@ extern "C" __global__ void moe_dispatch(const int* __restrict__ expert_ids, int 
     }
 }
 
+extern "C" __global__ void moe_dispatch(const int* expert_ids, int slots, int experts, int top_k, int* counts,
+                                        int* offsets, int* perm, int* inv_perm, int* rows, int* active,
+                                        int* num_active) {
+    dispatch_slots(expert_ids, slots, experts, top_k, counts, offsets, perm, inv_perm, rows, active, num_active);
+}
+
+// route_topk and moe_dispatch in one launch, for the few tokens of a decode step: one block of
+// at least max(32 * tokens, experts) threads; warp w routes token w, then the whole block
+// dispatches the chosen ids (__syncthreads makes the warps' writes visible to the block).
+extern "C" __global__ void route_dispatch(const float* logits, int logits_stride, float* logits_used, float* probs,
+                                          int* expert_ids, float* raw_weights, float* weights,
+                                          const unsigned char* disabled, int tokens, int experts, int top_k,
+                                          int norm_topk_prob, int* counts, int* offsets, int* perm, int* inv_perm,
+                                          int* rows, int* active, int* num_active) {
+    const int warp = threadIdx.x / 32;
+    if (warp < tokens)
+        route_token(warp, logits, logits_stride, logits_used, probs, expert_ids, raw_weights, weights, disabled,
+                    experts, top_k, norm_topk_prob);
+    __syncthreads();
+    dispatch_slots(expert_ids, tokens * top_k, experts, top_k, counts, offsets, perm, inv_perm, rows, active,
+                   num_active);
+}
+
 // out[t] = residual[t] + sum_j weights[t, j] * expert_out[inv_perm[t * k + j]]
-//          + sigmoid(shared_gate[t]) * shared[t]
+//          + sigmoid(shared_gate[t * gate_stride]) * shared[t]
 // expert_out [slots, hidden] in permuted order; weights [tokens, k]; residual, shared
-// [tokens, hidden] and shared_gate [tokens] (the shared expert gate's logit) may each be
-// null.  Each token sums its own k terms in order: no atomics, deterministic.
-// One thread per (token, column).
+// [tokens, hidden] and shared_gate (the shared expert gate's logit of token t at
+// t * gate_stride: a column of the stacked router output) may each be null.  Each token sums
+// its own k terms in order: no atomics, deterministic.  One thread per (token, column).
 extern "C" __global__ void moe_combine(const float* __restrict__ expert_out, const int* __restrict__ inv_perm,
                                        const float* __restrict__ weights, const float* __restrict__ residual,
                                        const float* __restrict__ shared, const float* __restrict__ shared_gate,
-                                       float* __restrict__ out, int tokens, int top_k, int hidden) {
+                                       int gate_stride, float* __restrict__ out, int tokens, int top_k, int hidden) {
     const long index = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (index >= (long)tokens * hidden) return;
     const long t = index / hidden;
@@ -85,7 +225,7 @@ extern "C" __global__ void moe_combine(const float* __restrict__ expert_out, con
         routed += weights[slot] * expert_out[(long)inv_perm[slot] * hidden + c];
     }
     float value = routed;
-    if (shared != nullptr) value += shared[index] * (1.0f / (1.0f + expf(-shared_gate[t])));
+    if (shared != nullptr) value += shared[index] * (1.0f / (1.0f + expf(-shared_gate[t * gate_stride])));
     if (residual != nullptr) value = residual[index] + value;
     out[index] = value;
 }
