@@ -269,9 +269,12 @@ def grouped_matmul(x, weight, bias, offsets, active, num_active, max_rows_per_gr
     if max_rows_per_group <= launch.kernel_constants("matmul.cu")["GEMV_MAX_ROWS"]:
         grid, block = launch.gemv_grid(out_features, 1 if ungrouped else min(groups, rows))
         dispatch = (NULL, NULL, NULL) if ungrouped else (offsets, active, num_active)
-        kind = "gemv1" if max_rows_per_group == 1 else "gemv"  # the one-row kernel keeps more loads in flight
+        # the one-row kernel keeps more loads in flight, and stages a SwiGLU input in shared memory (when it fits)
+        staged = launch.gemv_staged_bytes(in_features) if swiglu_input else 0
+        kind = "gemv1" if max_rows_per_group == 1 and staged <= launch.SHARED_MEMORY_BYTES else "gemv"
         kernel("matmul.cu", f"{kind}_grouped{variant}")(grid, block, (x, row_map, weight, _optional(bias), y,
-                                                                      *dispatch, *sizes))
+                                                                      *dispatch, *sizes),
+                                                        shared_mem=staged if kind == "gemv1" else 0)
         return y
     if ungrouped:
         counts_host = np.array([rows])

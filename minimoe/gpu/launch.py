@@ -28,11 +28,13 @@ ROUTER_WARPS = 4  # tokens per block of route_topk (one warp each)
 ATTENTION_WARPS = 4  # queries per block in prefill (one warp each, sharing each k/v tile)
 # Decode attention (flash-decoding): each (sequence, head) splits its cached keys over up to
 # enough blocks for DECODE_TARGET_BLOCKS in all (2 per SM of a 132-SM H200), and at most one
-# split per DECODE_MIN_KEYS_PER_SPLIT keys (16 per warp), so a short cache is not cut into
+# split per DECODE_MIN_KEYS_PER_SPLIT keys (4 per warp), so a short cache is not cut into
 # blocks that do little but merge; the block's 16 warps each take every 16th key of its chunk.
+# Measured on an H200 (docs/gpu.md), 16 heads at 577 keys: 23 us in 3 splits of 193 keys, 16 us
+# in 8 to 16 splits of 37 to 73; at 4,096 keys the 16 splits the target grid allows are fastest.
 DECODE_ATTENTION_WARPS = 16
 DECODE_TARGET_BLOCKS = 264
-DECODE_MIN_KEYS_PER_SPLIT = 256
+DECODE_MIN_KEYS_PER_SPLIT = 64
 SHARED_MEMORY_BYTES = 48 * 1024  # dynamic shared memory a kernel may use without an opt-in
 
 
@@ -122,6 +124,11 @@ def gemv_grid(out_features: int, groups: int) -> tuple[tuple[int, int], tuple[in
     return (ceil_div(out_features, warps), max(1, groups)), (warps * WARP,)
 
 
+def gemv_staged_bytes(in_features: int) -> int:
+    """Dynamic shared memory of gemv1_grouped_swiglu: the SwiGLU activation of one input row, in float32."""
+    return 4 * in_features
+
+
 def gemm_schedule(counts: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The tiles of gemm_grouped: for each group with rows, one tile per TILE_M of them.
 
@@ -198,7 +205,7 @@ class DecodeAttentionLaunch(NamedTuple):
 def decode_splits(keys: int, heads: int, batch: int) -> int:
     """Blocks per (sequence, head) of decode attention over ``keys`` cached positions (the kernel gives
     each ceil(keys / splits) of them)."""
-    return max(1, min(ceil_div(keys, DECODE_MIN_KEYS_PER_SPLIT), ceil_div(DECODE_TARGET_BLOCKS, heads * batch)))
+    return max(1, min(ceil_div(keys, DECODE_MIN_KEYS_PER_SPLIT), DECODE_TARGET_BLOCKS // (heads * batch)))
 
 
 def decode_attention_launch(heads: int, batch: int, head_dim: int, keys: int,

@@ -37,7 +37,7 @@
 #define GEMV_WARPS 8        // output features per block
 #define GEMV_MAX_ROWS 8     // rows of x (tokens) a warp carries at once, in registers
 #ifndef GEMV_UNROLL         // (minimoe.gpu.profile compiles other values beside it, to measure them)
-#define GEMV_UNROLL 4       // gemv1: 16-byte weight loads a lane has in flight at once
+#define GEMV_UNROLL 2       // gemv1: 16-byte weight loads a lane has in flight at once
 #endif
 #define TILE_M 64
 #define TILE_N 64
@@ -111,28 +111,43 @@ __device__ __forceinline__ void dot_rows(const W* __restrict__ w, const float* c
 // ROWS input rows at a time: GEMV_MAX_ROWS for a few tokens, 1 for decode at batch 1 (which leaves
 // registers for UNROLL loads in flight).  Each combination is a kernel of its own (see the entry
 // points), so one's register count never limits another's occupancy.
+// A SwiGLU input at one row (gemv1_grouped_swiglu_*) is formed once per block, silu(gate) * up into
+// dynamic shared memory (in_features floats), which the block's warps then read: formed by every
+// warp as it reads, it cost each output feature in_features exponentials and twice the input reads.
 template <int ROWS, int UNROLL, bool SWIGLU, typename W>
 __device__ void gemv_grouped(const float* __restrict__ x, const int* __restrict__ x_rows, const W* __restrict__ weight,
                              const float* __restrict__ bias,
                              float* __restrict__ y, const int* __restrict__ offsets, const int* __restrict__ active,
                              const int* __restrict__ num_active, int out_features, int in_features, int total_rows) {
+    extern __shared__ float activation[];  // the staged SwiGLU input row (one-row SwiGLU kernels only)
+    constexpr bool staged = SWIGLU && ROWS == 1;
     const bool grouped = offsets != nullptr;  // else one group of total_rows rows
     if (grouped && blockIdx.y >= num_active[0]) return;  // fewer experts were chosen than the grid allows for
     const int group = grouped ? active[blockIdx.y] : 0;
     const int lane = threadIdx.x % 32;
     const int feature = blockIdx.x * GEMV_WARPS + threadIdx.x / 32;
-    if (feature >= out_features) return;
-    const W* w = weight + ((long)group * out_features + feature) * in_features;
+    const bool valid = feature < out_features;  // a warp past the end still helps stage and reaches the barriers
+    const W* w = weight + ((long)group * out_features + (valid ? feature : 0)) * in_features;
     const int first = grouped ? offsets[group] : 0, last = grouped ? offsets[group + 1] : total_rows;
     const int x_stride = SWIGLU ? 2 * in_features : in_features;
 
     for (int row0 = first; row0 < last; row0 += ROWS) {
         const int rows = min(ROWS, last - row0);
         const float* xr[ROWS];
+        if constexpr (staged) {
+            const float* row = x_row(x, x_rows, row0, x_stride);
+            __syncthreads();  // the previous row's activation is no longer read
+            for (int i = threadIdx.x; i < in_features; i += blockDim.x)
+                activation[i] = silu_mul(row[i], row[in_features + i]);
+            __syncthreads();
+            xr[0] = activation;
+        } else {
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r) xr[r] = x_row(x, x_rows, row0 + min(r, rows - 1), x_stride);
+            for (int r = 0; r < ROWS; ++r) xr[r] = x_row(x, x_rows, row0 + min(r, rows - 1), x_stride);
+        }
+        if (!valid) continue;
         float acc[ROWS] = {0.0f};
-        dot_rows<ROWS, UNROLL, SWIGLU>(w, xr, rows, in_features, acc);
+        dot_rows<ROWS, UNROLL, SWIGLU && !staged>(w, xr, rows, in_features, acc);
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
             const float total = warp_sum(acc[r]);  // all lanes take part, even for r >= rows
