@@ -234,16 +234,18 @@ class Inputs:
         return self.cp.asarray(array)
 
 
-def check_norms(t: Inputs, rows: int = 300) -> list[Check]:
+def check_norms(t: Inputs, rows: int = 300, hidden: int | None = None) -> list[Check]:
+    """rms_norm and add_rms_norm over ``rows`` rows of ``hidden`` (default: the shapes' hidden size)."""
     from .gpu import kernels
 
-    hidden, tol = t.shapes["hidden"], TOLERANCES["kernel"]
+    hidden, tol = hidden or t.shapes["hidden"], TOLERANCES["kernel"]
     x, delta, w = t.f32(rows, hidden), t.f32(rows, hidden), 1 + 0.1 * t.f32(hidden)
     normed = kernels.rms_norm(t.dev(x), t.dev(w), 1e-6)
     total, normed_sum = kernels.add_rms_norm(t.dev(x), t.dev(delta), t.dev(w), 1e-6)
-    return [Check("rms_norm", relative_error(normed, layers.rms_norm(np, x, w, 1e-6)), tol),
-            Check("add_rms_norm", max(relative_error(total, x + delta),
-                                      relative_error(normed_sum, layers.rms_norm(np, x + delta, w, 1e-6))), tol)]
+    width = "" if hidden == t.shapes["hidden"] else f" (hidden {hidden})"
+    return [Check(f"rms_norm{width}", relative_error(normed, layers.rms_norm(np, x, w, 1e-6)), tol),
+            Check(f"add_rms_norm{width}", max(relative_error(total, x + delta),
+                                              relative_error(normed_sum, layers.rms_norm(np, x + delta, w, 1e-6))), tol)]
 
 
 def check_rope_and_attention(t: Inputs, heads: int, kv_heads: int, tokens: int, start: int) -> list[Check]:
@@ -324,6 +326,7 @@ def check_moe(t: Inputs, tokens: int, experts: np.ndarray) -> list[Check]:
         checks.append(Check(f"route_dispatch (N={tokens}, norm=True, disabled=[0, 5]): id and plan mismatches",
                             int((to_numpy(choice.expert_ids) != want.expert_ids).sum())
                             + plan_mismatches(fused, want_plan), 0))
+    checks += check_shared_groups(t, stacked, want, groups=3)
 
     h = t.f32(tokens, H)
     permuted = h[want_plan.rows]  # each expert's tokens contiguous
@@ -351,6 +354,31 @@ def check_moe(t: Inputs, tokens: int, experts: np.ndarray) -> list[Check]:
                           t.dev(shared), t.dev(stacked)[:, E])  # the gate's logit read in place, a column
     want_sum = launch.combine(expert_out, want_plan.inv_perm, want.expert_weights, residual, shared, stacked[:, E])
     checks.append(Check(f"moe_combine (N={tokens})", relative_error(got, want_sum), tol))
+    return checks
+
+
+def check_shared_groups(t: Inputs, stacked: np.ndarray, want: layers.RouterChoice, groups: int) -> list[Check]:
+    """The routers with the shared expert as ``groups`` always-on experts after the E routed ones: each token's
+    k choices then the groups E .., weighted by sigmoid(the gate's logit, the stacked column E); and the
+    dispatch of all those slots over E + groups experts."""
+    from .gpu import kernels, launch
+
+    tokens, E, k = stacked.shape[0], stacked.shape[1] - 1, want.expert_ids.shape[1]
+    gate = np.repeat(layers.sigmoid(np, stacked[:, E:]), groups, axis=1)
+    ids = np.concatenate([want.expert_ids, np.broadcast_to(E + np.arange(groups), (tokens, groups))], axis=1)
+    weights = np.concatenate([want.expert_weights, gate], axis=1)
+    name = f"(N={tokens}, norm=True, disabled=[0, 5], {groups} shared groups)"
+    choices = [("route", kernels.route(t.dev(stacked), k, True, (0, 5), E, groups), None)]
+    if tokens <= launch.kernel_constants("matmul.cu")["GEMV_MAX_ROWS"]:
+        choices.append(("route_dispatch", *kernels.route_dispatch(t.dev(stacked), k, True, (0, 5), E, groups)))
+    checks = []
+    for kernel, choice, plan in choices:
+        mismatches = int((to_numpy(choice.expert_ids) != ids).sum())
+        if plan is not None:
+            mismatches += plan_mismatches(plan, launch.dispatch_plan(ids, E + groups))
+        checks.append(Check(f"{kernel} {name}: id{' and plan' if plan is not None else ''} mismatches", mismatches, 0))
+        checks.append(Check(f"{kernel} {name}: weights", relative_error(choice.expert_weights, weights),
+                            TOLERANCES["kernel"]))
     return checks
 
 
@@ -443,6 +471,7 @@ def check_kernels(cp, rng, shapes: dict = REAL_SHAPES):
     t = Inputs(cp, rng, shapes)
     s = shapes
     yield from guarded("norms", check_norms, t)
+    yield from guarded("norms of wide rows", check_norms, t, 3, 5000)  # more threads than 256 per row
     for heads, kv_heads, tokens, start in ((s["heads"], s["heads"], 200, 0), (s["heads"], 4, 64, 300)):
         # multi-head prefill from position 0; grouped-query continuing a cache of 300 positions
         yield from guarded(f"rope and attention ({heads}/{kv_heads} heads)", check_rope_and_attention, t, heads,

@@ -167,8 +167,9 @@ def rope_store_kv(grid, block, x, cos, sin, k_cache, v_cache, rows, tokens, head
 
 
 def route_topk(grid, block, logits, logits_stride, used, probs, expert_ids, raw, weights, disabled, tokens, experts,
-               top_k, norm):
-    values = _rows(logits, logits_stride)[:tokens, :experts].copy()
+               top_k, shared_groups, norm):
+    rows = _rows(logits, logits_stride)[:tokens]
+    values = rows[:, :experts].copy()
     if _given(disabled):
         values[:, disabled.astype(bool)] = -np.inf
     _rows(used, experts)[:] = values
@@ -178,9 +179,14 @@ def route_topk(grid, block, logits, logits_stride, used, probs, expert_ids, raw,
     _rows(probs, experts)[:] = p
     ids = np.argsort(-p, axis=-1, kind="stable")[:, :top_k]  # highest first, lower id first on ties, NaN last
     chosen = np.take_along_axis(p, ids, -1)
-    _rows(expert_ids, top_k)[:] = ids
-    _rows(raw, top_k)[:] = chosen
-    _rows(weights, top_k)[:] = chosen / chosen.sum(-1, keepdims=True) if norm else chosen
+    slots = top_k + shared_groups
+    _rows(expert_ids, slots)[:, :top_k] = ids
+    _rows(raw, slots)[:, :top_k] = chosen
+    _rows(weights, slots)[:, :top_k] = chosen / chosen.sum(-1, keepdims=True) if norm else chosen
+    if shared_groups:  # the shared expert's groups, weighted by the sigmoid of the gate's logit (column `experts`)
+        gate = (1.0 / (1.0 + np.exp(-rows[:, experts])))[:, None]
+        _rows(expert_ids, slots)[:, top_k:] = experts + np.arange(shared_groups)
+        _rows(raw, slots)[:, top_k:] = _rows(weights, slots)[:, top_k:] = gate
 
 
 def moe_dispatch(grid, block, expert_ids, slots, experts, top_k, counts, offsets, perm, inv_perm, rows, active,
@@ -193,12 +199,13 @@ def moe_dispatch(grid, block, expert_ids, slots, experts, top_k, counts, offsets
 
 
 def route_dispatch(grid, block, logits, logits_stride, used, probs, expert_ids, raw, weights, disabled, tokens, experts,
-                   top_k, norm, counts, offsets, perm, inv_perm, rows, active, num_active):
-    assert grid == (1,) and block[0] >= max(32 * tokens, experts)
+                   top_k, shared_groups, norm, counts, offsets, perm, inv_perm, rows, active, num_active):
+    assert grid == (1,) and block[0] >= max(32 * tokens, experts + shared_groups)
     route_topk(grid, block, logits, logits_stride, used, probs, expert_ids, raw, weights, disabled, tokens, experts,
-               top_k, norm)
-    moe_dispatch((1,), block, expert_ids, tokens * top_k, experts, top_k, counts, offsets, perm, inv_perm, rows, active,
-                 num_active)
+               top_k, shared_groups, norm)
+    slots = top_k + shared_groups
+    moe_dispatch((1,), block, expert_ids, tokens * slots, experts + shared_groups, slots, counts, offsets, perm,
+                 inv_perm, rows, active, num_active)
 
 
 def moe_combine(grid, block, expert_out, inv_perm, weights, residual, shared, shared_gate, gate_stride, out, tokens,

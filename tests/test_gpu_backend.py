@@ -98,9 +98,13 @@ def test_gpu_decoding_through_the_cache_matches_numpy(emulated):
     assert cpu.generate(ids[:8], 6, temperature=0) == gpu.generate(ids[:8], 6, temperature=0)
 
 
-def test_gpu_traces_and_interventions_match_numpy(emulated):
-    cpu, gpu = both(FIXTURES / "moe_norm_topk")
-    ids = np.arange(12) * 5 % cpu.config.vocab_size
+# moe_norm_topk's shared expert runs on its own (24 wide, experts 16); the bundled model's as 4 of its experts
+# (352 = 4 x 88).  5 tokens route and dispatch in one launch, 12 in two.
+@pytest.mark.parametrize("folder", [FIXTURES / "moe_norm_topk", minimoe.default_model_path()], ids=["own", "groups"])
+@pytest.mark.parametrize("tokens", [5, 12])
+def test_gpu_traces_and_interventions_match_numpy(emulated, folder, tokens):
+    cpu, gpu = both(folder)
+    ids = np.arange(tokens) * 5 % cpu.config.vocab_size
     layer = cpu.config.sparse_layers[0]
     for change in ({}, {"disabled_experts": {layer: [0, 3]}}, {"forced_experts": {layer: [1, 2]}}, {"top_k": 2},
                    {"shared_expert": False}):
@@ -108,7 +112,9 @@ def test_gpu_traces_and_interventions_match_numpy(emulated):
         assert np.array_equal(a.expert_ids, b.expert_ids), change
         for field in ("router_logits", "router_probs", "expert_weights", "shared_gate", "shared_norm", "routed_norm",
                       "attention_norm", "logits"):
-            np.testing.assert_allclose(getattr(b, field), getattr(a, field), rtol=1e-4, atol=1e-6, err_msg=str(change))
+            want = getattr(a, field)  # float32 sums in another order: noise at the field's own scale
+            scale = np.abs(want[np.isfinite(want)]).max(initial=1.0)
+            np.testing.assert_allclose(getattr(b, field), want, rtol=1e-4, atol=1e-6 * scale, err_msg=str(change))
     assert gpu.aux_loss(ids) == pytest.approx(cpu.aux_loss(ids), rel=1e-5)
 
 
@@ -133,9 +139,10 @@ def test_the_graph_decoder_counts_one_launch_per_kernel_and_refuses_a_large_batc
     c = gpu.config
     sparse, dense = len(c.sparse_layers), c.num_hidden_layers - len(c.sparse_layers)
     # per layer: norm, qkv, rope, attention (+ merge when split), o, add_norm; sparse: router (with the shared
-    # gate), route_dispatch, gate_up, down, shared gate_up, shared down, combine; dense: gate_up, down
+    # gate), route_dispatch, gate_up, down, shared gate_up, shared down (24 wide: not whole experts of 16), combine;
+    # dense: gate_up, down; then the final norm and the output head
     per_layer = 6 + (launch_splits(gpu, cache) > 1)
-    assert kernels.launches - before == 1 + c.num_hidden_layers * per_layer + 7 * sparse + 2 * dense + 1
+    assert kernels.launches - before == 1 + c.num_hidden_layers * per_layer + 7 * sparse + 2 * dense + 2
     big = gpu.new_cache()
     gpu.forward(np.ones((9, 2), dtype=int), cache=big)
     with pytest.raises(MinimoeError, match="batches of up to 8 sequences"):

@@ -234,13 +234,14 @@ def test_the_benchmark_writes_each_part_and_holds_graph_tokens_to_eager_ones(mon
     step = bench["profile"]["decode_step"]
     c = minimoe.load(minimoe.default_model_path()).config
     # gather; per layer norm, qkv, rope, attention, o, add_norm; per sparse layer router (with the shared gate),
-    # route_dispatch, the experts' gate/up and down, the shared expert's gate/up and down, combine; head
-    kernels_per_token = 1 + 6 * c.num_hidden_layers + 7 * len(c.sparse_layers) + 1
+    # route_dispatch, the experts' gate/up and down (the shared expert among them: 352 = 4 x 88), combine; head
+    assert c.shared_expert_intermediate_size % c.moe_intermediate_size == 0
+    kernels_per_token = 1 + 6 * c.num_hidden_layers + 5 * len(c.sparse_layers) + 1
     assert sum(row["launches"] for row in step["kernels"]) == kernels_per_token
     head = next(row for row in step["kernels"] if "output head" in row["kernel"])
     assert head["bytes"] == c.vocab_size * c.hidden_size * 2 + c.hidden_size * 4 + c.vocab_size * 4  # bf16 W, x, y
     experts = next(row for row in step["kernels"] if "experts gate/up" in row["kernel"])
-    assert f"{c.num_experts_per_tok} of {c.num_experts} groups" in experts["kernel"]
+    assert f"{c.num_experts_per_tok + 4} of {c.num_experts + 4} groups" in experts["kernel"]  # 4 shared groups
     prefill = bench["profile"]["prefill"]
     assert any(row["tflop_s"] > 0 for row in prefill["kernels"]) and prefill["tokens"] == 12
     assert {row["splits"] for row in bench["profile"]["decode_attention"]} >= {1, 2, 3}
@@ -258,6 +259,7 @@ def test_time_decode_counts_the_eager_steps_launches(monkeypatch):
     model = minimoe.load(minimoe.default_model_path(), backend="cupy")
     c = model.config
     result = gpu_check.time_decode(cupy, model, np.arange(5), 3, graph=False)
-    # gather; per layer norm, qkv, rope, attention, o, add_norm; per sparse layer 7 more (router .. combine); head
-    assert result["launches_per_token"] == 1 + 6 * c.num_hidden_layers + 7 * len(c.sparse_layers) + 1
+    # gather; per layer norm, qkv, rope, attention, o, add_norm; per sparse layer router (with the shared gate),
+    # route_dispatch, gate/up and down of the experts and the shared expert's 4 groups, combine; head
+    assert result["launches_per_token"] == 1 + 6 * c.num_hidden_layers + 5 * len(c.sparse_layers) + 1
     assert result["decode_tok_s"] > 0 and result["host_ms_per_token"] > 0

@@ -20,6 +20,12 @@ def test_elementwise_and_norm_launches_cover_every_element():
         (blocks,), (threads,) = launch.elementwise_grid(elements)
         assert blocks * threads >= elements > (blocks - 1) * threads
     assert launch.norm_block(32) == (32,) and launch.norm_block(40) == (64,) and launch.norm_block(2048) == (256,)
+    values = launch.kernel_constants("norm.cu")["NORM_VALUES"]
+    for hidden in (1004, 2048, 3584, 5000, 8192):  # every value of the row has a thread's register
+        (threads,) = launch.norm_block(hidden)
+        assert threads % 32 == 0 and threads * values >= hidden and threads <= 1024
+    with pytest.raises(MinimoeError, match="rows of up to 8192 values"):
+        launch.norm_block(8193)
 
 
 def test_router_grid_gives_each_token_a_warp_and_rejects_what_the_kernel_cannot_hold():

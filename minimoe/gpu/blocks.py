@@ -145,50 +145,85 @@ class GpuSwiGLU:
 @dataclass
 class GpuSparseMoe:
     """Mirrors :class:`minimoe.model.SparseMoeBlock`, with the residual add folded into the combine and the
-    shared expert's gate stacked under the router (one matmul gives both)."""
+    shared expert's gate stacked under the router (one matmul gives both).
+
+    When the shared expert is a whole number S of experts wide (Qwen1.5-MoE's 5632 = 4 x 1408), it runs
+    as S more experts, E .. E + S - 1, that every token uses: group E + s holds rows s*I .. (s+1)*I - 1
+    of its gate and of its up projection and those columns of its down projection, so its output is
+    the sum of the S groups' (a SwiGLU splits exactly along its intermediate axis).  Each token then
+    has k + S slots, the S weighted by sigmoid(gate), and one grouped matmul runs all of them.
+    Otherwise (``shared_groups`` 0) the shared expert runs on its own, as ``shared``.
+    """
 
     router: GpuLinear  # [1, E + 1, H]: the router's E rows, then the shared expert gate's
-    gate_up: GpuLinear  # [E, 2 * moe_intermediate, H]
-    down: GpuLinear  # [E, H, moe_intermediate]
-    shared: GpuSwiGLU
+    gate_up: GpuLinear  # [E + S, 2 * moe_intermediate, H]
+    down: GpuLinear  # [E + S, H, moe_intermediate]
+    shared: GpuSwiGLU | None  # the shared expert, when it is not in the groups
+    shared_groups: int  # S
     top_k: int
     norm_topk_prob: bool
 
     def __call__(self, h, residual, layer: int, change: LayerInterventions = NO_INTERVENTIONS, record=None):
         """h, residual ``[N, H]`` -> ``residual + routed(h) + shared(h)`` ``[N, H]``."""
-        tokens, num_experts = h.shape[0], self.gate_up.weight.shape[0]
+        tokens, groups = h.shape[0], self.shared_groups
+        num_experts = self.gate_up.weight.shape[0] - groups  # the routed experts; the shared groups follow them
         logits = self.router(h)  # [N, E + 1]
-        gate_logit = logits[:, num_experts]  # read in place by the combine
+        gate_logit = logits[:, num_experts]  # read in place by the route or the combine kernel
         top_k = change.top_k or self.top_k
         # A token picks an expert at most once, so no expert has more than N rows.  Decode
         # (N <= GEMV_MAX_ROWS) never leaves the device; prefill reads the counts once for the GEMM tiles.
         few = tokens <= launch.kernel_constants("matmul.cu")["GEMV_MAX_ROWS"]
         if change.forced is not None:  # forcing experts is an experiment, not a hot path: the reference router
-            choice = layers.route(cp, logits[:, :num_experts], top_k, self.norm_topk_prob, change.disabled,
-                                  change.forced)
-            plan = kernels.dispatch(choice.expert_ids, num_experts)
+            choice = with_shared_groups(layers.route(cp, logits[:, :num_experts], top_k, self.norm_topk_prob,
+                                                     change.disabled, change.forced), gate_logit, num_experts, groups)
+            plan = kernels.dispatch(choice.expert_ids, num_experts + groups)
         elif few:  # decode: the router's choice and the dispatch in one launch
-            choice, plan = kernels.route_dispatch(logits, top_k, self.norm_topk_prob, change.disabled, num_experts)
+            choice, plan = kernels.route_dispatch(logits, top_k, self.norm_topk_prob, change.disabled, num_experts,
+                                                  groups)
         else:
-            choice = kernels.route(logits, top_k, self.norm_topk_prob, change.disabled, num_experts)
-            plan = kernels.dispatch(choice.expert_ids, num_experts)
+            choice = kernels.route(logits, top_k, self.norm_topk_prob, change.disabled, num_experts, groups)
+            plan = kernels.dispatch(choice.expert_ids, num_experts + groups)
         counts = None if few else cp.asnumpy(plan.counts)
+        weights = choice.expert_weights  # [N, routed + S]
+        routed_slots = weights.shape[1] - groups  # k, or as many experts as were forced
+        if groups and not change.shared_expert:  # the shared groups still run, and count for nothing
+            weights = weights.copy()
+            weights[:, routed_slots:] = 0
         # gate_up reads each expert's tokens straight from h (plan.rows); its output, and all
-        # that follows, is in dispatch order [N*k, ...]: each expert's rows contiguous.
+        # that follows, is in dispatch order [N*(k + S), ...]: each expert's rows contiguous.
         gate_up = self.gate_up.grouped(h, plan, tokens, counts, x_rows=plan.rows)
         expert_out = self.down.grouped(gate_up, plan, tokens, counts, swiglu_input=True)
-        shared = self.shared(h) if change.shared_expert else None
-        out = kernels.combine(expert_out, plan.inv_perm, choice.expert_weights, residual, shared,
+        shared = self.shared(h) if self.shared is not None and change.shared_expert else None
+        out = kernels.combine(expert_out, plan.inv_perm, weights, residual, shared,
                               None if shared is None else gate_logit)
         if record is not None:
+            routed_weights = weights.copy()
+            routed_weights[:, routed_slots:] = 0
+            routed = kernels.combine(expert_out, plan.inv_perm, routed_weights)
             gate = layers.sigmoid(cp, gate_logit)
-            routed = kernels.combine(expert_out, plan.inv_perm, choice.expert_weights)
-            shared_part = cp.zeros_like(routed) if shared is None else shared * gate[:, None]
-            record(layer, router_logits=choice.logits, router_probs=choice.probs,
-                   expert_ids=choice.expert_ids.astype(cp.int64), raw_weights=choice.raw_weights,
-                   expert_weights=choice.expert_weights, shared_gate=gate,
-                   shared_norm=cp.linalg.norm(shared_part, axis=-1), routed_norm=cp.linalg.norm(routed, axis=-1))
+            if groups:
+                shared_part = kernels.combine(expert_out, plan.inv_perm, weights - routed_weights)
+            else:
+                shared_part = cp.zeros_like(routed) if shared is None else shared * gate[:, None]
+            routed_choice = layers.RouterChoice(choice.logits, choice.probs,
+                                                *(field[:, :routed_slots] for field in choice[2:]))
+            record(layer, **routed_choice.trace_fields() | dict(expert_ids=routed_choice.expert_ids.astype(cp.int64)),
+                   shared_gate=gate, shared_norm=cp.linalg.norm(shared_part, axis=-1),
+                   routed_norm=cp.linalg.norm(routed, axis=-1))
         return out
+
+
+def with_shared_groups(choice: layers.RouterChoice, gate_logit, num_experts: int, groups: int) -> layers.RouterChoice:
+    """``choice``'s ``[N, k]`` ids and weights followed by the shared expert's ``groups`` (ids E .., weight
+    sigmoid(gate)): what the route kernels give, for a choice :func:`minimoe.layers.route` made."""
+    if not groups:
+        return choice
+    tokens = choice.expert_ids.shape[0]
+    ids = cp.broadcast_to(cp.arange(num_experts, num_experts + groups, dtype=cp.int32), (tokens, groups))
+    gate = cp.broadcast_to(layers.sigmoid(cp, gate_logit)[:, None], (tokens, groups)).astype(cp.float32)
+    return choice._replace(expert_ids=cp.concatenate([choice.expert_ids.astype(cp.int32), ids], axis=1),
+                           raw_weights=cp.concatenate([choice.raw_weights, gate], axis=1),
+                           expert_weights=cp.concatenate([choice.expert_weights, gate], axis=1))
 
 
 @dataclass
@@ -277,13 +312,24 @@ def build_from(config: ModelConfig, tensor) -> GpuModel:
     def feed_forward(layer):
         if not config.is_sparse_layer(layer):
             return swiglu(weights.dense_mlp_prefix(layer))
+        inter, shared_inter = config.moe_intermediate_size, config.shared_expert_intermediate_size
+        groups = shared_inter // inter if shared_inter % inter == 0 else 0  # the shared expert as always-on experts
         experts = [weights.swiglu_names(weights.expert_prefix(layer, e)) for e in range(config.num_experts)]
+        gate_up = [[tensor(names["gate"]), tensor(names["up"])] for names in experts]
+        down = [[tensor(names["down"])] for names in experts]
+        shared_names = weights.swiglu_names(weights.shared_expert_prefix(layer))
+        if groups:
+            gate, up, shared_down = (tensor(shared_names[key]) for key in ("gate", "up", "down"))
+            cuts = [slice(s * inter, (s + 1) * inter) for s in range(groups)]
+            gate_up += [[gate[cut], up[cut]] for cut in cuts]
+            down += [[shared_down[:, cut]] for cut in cuts]
         return GpuSparseMoe(
             router=GpuLinear.stacked([[tensor(weights.router_name(layer)),
                                        tensor(weights.shared_expert_gate_name(layer))]]),
-            gate_up=GpuLinear.stacked([[tensor(names["gate"]), tensor(names["up"])] for names in experts]),
-            down=GpuLinear.stacked([[tensor(names["down"])] for names in experts]),
-            shared=swiglu(weights.shared_expert_prefix(layer)),
+            gate_up=GpuLinear.stacked(gate_up),
+            down=GpuLinear.stacked(down),
+            shared=None if groups else swiglu(weights.shared_expert_prefix(layer)),
+            shared_groups=groups,
             top_k=config.num_experts_per_tok,
             norm_topk_prob=config.norm_topk_prob,
         )

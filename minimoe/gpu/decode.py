@@ -93,7 +93,7 @@ class GraphDecoder:
         x = kernels.gather_rows(model.embed.weight, self.tokens)  # [B, 1, H]
         for layer in model.decoder:
             x = layer(cp, x, self.cos, self.sin, cache, cache.length, position=self.position)
-        x = layers.rms_norm(cp, x, model.final_norm, model.config.rms_norm_eps)
+        x = kernels.rms_norm(x, model.final_norm, model.config.rms_norm_eps)
         return model.lm_head(x)
 
     def capture_step(self) -> None:

@@ -127,29 +127,33 @@ def rope_store_kv(rows, cos, sin, k_cache, v_cache, start: int, tokens: int, hea
 
 # --- the router and the MoE dispatch ------------------------------------------------------------------
 
-def route(router_logits, top_k: int, norm_topk_prob: bool, disabled=(), experts: int | None = None) -> layers.RouterChoice:
+def route(router_logits, top_k: int, norm_topk_prob: bool, disabled=(), experts: int | None = None,
+          shared_groups: int = 0) -> layers.RouterChoice:
     """Replaces :func:`minimoe.layers.route` (without ``forced``).  router_logits ``[N, E]`` -> RouterChoice.
 
     ``experts``: the router's logits are the first ``experts`` columns of wider rows (the GPU's router
     output with the shared expert gate's logit stacked after them); default: every column.
-    expert_ids are int32 on the GPU (the dispatch kernel's index type).
+    ``shared_groups`` S: the shared expert runs as S always-on experts E .. E + S - 1, and the
+    choice's ids and weights are ``[N, k + S]``: each token's k routed experts, then the S groups
+    weighted by sigmoid(the gate's logit, column E).  expert_ids are int32 on the GPU (the dispatch
+    kernel's index type).
     """
     logits = _contiguous(router_logits)
     tokens, experts = logits.shape[0], experts or logits.shape[1]
     grid, block = launch.router_grid(tokens, experts, top_k)
-    outputs = _choice_arrays(tokens, experts, top_k)
-    kernel("moe.cu", "route_topk")(grid, block, (logits, np.int32(logits.shape[1]), *outputs, _disabled_mask(disabled, experts),
-                                                 np.int32(tokens), np.int32(experts), np.int32(top_k),
-                                                 np.int32(norm_topk_prob)))
+    outputs = _choice_arrays(tokens, experts, top_k + shared_groups)
+    kernel("moe.cu", "route_topk")(grid, block, (logits, np.int32(logits.shape[1]), *outputs,
+                                                 _disabled_mask(disabled, experts), np.int32(tokens), np.int32(experts),
+                                                 np.int32(top_k), np.int32(shared_groups), np.int32(norm_topk_prob)))
     return layers.RouterChoice(*outputs)
 
 
-def _choice_arrays(tokens: int, experts: int, top_k: int) -> tuple:
-    """The route kernels' outputs: logits used ``[N, E]``, probs ``[N, E]``, ids ``[N, k]`` int32, raw and
-    final weights ``[N, k]`` (RouterChoice's fields, in its order)."""
+def _choice_arrays(tokens: int, experts: int, slots: int) -> tuple:
+    """The route kernels' outputs: logits used ``[N, E]``, probs ``[N, E]``, ids ``[N, slots]`` int32, raw and
+    final weights ``[N, slots]`` (RouterChoice's fields, in its order)."""
     used, probs = (cp.empty((tokens, experts), dtype=cp.float32) for _ in range(2))
-    ids = cp.empty((tokens, top_k), dtype=cp.int32)
-    raw, weights = (cp.empty((tokens, top_k), dtype=cp.float32) for _ in range(2))
+    ids = cp.empty((tokens, slots), dtype=cp.int32)
+    raw, weights = (cp.empty((tokens, slots), dtype=cp.float32) for _ in range(2))
     return used, probs, ids, raw, weights
 
 
@@ -180,16 +184,18 @@ def _plan_arrays(slots: int, num_experts: int) -> tuple:
     return counts, offsets, perm, inv_perm, rows, active, num_active
 
 
-def route_dispatch(router_logits, top_k: int, norm_topk_prob: bool, disabled=(), experts: int | None = None):
-    """:func:`route` then :func:`dispatch` in one launch, for a few tokens (a decode step):
-    router_logits ``[N, >= E]`` -> (RouterChoice, :class:`DevicePlan`)."""
+def route_dispatch(router_logits, top_k: int, norm_topk_prob: bool, disabled=(), experts: int | None = None,
+                   shared_groups: int = 0):
+    """:func:`route` then :func:`dispatch` (over the E + S experts) in one launch, for a few tokens (a decode
+    step): router_logits ``[N, >= E]`` -> (RouterChoice, :class:`DevicePlan`)."""
     logits = _contiguous(router_logits)
     tokens, experts = logits.shape[0], experts or logits.shape[1]
     launch.router_grid(tokens, experts, top_k)  # the checks of what the kernel can hold
-    outputs, plan = _choice_arrays(tokens, experts, top_k), _plan_arrays(tokens * top_k, experts)
-    kernel("moe.cu", "route_dispatch")((1,), launch.route_dispatch_block(tokens, experts),
+    slots = top_k + shared_groups
+    outputs, plan = _choice_arrays(tokens, experts, slots), _plan_arrays(tokens * slots, experts + shared_groups)
+    kernel("moe.cu", "route_dispatch")((1,), launch.route_dispatch_block(tokens, experts + shared_groups),
                                        (logits, np.int32(logits.shape[1]), *outputs, _disabled_mask(disabled, experts),
-                                        np.int32(tokens), np.int32(experts), np.int32(top_k),
+                                        np.int32(tokens), np.int32(experts), np.int32(top_k), np.int32(shared_groups),
                                         np.int32(norm_topk_prob), *plan))
     return layers.RouterChoice(*outputs), DevicePlan(*plan)
 

@@ -89,8 +89,13 @@ def elementwise_grid(elements: int) -> tuple[tuple[int], tuple[int]]:
 
 
 def norm_block(hidden: int) -> tuple[int]:
-    """Threads per row of rms_norm: the hidden size rounded up to a warp, at most 256 (they stride over it)."""
-    return (min(256, round_up(hidden, WARP)),)
+    """Threads per row of rms_norm: enough for NORM_VALUES values each, in whole warps, at least 256 (or the
+    row rounded up to a warp, if smaller).  MinimoeError for a row no block can hold."""
+    values = kernel_constants("norm.cu")["NORM_VALUES"]
+    if hidden > values * MAX_BLOCK:
+        raise MinimoeError(f"the GPU norm kernels hold rows of up to {values * MAX_BLOCK} values, "
+                           f"this model's hidden size is {hidden}")
+    return (min(MAX_BLOCK, max(min(256, round_up(hidden, WARP)), round_up(ceil_div(hidden, values), WARP))),)
 
 
 def router_grid(tokens: int, experts: int, top_k: int) -> tuple[tuple[int], tuple[int]]:
@@ -175,6 +180,7 @@ def check_kv_write(cache_shape: tuple[int, ...], start: int, tokens: int, batch:
 def check_model(config) -> None:
     """MinimoeError, at load, for a model (a :class:`~minimoe.config.ModelConfig`) the kernels cannot run."""
     check_attention(config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+    norm_block(config.hidden_size)
     if config.sparse_layers:
         router_grid(1, config.num_experts, config.num_experts_per_tok)
         dispatch_block(config.num_experts)

@@ -9,6 +9,12 @@
 // The router's logits may be the first `experts` columns of wider rows (`logits_stride` floats):
 // the GPU stacks the shared expert's gate under the router, so one matmul gives both, and the
 // gate's logit is each row's last column.
+//
+// The shared expert as `shared_groups` always-on experts: when its width is a multiple of an
+// expert's, the GPU runs it as S more experts, E .. E + S - 1, each a slice of its gate/up rows
+// and down columns (minimoe.gpu.blocks).  The router then gives each token k + S slots: its k
+// chosen experts, then the S shared groups, weighted by sigmoid(the gate's logit), and the
+// dispatch and combine treat them all alike: one grouped matmul runs every expert a token uses.
 #include "common.cuh"
 
 // The router's choice per token: softmax over all experts, top-k, optional renormalisation.
@@ -38,11 +44,14 @@ __device__ __forceinline__ float rank_key(float probability) {
 // logits: row `token` at token * logits_stride -> logits_used (with -inf for disabled experts),
 // probs [tokens, experts], expert_ids / raw_weights / weights [tokens, top_k].  disabled:
 // [experts] bytes, nonzero = removed; may be null.
+// With shared_groups S, each token's ids and weights are rows of k + S (the shared groups after the
+// routed experts), and the gate's logit is column `experts` of the logits.
 __device__ void route_token(long token, const float* logits, int logits_stride, float* logits_used, float* probs,
                             int* expert_ids, float* raw_weights, float* weights, const unsigned char* disabled,
-                            int experts, int top_k, int norm_topk_prob) {
+                            int experts, int top_k, int shared_groups, int norm_topk_prob) {
     const int lane = threadIdx.x % 32;
     const float* row = logits + token * logits_stride;
+    const long slot0 = token * (top_k + shared_groups);  // the token's first slot
 
     float p[MAX_EXPERTS_PER_LANE];
     float row_max = NEG_INF;
@@ -95,15 +104,22 @@ __device__ void route_token(long token, const float* logits, int logits_stride, 
         }
         const float probability = best == NAN_KEY ? NAN_F : best;
         if (lane == 0) {
-            expert_ids[token * top_k + rank] = best_expert;
-            raw_weights[token * top_k + rank] = probability;
+            expert_ids[slot0 + rank] = best_expert;
+            raw_weights[slot0 + rank] = probability;
         }
         chosen_sum += probability;
     }
     if (lane == 0) {
         for (int rank = 0; rank < top_k; ++rank) {
-            const float raw = raw_weights[token * top_k + rank];
-            weights[token * top_k + rank] = norm_topk_prob ? raw / chosen_sum : raw;
+            const float raw = raw_weights[slot0 + rank];
+            weights[slot0 + rank] = norm_topk_prob ? raw / chosen_sum : raw;
+        }
+        if (shared_groups > 0) {  // the logits then hold the shared expert gate's in column `experts`
+            const float gate = 1.0f / (1.0f + expf(-row[experts]));  // its sigmoid, as moe_combine takes it
+            for (int s = 0; s < shared_groups; ++s) {
+                expert_ids[slot0 + top_k + s] = experts + s;
+                raw_weights[slot0 + top_k + s] = weights[slot0 + top_k + s] = gate;
+            }
         }
     }
 }
@@ -113,11 +129,11 @@ extern "C" __global__ void route_topk(const float* __restrict__ logits, int logi
                                       float* __restrict__ probs, int* __restrict__ expert_ids,
                                       float* __restrict__ raw_weights, float* __restrict__ weights,
                                       const unsigned char* __restrict__ disabled, int tokens, int experts, int top_k,
-                                      int norm_topk_prob) {
+                                      int shared_groups, int norm_topk_prob) {
     const long token = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     if (token >= tokens) return;  // the whole warp leaves together
     route_token(token, logits, logits_stride, logits_used, probs, expert_ids, raw_weights, weights, disabled, experts,
-                top_k, norm_topk_prob);
+                top_k, shared_groups, norm_topk_prob);
 }
 
 // ---- the dispatch and the combine ----
@@ -189,20 +205,21 @@ extern "C" __global__ void moe_dispatch(const int* expert_ids, int slots, int ex
 }
 
 // route_topk and moe_dispatch in one launch, for the few tokens of a decode step: one block of
-// at least max(32 * tokens, experts) threads; warp w routes token w, then the whole block
-// dispatches the chosen ids (__syncthreads makes the warps' writes visible to the block).
+// at least max(32 * tokens, experts + shared_groups) threads; warp w routes token w, then the
+// whole block dispatches the slots (__syncthreads makes the warps' writes visible to the block).
 extern "C" __global__ void route_dispatch(const float* logits, int logits_stride, float* logits_used, float* probs,
                                           int* expert_ids, float* raw_weights, float* weights,
                                           const unsigned char* disabled, int tokens, int experts, int top_k,
-                                          int norm_topk_prob, int* counts, int* offsets, int* perm, int* inv_perm,
-                                          int* rows, int* active, int* num_active) {
+                                          int shared_groups, int norm_topk_prob, int* counts, int* offsets, int* perm,
+                                          int* inv_perm, int* rows, int* active, int* num_active) {
     const int warp = threadIdx.x / 32;
     if (warp < tokens)
         route_token(warp, logits, logits_stride, logits_used, probs, expert_ids, raw_weights, weights, disabled,
-                    experts, top_k, norm_topk_prob);
+                    experts, top_k, shared_groups, norm_topk_prob);
     __syncthreads();
-    dispatch_slots(expert_ids, tokens * top_k, experts, top_k, counts, offsets, perm, inv_perm, rows, active,
-                   num_active);
+    const int slots_per_token = top_k + shared_groups;
+    dispatch_slots(expert_ids, tokens * slots_per_token, experts + shared_groups, slots_per_token, counts, offsets,
+                   perm, inv_perm, rows, active, num_active);
 }
 
 // out[t] = residual[t] + sum_j weights[t, j] * expert_out[inv_perm[t * k + j]]

@@ -1,19 +1,34 @@
 // RMSNorm, alone and fused with the residual add that precedes it.
 //
 // Replaces minimoe.layers.rms_norm:  x / sqrt(mean(x^2) + eps) * w, statistics in float32.
-// One block per row (token); the block's threads stride over the hidden size, then
-// one block reduction gives the row's sum of squares.
+// One block per row (token).  Each thread holds up to NORM_VALUES of the row in registers,
+// values threadIdx.x + j * blockDim.x: it issues all its loads before it uses any (one memory
+// latency per row, not one per value, which at a decode step's single row is the kernel's
+// whole time), then one block reduction gives the row's sum of squares, and the values are
+// scaled from the registers (the row is read once).
 #include "common.cuh"
+
+#define NORM_VALUES 8  // values of a row per thread: hidden <= NORM_VALUES * 1024
 
 // out[row] = rms_norm(x[row]) * weight.   x, out [rows, hidden] float32; weight [hidden].
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ weight,
                                     float* __restrict__ out, int hidden, float eps) {
     const long row = blockIdx.x;
-    const float* xr = x + row * hidden;
+    float v[NORM_VALUES];
     float squares = 0.0f;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) squares += xr[i] * xr[i];
+#pragma unroll
+    for (int j = 0; j < NORM_VALUES; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        v[j] = i < hidden ? x[row * hidden + i] : 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < NORM_VALUES; ++j) squares += v[j] * v[j];
     const float inv_rms = 1.0f / sqrtf(block_sum(squares) / hidden + eps);
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[row * hidden + i] = xr[i] * inv_rms * weight[i];
+#pragma unroll
+    for (int j = 0; j < NORM_VALUES; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i < hidden) out[row * hidden + i] = v[j] * inv_rms * weight[i];
+    }
 }
 
 // The decoder layer's `x = x + attended; h = rms_norm(x)` in one pass over the row:
@@ -23,12 +38,23 @@ extern "C" __global__ void add_rms_norm(const float* __restrict__ x, const float
                                         const float* __restrict__ weight, float* __restrict__ sum,
                                         float* __restrict__ out, int hidden, float eps) {
     const long row = blockIdx.x;
+    float v[NORM_VALUES];
     float squares = 0.0f;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        const float s = x[row * hidden + i] + delta[row * hidden + i];
-        sum[row * hidden + i] = s;  // re-read below by this same thread
-        squares += s * s;
+#pragma unroll
+    for (int j = 0; j < NORM_VALUES; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        v[j] = i < hidden ? x[row * hidden + i] + delta[row * hidden + i] : 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < NORM_VALUES; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i < hidden) sum[row * hidden + i] = v[j];
+        squares += v[j] * v[j];
     }
     const float inv_rms = 1.0f / sqrtf(block_sum(squares) / hidden + eps);
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[row * hidden + i] = sum[row * hidden + i] * inv_rms * weight[i];
+#pragma unroll
+    for (int j = 0; j < NORM_VALUES; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i < hidden) out[row * hidden + i] = v[j] * inv_rms * weight[i];
+    }
 }
