@@ -346,8 +346,9 @@ def check_moe(t: Inputs, tokens: int, experts: np.ndarray) -> list[Check]:
     for e in want_plan.active:
         rows = slice(want_plan.offsets[e], want_plan.offsets[e + 1])
         want_down[rows] = activation[rows] @ upcast(down[e]).T
-    got_down = blocks.GpuLinear(t.dev(down)).grouped(t.dev(want_out), plan, tokens, swiglu_input=True)
-    checks.append(Check(f"grouped matmul, experts down of silu(gate) * up (N={tokens})",
+    got_down = kernels.swiglu(t.dev(h), t.dev(experts), t.dev(down), plan.offsets, plan.active, plan.num_active,
+                              tokens, x_rows=plan.rows)
+    checks.append(Check(f"grouped swiglu, experts: down(silu(gate) * up) (N={tokens})",
                         relative_error(got_down, want_down), tol))
     expert_out, residual, shared = t.f32(tokens * k, H), t.f32(tokens, H), t.f32(tokens, H)
     got = kernels.combine(t.dev(expert_out), plan.inv_perm, t.dev(want.expert_weights), t.dev(residual),
@@ -440,19 +441,31 @@ def check_unusable_router_rows(t: Inputs) -> list[Check]:
     return checks
 
 
-def check_linear(t: Inputs, out_features: int, tokens: int, bias: bool, swiglu: bool = False) -> list[Check]:
-    """One bf16 projection (GEMV up to GEMV_MAX_ROWS tokens -- the one-row kernel for one -- GEMM beyond);
-    ``swiglu``: a down projection, reading silu(gate) * up of a [gate | up] input."""
+def check_linear(t: Inputs, out_features: int, tokens: int, bias: bool) -> list[Check]:
+    """One bf16 projection (GEMV up to GEMV_MAX_ROWS tokens -- the one-row kernel for one -- GEMM beyond)."""
     from .gpu import blocks
 
     H = t.shapes["hidden"]
-    weight, h = bf16_matrix(t.rng, (1, out_features, H)), t.f32(tokens, 2 * H if swiglu else H)
+    weight, h = bf16_matrix(t.rng, (1, out_features, H)), t.f32(tokens, H)
     b = t.f32(out_features) if bias else None
-    got = blocks.GpuLinear(t.dev(weight), None if b is None else t.dev(b))(t.dev(h), swiglu_input=swiglu)
-    x = layers.silu(np, h[:, :H]) * h[:, H:] if swiglu else h
-    want = x @ upcast(weight[0]).T + (0.0 if b is None else b)
-    return [Check(f"linear bf16 {out_features}x{H}{' + bias' if bias else ''}{' of silu(gate) * up' if swiglu else ''} "
-                  f"(N={tokens})", relative_error(got, want), TOLERANCES["kernel"])]
+    got = blocks.GpuLinear(t.dev(weight), None if b is None else t.dev(b))(t.dev(h))
+    want = h @ upcast(weight[0]).T + (0.0 if b is None else b)
+    return [Check(f"linear bf16 {out_features}x{H}{' + bias' if bias else ''} (N={tokens})",
+                  relative_error(got, want), TOLERANCES["kernel"])]
+
+
+def check_swiglu(t: Inputs, inter: int, tokens: int) -> list[Check]:
+    """A SwiGLU MLP of width ``inter`` on bf16 weights: its activation formed by the gate/up GEMV (up to
+    GEMV_MAX_ROWS tokens) or by the down GEMM (beyond), against :func:`minimoe.layers.swiglu`."""
+    from .gpu import kernels
+
+    H = t.shapes["hidden"]
+    gate_up, down, h = bf16_matrix(t.rng, (1, 2 * inter, H)), bf16_matrix(t.rng, (1, H, inter)), t.f32(tokens, H)
+    up = upcast(gate_up[0])
+    want = layers.swiglu(np, h, lambda x: x @ up[:inter].T, lambda x: x @ up[inter:].T,
+                         lambda x: x @ upcast(down[0]).T)
+    got = kernels.swiglu(t.dev(h), t.dev(gate_up), t.dev(down))
+    return [Check(f"swiglu bf16 {H} -> {inter} -> {H} (N={tokens})", relative_error(got, want), TOLERANCES["kernel"])]
 
 
 def guarded(name: str, function, *args) -> list[Check]:
@@ -484,8 +497,7 @@ def check_kernels(cp, rng, shapes: dict = REAL_SHAPES):
     for tokens in (1, 7, 300):  # GEMV (decode), GEMV (small batch), GEMM (prefill)
         yield from guarded(f"moe (N={tokens})", check_moe, t, tokens, experts)
         yield from guarded(f"linear (N={tokens})", check_linear, t, s["shared_intermediate"], tokens, True)
-        yield from guarded(f"linear of silu(gate) * up (N={tokens})", check_linear, t, s["shared_intermediate"],
-                           tokens, False, True)
+        yield from guarded(f"swiglu (N={tokens})", check_swiglu, t, s["shared_intermediate"], tokens)
     yield from guarded("lm_head", check_linear, t, s["vocab"], 3, False)
 
 

@@ -216,26 +216,33 @@ def moe_combine(grid, block, expert_out, inv_perm, weights, residual, shared, sh
         _rows(shared, hidden) if _given(shared) else None, gate)
 
 
-def _matmul_rows(x, x_rows, weight, bias, y, group, first, last, out_features, in_features, swiglu_input):
-    w = _float32(weight.reshape(-1, out_features, in_features)[group])
+def _silu_mul(gate, up):
+    return gate / (1.0 + np.exp(-gate)) * up
+
+
+def _matmul_rows(x, x_rows, weight, bias, y, group, first, last, out_features, in_features, glu_output=False,
+                 swiglu_input=False):
+    w = _float32(weight.reshape(-1, out_features * (2 if glu_output else 1), in_features)[group])
     inputs = _rows(x, in_features * (2 if swiglu_input else 1))[x_rows[first:last] if _given(x_rows) else slice(first, last)]
     if swiglu_input:  # [gate | up] -> silu(gate) * up
-        inputs = inputs[:, :in_features] / (1.0 + np.exp(-inputs[:, :in_features])) * inputs[:, in_features:]
+        inputs = _silu_mul(inputs[:, :in_features], inputs[:, in_features:])
     rows = inputs @ w.T
+    if glu_output:  # [gate | up] of the output -> silu(gate) * up
+        rows = _silu_mul(rows[:, :out_features], rows[:, out_features:])
     _rows(y, out_features)[first:last] = rows + (bias if _given(bias) else 0.0)
 
 
 def gemv_grouped(grid, block, x, x_rows, weight, bias, y, offsets, active, num_active, out_features, in_features,
-                 total_rows, swiglu_input=False):
+                 total_rows, glu_output=False):
     assert grid[0] * block[0] // 32 >= out_features
     if not _given(offsets):  # one group owning every row
         assert not _given(active) and not _given(num_active) and grid[1] == 1
-        _matmul_rows(x, x_rows, weight, bias, y, 0, 0, total_rows, out_features, in_features, swiglu_input)
+        _matmul_rows(x, x_rows, weight, bias, y, 0, 0, total_rows, out_features, in_features, glu_output)
         return
     assert grid[1] >= num_active[0]
     for group in active[: num_active[0]]:
         _matmul_rows(x, x_rows, weight, bias, y, group, offsets[group], offsets[group + 1], out_features, in_features,
-                     swiglu_input)
+                     glu_output)
 
 
 def gemm_grouped(grid, block, x, x_rows, weight, bias, y, offsets, tile_group, tile_row, out_features, in_features,
@@ -245,7 +252,7 @@ def gemm_grouped(grid, block, x, x_rows, weight, bias, y, offsets, tile_group, t
     for group, first in zip(tile_group, tile_row):
         end = offsets[group + 1] if _given(offsets) else total_rows
         _matmul_rows(x, x_rows, weight, bias, y, group, first, min(first + tile, end), out_features, in_features,
-                     swiglu_input)
+                     swiglu_input=swiglu_input)
 
 
 def _attention(q, k, v, out, batch, tokens, heads, kv_heads, head_dim, q_row_stride, kv_batch_stride, kv_head_stride,
@@ -324,9 +331,10 @@ def gather_rows(grid, block, weight, ids, out, rows, width):
 KERNELS = {
     "rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "rope_store_kv": rope_store_kv,
     "route_topk": route_topk, "moe_dispatch": moe_dispatch, "route_dispatch": route_dispatch, "moe_combine": moe_combine,
-    **{f"{kind}_grouped{swiglu}_{weight}": functools.partial(
-        gemv_grouped if kind.startswith("gemv") else gemm_grouped, swiglu_input=bool(swiglu))
-       for kind in ("gemv", "gemv1", "gemm") for swiglu in ("", "_swiglu") for weight in ("bf16", "f32")},
+    **{f"{kind}_grouped{glu}_{weight}": functools.partial(gemv_grouped, glu_output=bool(glu))
+       for kind in ("gemv", "gemv1") for glu in ("", "_glu") for weight in ("bf16", "f32")},
+    **{f"gemm_grouped{swiglu}_{weight}": functools.partial(gemm_grouped, swiglu_input=bool(swiglu))
+       for swiglu in ("", "_swiglu") for weight in ("bf16", "f32")},
     "attention_prefill": attention_prefill, "attention_decode": attention_decode,
     "attention_decode_merge": attention_decode_merge, "gather_rows_bf16": gather_rows, "gather_rows_f32": gather_rows,
 }

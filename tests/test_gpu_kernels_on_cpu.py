@@ -107,12 +107,13 @@ def test_bf16_linear(monkeypatch, hidden, tokens):
     assert_passed(gpu_check.check_linear(inputs, 40, tokens, bias=True))
 
 
-# the down projection reading silu(gate) * up: GEMV with one row and with several, GEMM; vector and odd widths
-@pytest.mark.parametrize("hidden", [70, 1408])
+# a SwiGLU MLP, its activation formed by the gate/up GEMV (one row and several) or by the down GEMM (70 rows);
+# vector and odd widths
+@pytest.mark.parametrize("hidden, inter", [(70, 40), (1408, 24), (72, 1408)])
 @pytest.mark.parametrize("tokens", [1, 3, 70])
-def test_bf16_linear_of_a_swiglu_input(monkeypatch, hidden, tokens):
+def test_bf16_swiglu(monkeypatch, hidden, inter, tokens):
     inputs = make_inputs(monkeypatch, TINY | dict(hidden=hidden))
-    assert_passed(gpu_check.check_linear(inputs, 40, tokens, bias=False, swiglu=True))
+    assert_passed(gpu_check.check_swiglu(inputs, inter, tokens))
 
 
 def test_a_fixture_model_prefill_and_decode_match_numpy(monkeypatch):

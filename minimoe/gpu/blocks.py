@@ -75,22 +75,18 @@ class GpuLinear:
         """``(out_features, in_features)``."""
         return self.weight.shape[1:]
 
-    def __call__(self, x, swiglu_input: bool = False):
-        """x ``[..., in]`` float32 -> ``[..., out]`` float32 (``swiglu_input``: x ``[..., 2 * in]`` is a SwiGLU's
-        ``[gate | up]``, and the product reads ``silu(gate) * up``)."""
+    def __call__(self, x):
+        """x ``[..., in]`` float32 -> ``[..., out]`` float32."""
         flat = x.reshape(-1, x.shape[-1])
         rows = flat.shape[0]
-        y = kernels.grouped_matmul(flat, self.weight, self.bias, None, None, None, max_rows_per_group=rows,
-                                   swiglu_input=swiglu_input)
+        y = kernels.grouped_matmul(flat, self.weight, self.bias, None, None, None, max_rows_per_group=rows)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
-    def grouped(self, x, plan: kernels.DevicePlan, max_rows_per_group: int, counts=None, x_rows=None,
-                swiglu_input: bool = False):
+    def grouped(self, x, plan: kernels.DevicePlan, max_rows_per_group: int, counts=None, x_rows=None):
         """Rows grouped by ``plan`` (expert e's at plan.offsets[e]..) -> ``[R, out]`` in that order: x ``[R, in]``
-        already in dispatch order, or the token rows ``[N, in]`` read through ``x_rows = plan.rows``
-        (``swiglu_input``: as in ``__call__``)."""
+        already in dispatch order, or the token rows ``[N, in]`` read through ``x_rows = plan.rows``."""
         return kernels.grouped_matmul(x, self.weight, self.bias, plan.offsets, plan.active, plan.num_active,
-                                      max_rows_per_group, counts, x_rows, swiglu_input)
+                                      max_rows_per_group, counts, x_rows)
 
     def rows(self, ids):
         """Rows ``W[ids]`` as float32 (the embedding lookup): host ids ``[...]`` -> ``[..., in]``."""
@@ -131,15 +127,15 @@ class GpuAttention:
 
 @dataclass
 class GpuSwiGLU:
-    """Mirrors :func:`minimoe.layers.swiglu`: ``down(silu(gate(x)) * up(x))`` with gate/up as one matmul, and
-    ``silu(gate) * up`` formed by the down projection as it reads its input."""
+    """Mirrors :func:`minimoe.layers.swiglu`: ``down(silu(gate(x)) * up(x))`` with gate/up as one matmul
+    (:func:`minimoe.gpu.kernels.swiglu`: the activation formed inside one of the two matmuls)."""
 
     gate_up: GpuLinear
     down: GpuLinear
 
     def __call__(self, h):
         """h ``[N, H]`` -> ``[N, H]``."""
-        return self.down(self.gate_up(h), swiglu_input=True)
+        return kernels.swiglu(h, self.gate_up.weight, self.down.weight)
 
 
 @dataclass
@@ -189,10 +185,10 @@ class GpuSparseMoe:
         if groups and not change.shared_expert:  # the shared groups still run, and count for nothing
             weights = weights.copy()
             weights[:, routed_slots:] = 0
-        # gate_up reads each expert's tokens straight from h (plan.rows); its output, and all
-        # that follows, is in dispatch order [N*(k + S), ...]: each expert's rows contiguous.
-        gate_up = self.gate_up.grouped(h, plan, tokens, counts, x_rows=plan.rows)
-        expert_out = self.down.grouped(gate_up, plan, tokens, counts, swiglu_input=True)
+        # Each expert reads its tokens straight from h (plan.rows); its output, and all that
+        # follows, is in dispatch order [N*(k + S), ...]: each expert's rows contiguous.
+        expert_out = kernels.swiglu(h, self.gate_up.weight, self.down.weight, plan.offsets, plan.active,
+                                    plan.num_active, tokens, counts, x_rows=plan.rows)
         shared = self.shared(h) if self.shared is not None and change.shared_expert else None
         out = kernels.combine(expert_out, plan.inv_perm, weights, residual, shared,
                               None if shared is None else gate_logit)

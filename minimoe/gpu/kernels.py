@@ -242,7 +242,7 @@ def weight_suffix(weight) -> str:
 
 
 def grouped_matmul(x, weight, bias, offsets, active, num_active, max_rows_per_group: int, counts=None, x_rows=None,
-                   swiglu_input: bool = False):
+                   glu_output: bool = False, swiglu_input: bool = False):
     """``y[rows of g] = x[rows of g] @ weight[g].T (+ bias)`` for every group g.  Replaces
     :class:`minimoe.backend.Linear` (one group) and each expert's matmul in :func:`minimoe.layers.routed_experts`.
 
@@ -250,16 +250,20 @@ def grouped_matmul(x, weight, bias, offsets, active, num_active, max_rows_per_gr
     ``x[x_rows[r]]`` (the experts read the hidden states in dispatch order, no permuted copy); weight
     ``[G, out, in]`` (uint16 bf16 bits or float32); ``active`` / ``num_active``: the groups with rows
     (device arrays).  ``offsets``, ``active`` and ``num_active`` all None: one group owning all R rows
-    (a plain projection; nothing on the device describes it).  ``swiglu_input``: x's rows are a
-    SwiGLU's ``[gate | up]`` ``[R, 2 * in]`` and the product reads ``silu(gate) * up`` (the down
-    projection of :func:`minimoe.layers.swiglu`, its activation formed as it is read).  Up to
-    GEMV_MAX_ROWS rows per group a GEMV kernel runs (grid over ``active``, no host sync; the one-row
-    kernel for groups of one row); beyond, the tiled GEMM runs on a tile schedule built from
-    ``counts`` (host ints; read from the device when not given).  -> ``[R, out]`` float32, in the
-    grouped order.
+    (a plain projection; nothing on the device describes it).  Up to GEMV_MAX_ROWS rows per group a
+    GEMV kernel runs (grid over ``active``, no host sync; the one-row kernel for groups of one row);
+    beyond, the tiled GEMM runs on a tile schedule built from ``counts`` (host ints; read from the
+    device when not given).  -> ``[R, out]`` float32, in the grouped order.
+
+    The two halves of a SwiGLU (see :func:`swiglu`): ``glu_output`` (GEMV only), the weight is
+    ``[gate; up]`` and y ``[R, out / 2]`` is ``silu(gate) * up``; ``swiglu_input`` (GEMM only), x's
+    rows are ``[gate | up]`` ``[R, 2 * in]`` and the product reads ``silu(gate) * up``.
     """
     x = _contiguous(x)
     groups, out_features, in_features = weight.shape
+    gemv = max_rows_per_group <= launch.kernel_constants("matmul.cu")["GEMV_MAX_ROWS"]
+    if (glu_output and not gemv) or (swiglu_input and gemv):
+        raise ValueError("a GEMV forms a SwiGLU's activation as its output, a GEMM as its input")
     if x.shape[-1] != in_features * (2 if swiglu_input else 1):
         raise ValueError(f"x has rows of {x.shape[-1]} values for a weight of {in_features} inputs"
                          f"{' (a SwiGLU input holds 2 * in)' if swiglu_input else ''}")
@@ -268,19 +272,17 @@ def grouped_matmul(x, weight, bias, offsets, active, num_active, max_rows_per_gr
     if ungrouped and groups != 1:
         raise ValueError(f"a weight of {groups} groups needs the dispatch offsets of its rows")
     row_map = NULL if x_rows is None else cp.ascontiguousarray(x_rows, dtype=cp.int32)
-    y = cp.empty((rows, out_features), dtype=cp.float32)
+    out_width = out_features // 2 if glu_output else out_features
+    y = cp.empty((rows, out_width), dtype=cp.float32)
     suffix = weight_suffix(weight)
-    sizes = (np.int32(out_features), np.int32(in_features), np.int32(rows))
-    variant = f"{'_swiglu' if swiglu_input else ''}_{suffix}"
-    if max_rows_per_group <= launch.kernel_constants("matmul.cu")["GEMV_MAX_ROWS"]:
-        grid, block = launch.gemv_grid(out_features, 1 if ungrouped else min(groups, rows))
+    sizes = (np.int32(out_width), np.int32(in_features), np.int32(rows))
+    if gemv:
+        grid, block = launch.gemv_grid(out_width, 1 if ungrouped else min(groups, rows))
         dispatch = (NULL, NULL, NULL) if ungrouped else (offsets, active, num_active)
-        # the one-row kernel keeps more loads in flight, and stages a SwiGLU input in shared memory (when it fits)
-        staged = launch.gemv_staged_bytes(in_features) if swiglu_input else 0
-        kind = "gemv1" if max_rows_per_group == 1 and staged <= launch.SHARED_MEMORY_BYTES else "gemv"
+        kind = "gemv1" if max_rows_per_group == 1 else "gemv"  # the one-row kernel keeps more loads in flight
+        variant = f"{'_glu' if glu_output else ''}_{suffix}"
         kernel("matmul.cu", f"{kind}_grouped{variant}")(grid, block, (x, row_map, weight, _optional(bias), y,
-                                                                      *dispatch, *sizes),
-                                                        shared_mem=staged if kind == "gemv1" else 0)
+                                                                      *dispatch, *sizes))
         return y
     if ungrouped:
         counts_host = np.array([rows])
@@ -289,11 +291,29 @@ def grouped_matmul(x, weight, bias, offsets, active, num_active, max_rows_per_gr
     tile_group, tile_row = launch.gemm_schedule(counts_host, np.concatenate([[0], np.cumsum(counts_host)]))
     if tile_group.size:
         grid, block = launch.gemm_grid(out_features, tile_group.size)
+        variant = f"{'_swiglu' if swiglu_input else ''}_{suffix}"
         kernel("matmul.cu", f"gemm_grouped{variant}")(grid, block, (x, row_map, weight, _optional(bias), y,
                                                                      NULL if ungrouped else offsets,
                                                                      cp.asarray(tile_group), cp.asarray(tile_row),
                                                                      *sizes))
     return y
+
+
+def swiglu(x, gate_up, down, offsets=None, active=None, num_active=None, max_rows_per_group: int | None = None,
+           counts=None, x_rows=None):
+    """Replaces :func:`minimoe.layers.swiglu` (and each expert's in :func:`minimoe.layers.routed_experts`):
+    ``down(silu(gate(x)) * up(x))``, the activation formed inside one of the two matmuls.
+
+    gate_up ``[G, 2I, in]`` (each group's gate rows, then its up rows), down ``[G, out, I]``; x, the
+    grouping and ``x_rows`` as :func:`grouped_matmul` takes them (no grouping: one group of all rows).
+    Few rows per group (GEMV): the gate/up kernel writes the activation ``[R, I]``, the down kernel
+    reads it; many (GEMM): gate/up writes ``[R, 2I]``, the down GEMM forms the activation as it reads.
+    -> ``[R, out]``, in the grouped order.
+    """
+    rows = (x.shape[0] if x_rows is None else x_rows.shape[0]) if max_rows_per_group is None else max_rows_per_group
+    gemv = rows <= launch.kernel_constants("matmul.cu")["GEMV_MAX_ROWS"]
+    hidden = grouped_matmul(x, gate_up, None, offsets, active, num_active, rows, counts, x_rows, glu_output=gemv)
+    return grouped_matmul(hidden, down, None, offsets, active, num_active, rows, counts, swiglu_input=not gemv)
 
 
 def gather_rows(weight, ids, out=None):

@@ -31,8 +31,9 @@ from ..config import ModelConfig
 from . import kernels, launch
 
 L2_FLUSH_BYTES = 256 << 20  # data a micro-benchmark cycles through: several times the H200's 60 MB of L2
-MATMULS = tuple(f"{kind}_grouped{swiglu}_{weight}" for kind in ("gemv", "gemv1", "gemm") for swiglu in ("", "_swiglu")
-                for weight in ("bf16", "f32"))
+MATMULS = tuple(f"{kind}_grouped{variant}_{weight}" for kind, variants in (("gemv", ("", "_glu")), ("gemv1", ("", "_glu")),
+                                                                           ("gemm", ("", "_swiglu")))
+                for variant in variants for weight in ("bf16", "f32"))
 
 
 # --- ceilings and stand-in weights --------------------------------------------------------------
@@ -171,6 +172,7 @@ def matmul_launch(name: str, arguments: tuple) -> tuple[int, int, int, int, int]
     (its arguments in matmul.cu's GEMV_ARGS / GEMM_ARGS order)."""
     y, offsets = arguments[4], arguments[5]
     out_features, in_features = int(arguments[8]), int(arguments[9])
+    out_features *= 2 if "_glu_" in name else 1  # the weight's rows: a GLU kernel's output is half of them
     width = in_features * (2 if "_swiglu_" in name else 1)  # a SwiGLU input row holds gate and up
     if not isinstance(offsets, cp.ndarray):  # one group
         return out_features, in_features, 1, y.shape[0], width

@@ -11,9 +11,12 @@
 // `x_rows`, when given, maps the grouped problem's rows to rows of x (row r reads
 // x[x_rows[r]]): the experts read their tokens straight from the hidden states, in
 // dispatch order, without a permuted copy of them.  Without it row r reads x[r].
-// The *_swiglu_* kernels: x's rows are a SwiGLU's [gate | up] (2 * in_features floats) and the
-// matmul reads silu(gate) * up (the down projection of minimoe.layers.swiglu, its activation
-// formed as the input is read instead of by a kernel of its own).
+//
+// A SwiGLU (minimoe.layers.swiglu: down(silu(gate(x)) * up(x))) needs its activation formed
+// between its two matmuls, and each path forms it inside one of them, not in a kernel of its own:
+// the GEMVs' *_glu_* kernels read the stacked [gate; up] weight and write silu(gate) * up; the
+// GEMM's *_swiglu_* kernels read x's rows as a SwiGLU's [gate | up] (2 * in_features floats)
+// and form silu(gate) * up as they stage their input tile.
 //
 //   gemv_grouped_*: decode (few rows per group).  One warp per output feature; the warp
 //     reads that weight row once, 8 elements per lane per 16-byte load of bf16, and dots it
@@ -24,6 +27,7 @@
 //     bytes are all the work): each lane issues GEMV_UNROLL loads before it uses any of
 //     them, so more bytes are in flight per warp, in registers the 8-row kernel spends on
 //     its rows (a kernel of its own: one register count does not limit the other's occupancy).
+//     A *_glu_* warp reads two weight rows, its gate's and its up's, so twice the bytes.
 //   gemm_grouped_*: prefill.  64x64 output tiles over k-steps of 16 through shared memory,
 //     each of 256 threads computing 4x4 outputs (rows tr + 16i, columns tc + 16j); a
 //     host-built schedule lists the (group, first row) of every 64-row tile that has rows,
@@ -61,31 +65,23 @@ __device__ __forceinline__ float x_value(const float* row, int i, int width, boo
     return swiglu ? silu_mul(row[i], row[width + i]) : row[i];
 }
 
-// Four consecutive input values (row + i 16-byte aligned) -- see x_value.
-__device__ __forceinline__ float4 x_value4(const float* row, int i, int width, bool swiglu) {
-    float4 a = *reinterpret_cast<const float4*>(row + i);
-    if (swiglu) {
-        const float4 up = *reinterpret_cast<const float4*>(row + width + i);
-        a.x = silu_mul(a.x, up.x); a.y = silu_mul(a.y, up.y); a.z = silu_mul(a.z, up.z); a.w = silu_mul(a.w, up.w);
-    }
-    return a;
-}
-
-// One weight row w (`width` values) dotted with ROWS input rows xr[r] (those with r < rows), a partial
-// sum per lane in acc[r]; the warp's lanes then add them up.  Each lane reads 8 weights per 16-byte
-// load and issues UNROLL loads before it uses any.
-template <int ROWS, int UNROLL, bool SWIGLU, typename W>
-__device__ __forceinline__ void dot_rows(const W* __restrict__ w, const float* const xr[ROWS], int rows, int width,
-                                         float acc[ROWS]) {
+// WROWS weight rows w[q] (`width` values each) dotted with ROWS input rows xr[r] (those with r < rows),
+// a partial sum per lane in acc[q][r]; the warp's lanes then add them up.  Each lane reads 8 weights
+// per 16-byte load and issues UNROLL loads per weight row before it uses any.
+template <int ROWS, int UNROLL, int WROWS, typename W>
+__device__ __forceinline__ void dot_rows(const W* const w[WROWS], const float* const xr[ROWS], int rows, int width,
+                                         float acc[WROWS][ROWS]) {
     const int lane = threadIdx.x % 32;
     if (width % 8 == 0) {  // rows then start 16/32-byte aligned
         constexpr int stride = 32 * 8;  // the warp's 32 lanes read 8 consecutive weights each
 #pragma unroll 1  // UNROLL says how many loads are in flight; the compiler's own unrolling would add to it
         for (int base = lane * 8; base < width; base += stride * UNROLL) {
-            Packed8<W> wv[UNROLL];
+            Packed8<W> wv[WROWS][UNROLL];
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u)  // all the loads first ...
-                if (base + u * stride < width) wv[u] = load_packed8(w + base + u * stride);
+#pragma unroll
+                for (int q = 0; q < WROWS; ++q)
+                    if (base + u * stride < width) wv[q][u] = load_packed8(w[q] + base + u * stride);
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) {  // ... then the arithmetic on them
                 const int i = base + u * stride;
@@ -93,17 +89,23 @@ __device__ __forceinline__ void dot_rows(const W* __restrict__ w, const float* c
 #pragma unroll
                 for (int r = 0; r < ROWS; ++r) {
                     if (r < rows) {
-                        acc[r] += dot8(wv[u], x_value4(xr[r], i, width, SWIGLU), x_value4(xr[r], i + 4, width, SWIGLU));
+                        const float4 a = *reinterpret_cast<const float4*>(xr[r] + i);
+                        const float4 b = *reinterpret_cast<const float4*>(xr[r] + i + 4);
+#pragma unroll
+                        for (int q = 0; q < WROWS; ++q) acc[q][r] += dot8(wv[q][u], a, b);
                     }
                 }
             }
         }
     } else {  // odd widths (tiny test models): one element per lane per step
         for (int i = lane; i < width; i += 32) {
-            const float wv = load_weight(w + i);
 #pragma unroll
-            for (int r = 0; r < ROWS; ++r)
-                if (r < rows) acc[r] += wv * x_value(xr[r], i, width, SWIGLU);
+            for (int q = 0; q < WROWS; ++q) {
+                const float wv = load_weight(w[q] + i);
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r)
+                    if (r < rows) acc[q][r] += wv * xr[r][i];
+            }
         }
     }
 }
@@ -111,48 +113,44 @@ __device__ __forceinline__ void dot_rows(const W* __restrict__ w, const float* c
 // ROWS input rows at a time: GEMV_MAX_ROWS for a few tokens, 1 for decode at batch 1 (which leaves
 // registers for UNROLL loads in flight).  Each combination is a kernel of its own (see the entry
 // points), so one's register count never limits another's occupancy.
-// A SwiGLU input at one row (gemv1_grouped_swiglu_*) is formed once per block, silu(gate) * up into
-// dynamic shared memory (in_features floats), which the block's warps then read: formed by every
-// warp as it reads, it cost each output feature in_features exponentials and twice the input reads.
-template <int ROWS, int UNROLL, bool SWIGLU, typename W>
+// GLU (the *_glu_* kernels): the weight is a SwiGLU's [gate; up] ([2 * out_features, in] per group)
+// and y = silu(x @ gate.T) * (x @ up.T), [rows, out_features]: the warp of feature i reads gate row
+// i and up row out_features + i together and writes the activation the down projection reads.
+template <int ROWS, int UNROLL, bool GLU, typename W>
 __device__ void gemv_grouped(const float* __restrict__ x, const int* __restrict__ x_rows, const W* __restrict__ weight,
                              const float* __restrict__ bias,
                              float* __restrict__ y, const int* __restrict__ offsets, const int* __restrict__ active,
                              const int* __restrict__ num_active, int out_features, int in_features, int total_rows) {
-    extern __shared__ float activation[];  // the staged SwiGLU input row (one-row SwiGLU kernels only)
-    constexpr bool staged = SWIGLU && ROWS == 1;
+    constexpr int WROWS = GLU ? 2 : 1;
     const bool grouped = offsets != nullptr;  // else one group of total_rows rows
     if (grouped && blockIdx.y >= num_active[0]) return;  // fewer experts were chosen than the grid allows for
     const int group = grouped ? active[blockIdx.y] : 0;
     const int lane = threadIdx.x % 32;
     const int feature = blockIdx.x * GEMV_WARPS + threadIdx.x / 32;
-    const bool valid = feature < out_features;  // a warp past the end still helps stage and reaches the barriers
-    const W* w = weight + ((long)group * out_features + (valid ? feature : 0)) * in_features;
+    if (feature >= out_features) return;
+    const W* first_row = weight + ((long)group * WROWS * out_features + feature) * in_features;
+    const W* w[WROWS];
+#pragma unroll
+    for (int q = 0; q < WROWS; ++q) w[q] = first_row + (long)q * out_features * in_features;  // gate, then up
     const int first = grouped ? offsets[group] : 0, last = grouped ? offsets[group + 1] : total_rows;
-    const int x_stride = SWIGLU ? 2 * in_features : in_features;
 
     for (int row0 = first; row0 < last; row0 += ROWS) {
         const int rows = min(ROWS, last - row0);
         const float* xr[ROWS];
-        if constexpr (staged) {
-            const float* row = x_row(x, x_rows, row0, x_stride);
-            __syncthreads();  // the previous row's activation is no longer read
-            for (int i = threadIdx.x; i < in_features; i += blockDim.x)
-                activation[i] = silu_mul(row[i], row[in_features + i]);
-            __syncthreads();
-            xr[0] = activation;
-        } else {
 #pragma unroll
-            for (int r = 0; r < ROWS; ++r) xr[r] = x_row(x, x_rows, row0 + min(r, rows - 1), x_stride);
-        }
-        if (!valid) continue;
-        float acc[ROWS] = {0.0f};
-        dot_rows<ROWS, UNROLL, SWIGLU && !staged>(w, xr, rows, in_features, acc);
+        for (int r = 0; r < ROWS; ++r) xr[r] = x_row(x, x_rows, row0 + min(r, rows - 1), in_features);
+        float acc[WROWS][ROWS] = {{0.0f}};
+        dot_rows<ROWS, UNROLL, WROWS>(w, xr, rows, in_features, acc);
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
-            const float total = warp_sum(acc[r]);  // all lanes take part, even for r >= rows
-            if (lane == 0 && r < rows)
-                y[(long)(row0 + r) * out_features + feature] = total + (bias != nullptr ? bias[feature] : 0.0f);
+            float total[WROWS];
+#pragma unroll
+            for (int q = 0; q < WROWS; ++q) total[q] = warp_sum(acc[q][r]);  // all lanes take part, even for r >= rows
+            if (lane == 0 && r < rows) {
+                const long at = (long)(row0 + r) * out_features + feature;
+                if constexpr (GLU) y[at] = silu_mul(total[0], total[1]);
+                else y[at] = total[0] + (bias != nullptr ? bias[feature] : 0.0f);
+            }
         }
     }
 }
@@ -220,27 +218,27 @@ __device__ void gather_rows(const W* __restrict__ weight, const int* __restrict_
     out[index] = load_weight(weight + (long)ids[r] * width + index % width);
 }
 
-// The entry points CuPy looks up by name: {gemv, gemv1, gemm}_grouped[_swiglu]_{bf16, f32}, one per
-// kernel (rows at a time), input (plain, or a SwiGLU's [gate | up]) and weight type.
+// The entry points CuPy looks up by name, one per kernel, variant and weight type:
+// {gemv, gemv1}_grouped[_glu]_{bf16, f32} and gemm_grouped[_swiglu]_{bf16, f32}.
 #define GEMV_ARGS(W) const float* x, const int* x_rows, const W* weight, const float* bias, float* y, \
                      const int* offsets, const int* active, const int* num_active, int out_features, int in_features, \
                      int total_rows
 #define GEMM_ARGS(W) const float* x, const int* x_rows, const W* weight, const float* bias, float* y, \
                      const int* offsets, const int* tile_group, const int* tile_row, int out_features, int in_features, \
                      int total_rows
-#define GEMV_CALL(ROWS, UNROLL, SWIGLU) \
-    gemv_grouped<ROWS, UNROLL, SWIGLU>(x, x_rows, weight, bias, y, offsets, active, num_active, out_features, \
-                                       in_features, total_rows)
+#define GEMV_CALL(ROWS, UNROLL, GLU) \
+    gemv_grouped<ROWS, UNROLL, GLU>(x, x_rows, weight, bias, y, offsets, active, num_active, out_features, \
+                                    in_features, total_rows)
 #define GEMM_CALL(SWIGLU) \
     gemm_grouped<SWIGLU>(x, x_rows, weight, bias, y, offsets, tile_group, tile_row, out_features, in_features, total_rows)
 extern "C" __global__ void gemv_grouped_bf16(GEMV_ARGS(unsigned short)) { GEMV_CALL(GEMV_MAX_ROWS, 1, false); }
 extern "C" __global__ void gemv_grouped_f32(GEMV_ARGS(float)) { GEMV_CALL(GEMV_MAX_ROWS, 1, false); }
-extern "C" __global__ void gemv_grouped_swiglu_bf16(GEMV_ARGS(unsigned short)) { GEMV_CALL(GEMV_MAX_ROWS, 1, true); }
-extern "C" __global__ void gemv_grouped_swiglu_f32(GEMV_ARGS(float)) { GEMV_CALL(GEMV_MAX_ROWS, 1, true); }
+extern "C" __global__ void gemv_grouped_glu_bf16(GEMV_ARGS(unsigned short)) { GEMV_CALL(GEMV_MAX_ROWS, 1, true); }
+extern "C" __global__ void gemv_grouped_glu_f32(GEMV_ARGS(float)) { GEMV_CALL(GEMV_MAX_ROWS, 1, true); }
 extern "C" __global__ void gemv1_grouped_bf16(GEMV_ARGS(unsigned short)) { GEMV_CALL(1, GEMV_UNROLL, false); }
 extern "C" __global__ void gemv1_grouped_f32(GEMV_ARGS(float)) { GEMV_CALL(1, GEMV_UNROLL, false); }
-extern "C" __global__ void gemv1_grouped_swiglu_bf16(GEMV_ARGS(unsigned short)) { GEMV_CALL(1, GEMV_UNROLL, true); }
-extern "C" __global__ void gemv1_grouped_swiglu_f32(GEMV_ARGS(float)) { GEMV_CALL(1, GEMV_UNROLL, true); }
+extern "C" __global__ void gemv1_grouped_glu_bf16(GEMV_ARGS(unsigned short)) { GEMV_CALL(1, GEMV_UNROLL, true); }
+extern "C" __global__ void gemv1_grouped_glu_f32(GEMV_ARGS(float)) { GEMV_CALL(1, GEMV_UNROLL, true); }
 extern "C" __global__ void gemm_grouped_bf16(GEMM_ARGS(unsigned short)) { GEMM_CALL(false); }
 extern "C" __global__ void gemm_grouped_f32(GEMM_ARGS(float)) { GEMM_CALL(false); }
 extern "C" __global__ void gemm_grouped_swiglu_bf16(GEMM_ARGS(unsigned short)) { GEMM_CALL(true); }
