@@ -233,8 +233,8 @@ def _matmul_rows(x, x_rows, weight, bias, y, group, first, last, out_features, i
 
 
 def gemv_grouped(grid, block, x, x_rows, weight, bias, y, offsets, active, num_active, out_features, in_features,
-                 total_rows, glu_output=False):
-    assert grid[0] * block[0] // 32 >= out_features
+                 total_rows, split, glu_output=False):
+    assert split in (1, 2, 4, 8) and grid[0] * block[0] // 32 // split >= out_features
     if not _given(offsets):  # one group owning every row
         assert not _given(active) and not _given(num_active) and grid[1] == 1
         _matmul_rows(x, x_rows, weight, bias, y, 0, 0, total_rows, out_features, in_features, glu_output)
@@ -332,7 +332,7 @@ KERNELS = {
     "rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "rope_store_kv": rope_store_kv,
     "route_topk": route_topk, "moe_dispatch": moe_dispatch, "route_dispatch": route_dispatch, "moe_combine": moe_combine,
     **{f"{kind}_grouped{glu}_{weight}": functools.partial(gemv_grouped, glu_output=bool(glu))
-       for kind in ("gemv", "gemv1") for glu in ("", "_glu") for weight in ("bf16", "f32")},
+       for kind in ("gemv", "gemv1", "gemv1_split") for glu in ("", "_glu") for weight in ("bf16", "f32")},
     **{f"gemm_grouped{swiglu}_{weight}": functools.partial(gemm_grouped, swiglu_input=bool(swiglu))
        for swiglu in ("", "_swiglu") for weight in ("bf16", "f32")},
     "attention_prefill": attention_prefill, "attention_decode": attention_decode,

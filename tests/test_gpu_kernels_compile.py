@@ -145,7 +145,7 @@ def test_every_kernel_the_wrappers_launch_is_declared_in_its_file():
     launched = re.findall(r'kernel\("(\w+\.cu)", f?"([\w{}]+)"\)', wrappers)
     assert len(launched) >= 10
     # the values the f-strings' fields take: the matmuls' kind, input and weight-type variants
-    fields = {"suffix": ["bf16", "f32"], "kind": ["gemv", "gemv1"]}
+    fields = {"suffix": ["bf16", "f32"], "kind": ["gemv", "gemv1", "gemv1_split"]}
     variants = {"gemm": ["_bf16", "_f32", "_swiglu_bf16", "_swiglu_f32"], "gemv": ["_bf16", "_f32", "_glu_bf16", "_glu_f32"]}
     for file_name, name in launched:
         declared = declared_kernels((launch.KERNEL_DIR / file_name).read_text())

@@ -99,9 +99,10 @@ def test_rows_with_no_usable_logit_never_index_out_of_range(inputs):
 
 
 # 70: not a multiple of 8 (the GEMV's scalar path); 1408: the experts' down projection, 5.5 rounds of the
-# warp's 256-wide loads (the GEMV's unrolled loads run past the end); 2048: real
-@pytest.mark.parametrize("hidden", [72, 70, 1408, 2048])
-@pytest.mark.parametrize("tokens", [3, 70])
+# warp's 256-wide loads (the GEMV's unrolled loads run past the end), 2 warps per output; 2048: real, 4 warps
+# per output; 1030: 2 warps per output on the scalar path
+@pytest.mark.parametrize("hidden", [72, 70, 1408, 2048, 1030])
+@pytest.mark.parametrize("tokens", [1, 3, 70])
 def test_bf16_linear(monkeypatch, hidden, tokens):
     inputs = make_inputs(monkeypatch, TINY | dict(hidden=hidden))
     assert_passed(gpu_check.check_linear(inputs, 40, tokens, bias=True))
@@ -109,7 +110,7 @@ def test_bf16_linear(monkeypatch, hidden, tokens):
 
 # a SwiGLU MLP, its activation formed by the gate/up GEMV (one row and several) or by the down GEMM (70 rows);
 # vector and odd widths
-@pytest.mark.parametrize("hidden, inter", [(70, 40), (1408, 24), (72, 1408)])
+@pytest.mark.parametrize("hidden, inter", [(70, 40), (1408, 24), (72, 1408), (2048, 24)])
 @pytest.mark.parametrize("tokens", [1, 3, 70])
 def test_bf16_swiglu(monkeypatch, hidden, inter, tokens):
     inputs = make_inputs(monkeypatch, TINY | dict(hidden=hidden))

@@ -48,6 +48,17 @@ def test_route_dispatch_block_has_a_warp_per_token_and_a_thread_per_expert():
 def test_gemv_grid_has_a_warp_per_output_feature():
     (x, y), (threads,) = launch.gemv_grid(out_features=2816, groups=4)
     assert y == 4 and x * threads // 32 >= 2816 > (x - 1) * threads // 32
+    (x, y), (threads,) = launch.gemv_grid(out_features=2048, groups=1, split=4)  # 4 warps per output feature
+    assert y == 1 and x * threads // 32 == 4 * 2048
+
+
+def test_gemv_split_shares_a_short_matrixs_rows_among_warps():
+    assert launch.gemv_split(151936, 1, 2048) == 1  # the output head: 18,992 blocks already
+    assert launch.gemv_split(2816, 8, 2048) == 1  # eight experts' gate/up: 2,816 blocks
+    assert launch.gemv_split(2048, 1, 2048) == 4  # o_proj: 1,024 blocks of 512 inputs per warp
+    assert launch.gemv_split(6144, 1, 2048) == 2  # q/k/v
+    assert launch.gemv_split(61, 1, 2048) == 4  # the router: no warp reads fewer than 512 inputs
+    assert launch.gemv_split(40, 1, 72) == 1  # too short a row to share
 
 
 def test_gemm_shared_memory_tiles_are_free_of_bank_conflicts():

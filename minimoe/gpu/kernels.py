@@ -277,12 +277,15 @@ def grouped_matmul(x, weight, bias, offsets, active, num_active, max_rows_per_gr
     suffix = weight_suffix(weight)
     sizes = (np.int32(out_width), np.int32(in_features), np.int32(rows))
     if gemv:
-        grid, block = launch.gemv_grid(out_width, 1 if ungrouped else min(groups, rows))
+        launched_groups = 1 if ungrouped else min(groups, rows)
+        # the one-row kernel keeps more loads in flight, and may share a short matrix's rows among warps
+        split = launch.gemv_split(out_width, launched_groups, in_features) if max_rows_per_group == 1 else 1
+        grid, block = launch.gemv_grid(out_width, launched_groups, split)
         dispatch = (NULL, NULL, NULL) if ungrouped else (offsets, active, num_active)
-        kind = "gemv1" if max_rows_per_group == 1 else "gemv"  # the one-row kernel keeps more loads in flight
+        kind = "gemv" if max_rows_per_group > 1 else "gemv1_split" if split > 1 else "gemv1"
         variant = f"{'_glu' if glu_output else ''}_{suffix}"
         kernel("matmul.cu", f"{kind}_grouped{variant}")(grid, block, (x, row_map, weight, _optional(bias), y,
-                                                                      *dispatch, *sizes))
+                                                                      *dispatch, *sizes, np.int32(split)))
         return y
     if ungrouped:
         counts_host = np.array([rows])

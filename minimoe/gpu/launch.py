@@ -35,6 +35,8 @@ ATTENTION_WARPS = 4  # queries per block in prefill (one warp each, sharing each
 DECODE_ATTENTION_WARPS = 16
 DECODE_TARGET_BLOCKS = 264
 DECODE_MIN_KEYS_PER_SPLIT = 64
+GEMV_TARGET_BLOCKS = 1024  # blocks a GEMV launch aims for: several per SM at once, in about one wave
+GEMV_MIN_PART = 512  # inputs a GEMV warp reads at the least when warps share an output (two loads per lane)
 SHARED_MEMORY_BYTES = 48 * 1024  # dynamic shared memory a kernel may use without an opt-in
 
 
@@ -123,15 +125,23 @@ def route_dispatch_block(tokens: int, experts: int) -> tuple[int]:
     return (threads,)
 
 
-def gemv_grid(out_features: int, groups: int) -> tuple[tuple[int, int], tuple[int]]:
-    """(grid, block) of gemv_grouped: one warp per output feature; grid.y covers ``groups`` active groups."""
+def gemv_split(out_features: int, groups: int, in_features: int) -> int:
+    """Warps sharing each output feature of a GEMV (1, 2, 4 or 8): the fewest that give the launch
+    GEMV_TARGET_BLOCKS blocks, as long as each warp keeps at least GEMV_MIN_PART inputs.  A matrix of
+    few rows (2,048 for attention's o_proj: 256 blocks of one warp per row) otherwise leaves most of the
+    GPU's memory pipeline idle; the output head's 151,936 rows need no split."""
     warps = kernel_constants("matmul.cu")["GEMV_WARPS"]
-    return (ceil_div(out_features, warps), max(1, groups)), (warps * WARP,)
+    split = 1
+    while (split < warps and ceil_div(out_features * split, warps) * max(1, groups) < GEMV_TARGET_BLOCKS
+           and in_features // (2 * split) >= GEMV_MIN_PART):
+        split *= 2
+    return split
 
 
-def gemv_staged_bytes(in_features: int) -> int:
-    """Dynamic shared memory of gemv1_grouped_swiglu: the SwiGLU activation of one input row, in float32."""
-    return 4 * in_features
+def gemv_grid(out_features: int, groups: int, split: int = 1) -> tuple[tuple[int, int], tuple[int]]:
+    """(grid, block) of gemv_grouped: ``split`` warps per output feature; grid.y covers ``groups`` active groups."""
+    warps = kernel_constants("matmul.cu")["GEMV_WARPS"]
+    return (ceil_div(out_features * split, warps), max(1, groups)), (warps * WARP,)
 
 
 def gemm_schedule(counts: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -31,8 +31,9 @@ from ..config import ModelConfig
 from . import kernels, launch
 
 L2_FLUSH_BYTES = 256 << 20  # data a micro-benchmark cycles through: several times the H200's 60 MB of L2
-MATMULS = tuple(f"{kind}_grouped{variant}_{weight}" for kind, variants in (("gemv", ("", "_glu")), ("gemv1", ("", "_glu")),
-                                                                           ("gemm", ("", "_swiglu")))
+MATMULS = tuple(f"{kind}_grouped{variant}_{weight}"
+                for kind, variants in (("gemv", ("", "_glu")), ("gemv1", ("", "_glu")), ("gemv1_split", ("", "_glu")),
+                                       ("gemm", ("", "_swiglu")))
                 for variant in variants for weight in ("bf16", "f32"))
 
 

@@ -38,7 +38,7 @@
 //     floats (conflict-free) and its 2 rows tr are broadcasts.
 #include "common.cuh"
 
-#define GEMV_WARPS 8        // output features per block
+#define GEMV_WARPS 8        // warps per block: output features per block, times the warps sharing each
 #define GEMV_MAX_ROWS 8     // rows of x (tokens) a warp carries at once, in registers
 #ifndef GEMV_UNROLL         // (minimoe.gpu.profile compiles other values beside it, to measure them)
 #define GEMV_UNROLL 2       // gemv1: 16-byte weight loads a lane has in flight at once
@@ -65,27 +65,28 @@ __device__ __forceinline__ float x_value(const float* row, int i, int width, boo
     return swiglu ? silu_mul(row[i], row[width + i]) : row[i];
 }
 
-// WROWS weight rows w[q] (`width` values each) dotted with ROWS input rows xr[r] (those with r < rows),
-// a partial sum per lane in acc[q][r]; the warp's lanes then add them up.  Each lane reads 8 weights
+// Elements begin .. end - 1 of WROWS weight rows w[q] dotted with those of ROWS input rows xr[r] (the
+// rows r < rows), a partial sum per lane in acc[q][r]; the warp's lanes then add them up.  `vector`:
+// the rows and `begin` are 16/32-byte aligned (widths a multiple of 8), and each lane reads 8 weights
 // per 16-byte load and issues UNROLL loads per weight row before it uses any.
 template <int ROWS, int UNROLL, int WROWS, typename W>
-__device__ __forceinline__ void dot_rows(const W* const w[WROWS], const float* const xr[ROWS], int rows, int width,
-                                         float acc[WROWS][ROWS]) {
+__device__ __forceinline__ void dot_rows(const W* const w[WROWS], const float* const xr[ROWS], int rows, int begin,
+                                         int end, bool vector, float acc[WROWS][ROWS]) {
     const int lane = threadIdx.x % 32;
-    if (width % 8 == 0) {  // rows then start 16/32-byte aligned
+    if (vector) {
         constexpr int stride = 32 * 8;  // the warp's 32 lanes read 8 consecutive weights each
 #pragma unroll 1  // UNROLL says how many loads are in flight; the compiler's own unrolling would add to it
-        for (int base = lane * 8; base < width; base += stride * UNROLL) {
+        for (int base = begin + lane * 8; base < end; base += stride * UNROLL) {
             Packed8<W> wv[WROWS][UNROLL];
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u)  // all the loads first ...
 #pragma unroll
                 for (int q = 0; q < WROWS; ++q)
-                    if (base + u * stride < width) wv[q][u] = load_packed8(w[q] + base + u * stride);
+                    if (base + u * stride < end) wv[q][u] = load_packed8(w[q] + base + u * stride);
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) {  // ... then the arithmetic on them
                 const int i = base + u * stride;
-                if (i >= width) continue;
+                if (i >= end) continue;
 #pragma unroll
                 for (int r = 0; r < ROWS; ++r) {
                     if (r < rows) {
@@ -98,7 +99,7 @@ __device__ __forceinline__ void dot_rows(const W* const w[WROWS], const float* c
             }
         }
     } else {  // odd widths (tiny test models): one element per lane per step
-        for (int i = lane; i < width; i += 32) {
+        for (int i = begin + lane; i < end; i += 32) {
 #pragma unroll
             for (int q = 0; q < WROWS; ++q) {
                 const float wv = load_weight(w[q] + i);
@@ -110,29 +111,54 @@ __device__ __forceinline__ void dot_rows(const W* const w[WROWS], const float* c
     }
 }
 
+// y[row, feature] from the feature's finished dot products: total[0] (+ bias), or with GLU (total[0]
+// the gate's, total[1] the up's) silu(gate) * up.
+template <bool GLU>
+__device__ __forceinline__ void store_output(float* y, const float* bias, const float* total, int row, int feature,
+                                             int out_features) {
+    const long at = (long)row * out_features + feature;
+    if constexpr (GLU) y[at] = silu_mul(total[0], total[1]);
+    else y[at] = total[0] + (bias != nullptr ? bias[feature] : 0.0f);
+}
+
 // ROWS input rows at a time: GEMV_MAX_ROWS for a few tokens, 1 for decode at batch 1 (which leaves
 // registers for UNROLL loads in flight).  Each combination is a kernel of its own (see the entry
 // points), so one's register count never limits another's occupancy.
 // GLU (the *_glu_* kernels): the weight is a SwiGLU's [gate; up] ([2 * out_features, in] per group)
 // and y = silu(x @ gate.T) * (x @ up.T), [rows, out_features]: the warp of feature i reads gate row
 // i and up row out_features + i together and writes the activation the down projection reads.
-template <int ROWS, int UNROLL, bool GLU, typename W>
+// SPLIT (the gemv1_split_* kernels): `split` warps share each output feature (2, 4 or 8:
+// minimoe.gpu.launch.gemv_split), each a contiguous part of its weight row, their sums added in part
+// order through shared memory: a matrix of few rows (attention's o_proj, the router) then still has
+// enough warps in flight.  Without SPLIT, split is 1 (and the kernel needs fewer registers).
+template <int ROWS, int UNROLL, bool GLU, bool SPLIT, typename W>
 __device__ void gemv_grouped(const float* __restrict__ x, const int* __restrict__ x_rows, const W* __restrict__ weight,
                              const float* __restrict__ bias,
                              float* __restrict__ y, const int* __restrict__ offsets, const int* __restrict__ active,
-                             const int* __restrict__ num_active, int out_features, int in_features, int total_rows) {
+                             const int* __restrict__ num_active, int out_features, int in_features, int total_rows,
+                             int warps_per_feature) {
     constexpr int WROWS = GLU ? 2 : 1;
+    const int split = SPLIT ? warps_per_feature : 1;
+    __shared__ float partial[GEMV_WARPS][WROWS][ROWS];  // each warp's sums, when features are split
     const bool grouped = offsets != nullptr;  // else one group of total_rows rows
     if (grouped && blockIdx.y >= num_active[0]) return;  // fewer experts were chosen than the grid allows for
     const int group = grouped ? active[blockIdx.y] : 0;
-    const int lane = threadIdx.x % 32;
-    const int feature = blockIdx.x * GEMV_WARPS + threadIdx.x / 32;
-    if (feature >= out_features) return;
-    const W* first_row = weight + ((long)group * WROWS * out_features + feature) * in_features;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int feature = blockIdx.x * (GEMV_WARPS / split) + warp / split, part = warp % split;
+    const bool valid = feature < out_features;  // with SPLIT, a warp past the end still reaches the barriers
+    if (!SPLIT && !valid) return;
+    const W* first_row = weight + ((long)group * WROWS * out_features + (valid ? feature : 0)) * in_features;
     const W* w[WROWS];
 #pragma unroll
     for (int q = 0; q < WROWS; ++q) w[q] = first_row + (long)q * out_features * in_features;  // gate, then up
     const int first = grouped ? offsets[group] : 0, last = grouped ? offsets[group + 1] : total_rows;
+    const bool vector = in_features % 8 == 0;
+    int begin = 0, end = in_features;  // this warp's part of the row
+    if constexpr (SPLIT) {
+        const int chunk = (in_features + split - 1) / split, share = vector ? (chunk + 7) / 8 * 8 : chunk;  // 8-aligned
+        begin = min(in_features, part * share);
+        end = min(in_features, begin + share);
+    }
 
     for (int row0 = first; row0 < last; row0 += ROWS) {
         const int rows = min(ROWS, last - row0);
@@ -140,16 +166,33 @@ __device__ void gemv_grouped(const float* __restrict__ x, const int* __restrict_
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) xr[r] = x_row(x, x_rows, row0 + min(r, rows - 1), in_features);
         float acc[WROWS][ROWS] = {{0.0f}};
-        dot_rows<ROWS, UNROLL, WROWS>(w, xr, rows, in_features, acc);
+        if (valid) dot_rows<ROWS, UNROLL, WROWS>(w, xr, rows, begin, end, vector, acc);  // (always, without SPLIT)
+        if constexpr (SPLIT) {  // the feature's parts, added in part order by its first warp
+            __syncthreads();  // the previous rows' partial sums are read
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
-            float total[WROWS];
+            for (int q = 0; q < WROWS; ++q)
 #pragma unroll
-            for (int q = 0; q < WROWS; ++q) total[q] = warp_sum(acc[q][r]);  // all lanes take part, even for r >= rows
-            if (lane == 0 && r < rows) {
-                const long at = (long)(row0 + r) * out_features + feature;
-                if constexpr (GLU) y[at] = silu_mul(total[0], total[1]);
-                else y[at] = total[0] + (bias != nullptr ? bias[feature] : 0.0f);
+                for (int r = 0; r < ROWS; ++r) {
+                    const float total = warp_sum(acc[q][r]);  // all lanes take part
+                    if (lane == 0) partial[warp][q][r] = total;
+                }
+            __syncthreads();
+            if (lane != 0 || part != 0 || !valid) continue;
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                float total[WROWS] = {0.0f};
+#pragma unroll
+                for (int q = 0; q < WROWS; ++q)
+                    for (int p = 0; p < split; ++p) total[q] += partial[warp + p][q][r];
+                if (r < rows) store_output<GLU>(y, bias, total, row0 + r, feature, out_features);
+            }
+        } else {
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                float total[WROWS];
+#pragma unroll
+                for (int q = 0; q < WROWS; ++q) total[q] = warp_sum(acc[q][r]);  // all lanes take part, even for r >= rows
+                if (lane == 0 && r < rows && valid) store_output<GLU>(y, bias, total, row0 + r, feature, out_features);
             }
         }
     }
@@ -219,26 +262,30 @@ __device__ void gather_rows(const W* __restrict__ weight, const int* __restrict_
 }
 
 // The entry points CuPy looks up by name, one per kernel, variant and weight type:
-// {gemv, gemv1}_grouped[_glu]_{bf16, f32} and gemm_grouped[_swiglu]_{bf16, f32}.
+// {gemv, gemv1, gemv1_split}_grouped[_glu]_{bf16, f32} and gemm_grouped[_swiglu]_{bf16, f32}.
 #define GEMV_ARGS(W) const float* x, const int* x_rows, const W* weight, const float* bias, float* y, \
                      const int* offsets, const int* active, const int* num_active, int out_features, int in_features, \
-                     int total_rows
+                     int total_rows, int split
 #define GEMM_ARGS(W) const float* x, const int* x_rows, const W* weight, const float* bias, float* y, \
                      const int* offsets, const int* tile_group, const int* tile_row, int out_features, int in_features, \
                      int total_rows
-#define GEMV_CALL(ROWS, UNROLL, GLU) \
-    gemv_grouped<ROWS, UNROLL, GLU>(x, x_rows, weight, bias, y, offsets, active, num_active, out_features, \
-                                    in_features, total_rows)
+#define GEMV_CALL(ROWS, UNROLL, GLU, SPLIT) \
+    gemv_grouped<ROWS, UNROLL, GLU, SPLIT>(x, x_rows, weight, bias, y, offsets, active, num_active, out_features, \
+                                           in_features, total_rows, split)
 #define GEMM_CALL(SWIGLU) \
     gemm_grouped<SWIGLU>(x, x_rows, weight, bias, y, offsets, tile_group, tile_row, out_features, in_features, total_rows)
-extern "C" __global__ void gemv_grouped_bf16(GEMV_ARGS(unsigned short)) { GEMV_CALL(GEMV_MAX_ROWS, 1, false); }
-extern "C" __global__ void gemv_grouped_f32(GEMV_ARGS(float)) { GEMV_CALL(GEMV_MAX_ROWS, 1, false); }
-extern "C" __global__ void gemv_grouped_glu_bf16(GEMV_ARGS(unsigned short)) { GEMV_CALL(GEMV_MAX_ROWS, 1, true); }
-extern "C" __global__ void gemv_grouped_glu_f32(GEMV_ARGS(float)) { GEMV_CALL(GEMV_MAX_ROWS, 1, true); }
-extern "C" __global__ void gemv1_grouped_bf16(GEMV_ARGS(unsigned short)) { GEMV_CALL(1, GEMV_UNROLL, false); }
-extern "C" __global__ void gemv1_grouped_f32(GEMV_ARGS(float)) { GEMV_CALL(1, GEMV_UNROLL, false); }
-extern "C" __global__ void gemv1_grouped_glu_bf16(GEMV_ARGS(unsigned short)) { GEMV_CALL(1, GEMV_UNROLL, true); }
-extern "C" __global__ void gemv1_grouped_glu_f32(GEMV_ARGS(float)) { GEMV_CALL(1, GEMV_UNROLL, true); }
+extern "C" __global__ void gemv_grouped_bf16(GEMV_ARGS(unsigned short)) { GEMV_CALL(GEMV_MAX_ROWS, 1, false, false); }
+extern "C" __global__ void gemv_grouped_f32(GEMV_ARGS(float)) { GEMV_CALL(GEMV_MAX_ROWS, 1, false, false); }
+extern "C" __global__ void gemv_grouped_glu_bf16(GEMV_ARGS(unsigned short)) { GEMV_CALL(GEMV_MAX_ROWS, 1, true, false); }
+extern "C" __global__ void gemv_grouped_glu_f32(GEMV_ARGS(float)) { GEMV_CALL(GEMV_MAX_ROWS, 1, true, false); }
+extern "C" __global__ void gemv1_grouped_bf16(GEMV_ARGS(unsigned short)) { GEMV_CALL(1, GEMV_UNROLL, false, false); }
+extern "C" __global__ void gemv1_grouped_f32(GEMV_ARGS(float)) { GEMV_CALL(1, GEMV_UNROLL, false, false); }
+extern "C" __global__ void gemv1_grouped_glu_bf16(GEMV_ARGS(unsigned short)) { GEMV_CALL(1, GEMV_UNROLL, true, false); }
+extern "C" __global__ void gemv1_grouped_glu_f32(GEMV_ARGS(float)) { GEMV_CALL(1, GEMV_UNROLL, true, false); }
+extern "C" __global__ void gemv1_split_grouped_bf16(GEMV_ARGS(unsigned short)) { GEMV_CALL(1, GEMV_UNROLL, false, true); }
+extern "C" __global__ void gemv1_split_grouped_f32(GEMV_ARGS(float)) { GEMV_CALL(1, GEMV_UNROLL, false, true); }
+extern "C" __global__ void gemv1_split_grouped_glu_bf16(GEMV_ARGS(unsigned short)) { GEMV_CALL(1, GEMV_UNROLL, true, true); }
+extern "C" __global__ void gemv1_split_grouped_glu_f32(GEMV_ARGS(float)) { GEMV_CALL(1, GEMV_UNROLL, true, true); }
 extern "C" __global__ void gemm_grouped_bf16(GEMM_ARGS(unsigned short)) { GEMM_CALL(false); }
 extern "C" __global__ void gemm_grouped_f32(GEMM_ARGS(float)) { GEMM_CALL(false); }
 extern "C" __global__ void gemm_grouped_swiglu_bf16(GEMM_ARGS(unsigned short)) { GEMM_CALL(true); }

@@ -139,6 +139,7 @@ extern "C" __global__ void route_topk(const float* __restrict__ logits, int logi
 // ---- the dispatch and the combine ----
 
 #define DISPATCH_CHUNK 1024
+#define COMBINE_SLOTS 16  // slots per token moe_combine holds in registers (k + shared groups; more: a loop)
 
 // One block of at least `experts` threads (<= 1024); thread e owns expert e.
 // expert_ids [slots] -> counts [experts], offsets [experts + 1] (exclusive prefix sum),
@@ -237,9 +238,23 @@ extern "C" __global__ void moe_combine(const float* __restrict__ expert_out, con
     const long t = index / hidden;
     const int c = index % hidden;
     float routed = 0.0f;
-    for (int j = 0; j < top_k; ++j) {
-        const long slot = t * top_k + j;
-        routed += weights[slot] * expert_out[(long)inv_perm[slot] * hidden + c];
+    if (top_k <= COMBINE_SLOTS) {  // every load issued before any is used: one memory latency, not 2k
+        int row[COMBINE_SLOTS];
+        float weight[COMBINE_SLOTS], value[COMBINE_SLOTS];
+#pragma unroll
+        for (int j = 0; j < COMBINE_SLOTS; ++j)
+            if (j < top_k) { row[j] = inv_perm[t * top_k + j]; weight[j] = weights[t * top_k + j]; }
+#pragma unroll
+        for (int j = 0; j < COMBINE_SLOTS; ++j)
+            if (j < top_k) value[j] = expert_out[(long)row[j] * hidden + c];
+#pragma unroll
+        for (int j = 0; j < COMBINE_SLOTS; ++j)
+            if (j < top_k) routed += weight[j] * value[j];  // in slot order, as below
+    } else {
+        for (int j = 0; j < top_k; ++j) {
+            const long slot = t * top_k + j;
+            routed += weights[slot] * expert_out[(long)inv_perm[slot] * hidden + c];
+        }
     }
     float value = routed;
     if (shared != nullptr) value += shared[index] * (1.0f / (1.0f + expf(-shared_gate[t * gate_stride])));
