@@ -80,6 +80,17 @@ template <class Kernel> void run_grid(dim3 grid, dim3 block, Kernel kernel) {
 
 inline void __syncthreads() { cpu::block_barrier->arrive_and_wait(); }
 
+template <typename T> T __shfl_up_sync(unsigned, T value, int offset) {
+    static_assert(sizeof(T) == 4, "32-bit shuffles only");
+    const unsigned lane = threadIdx.x % 32;
+    std::memcpy(&cpu::warp->slots[lane], &value, 4);
+    cpu::warp->barrier->arrive_and_wait();
+    T other = value;  // lanes below `offset` get their own value back
+    if (lane >= (unsigned)offset) std::memcpy(&other, &cpu::warp->slots[lane - offset], 4);
+    cpu::warp->barrier->arrive_and_wait();
+    return other;
+}
+
 template <typename T> T __shfl_xor_sync(unsigned, T value, int offset) {
     static_assert(sizeof(T) == 4, "32-bit shuffles only");
     const unsigned lane = threadIdx.x % 32;

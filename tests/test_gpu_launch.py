@@ -35,6 +35,8 @@ def test_router_grid_gives_each_token_a_warp_and_rejects_what_the_kernel_cannot_
         launch.router_grid(1, 257, 4)
     with pytest.raises(MinimoeError, match="top_k"):
         launch.router_grid(1, 8, 9)
+    with pytest.raises(MinimoeError, match="at most 32 experts per token"):
+        launch.router_grid(1, 64, 33)
 
 
 def test_route_dispatch_block_has_a_warp_per_token_and_a_thread_per_expert():
@@ -55,9 +57,9 @@ def test_gemv_grid_has_a_warp_per_output_feature():
 def test_gemv_split_shares_a_short_matrixs_rows_among_warps():
     assert launch.gemv_split(151936, 1, 2048) == 1  # the output head: 18,992 blocks already
     assert launch.gemv_split(2816, 8, 2048) == 1  # eight experts' gate/up: 2,816 blocks
-    assert launch.gemv_split(2048, 1, 2048) == 4  # o_proj: 1,024 blocks of 512 inputs per warp
-    assert launch.gemv_split(6144, 1, 2048) == 2  # q/k/v
-    assert launch.gemv_split(61, 1, 2048) == 4  # the router: no warp reads fewer than 512 inputs
+    assert launch.gemv_split(2048, 1, 2048) == 1  # o_proj: 256 blocks
+    assert launch.gemv_split(61, 1, 2048) == 4  # the router (8 blocks): no warp reads fewer than 512 inputs
+    assert launch.gemv_split(61, 1, 1030) == 2
     assert launch.gemv_split(40, 1, 72) == 1  # too short a row to share
 
 

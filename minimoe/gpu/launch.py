@@ -35,7 +35,7 @@ ATTENTION_WARPS = 4  # queries per block in prefill (one warp each, sharing each
 DECODE_ATTENTION_WARPS = 16
 DECODE_TARGET_BLOCKS = 264
 DECODE_MIN_KEYS_PER_SPLIT = 64
-GEMV_TARGET_BLOCKS = 1024  # blocks a GEMV launch aims for: several per SM at once, in about one wave
+GEMV_TARGET_BLOCKS = 256  # blocks a GEMV launch aims for (measured on an H200: more, by splitting q/k/v or o_proj, did not help)
 GEMV_MIN_PART = 512  # inputs a GEMV warp reads at the least when warps share an output (two loads per lane)
 SHARED_MEMORY_BYTES = 48 * 1024  # dynamic shared memory a kernel may use without an opt-in
 
@@ -107,6 +107,8 @@ def router_grid(tokens: int, experts: int, top_k: int) -> tuple[tuple[int], tupl
         raise MinimoeError(f"the GPU router handles at most {capacity} experts, this model has {experts}")
     if not 1 <= top_k <= experts:
         raise MinimoeError(f"top_k {top_k} must be in [1, {experts}]")
+    if top_k > WARP:
+        raise MinimoeError(f"the GPU router chooses at most {WARP} experts per token (a lane each), got top_k {top_k}")
     return (ceil_div(tokens, ROUTER_WARPS),), (ROUTER_WARPS * WARP,)
 
 
@@ -128,8 +130,8 @@ def route_dispatch_block(tokens: int, experts: int) -> tuple[int]:
 def gemv_split(out_features: int, groups: int, in_features: int) -> int:
     """Warps sharing each output feature of a GEMV (1, 2, 4 or 8): the fewest that give the launch
     GEMV_TARGET_BLOCKS blocks, as long as each warp keeps at least GEMV_MIN_PART inputs.  A matrix of
-    few rows (2,048 for attention's o_proj: 256 blocks of one warp per row) otherwise leaves most of the
-    GPU's memory pipeline idle; the output head's 151,936 rows need no split."""
+    very few rows (the router's 61: 8 blocks of one warp per row) otherwise leaves most of the GPU idle;
+    the output head's 151,936 rows need no split."""
     warps = kernel_constants("matmul.cu")["GEMV_WARPS"]
     split = 1
     while (split < warps and ceil_div(out_features * split, warps) * max(1, groups) < GEMV_TARGET_BLOCKS

@@ -23,6 +23,17 @@ __device__ __forceinline__ float warp_max(float value) {
     return value;
 }
 
+// The sum of `value` over the lanes before this one (0 for lane 0), by a shift-and-add scan.
+__device__ __forceinline__ int warp_exclusive_sum(int value) {
+    const int lane = threadIdx.x % 32;
+    int inclusive = value;
+    for (int offset = 1; offset < 32; offset *= 2) {
+        const int before = __shfl_up_sync(FULL_MASK, inclusive, offset);
+        if (lane >= offset) inclusive += before;
+    }
+    return inclusive - value;
+}
+
 // The sum over a whole block (blockDim.x a multiple of 32, at most 1024), returned to every thread.
 // Every thread of the block must call it (it synchronises).
 __device__ float block_sum(float value) {

@@ -85,7 +85,10 @@ __device__ void route_token(long token, const float* logits, int logits_stride, 
     // k rounds of a warp-wide argmax over rank_key (NaN below every probability, taken below NaN);
     // the winner's owner marks it taken.  top_k <= experts (checked on the host), so every round
     // finds an expert not yet taken and best_expert is always < experts.
-    float chosen_sum = 0.0f;
+    // k rounds of a warp-wide argmax; lane r keeps round r's expert and probability, so the k results are
+    // written by k lanes at once, and renormalised from registers (top_k <= 32, checked on the host).
+    float chosen_sum = 0.0f, my_probability = 0.0f;
+    int my_expert = 0;
     for (int rank = 0; rank < top_k; ++rank) {
         float best = TAKEN;
         int best_expert = experts;
@@ -103,23 +106,19 @@ __device__ void route_token(long token, const float* logits, int logits_stride, 
             for (int j = 0; j < MAX_EXPERTS_PER_LANE; ++j) if (lane + 32 * j == best_expert) p[j] = TAKEN;
         }
         const float probability = best == NAN_KEY ? NAN_F : best;
-        if (lane == 0) {
-            expert_ids[slot0 + rank] = best_expert;
-            raw_weights[slot0 + rank] = probability;
-        }
+        if (lane == rank) { my_expert = best_expert; my_probability = probability; }
         chosen_sum += probability;
     }
-    if (lane == 0) {
-        for (int rank = 0; rank < top_k; ++rank) {
-            const float raw = raw_weights[slot0 + rank];
-            weights[slot0 + rank] = norm_topk_prob ? raw / chosen_sum : raw;
-        }
-        if (shared_groups > 0) {  // the logits then hold the shared expert gate's in column `experts`
-            const float gate = 1.0f / (1.0f + expf(-row[experts]));  // its sigmoid, as moe_combine takes it
-            for (int s = 0; s < shared_groups; ++s) {
-                expert_ids[slot0 + top_k + s] = experts + s;
-                raw_weights[slot0 + top_k + s] = weights[slot0 + top_k + s] = gate;
-            }
+    if (lane < top_k) {
+        expert_ids[slot0 + lane] = my_expert;
+        raw_weights[slot0 + lane] = my_probability;
+        weights[slot0 + lane] = norm_topk_prob ? my_probability / chosen_sum : my_probability;
+    }
+    if (shared_groups > 0) {  // the logits then hold the shared expert gate's in column `experts`
+        const float gate = 1.0f / (1.0f + expf(-row[experts]));  // its sigmoid, as moe_combine takes it
+        for (int s = lane; s < shared_groups; s += 32) {
+            expert_ids[slot0 + top_k + s] = experts + s;
+            raw_weights[slot0 + top_k + s] = weights[slot0 + top_k + s] = gate;
         }
     }
 }
@@ -156,7 +155,7 @@ __device__ void dispatch_slots(const int* expert_ids, int slots, int experts, in
                                int* __restrict__ offsets, int* __restrict__ perm, int* __restrict__ inv_perm,
                                int* __restrict__ rows, int* __restrict__ active, int* __restrict__ num_active) {
     __shared__ int chunk[DISPATCH_CHUNK];
-    __shared__ int start[1024 + 1];
+    __shared__ int count_of[1024], start[1024];  // per expert: its slots, and its first permuted position
     const int e = threadIdx.x;
 
     int count = 0;  // pass 1: how many slots chose expert e
@@ -167,19 +166,24 @@ __device__ void dispatch_slots(const int* expert_ids, int slots, int experts, in
         const int n = min(DISPATCH_CHUNK, slots - base);
         if (e < experts) for (int i = 0; i < n; ++i) count += chunk[i] == e;
     }
-    if (e < experts) { counts[e] = count; start[e + 1] = count; }
+    if (e < experts) { counts[e] = count; count_of[e] = count; }
     __syncthreads();
-    if (threadIdx.x == 0) {  // the prefix sum: `experts` additions, not worth a parallel scan
-        start[0] = 0;
-        int used = 0;
-        for (int x = 0; x < experts; ++x) {
-            if (start[x + 1] > 0) active[used++] = x;
-            start[x + 1] += start[x];
-            offsets[x] = start[x];
+    if (threadIdx.x < 32) {  // the prefix sum and the active list, by one warp: lane l takes a run of experts
+        const int lane = threadIdx.x, per_lane = (experts + 31) / 32, e0 = lane * per_lane;
+        int slots_before = 0, active_before = 0;  // in this lane's run
+        for (int x = e0; x < min(experts, e0 + per_lane); ++x) {
+            slots_before += count_of[x];
+            active_before += count_of[x] > 0;
         }
-        offsets[experts] = start[experts];
-        num_active[0] = used;
+        int position = warp_exclusive_sum(slots_before), used = warp_exclusive_sum(active_before);
+        for (int x = e0; x < min(experts, e0 + per_lane); ++x) {
+            start[x] = offsets[x] = position;
+            if (count_of[x] > 0) active[used++] = x;
+            position += count_of[x];
+        }
+        if (lane == 31) { offsets[experts] = position; num_active[0] = used; }  // every lane's run ends before 31's
     }
+    __syncthreads();
     int position = 0;  // pass 2: write expert e's slots, in slot order, from start[e]
     for (int base = 0; base < slots; base += DISPATCH_CHUNK) {
         __syncthreads();
