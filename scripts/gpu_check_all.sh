@@ -7,7 +7,7 @@
 #    SECONDS (default 300); it rewrites OUT_DIR/gpu_check.json after every stage, so a run cut off
 #    keeps what it measured;
 # 2. compute-sanitizer's memcheck and racecheck over the odd-shape kernel checks (every array its own
-#    allocation, so memcheck sees its bounds), at most 90 s each, where the machine has the tool.
+#    allocation, so memcheck sees its bounds), at most 120 s each, where the machine has the tool.
 # Everything printed is also in OUT_DIR/*.log.
 set -uo pipefail
 out=${1:?usage: scripts/gpu_check_all.sh OUT_DIR [SECONDS]}
@@ -24,8 +24,8 @@ if [ -z "$sanitizer" ]; then
     exit 0
 fi
 for tool in memcheck racecheck; do
-    timeout 90 "$sanitizer" --tool "$tool" --print-limit 20 "$python" -m minimoe.gpu_check --stages kernels \
+    timeout 120 "$sanitizer" --tool "$tool" --print-limit 20 "$python" -m minimoe.gpu_check --stages kernels \
         --shapes odd --no-memory-pool --json "$out/$tool.json" > "$out/$tool.log" 2>&1
-    echo "compute-sanitizer --tool $tool exit status: $? (124: cut off at 90 s)"
+    echo "compute-sanitizer --tool $tool exit status: $? (124: cut off at 120 s)"
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY|checks passed" "$out/$tool.log"
 done
