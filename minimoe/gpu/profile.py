@@ -183,8 +183,8 @@ def matmul_launch(name: str, arguments: tuple) -> tuple[int, int, int, int, int]
 
 def launch_label(name: str, arguments: tuple, roles: dict) -> tuple[str, int, float]:
     """(label, bytes moved, FLOPs) of one launch.  Bytes: a matmul's weight rows of the groups it read
-    plus its input and output; any other kernel, every array it is handed (each read or written
-    once, a close count for these streaming kernels)."""
+    plus its input and output; the embedding lookup, the rows it copies; any other kernel, every array
+    it is handed (each read or written once, a close count for these streaming kernels)."""
     if name in MATMULS:
         out_features, in_features, groups, rows, width = matmul_launch(name, arguments)
         weight = arguments[2]
@@ -194,6 +194,9 @@ def launch_label(name: str, arguments: tuple, roles: dict) -> tuple[str, int, fl
         label = f"{name} {role} ({out_features}x{in_features}{f', {groups} of {weight.shape[0]} groups' if grouped else ''})"
         x_bytes = rows * width * 4
         return label, read + x_bytes + nbytes(arguments[4]), 2.0 * rows * out_features * in_features
+    if name.startswith("gather_rows"):  # arguments: the whole table, the ids, the rows out
+        table, out = arguments[0], arguments[2]
+        return name, out.size * table.itemsize + out.nbytes, 0.0
     return name, sum(nbytes(a) for a in arguments), 0.0
 
 
