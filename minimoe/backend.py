@@ -27,7 +27,7 @@ import numpy as np
 
 from .errors import MinimoeError
 
-BACKENDS = ("numpy", "cupy")
+BACKENDS = ("numpy", "cupy", "cupy-plain")  # cupy: minimoe's CUDA kernels; cupy-plain: minimoe.layers on CuPy
 
 # Matrices with at most this many elements (norm weights, biases, the router,
 # the shared-expert gate) are upcast once at load: they are tiny, and re-upcasting
@@ -71,7 +71,7 @@ def array_module(backend: str) -> ModuleType:
     """The array module (``xp``) for a backend name."""
     if backend == "numpy":
         return np
-    if backend == "cupy":
+    if backend in ("cupy", "cupy-plain"):
         return import_cupy()
     raise MinimoeError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
 
@@ -278,3 +278,31 @@ class Linear:
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows ``W[ids]`` as float32 (an embedding lookup): ids ``[...]`` -> ``[..., in]``."""
         return self.weight[ids].astype(np.float32)
+
+
+class DeviceLinear:
+    """``y = x @ W.T (+ b)`` on a GPU array module (CuPy), with plain matmuls: ``backend="cupy-plain"``.
+
+    The weight is copied to the device once, as float32 (the stored bf16 values upcast exactly), so
+    the device runs :mod:`minimoe.layers` as NumPy does; ``backend="cupy"`` keeps bf16 and runs
+    minimoe's own kernels instead (:mod:`minimoe.gpu`).
+    """
+
+    def __init__(self, xp, weight: np.ndarray, bias: np.ndarray | None = None):
+        self.xp = xp
+        self.weight = xp.asarray(np.asarray(weight, dtype=np.float32))
+        self.bias = None if bias is None else xp.asarray(np.asarray(bias, dtype=np.float32))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(out_features, in_features)``."""
+        return self.weight.shape
+
+    def __call__(self, x):
+        """x ``[..., in]`` float32 -> ``[..., out]`` float32."""
+        y = x @ self.weight.T
+        return y if self.bias is None else y + self.bias
+
+    def rows(self, ids):
+        """Rows ``W[ids]`` (an embedding lookup): ids ``[...]`` -> ``[..., in]``."""
+        return self.weight[self.xp.asarray(ids)]

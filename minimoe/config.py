@@ -326,3 +326,11 @@ def _eos(value: Any, fail) -> int | tuple[int, ...] | None:
     if isinstance(value, list) and all(isinstance(v, int) for v in value):
         return tuple(value)
     raise fail(f"eos_token_id must be an integer or a list of integers, got {value!r}")
+
+
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The config.json files bundled with minimoe, by name (e.g. ``qwen1.5-moe-a2.7b``)."""
+    return {path.stem: path for path in sorted(SHIPPED_CONFIGS.glob("*.json"))}

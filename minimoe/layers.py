@@ -120,7 +120,7 @@ class RouterChoice(NamedTuple):
     expert_weights: "Array"  # [N, k] what their outputs are scaled by (renormalised if norm_topk_prob)
 
     def trace_fields(self) -> dict:
-        """The arrays under the names a :class:`minimoe.routing.RoutingTrace` gives them."""
+        """The arrays under the names a :class:`minimoe.inspect.trace.RoutingTrace` gives them."""
         return dict(router_logits=self.logits, router_probs=self.probs, expert_ids=self.expert_ids,
                     raw_weights=self.raw_weights, expert_weights=self.expert_weights)
 

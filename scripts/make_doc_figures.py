@@ -4,7 +4,7 @@
     python scripts/make_doc_figures.py [--out docs/images]
 
 docs/images/token_experts.png: the top-1 expert of each token of a short Python snippet in
-each sparse layer (minimoe.viz.plot_token_experts), the routing picture of the README and
+each sparse layer (minimoe.inspect.viz.plot_token_experts), the routing picture of the README and
 docs/routing.md.
 """
 
@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 import minimoe
-from minimoe import viz
+from minimoe.inspect import viz
 
 ROOT = Path(__file__).resolve().parent.parent
 SNIPPET = "def read_config(path):\n    with open(path) as f:\n        return json.load(f)\n"

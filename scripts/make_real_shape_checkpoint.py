@@ -3,9 +3,9 @@
 
 The real Qwen1.5-MoE-A2.7B weights cannot be downloaded in CI or on the benchmark
 machine; this stands in for them byte for byte in layout: the shipped config.json
-(optionally with fewer layers), every tensor of :func:`minimoe.weights.expected_shapes`
+(optionally with fewer layers), every tensor of :func:`minimoe.checkpoint.names.expected_shapes`
 in bf16, split into shards with a ``model.safetensors.index.json`` as on the Hub when
-larger than ``--shard-gb`` (one ``model.safetensors`` otherwise), by :mod:`minimoe.safetensors_writer`.
+larger than ``--shard-gb`` (one ``model.safetensors`` otherwise), by :mod:`minimoe.checkpoint.writer`.
 Values are random at a scale that keeps activations sane (std 1/sqrt(fan_in)).
 
     python scripts/make_real_shape_checkpoint.py OUT --layers 2             # the core benchmark
@@ -27,15 +27,15 @@ import numpy as np
 from tqdm import tqdm
 
 from minimoe import ModelConfig
-from minimoe.cli import shipped_configs
-from minimoe.safetensors_writer import write_checkpoint
-from minimoe.weights import expected_shapes, random_init
+from minimoe.config import shipped_configs
+from minimoe.checkpoint.writer import write_checkpoint
+from minimoe.checkpoint.names import expected_shapes, random_init
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 def random_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """Random bf16 values at :func:`minimoe.weights.random_init`'s scale."""
+    """Random bf16 values at :func:`minimoe.checkpoint.names.random_init`'s scale."""
     mean, std = random_init(name, shape)
     return (mean + std * rng.standard_normal(shape, dtype=np.float32)).astype(BF16)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from minimoe.assets import default_model_path
 from minimoe.config import ModelConfig
-from minimoe.params import count_parameters, format_count
+from minimoe.inspect.params import count_parameters, format_count
 
 LABELS = {"baseline": "previous tiny-moe", "tiny-dense": "tiny-dense", "tiny-moe": "tiny-moe"}
 DATA = """**Data.** The CPython {python} standard library's own `.py` sources (no tests, no idlelib) and the
@@ -20,7 +20,7 @@ outside the standard library is held out entirely: the sources of {third_party} 
 
 
 def counts(kind: str) -> tuple[int, int]:
-    """(total, activated per token) parameters of a bundled model, counted by minimoe.params."""
+    """(total, activated per token) parameters of a bundled model, counted by minimoe.inspect.params."""
     count = count_parameters(ModelConfig.from_file(default_model_path(kind) / "config.json"))
     return count.total, count.activated
 

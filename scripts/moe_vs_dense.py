@@ -24,8 +24,8 @@ import json
 from pathlib import Path
 
 from minimoe import ModelConfig
-from minimoe.bench import benchmark
-from minimoe.params import count_parameters
+from minimoe.tools.bench import benchmark
+from minimoe.inspect.params import count_parameters
 
 BLOG_RATIO = 1.74  # the blog's "accelerates inference speed by a factor of 1.74" (how it was measured: not said)
 

@@ -29,8 +29,8 @@ import numpy as np
 from pydoc_data.topics import topics
 
 import minimoe
-from minimoe import analysis
-from minimoe.windows import trace_text
+from minimoe.inspect import analysis
+from minimoe.inspect.tracing import trace_text
 
 CHARACTERS = 6000
 TRACED_TOKENS = (600, 1000)          # the tokens of json/decoder.py whose routing is compared

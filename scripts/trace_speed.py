@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import minimoe
-from minimoe.bench import disk_read_bytes, proc_field_bytes
+from minimoe.tools.bench import disk_read_bytes, proc_field_bytes
 
 
 def python_text_ids(tokens: int) -> list[int]:

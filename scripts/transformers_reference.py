@@ -1,7 +1,7 @@
 """The reference side of minimoe's benchmarks: transformers, in bf16.
 
 ``minimoe bench --against transformers`` and ``python -m minimoe.gpu_check`` load this file
-from the checkout (``minimoe.bench.reference_module``) only when they compare, so that the
+from the checkout (``minimoe.tools.bench.reference_module``) only when they compare, so that the
 package itself never imports torch or transformers (the ``test`` extra).
 """
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import minimoe
-from minimoe.routing import log_softmax
+from minimoe.inspect.tracing import log_softmax
 
 from train_bundled_model import corpus, encode_all, held_out_loss
 

@@ -38,7 +38,7 @@ import torch
 
 import minimoe
 from minimoe.config import ModelConfig
-from minimoe.params import count_parameters
+from minimoe.inspect.params import count_parameters
 from train_bundled_model import UPCYCLE, held_out_loss, load_tokenizer, stdlib_ids, train, windows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +77,7 @@ def starting_model(arm: str, seed: int, tmp: Path):
 
 
 def active_parameters(model) -> int:
-    """Parameters one token uses, as minimoe.params counts them, less the embedding lookup (a row read, no FLOPs)."""
+    """Parameters one token uses, as minimoe.inspect.params counts them, less the embedding lookup (a row read, no FLOPs)."""
     config = ModelConfig.from_dict(model.config.to_dict())
     return count_parameters(config).activated - config.vocab_size * config.hidden_size
 

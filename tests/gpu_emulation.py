@@ -65,7 +65,7 @@ def install(monkeypatch) -> None:
     import minimoe.gpu
 
     monkeypatch.setitem(sys.modules, "cupy", fake_cupy())
-    for name in ("kernels", "blocks", "decode", "profile"):  # re-imported over the fake cupy (`from .gpu import kernels` reads the attribute)
+    for name in ("kernels", "ops", "decode", "profile"):  # re-imported over the fake cupy (`from .gpu import kernels` reads the attribute)
         monkeypatch.delitem(sys.modules, f"minimoe.gpu.{name}", raising=False)
         monkeypatch.delattr(minimoe.gpu, name, raising=False)
     import minimoe.gpu.kernels as kernels

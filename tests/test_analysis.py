@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from minimoe import MinimoeError
-from minimoe.analysis import (
+from minimoe.inspect.analysis import (
     coactivation,
     consecutive_same_expert,
     domain_specialization,
@@ -23,7 +23,7 @@ from minimoe.analysis import (
     vocabulary_specialization,
 )
 from minimoe.layers import load_balancing_loss
-from minimoe.routing import RoutingTrace
+from minimoe.inspect.trace import RoutingTrace
 
 
 def make_trace(expert_ids, num_experts: int, router_probs=None, layers=None, token_ids=None, positions=None,

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 import minimoe
-from minimoe import bench
-from minimoe.bench import Job, MemoryWatch
+from minimoe.tools import bench
+from minimoe.tools.bench import Job, MemoryWatch
 
 from conftest import FIXTURES
 

@@ -15,7 +15,7 @@ import pytest
 
 import minimoe
 from minimoe.errors import MinimoeError
-from minimoe.routing import log_softmax
+from minimoe.inspect.tracing import log_softmax
 
 from parity import LOGIT_TOLERANCE, relative_error
 

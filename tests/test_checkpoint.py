@@ -17,7 +17,7 @@ from safetensors.numpy import save_file
 
 import minimoe
 from minimoe import MinimoeError
-from minimoe.checkpoint import MAX_HEADER_BYTES, Checkpoint, SafetensorsFile
+from minimoe.checkpoint.reader import MAX_HEADER_BYTES, Checkpoint, SafetensorsFile
 
 from conftest import FIXTURES
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import minimoe
-from minimoe.cli import TOKEN_COLUMN, routing_table
-from minimoe.params import describe_model
-from minimoe.routing import RoutingTrace
+from minimoe.tools.cli import TOKEN_COLUMN, routing_table
+from minimoe.inspect.params import describe_model
+from minimoe.inspect.trace import RoutingTrace
 
 from conftest import FIXTURES
 

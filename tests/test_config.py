@@ -7,7 +7,7 @@ import json
 import pytest
 
 from minimoe import MinimoeError, ModelConfig
-from minimoe.cli import shipped_configs
+from minimoe.config import shipped_configs
 
 from conftest import FIXTURES
 

@@ -11,11 +11,11 @@ import pytest
 
 import minimoe
 from minimoe import MinimoeError
-from minimoe.gpu_check import relative_error  # (got, expected), reading device arrays
+from minimoe.gpu.check import relative_error  # (got, expected), reading device arrays
 
 from conftest import FIXTURE_NAMES, FIXTURES, ROOT
 from minimoe import ModelConfig
-from minimoe.model import GPU_MODEL_TYPES
+from minimoe.gpu.launch import GPU_MODEL_TYPES
 import gpu_emulation
 
 
@@ -43,8 +43,8 @@ def test_cupy_backend_without_a_gpu_is_a_clear_error(monkeypatch):
         minimoe.load(minimoe.default_model_path(), backend="cupy")
 
 
-def test_unknown_backend_lists_both():
-    with pytest.raises(MinimoeError, match=r"unknown backend 'tpu'; choose one of \('numpy', 'cupy'\)"):
+def test_unknown_backend_lists_every_backend():
+    with pytest.raises(MinimoeError, match=r"unknown backend 'tpu'; choose one of \('numpy', 'cupy', 'cupy-plain'\)"):
         minimoe.load(minimoe.default_model_path(), backend="tpu")
 
 
@@ -79,11 +79,25 @@ GPU_FIXTURES = [name for name in FIXTURE_NAMES if ModelConfig.from_file(FIXTURES
 @pytest.mark.parametrize("name", GPU_FIXTURES)
 def test_gpu_model_matches_numpy_on_every_fixture(emulated, name):
     cpu, gpu = both(FIXTURES / name)
-    assert type(gpu).__name__ == "GpuModel" and gpu.backend == "cupy"
+    assert isinstance(gpu, minimoe.Model) and gpu.backend == "cupy" and type(gpu.ops).__name__ == "KernelOperations"
     ids = np.arange(21) * 7 % cpu.config.vocab_size  # 21 tokens: the GEMM path (more than GEMV_MAX_ROWS)
     assert relative_error(gpu.forward(ids), cpu.forward(ids)) < 1e-5
     batch = np.stack([ids[:5], ids[5:10]])  # 5 tokens x 2: GEMV path, batched attention
     assert relative_error(gpu.forward(batch), cpu.forward(batch)) < 1e-5
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_plain_cupy_runs_the_reference_operations_on_every_fixture(emulated, name):
+    """backend="cupy-plain": the model's one composition with the reference operations of minimoe.ops, every
+    family (no kernel is involved, so none is refused), through the KV cache too."""
+    cpu, plain = minimoe.load(FIXTURES / name), minimoe.load(FIXTURES / name, backend="cupy-plain")
+    assert plain.backend == "cupy-plain" and type(plain.ops).__name__ == "Operations"
+    ids = np.arange(12) * 7 % cpu.config.vocab_size
+    assert relative_error(plain.forward(ids), cpu.forward(ids)) < 1e-5
+    caches = cpu.new_cache(), plain.new_cache()
+    for model, cache in zip((cpu, plain), caches):
+        model.forward(ids[:10], cache=cache)
+    assert relative_error(plain.forward(ids[10:], cache=caches[1]), cpu.forward(ids[10:], cache=caches[0])) < 1e-5
 
 
 def test_gpu_decoding_through_the_cache_matches_numpy(emulated):
@@ -119,7 +133,7 @@ def test_gpu_traces_and_interventions_match_numpy(emulated, folder, tokens):
 
 
 def test_the_graph_decoders_fixed_buffer_step_matches_numpy(emulated):
-    from minimoe import gpu_check
+    from minimoe.gpu import check as gpu_check
 
     (check,) = gpu_check.check_graph_decode(minimoe.default_model_path(), np.random.default_rng(0), capture=False,
                                             prompt=10, steps=14, capacity=16)  # the cache grows past 16 on the way
@@ -174,7 +188,7 @@ def test_rope_store_kv_refuses_to_write_past_the_caches_capacity(emulated):
 def test_emulated_router_breaks_ties_by_lower_id_and_survives_unusable_rows(emulated):
     import cupy
 
-    from minimoe import gpu_check
+    from minimoe.gpu import check as gpu_check
 
     inputs = gpu_check.Inputs(cupy, np.random.default_rng(0), dict(experts=10, top_k=3, hidden=24))
     checks = gpu_check.check_router_ties(inputs, 50) + gpu_check.check_unusable_router_rows(inputs)

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minimoe import ModelConfig, gpu_check
-from minimoe.cli import shipped_configs
+from minimoe import ModelConfig
+from minimoe.gpu import check as gpu_check
+from minimoe.config import shipped_configs
 
 import gpu_emulation
 
@@ -234,9 +235,10 @@ def test_the_benchmark_writes_each_part_and_holds_graph_tokens_to_eager_ones(mon
     step = bench["profile"]["decode_step"]
     c = minimoe.load(minimoe.default_model_path()).config
     # gather; per layer norm, qkv, rope, attention, o, add_norm; per sparse layer router (with the shared gate),
-    # route_dispatch, the experts' gate/up and down (the shared expert among them: 352 = 4 x 88), combine; head
+    # route_dispatch, the experts' gate/up and down (the shared expert among them: 352 = 4 x 88), combine; the
+    # final norm and the head
     assert c.shared_expert_intermediate_size % c.moe_intermediate_size == 0
-    kernels_per_token = 1 + 6 * c.num_hidden_layers + 5 * len(c.sparse_layers) + 1
+    kernels_per_token = 1 + 6 * c.num_hidden_layers + 5 * len(c.sparse_layers) + 2
     assert sum(row["launches"] for row in step["kernels"]) == kernels_per_token
     head = next(row for row in step["kernels"] if "output head" in row["kernel"])
     assert head["bytes"] == c.vocab_size * c.hidden_size * 2 + c.hidden_size * 4 + c.vocab_size * 4  # bf16 W, x, y
@@ -260,6 +262,6 @@ def test_time_decode_counts_the_eager_steps_launches(monkeypatch):
     c = model.config
     result = gpu_check.time_decode(cupy, model, np.arange(5), 3, graph=False)
     # gather; per layer norm, qkv, rope, attention, o, add_norm; per sparse layer router (with the shared gate),
-    # route_dispatch, gate/up and down of the experts and the shared expert's 4 groups, combine; head
-    assert result["launches_per_token"] == 1 + 6 * c.num_hidden_layers + 5 * len(c.sparse_layers) + 1
+    # route_dispatch, gate/up and down of the experts and the shared expert's 4 groups, combine; final norm, head
+    assert result["launches_per_token"] == 1 + 6 * c.num_hidden_layers + 5 * len(c.sparse_layers) + 2
     assert result["decode_tok_s"] > 0 and result["host_ms_per_token"] > 0

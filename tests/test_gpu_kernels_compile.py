@@ -141,7 +141,7 @@ def test_kernel_compiles_with_nvcc(source, arch, tmp_path):
 
 
 def test_every_kernel_the_wrappers_launch_is_declared_in_its_file():
-    wrappers = (launch.KERNEL_DIR.parent / "gpu" / "kernels.py").read_text()
+    wrappers = (launch.KERNEL_DIR.parent / "kernels.py").read_text()
     launched = re.findall(r'kernel\("(\w+\.cu)", f?"([\w{}]+)"\)', wrappers)
     assert len(launched) >= 10
     # the values the f-strings' fields take: the matmuls' kind, input and weight-type variants

@@ -117,7 +117,7 @@ def test_check_model_accepts_qwen_moe_and_names_what_does_not_fit():
     import json
 
     from minimoe import ModelConfig
-    from minimoe.cli import shipped_configs
+    from minimoe.config import shipped_configs
 
     raw = json.loads(shipped_configs()["qwen1.5-moe-a2.7b"].read_text())
     launch.check_model(ModelConfig.from_dict(raw, source="hub"))

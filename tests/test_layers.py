@@ -265,20 +265,27 @@ def test_routed_experts_on_threads_equal_one_after_another():
 
 @pytest.mark.parametrize("parts", [2, 3, 7])
 def test_swiglu_split_by_inner_width_equals_the_whole_mlp(monkeypatch, parts):
-    """Slices of the inner width (rows of gate and up, columns of down), one a thread, add up to the MLP."""
+    """On the CPU an MLP run alone is split into slices of its inner width (rows of gate and up, columns of down),
+    one a thread: they add up to the MLP, and the SwiGLU a learner inspects stays its gate, up and down."""
+    from minimoe import ops
     from minimoe.model import SwiGLU
 
     monkeypatch.setattr(backend, "SMALL_MATRIX_ELEMENTS", 0)  # keep the bf16 weights, sliced as views
+    monkeypatch.setattr(ops, "NUM_THREADS", parts)
     hidden, inner = 12, 20
     gate, up, down = (rng.standard_normal(shape).astype(ml_dtypes.bfloat16)
                       for shape in ((inner, hidden), (inner, hidden), (hidden, inner)))
     h = rng.standard_normal((5, hidden)).astype(np.float32)
-    whole = SwiGLU(Linear(gate), Linear(up), Linear(down))(h)
-    split = SwiGLU(Linear(gate), Linear(up), Linear(down)).split_by_width(parts)
-    assert len(split.slices) == parts and sum(s.gate.shape[0] for s in split.slices) == inner
-    assert all(s.down.weight.base is not None for s in split.slices)  # views of the stored weight, not copies
+    mlp = SwiGLU(Linear(gate), Linear(up), Linear(down))
+    whole = layers.swiglu(np, h, mlp.gate, mlp.up, mlp.down)
+    table = ops.Operations()
+    split = mlp(table, h)
+    slices = table._wide[mlp]
+    assert len(slices) == parts and sum(gate_part.shape[0] for gate_part, _, _ in slices) == inner
+    assert all(down_part.weight.base is not None for _, _, down_part in slices)  # views of the stored weight
+    assert (mlp.gate.weight is gate) and not hasattr(mlp, "slices")  # the MLP itself is unchanged
     # float32 sums in another order: differences of a few ulps of the largest output, not of each element
-    np.testing.assert_allclose(split(h), whole, rtol=1e-5, atol=1e-6 * np.abs(whole).max())
+    np.testing.assert_allclose(split, whole, rtol=1e-5, atol=1e-6 * np.abs(whole).max())
     with pytest.raises(ValueError, match="bias"):
         Linear(down, np.ones(hidden, np.float32)).column_slice(range(0, 4))
 
@@ -307,7 +314,7 @@ def test_attention_in_query_chunks_equals_one_pass(monkeypatch):
     model = minimoe.load(FIXTURES / "moe_gqa")
     ids = rng.integers(0, model.config.vocab_size, size=40)
     whole = model.forward(ids)
-    monkeypatch.setattr(minimoe.model, "QUERY_CHUNK", 7)  # 40 tokens: chunks of 7, the last of 5
+    monkeypatch.setattr(minimoe.ops, "QUERY_CHUNK", 7)  # 40 tokens: chunks of 7, the last of 5
     np.testing.assert_allclose(model.forward(ids), whole, rtol=1e-5, atol=1e-5)
     cache = model.new_cache()  # and continuing a cache: chunks start after the cached positions
     model.forward(ids[:9], cache=cache)

@@ -21,11 +21,11 @@ from safetensors.numpy import save_file
 
 import minimoe
 from minimoe import MinimoeError, ModelConfig, count_parameters
-from minimoe.checkpoint import Checkpoint
-from minimoe.cli import shipped_configs
+from minimoe.checkpoint.reader import Checkpoint
+from minimoe.config import shipped_configs
 from minimoe.config import FAMILIES
-from minimoe.params import Architecture, family_table, format_family_table
-from minimoe.routing import RoutingTrace
+from minimoe.inspect.params import Architecture, family_table, format_family_table
+from minimoe.inspect.trace import RoutingTrace
 
 from conftest import FIXTURES, ROOT, load_reference
 from parity import LOGIT_TOLERANCE, relative_error

@@ -13,8 +13,8 @@ import sys
 import pytest
 
 from minimoe import MinimoeError, ModelConfig, count_parameters
-from minimoe.cli import shipped_configs
-from minimoe.params import Architecture, token_cost
+from minimoe.config import shipped_configs
+from minimoe.inspect.params import Architecture, token_cost
 
 from blog_quotes import BLOG_TABLE
 from conftest import FIXTURES

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from minimoe import ModelConfig, roofline
-from minimoe.roofline import Rates
+from minimoe import ModelConfig
+from minimoe.tools import roofline
+from minimoe.tools.roofline import Rates
 
 # 1 sparse layer: hidden 4 (2 heads of 2), 2 experts of width 3 (top-1), a shared expert of 6, vocab 10.
 CONFIG = ModelConfig.from_dict(dict(

@@ -13,8 +13,9 @@ from safetensors.numpy import save_file
 
 import minimoe
 from minimoe import MinimoeError
-from minimoe.checkpoint import Checkpoint
-from minimoe.routing import ARRAY_FIELDS, RoutingTrace, measure_intervention, trace_generation
+from minimoe.checkpoint.reader import Checkpoint
+from minimoe.inspect.trace import ARRAY_FIELDS, RoutingTrace
+from minimoe.inspect.tracing import measure_intervention, trace_generation
 
 from conftest import FIXTURES, load_reference
 from parity import LOGIT_TOLERANCE, check_routing, relative_error
@@ -194,7 +195,7 @@ def test_step_through_reproduces_the_forward(name):
     trace = model.trace(ids)
     for layer in range(model.config.num_hidden_layers):
         walk = model.step_through(ids, layer, position=7)
-        after = minimoe.stepthrough.residual_before(model, ids, layer + 1)
+        after = minimoe.inspect.stepthrough.residual_before(model, ids, layer + 1)
         np.testing.assert_allclose(walk["residual_out"], after[7], rtol=1e-5, atol=1e-5)
         if model.decoder[layer].is_sparse:
             s = trace.layer_index(layer)
@@ -241,7 +242,7 @@ def test_a_dense_model_has_no_routing_to_trace():
 
 
 def test_layers_with_different_k_are_padded_and_analysable():
-    from minimoe import analysis
+    from minimoe.inspect import analysis
 
     model, ids = minimoe.load(SOURCE), load_reference(SOURCE)["ids"][0]
     trace = model.trace(ids, top_k={0: 3, 1: 1})

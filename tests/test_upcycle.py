@@ -20,11 +20,11 @@ import pytest
 
 import minimoe
 from minimoe import MinimoeError
-from minimoe.checkpoint import Checkpoint
+from minimoe.checkpoint.reader import Checkpoint
 from minimoe.config import ModelConfig
-from minimoe.params import Architecture, count_parameters
-from minimoe.upcycle import FeedForward, cut_into_experts, replicate, shuffle
-from minimoe.weights import dense_mlp_prefix, expert_prefix, router_name, shared_expert_gate_name, shared_expert_prefix, swiglu_names
+from minimoe.inspect.params import Architecture, count_parameters
+from minimoe.tools.upcycle import FeedForward, cut_into_experts, replicate, shuffle
+from minimoe.checkpoint.names import dense_mlp_prefix, expert_prefix, router_name, shared_expert_gate_name, shared_expert_prefix, swiglu_names
 
 from conftest import FIXTURES, ROOT
 from parity import LOGIT_TOLERANCE, relative_error

@@ -21,7 +21,7 @@ from matplotlib.colors import to_hex
 from test_viz_report import synthetic_trace
 
 import minimoe
-from minimoe import analysis, report, viz
+from minimoe.inspect import analysis, report, viz
 
 DENSE = Path(__file__).resolve().parent / "fixtures" / "dense_qwen2"
 EXPERTS = 60

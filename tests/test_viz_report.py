@@ -1,4 +1,4 @@
-"""Plots (minimoe.viz), the HTML report (minimoe.report) and ``minimoe inspect``, on the bundled model."""
+"""Plots (minimoe.inspect.viz), the HTML report (minimoe.inspect.report) and ``minimoe inspect``, on the bundled model."""
 
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ from matplotlib.colors import TwoSlopeNorm, to_hex
 from matplotlib.figure import Figure
 
 import minimoe
-from minimoe import analysis, cli, report, viz
-from minimoe.routing import RoutingTrace, measure_intervention
+from minimoe.inspect import analysis, report, viz
+from minimoe.tools import cli
+from minimoe.inspect.trace import RoutingTrace
+from minimoe.inspect.tracing import measure_intervention
 
 TEXT = 'if a < b:\n    print("<b>bold</b>", a & b)\n'
 

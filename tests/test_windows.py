@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 import minimoe
 from minimoe import MinimoeError
-from minimoe.routing import measure_intervention, trace_generation
-from minimoe.windows import Windowing, measure_interventions, trace_text
+from minimoe.inspect.tracing import measure_intervention, trace_generation
+from minimoe.inspect.tracing import Windowing, measure_interventions, trace_text
 
 
 @pytest.fixture(scope="module")

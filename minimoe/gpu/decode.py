@@ -1,8 +1,8 @@
 """Decode one token per sequence on fixed buffers, captured as a CUDA graph: one launch per token.
 
-Eager decode (``model.forward([token], cache=cache)``) issues ~17 kernel launches per sparse layer
-from Python and allocates every intermediate; at batch 1 that host work, not memory bandwidth, is
-likely to bound the speed.  :class:`GraphDecoder` runs the same blocks with every step input on a
+Eager decode (``model.forward([token], cache=cache)``) issues 12 kernel launches per sparse layer
+from Python and allocates every intermediate; at batch 1 that host work, not memory bandwidth,
+bounds the speed.  :class:`GraphDecoder` runs the same forward pass with every step input on a
 fixed device buffer -- the token ids, the new position (read by ``rope_store_kv`` and
 ``attention_decode`` on the device), its RoPE row -- and every intermediate drawn from a memory
 pool of its own, so a step's kernel arguments never change.  CuPy then captures the step once
@@ -25,14 +25,17 @@ import numpy as np
 from .. import layers
 from ..errors import MinimoeError
 from . import kernels, launch
+from .ops import KernelOperations
 
 
 class GraphDecoder:
-    """Greedy-friendly decode steps of a :class:`~minimoe.gpu.blocks.GpuModel` over one KV cache."""
+    """Decode steps of a model loaded with ``backend="cupy"`` over one KV cache, each one graph launch."""
 
     def __init__(self, model, cache, capture: bool = True):
         if cache.batch_size is None:
             raise MinimoeError("GraphDecoder continues a cache: run the prompt through model.forward(ids, cache=cache) first")
+        if model.backend != "cupy":
+            raise MinimoeError(f"GraphDecoder runs a model loaded with backend='cupy', not {model.backend!r}")
         if cache.batch_size > launch.kernel_constants("matmul.cu")["GEMV_MAX_ROWS"]:
             raise MinimoeError(f"the CUDA-graph decode takes batches of up to "
                                f"{launch.kernel_constants('matmul.cu')['GEMV_MAX_ROWS']} sequences "
@@ -47,6 +50,7 @@ class GraphDecoder:
         self.position = self.inputs[batch : batch + 1]
         self.cos = self.inputs[batch + 1 : batch + 1 + D].view(cp.float32).reshape(1, D)
         self.sin = self.inputs[batch + 1 + D :].view(cp.float32).reshape(1, D)
+        self.ops = KernelOperations(position=self.position)  # the kernels read the position on the device
         self.graph = None
         self.captured_for = None  # (cache buffer address, capacity) the graph's pointers and splits belong to
         self.captures, self.capture_seconds = 0, 0.0  # how often the step was captured, and how long that took
@@ -87,14 +91,11 @@ class GraphDecoder:
         kernels.upload(self.inputs, host)
 
     def step(self):
-        """One decode step on the fixed buffers -> logits ``[B, 1, V]``: :meth:`minimoe.model.Model.forward`'s
-        composition for one token, the position read on the device."""
-        model, cache = self.model, self.cache
-        x = kernels.gather_rows(model.embed.weight, self.tokens)  # [B, 1, H]
-        for layer in model.decoder:
-            x = layer(cp, x, self.cos, self.sin, cache, cache.length, position=self.position)
-        x = kernels.rms_norm(x, model.final_norm, model.config.rms_norm_eps)
-        return model.lm_head(x)
+        """One decode step on the fixed buffers -> logits ``[B, 1, V]``: the model's own forward pass
+        (:meth:`minimoe.model.Model.run`), its operations reading the position on the device."""
+        model = self.model
+        return model.run(self.ops, self.ops.embed(model.embed, self.tokens), self.cos, self.sin, self.cache,
+                         self.cache.length)
 
     def capture_step(self) -> None:
         """Capture the step as a CUDA graph, on this decoder's stream.

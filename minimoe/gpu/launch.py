@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import MinimoeError
 
-KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
+KERNEL_DIR = Path(__file__).resolve().parent / "cuda"
 GPU_MODEL_TYPES = ("qwen2_moe", "qwen2")  # the families the kernels run (no q/k norms, no Mixtral naming)
 WARP = 32
 MAX_BLOCK = 1024

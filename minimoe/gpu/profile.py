@@ -26,7 +26,7 @@ from typing import Callable
 import cupy as cp
 import numpy as np
 
-from .. import weights
+from ..checkpoint import names
 from ..config import ModelConfig
 from . import kernels, launch
 
@@ -90,12 +90,12 @@ def copy_bandwidth(nbytes: int = 2 << 30, repeats: int = 5) -> float:
 
 def random_tensors(config: ModelConfig, seed: int = 0) -> Callable[[str], "cp.ndarray"]:
     """``tensor(name)`` -> random bf16 bits (uint16) of the tensor's checkpoint shape, made on the device at
-    :func:`minimoe.weights.random_init`'s scale: what :func:`minimoe.gpu.blocks.build_from` takes."""
-    shapes = weights.expected_shapes(config)
+    :func:`minimoe.names.random_init`'s scale: what :func:`minimoe.gpu.blocks.build_from` takes."""
+    shapes = names.expected_shapes(config)
     generator = cp.random.RandomState(seed)
 
     def tensor(name: str):
-        mean, std = weights.random_init(name, shapes[name])
+        mean, std = names.random_init(name, shapes[name])
         values = generator.standard_normal(shapes[name], dtype=cp.float32) * std + mean
         return (values.view(cp.uint32) >> 16).astype(cp.uint16)  # truncated to bf16: a valid bf16 either way
 

@@ -19,8 +19,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-from . import layers
-from .errors import MinimoeError
+from .. import layers
+from ..errors import MinimoeError
 
 
 class LayerWalk(OrderedDict):
@@ -39,7 +39,7 @@ def residual_before(model, ids: np.ndarray, layer: int) -> np.ndarray:
     cos, sin = layers.rope_tables(xp, xp.arange(len(ids)), c.head_dim, c.rope_theta)
     x = model.embed.rows(ids[None])
     for block in model.decoder[:layer]:
-        x = block(xp, x, cos, sin, None, 0)
+        x = block(model.ops, x, cos, sin, None, 0)
     return x[0]
 
 

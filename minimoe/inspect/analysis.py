@@ -1,4 +1,4 @@
-"""Routing analyses from the MoE literature, computed over :class:`~minimoe.routing.RoutingTrace` objects.
+"""Routing analyses from the MoE literature, computed over :class:`~minimoe.inspect.trace.RoutingTrace` objects.
 
 Every function takes ``traces``: one trace or a list of them.  A list is pooled: all
 tokens of all traces count as one sample, except where token order matters
@@ -37,9 +37,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from . import layers
-from .errors import MinimoeError
-from .routing import RoutingTrace
+from .. import layers
+from ..errors import MinimoeError
+from .trace import RoutingTrace
 
 Traces = RoutingTrace | Sequence[RoutingTrace]  # one trace, or several pooled
 

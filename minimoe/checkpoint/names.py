@@ -10,7 +10,7 @@ The MoE families share Qwen2's names except for the sparse block: Mixtral calls 
 
 from __future__ import annotations
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 EMBED = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"

@@ -2,7 +2,7 @@
 
     html = write_report(model, tokenizer, "def f(x):\\n    return x\\n", "report/")
 
-traces the text, runs the analyses of :mod:`minimoe.analysis`, measures a few routing
+traces the text, runs the analyses of :mod:`minimoe.inspect.analysis`, measures a few routing
 interventions, and writes into the output folder:
 
 * ``report.html`` -- the text coloured token by token by its top-1 expert in a layer
@@ -11,13 +11,13 @@ interventions, and writes into the output folder:
   PNGs are embedded as data URIs and the CSS and script are inline, so the file can be
   mailed or opened offline on its own;
 * the plots as PNG files (see :data:`PLOTS`);
-* the trace as ``trace.npz`` (:meth:`~minimoe.routing.RoutingTrace.load_npz` reads it
+* the trace as ``trace.npz`` (:meth:`~minimoe.inspect.trace.RoutingTrace.load_npz` reads it
   back), ``trace.json`` (up to :data:`MAX_JSON_TOKENS` tokens) and ``routing.csv`` (one
   row per token x layer x chosen expert).
 
-A text of any length is traced window by window (:mod:`minimoe.windows`); the page says
+A text of any length is traced window by window (:mod:`minimoe.inspect.tracing`); the page says
 how.  Token queries (``tokens=["def", "return"]``: where each goes, see
-:func:`minimoe.analysis.token_routing`) and expert queries (``experts=[(layer, expert)]``:
+:func:`minimoe.inspect.analysis.token_routing`) and expert queries (``experts=[(layer, expert)]``:
 which tokens it takes) add a section, tables and plots.
 """
 
@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 from matplotlib.colors import to_hex
 
+from ..errors import MinimoeError
 from . import analysis, viz
-from .errors import MinimoeError
 from .params import describe_model
-from .routing import InterventionEffect, RoutingTrace
-from .windows import Progress, Windowing, measure_interventions, trace_text
+from .trace import RoutingTrace
+from .tracing import InterventionEffect, Progress, Windowing, measure_interventions, trace_text
 
 REPORT = "report.html"
 DATA_FILES = ("trace.npz", "trace.json", "routing.csv")
@@ -143,7 +143,7 @@ class Queries:
 
 
 def query_token_ids(model, tokenizer, tokens=(), experts=()) -> list[int]:
-    """The ids the token queries name (see :func:`~minimoe.analysis.token_ids_for`), with the queries checked
+    """The ids the token queries name (see :func:`~minimoe.inspect.analysis.token_ids_for`), with the queries checked
     against the model: a typo fails before a long text is traced, not after."""
     ids = [token_id for query in tokens for token_id in analysis.token_ids_for(tokenizer, query)]
     bad_ids = [i for i in ids if not 0 <= i < model.config.vocab_size]
@@ -511,7 +511,7 @@ def build_report(model, tokenizer, text: str, title: str | None = None, window: 
                  overlap: int | None = None, tokens=(), experts=(), progress: Progress = True) -> Report:
     """Trace ``text`` (window by window if it is long), analyse its routing, answer the queries, draw the plots.
 
-    ``window``/``overlap``: see :mod:`minimoe.windows`.  ``tokens``: ids or texts to ask
+    ``window``/``overlap``: see :mod:`minimoe.inspect.tracing`.  ``tokens``: ids or texts to ask
     "where does this token go?" about; ``experts``: ``(layer, expert)`` pairs to ask
     "which tokens does it take?" about.  MinimoeError for an empty or one-token text, a
     bad window, or a query that names no token, layer or expert of the model.

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelConfig
-from .errors import MinimoeError
+from ..config import ModelConfig
+from ..errors import MinimoeError
 
 SAMPLE_INTERVAL_S = 0.01
 RESERVE_BYTES = 1 << 30  # the watchdog stops a child when the machine has less than this left
@@ -68,13 +68,14 @@ class MinimoeEngine:
     """minimoe behind the calls a run needs: load, a fresh cache, a forward returning the last logits."""
 
     def __init__(self, job: Job):
-        import minimoe
-        from minimoe import backend
+        from .. import backend
 
-        self.job, self.minimoe, self.threads = job, minimoe, backend.NUM_THREADS
+        self.job, self.threads = job, backend.NUM_THREADS
 
     def load(self) -> None:
-        self.model = self.minimoe.load(self.job.model)
+        from ..loading import load
+
+        self.model = load(self.job.model)
 
     def reset(self) -> None:
         self.cache = self.model.new_cache()
@@ -83,7 +84,7 @@ class MinimoeEngine:
         return self.model.forward(ids, cache=self.cache)[-1]
 
 
-REFERENCE = Path(__file__).resolve().parent.parent / "scripts" / "transformers_reference.py"
+REFERENCE = Path(__file__).resolve().parent.parent.parent / "scripts" / "transformers_reference.py"
 
 
 def reference_module():
@@ -216,7 +217,7 @@ def run_child(job: Job, limit_bytes: int | None = None) -> dict:
     if job.threads and job.engine == "minimoe":
         env["MINIMOE_NUM_THREADS"] = str(job.threads)
     with tempfile.TemporaryFile("w+") as stdout:
-        child = subprocess.Popen([sys.executable, "-m", "minimoe.bench", "worker"], stdin=subprocess.PIPE,
+        child = subprocess.Popen([sys.executable, "-m", "minimoe.tools.bench", "worker"], stdin=subprocess.PIPE,
                                  stdout=stdout, env=env, text=True)
         try:
             child.stdin.write(json.dumps(asdict(job)))
@@ -390,18 +391,17 @@ def benchmark(model: Path, engines: list[str], prompt_tokens: int, new_tokens: i
 # --- the roofline: measured prefill beside NumPy's limit on this machine ---------------------
 
 def prefill_roofline(model_path: Path, token_counts: list[int], repeat: int, seed: int = 0) -> list[dict]:
-    """For each prompt length: minimoe's warm prefill beside :mod:`minimoe.roofline`'s limit, in one process.
+    """For each prompt length: minimoe's warm prefill beside :mod:`minimoe.tools.roofline`'s limit, in one process.
 
     The roofline uses the rates measured right after the prefill and the expert loads
     of the same prompt's routing.
     """
-    import minimoe
-
+    from ..loading import load
     from . import roofline
 
     if repeat < 1:
         raise MinimoeError("--repeat must be at least 1 (the warm figure is the median of the repeats)")
-    model = minimoe.load(model_path)
+    model = load(model_path)
     config = model.config
     stored_bytes = 4 if config.dtype == "float32" else 2
     rows = []

@@ -1,6 +1,6 @@
 """Writing safetensors checkpoints one tensor at a time, sharded as on the Hub.
 
-The reading side (:mod:`minimoe.checkpoint`) describes the format:
+The reading side (:mod:`minimoe.checkpoint.reader`) describes the format:
 ``[u64 little-endian header length N][N bytes of JSON][data]``.  To write a file
 one tensor at a time we need the whole header first, so the caller says up front
 which tensors will come (``shapes``, in order) and then hands them over one by one;
@@ -20,8 +20,8 @@ from typing import Iterable
 
 import numpy as np
 
-from .checkpoint import DTYPES, INDEX_FILE, SINGLE_FILE
-from .errors import MinimoeError
+from .reader import DTYPES, INDEX_FILE, SINGLE_FILE
+from ..errors import MinimoeError
 
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 SHARD_BYTES = 4 * 10**9  # about the size of the Hub's Qwen1.5 shards

@@ -19,23 +19,18 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .assets import default_model_path
-from .errors import MinimoeError
-from .generate import check_prompt, check_sampling
-from .params import Architecture, count_parameters, describe_architecture, describe_model, format_count
+from .. import __version__
+from ..assets import default_model_path
+from ..config import shipped_configs
+from ..errors import MinimoeError
+from ..generate import check_prompt, check_sampling
+from ..inspect.params import Architecture, count_parameters, describe_architecture, describe_model, format_count
 from .upcycle import METHODS, ROUTER_STD
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
 # The prompt stops three spaces into the body's indentation, where the tokenizer splits it: byte-level BPE
 # cuts "\n    return" into "\n   " + " return". A prompt ending at a bare "\n" asks for a line that starts
 # at column 0, and the model (rightly) continues with a comment or a new def instead of a body.
 DEMO_PROMPT = "def read_config(path):\n   "
-
-
-def shipped_configs() -> dict[str, Path]:
-    """The config.json files bundled with minimoe, by name (e.g. ``qwen1.5-moe-a2.7b``)."""
-    return {path.stem: path for path in sorted(CONFIGS.glob("*.json"))}
 
 
 def resolve_config(spec: str) -> Path:
@@ -53,8 +48,8 @@ def open_model(args: argparse.Namespace):
     """Load ``--model`` and its tokenizer, with a progress bar for large checkpoints."""
     from tqdm import tqdm
 
-    from .model import load
-    from .tokenizer import load_tokenizer
+    from ..loading import load
+    from ..tokenizer import load_tokenizer
 
     model = load(args.model, progress=lambda items, **kw: tqdm(list(items), leave=False, disable=None, **kw))
     return model, load_tokenizer(args.model)
@@ -76,7 +71,7 @@ def print_parameter_counts(name: str, architecture: Architecture) -> None:
 # --- upcycle -------------------------------------------------------------------------
 
 def cmd_upcycle(args: argparse.Namespace) -> None:
-    from .config import ModelConfig
+    from ..config import ModelConfig
     from .upcycle import Recipe, upcycle, upcycled_config
 
     if args.method == "copy" and args.reinit is not None:
@@ -270,7 +265,7 @@ def expert_query(spec: str) -> tuple[int, int]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from .report import build_report, query_lines
+    from ..inspect.report import build_report, query_lines
 
     text = read_text(args)
     model, tokenizer = open_model(args)

@@ -70,13 +70,13 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from .checkpoint import Checkpoint
-from .config import ModelConfig, read_config_file
-from .errors import MinimoeError
-from .layers import swiglu
-from .model import _check_shapes
-from .safetensors_writer import SHARD_BYTES, write_checkpoint
-from .weights import (EMBED, dense_mlp_prefix, expected_shapes, expert_prefix, router_name, shared_expert_gate_name,
+from ..checkpoint.reader import Checkpoint
+from ..checkpoint.writer import SHARD_BYTES, write_checkpoint
+from ..config import ModelConfig, read_config_file
+from ..errors import MinimoeError
+from ..layers import swiglu
+from ..loading import check_shapes
+from ..checkpoint.names import (EMBED, dense_mlp_prefix, expected_shapes, expert_prefix, router_name, shared_expert_gate_name,
                       shared_expert_prefix, swiglu_names)
 
 METHODS = ("copy", "qwen", "drop")
@@ -282,7 +282,7 @@ def upcycled_config(dense_path: str | Path, recipe: Recipe) -> dict[str, Any]:
 
 def upcycled_tensors(dense: Checkpoint, moe_config: ModelConfig, recipe: Recipe, dtype: np.dtype
                      ) -> tuple[dict[str, tuple[int, ...]], Iterator[tuple[str, np.ndarray]]]:
-    """Every tensor of the MoE, in the order of :func:`~minimoe.weights.expected_shapes`: (shapes, lazy stream).
+    """Every tensor of the MoE, in the order of :func:`~minimoe.checkpoint.names.expected_shapes`: (shapes, lazy stream).
 
     Tensors the dense model has (attention, norms, embedding, head) are copied; each layer's MoE
     tensors are built from its dense FFN when the stream reaches them.
@@ -392,7 +392,7 @@ def upcycle(dense_path: str | Path, out_path: str | Path, *, num_experts: int, s
     moe_config = ModelConfig.from_dict(moe_raw, source=f"{out}/config.json")
     _check_output(out, dense_folder, force)
     dense = Checkpoint(dense_folder)
-    _check_shapes(dense, expected_shapes(dense_config).items())
+    check_shapes(dense, expected_shapes(dense_config).items())
     dtype = dense.info(EMBED).dtype
     shapes, tensors = upcycled_tensors(dense, moe_config, recipe, dtype)
     if progress is not None:

@@ -1,4 +1,13 @@
-"""Texts longer than the model's context: traced and measured window by window.
+"""Running a model to study its routing: traces of texts of any length, of generations, and what
+an intervention changes.
+
+:func:`trace_text` traces one text window by window, :func:`trace_generation` traces a
+generation token by token through the KV cache, :func:`measure_intervention` compares the
+next-token distributions with and without an intervention.  Each drives a model's forward
+pass (:mod:`minimoe.model`) and records through :mod:`minimoe.hooks`; the results are
+:class:`~minimoe.inspect.trace.RoutingTrace` and :class:`InterventionEffect`.
+
+Texts longer than the model's context are traced and measured window by window.
 
 The policy, one home for it (:meth:`Windowing.windows`):
 
@@ -26,12 +35,13 @@ hundred bytes per token and sparse layer (router logits and probabilities ``[E]`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import MinimoeError
-from .routing import InterventionEffect, Recorder, RoutingTrace, log_softmax, next_token_effect
+from ..errors import MinimoeError
+from ..hooks import Recorder
+from .trace import RoutingTrace
 
 Progress = Callable[..., Iterable] | bool | None
 
@@ -135,7 +145,7 @@ def trace_text(model, ids, tokenizer=None, window: int | None = None, overlap: i
 def measure_interventions(model, ids, options: Mapping[str, Mapping], window: int | None = None,
                           overlap: int | None = None, base_logits: np.ndarray | None = None,
                           progress: Progress = True) -> dict[str, InterventionEffect]:
-    """:func:`~minimoe.routing.measure_intervention` for each named set of ``options``, over a text of any length.
+    """:func:`~minimoe.inspect.tracing.measure_intervention` for each named set of ``options``, over a text of any length.
 
     Window by window (the windows of :func:`trace_text`), the plain model and each
     intervention run once; each traced position's KL and next-token loss are kept, the
@@ -155,3 +165,101 @@ def measure_interventions(model, ids, options: Mapping[str, Mapping], window: in
             changed = log_softmax(model.forward(piece, **kwargs)[traced])
             parts[name].append(next_token_effect(base, changed, next_ids))
     return {name: InterventionEffect.join(pieces) for name, pieces in parts.items()}
+
+
+def trace_generation(model, ids, max_new_tokens: int, tokenizer=None, interventions: dict | None = None,
+                     window: int | None = None, overlap: int | None = None,
+                     **sampling) -> tuple[list[int], RoutingTrace]:
+    """Generate after ``ids`` and trace every token the model read: (new ids, trace).
+
+    The trace grows token by token through the KV cache: it covers the prompt and each
+    generated token that was fed back (all but the last, which no forward pass reads).
+    ``sampling`` takes :meth:`Model.generate`'s keywords (temperature, top_k, top_p, seed, ...).
+
+    A prompt too long to leave ``max_new_tokens`` positions free in the context is traced
+    window by window (``window``, ``overlap``: see :mod:`minimoe.inspect.tracing`), and generation
+    continues from its last ``context - max_new_tokens`` tokens, all the model can see;
+    the generated tokens' positions continue the prompt's.
+    """
+    ids = [int(i) for i in ids]
+    seen = model.config.max_position_embeddings - max_new_tokens  # prompt tokens generation can read
+    long_prompt = 0 < seen < len(ids)
+    recorder = Recorder()
+    new_ids = list(model.generate_stream(ids[-seen:] if long_prompt else ids, max_new_tokens, record=recorder,
+                                         interventions=interventions, tokenizer=tokenizer, **sampling))
+    grown = RoutingTrace.from_recorder(recorder, model.config)
+    if long_prompt:
+        prompt = trace_text(model, ids, window=window, overlap=overlap, **(interventions or {}))
+        generated = grown.select(seen).shifted(len(ids) - seen)
+        grown = RoutingTrace.concat([prompt, generated if prompt.logits.shape[1] else generated.without_logits()])
+    if tokenizer is not None:
+        grown.tokens = [tokenizer.decode([int(t)]) for t in grown.token_ids]
+    return new_ids, grown
+
+
+# --- measuring an intervention ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NextTokenChange:
+    """Per position, how an intervention changed the next-token distribution (a piece of a text)."""
+
+    kl: np.ndarray  # [n] KL(original || intervened), nats
+    top1_changed: np.ndarray  # [n] bool: the most likely next token changed
+    base_nll: np.ndarray  # [m <= n] -log p(actual next token), original; m < n at the end of the text
+    nll: np.ndarray  # [m] the same, intervened
+
+
+@dataclass(frozen=True)
+class InterventionEffect:
+    """How an intervention changed the next-token distribution, position by position."""
+
+    kl_per_token: np.ndarray  # [T] KL(original || intervened) of each position's next-token distribution, nats
+    mean_kl: float
+    last_kl: float  # at the last position: the distribution the next generated token comes from
+    loss: float  # mean cross-entropy of the actual next tokens (positions 0..T-2), intervened
+    base_loss: float  # the same without the intervention
+    top1_changed: float  # fraction of positions whose most likely next token changed
+
+    @property
+    def loss_change(self) -> float:
+        return self.loss - self.base_loss
+
+    @classmethod
+    def join(cls, pieces: Sequence[NextTokenChange]) -> "InterventionEffect":
+        """The effect over a whole text from its pieces, in order (one piece, or one per window)."""
+        kl = np.concatenate([p.kl for p in pieces])
+        base_nll, nll = np.concatenate([p.base_nll for p in pieces]), np.concatenate([p.nll for p in pieces])
+
+        def mean(values: np.ndarray) -> float:
+            return float(values.mean()) if len(values) else float("nan")  # a one-token text has no next token
+
+        changed = np.concatenate([p.top1_changed for p in pieces])
+        return cls(kl_per_token=kl, mean_kl=float(kl.mean()), last_kl=float(kl[-1]), loss=mean(nll),
+                   base_loss=mean(base_nll), top1_changed=float(changed.mean()))
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """``[..., V]`` -> ``[..., V]`` float64 log-probabilities."""
+    z = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def next_token_effect(base: np.ndarray, changed: np.ndarray, next_ids: np.ndarray) -> NextTokenChange:
+    """Compare log-probabilities ``[n, V]`` position by position; ``next_ids`` ``[m <= n]``: the actual next tokens."""
+    rows = np.arange(len(next_ids))
+    return NextTokenChange(kl=(np.exp(base) * (base - changed)).sum(-1),
+                           top1_changed=base.argmax(-1) != changed.argmax(-1),
+                           base_nll=-base[rows, next_ids], nll=-changed[rows, next_ids])
+
+
+def measure_intervention(model, ids, base_logits: np.ndarray | None = None, **interventions) -> InterventionEffect:
+    """Run ``ids`` ``[T]`` with and without ``interventions`` and compare the next-token distributions.
+
+    ``base_logits`` (``[T, V]``, from ``model.forward(ids)``) saves the plain run when
+    several interventions are measured on the same text.  The text must fit the model's
+    context; :func:`minimoe.inspect.tracing.measure_interventions` measures longer ones window by window.
+    """
+    ids = np.asarray(ids)
+    base = log_softmax(model.forward(ids) if base_logits is None else base_logits)
+    changed = log_softmax(model.forward(ids, **interventions))
+    return InterventionEffect.join([next_token_effect(base, changed, ids[1:])])

@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .errors import MinimoeError
+from ..errors import MinimoeError
 
 try:
     import ml_dtypes

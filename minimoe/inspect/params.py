@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import FAMILIES, ModelConfig, read_config_file
-from .errors import MinimoeError
+from ..config import FAMILIES, ModelConfig, read_config_file
+from ..errors import MinimoeError
 
 # Every MLP of these models is gated (SwiGLU, or GeGLU for Gemma): gate, up and down matrices.
 GATED_MLP_MATRICES = 3
@@ -199,7 +199,7 @@ def _attention(arch: Architecture) -> int:
 
 
 def count_parameters(config: ModelConfig | Architecture) -> ParameterCount:
-    """Exact counts for a model (for Qwen, every tensor of :func:`minimoe.weights.expected_shapes`)."""
+    """Exact counts for a model (for Qwen, every tensor of :func:`minimoe.checkpoint.names.expected_shapes`)."""
     arch = Architecture.from_model_config(config) if isinstance(config, ModelConfig) else config
     h = arch.hidden_size
     common = _attention(arch) + 2 * h  # + input and post-attention norms

@@ -25,7 +25,7 @@ from matplotlib.colors import BoundaryNorm, ListedColormap, TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from .errors import MinimoeError
+from ..errors import MinimoeError
 
 TOKENS_PER_PANEL = 64  # the token grid wraps into panels of this many tokens
 MAX_PLOTTED_TOKENS = 512  # per-token plots draw at most this many tokens, the first ones, and say so
@@ -288,7 +288,7 @@ def _expert_ticks(ax, num_experts: int, axis: str) -> None:
 def plot_coactivation(matrix, layer: int, layers: Sequence[int] | None = None) -> Figure:
     """The co-activation matrix of one layer: cell (i, j) = P(expert j chosen | expert i chosen).
 
-    ``matrix`` is one layer's ``[E, E]`` or :func:`minimoe.analysis.coactivation`'s
+    ``matrix`` is one layer's ``[E, E]`` or :func:`minimoe.inspect.analysis.coactivation`'s
     ``[S, E, E]``; for the latter ``layer`` is a decoder layer, looked up in ``layers``
     (the trace's sparse layers; default 0..S-1).  The diagonal (always 1) is greyed out
     so that the colour scale shows the pairs.
@@ -380,7 +380,7 @@ def plot_consecutive_rate(rate, layers: Sequence[int]) -> Figure:
 # --- token queries ---------------------------------------------------------------------
 
 def plot_token_routing(routings: Sequence) -> Figure:
-    """Where each queried token goes: one panel per :class:`~minimoe.analysis.TokenRouting`, layers x experts.
+    """Where each queried token goes: one panel per :class:`~minimoe.inspect.analysis.TokenRouting`, layers x experts.
 
     A cell is the share of the token's occurrences that chose the expert (among its k),
     written in percent; the most frequent top-1 expert of each layer is outlined, and the
@@ -418,7 +418,7 @@ def plot_token_routing(routings: Sequence) -> Figure:
 
 
 def plot_expert_tokens(vocabulary, layer: int, texts: Sequence[str] | None = None) -> Figure:
-    """The tokens one expert takes most often (an :class:`~minimoe.analysis.ExpertVocabulary`), as bars.
+    """The tokens one expert takes most often (an :class:`~minimoe.inspect.analysis.ExpertVocabulary`), as bars.
 
     ``texts`` are the tokens' texts (parallel to ``vocabulary.token_ids``; default: their
     ids).  Each bar is labelled with its count and exclusivity: the share of that token's

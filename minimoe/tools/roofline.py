@@ -42,8 +42,8 @@ from typing import Iterable
 import ml_dtypes
 import numpy as np
 
-from .backend import NUM_THREADS, SMALL_MATRIX_ELEMENTS, Linear, parallel_map, row_ranges
-from .config import ModelConfig
+from ..backend import NUM_THREADS, SMALL_MATRIX_ELEMENTS, Linear, parallel_map, row_ranges
+from ..config import ModelConfig
 
 FLOAT32_BYTES = 4
 

@@ -1,0 +1,240 @@
+"""Routing traces: what the router did, token by token and layer by layer.
+
+A :class:`RoutingTrace` holds, for one sequence of ``T`` tokens through a model with
+``S`` sparse layers (of ``L`` decoder layers), ``E`` routed experts and ``k`` chosen per
+token, everything needed to study the routing:
+
+==================== ============= ==========================================================
+field                shape         meaning
+==================== ============= ==========================================================
+``token_ids``        ``[T]``       the tokens, in order
+``positions``        ``[T]``       their positions in the sequence (they continue a cache)
+``layers``           ``[S]``       decoder-layer index of each sparse layer
+``router_logits``    ``[S, T, E]`` ``h @ gate.T``; a disabled expert's logit is ``-inf``
+``router_probs``     ``[S, T, E]`` softmax over all (enabled) experts
+``expert_ids``       ``[S, T, k]`` the chosen experts, highest probability first
+``raw_weights``      ``[S, T, k]`` their router probabilities (before ``norm_topk_prob``)
+``expert_weights``   ``[S, T, k]`` the weights the experts' outputs are scaled by
+``shared_gate``      ``[S, T]``    ``sigmoid(h @ shared_expert_gate.T)``, the shared expert's scale
+``attention_norm``   ``[L, T]``    L2 norm of what attention adds to the residual stream
+``shared_norm``      ``[S, T]``    L2 norm of what the gated shared expert adds
+``routed_norm``      ``[S, T]``    L2 norm of what the routed experts add (weighted sum)
+``logits``           ``[T, V]``    the model's output logits
+==================== ============= ==========================================================
+
+plus ``num_experts`` (E), ``top_k`` (k as run, after any intervention), ``routing_rule``
+(the model's gating rule in words: how many experts, top-k, renormalised or not, a shared
+expert or none; families differ, see :data:`minimoe.config.FAMILIES`) and, when a
+tokenizer was given, ``tokens``: each token's text.  Traces of consecutive pieces of
+one sequence (a prompt, then generated tokens through the cache) join with
+:meth:`RoutingTrace.concat`; a text longer than the model's context is traced window
+by window and joined that way (:mod:`minimoe.inspect.tracing`; such a trace keeps an empty
+``[T, 0]`` logits array).  When an intervention gave layers different k
+(``top_k={layer: k}``, ``forced_experts``), the k axis has the largest k and the
+other layers are padded with expert ``-1`` and weight ``0``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from ..errors import MinimoeError
+from ..hooks import LAYER_FIELDS, OUTPUT, SPARSE_LAYER_FIELDS, Recorder
+
+# Every array of a trace: the output's, the sparse layers' axis, then what the layers record (their one home
+# is minimoe.hooks, which every backend records through).
+ARRAY_FIELDS = ("token_ids", "positions", "layers", *SPARSE_LAYER_FIELDS, *LAYER_FIELDS, "logits")
+# Fields whose token axis is not the first one (it is axis 1 for per-layer arrays).
+TOKEN_AXIS = {"token_ids": 0, "positions": 0, "logits": 0, "layers": None}
+
+
+@dataclass
+class RoutingTrace:
+    token_ids: np.ndarray
+    positions: np.ndarray
+    layers: np.ndarray
+    router_logits: np.ndarray
+    router_probs: np.ndarray
+    expert_ids: np.ndarray
+    raw_weights: np.ndarray
+    expert_weights: np.ndarray
+    shared_gate: np.ndarray
+    attention_norm: np.ndarray
+    shared_norm: np.ndarray
+    routed_norm: np.ndarray
+    logits: np.ndarray
+    num_experts: int
+    top_k: int
+    tokens: list[str] | None = field(default=None)
+    routing_rule: str = ""  # the gating rule that produced it, e.g. "softmax over 60 experts, top-4, ..."
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    def layer_index(self, layer: int) -> int:
+        """Position of decoder layer ``layer`` among the sparse layers (the S axis)."""
+        matches = np.flatnonzero(self.layers == layer)
+        if matches.size == 0:
+            raise MinimoeError(f"layer {layer} is not a sparse layer of this trace (sparse layers: {self.layers.tolist()})")
+        return int(matches[0])
+
+    @classmethod
+    def from_recorder(cls, recorder: "Recorder", config, tokenizer=None) -> "RoutingTrace":
+        """Assemble a trace from what a :class:`Recorder` collected during one or more forwards."""
+        sparse = config.sparse_layers
+        if not sparse:
+            raise MinimoeError("this model has no sparse layers: there is no routing to trace")
+        # Interventions may give layers different k: pad with expert -1 and weight 0 to the largest.
+        fills = {"expert_ids": -1, "raw_weights": 0.0, "expert_weights": 0.0}
+        per_layer = {name: recorder.stacked(name, sparse, fill=fills.get(name)) for name in SPARSE_LAYER_FIELDS}
+        per_layer |= {name: recorder.stacked(name, range(config.num_hidden_layers)) for name in LAYER_FIELDS}
+        token_ids = recorder.joined("token_ids", OUTPUT)
+        return cls(
+            token_ids=token_ids,
+            positions=recorder.joined("positions", OUTPUT),
+            layers=np.array(sparse),
+            logits=recorder.joined("logits", OUTPUT),
+            num_experts=config.num_experts,
+            top_k=int(per_layer["expert_ids"].shape[2]),
+            tokens=None if tokenizer is None else [tokenizer.decode([int(t)]) for t in token_ids],
+            routing_rule=config.routing_rule,
+            **per_layer,
+        )
+
+    # --- joining and slicing ---------------------------------------------------------
+
+    @classmethod
+    def concat(cls, traces: Sequence["RoutingTrace"]) -> "RoutingTrace":
+        """One trace from consecutive pieces of the same sequence (joined along the token axis)."""
+        if not traces:
+            raise MinimoeError("concat needs at least one trace")
+        if len(traces) == 1:  # nothing to join: no copy of its (possibly [T, vocab]) arrays
+            return traces[0]
+        first = traces[0]
+        for other in traces[1:]:
+            if (not np.array_equal(other.layers, first.layers) or other.num_experts != first.num_experts
+                    or other.routing_rule != first.routing_rule):
+                raise MinimoeError("traces to concat must come from the same model")
+        joined = {}
+        for name in ARRAY_FIELDS:
+            axis = TOKEN_AXIS.get(name, 1)
+            values = [getattr(t, name) for t in traces]
+            joined[name] = values[0] if axis is None else np.concatenate(values, axis=axis)
+        tokens = None if any(t.tokens is None for t in traces) else [s for t in traces for s in t.tokens]
+        top_k = first.top_k if all(t.top_k == first.top_k for t in traces) else max(t.top_k for t in traces)
+        return replace(first, **joined, top_k=top_k, tokens=tokens)
+
+    def first(self, count: int) -> "RoutingTrace":
+        """The trace of the first ``count`` tokens (this trace itself if it is no longer)."""
+        return self if self.num_tokens <= count else self.select(0, count)
+
+    def select(self, start: int, stop: int | None = None) -> "RoutingTrace":
+        """The trace of tokens ``start .. stop - 1`` (Python slice rules; views, not copies)."""
+        cut = {}
+        for name in ARRAY_FIELDS:
+            axis = TOKEN_AXIS.get(name, 1)
+            value = getattr(self, name)
+            cut[name] = value if axis is None else value[(slice(None),) * axis + (slice(start, stop),)]
+        tokens = None if self.tokens is None else self.tokens[start:stop]
+        return replace(self, **cut, tokens=tokens)
+
+    def shifted(self, offset: int) -> "RoutingTrace":
+        """The same trace with ``offset`` added to its positions (a window's positions become the text's)."""
+        return replace(self, positions=self.positions + offset)
+
+    def without_logits(self) -> "RoutingTrace":
+        """The same trace with an empty ``[T, 0]`` logits array (the ``[T, vocab]`` one is large)."""
+        return replace(self, logits=np.zeros((self.num_tokens, 0), dtype=np.float32))
+
+    # --- export ----------------------------------------------------------------------
+
+    def metadata(self) -> dict[str, Any]:
+        """The trace's fields that are not arrays."""
+        return {"num_experts": self.num_experts, "top_k": self.top_k, "tokens": self.tokens,
+                "routing_rule": self.routing_rule}
+
+    def save_npz(self, path: str | Path, include_logits: bool = True) -> None:
+        """All arrays plus metadata in one ``.npz`` (no pickles: plain numeric arrays and a JSON string).
+
+        ``include_logits=False`` leaves out the ``[T, vocab]`` logits (for Qwen1.5-MoE, 0.6 MB a
+        token); such a file loads back with an empty ``[T, 0]`` logits array.
+        """
+        trace = self if include_logits else self.without_logits()
+        arrays = {name: getattr(trace, name) for name in ARRAY_FIELDS}
+        np.savez_compressed(path, **arrays, meta=np.array(json.dumps(self.metadata())))
+
+    @classmethod
+    def load_npz(cls, path: str | Path) -> "RoutingTrace":
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {name: data[name] for name in ARRAY_FIELDS}
+                meta = json.loads(str(data["meta"]))
+        except (OSError, KeyError, ValueError) as exc:
+            raise MinimoeError(f"{path}: not a minimoe routing trace ({exc})") from None
+        return cls(**arrays, num_experts=meta["num_experts"], top_k=meta["top_k"], tokens=meta["tokens"],
+                   routing_rule=meta.get("routing_rule", ""))
+
+    def to_json(self, path: str | Path | None = None, include_logits: bool = False) -> dict[str, Any]:
+        """A JSON-ready dict of the trace (logits left out unless asked: they are large); written if ``path``."""
+        data = {name: getattr(self, name).tolist() for name in ARRAY_FIELDS if include_logits or name != "logits"}
+        data = _finite(data)
+        data.update(self.metadata())
+        if path is not None:
+            Path(path).write_text(json.dumps(data))
+        return data
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The tidy table: one row per token x sparse layer x chosen expert."""
+        return list(self.iter_rows())
+
+    def iter_rows(self) -> Iterator[dict[str, Any]]:
+        """:meth:`rows` one at a time (a long text's table need not be in memory at once)."""
+        for s, layer in enumerate(self.layers.tolist()):
+            for t in range(self.num_tokens):
+                for rank in range(self.expert_ids.shape[2]):
+                    yield {
+                        "position": int(self.positions[t]), "token_id": int(self.token_ids[t]),
+                        "token": None if self.tokens is None else self.tokens[t],
+                        "layer": layer, "rank": rank, "expert": int(self.expert_ids[s, t, rank]),
+                        "weight": float(self.expert_weights[s, t, rank]),
+                        "probability": float(self.raw_weights[s, t, rank]),
+                        "shared_gate": float(self.shared_gate[s, t]),
+                    }
+
+    def to_dataframe(self):
+        """:meth:`rows` as a pandas DataFrame (pandas is optional: install it to use this)."""
+        try:
+            import pandas
+        except ImportError:
+            raise MinimoeError("to_dataframe needs pandas (pip install pandas); rows() gives the same table") from None
+        return pandas.DataFrame(self.rows())
+
+    def write_csv(self, path: str | Path) -> None:
+        """:meth:`rows` as CSV, which pandas, R or a spreadsheet reads."""
+        import csv
+
+        rows = self.iter_rows()
+        first = next(rows, None)
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(first) if first else ["position"])
+            writer.writeheader()
+            if first:
+                writer.writerow(first)
+                writer.writerows(rows)
+
+
+def _finite(value):
+    """JSON has no -inf: disabled experts' logits become None."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,178 @@
+"""Opening a checkpoint as a model: :func:`load`, and the model it returns, with the ways to use it.
+
+:func:`load` reads ``config.json``, maps the safetensors shards, checks every tensor's name and
+shape against the config, and builds :mod:`minimoe.model`'s blocks on a backend, whose table
+of operations (:mod:`minimoe.ops`) also says how it holds the weights (memory-mapped bf16 for
+NumPy; copied to the GPU once for CuPy).  What it returns, a :class:`LoadedModel`, is that
+:class:`~minimoe.model.Model` with generation (:mod:`minimoe.generate`), routing traces of
+texts of any length (:mod:`minimoe.tracing`) and a walk through one layer
+(:mod:`minimoe.inspect.stepthrough`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from .backend import BACKENDS, array_module
+from .checkpoint import names
+from .checkpoint.reader import Checkpoint
+from .config import ModelConfig, read_json_object
+from .errors import MinimoeError
+from .generate import generate_stream
+from .hooks import Recorder
+from .inspect.stepthrough import step_through
+from .inspect.trace import RoutingTrace
+from .inspect.tracing import trace_text
+from .model import Attention, DecoderLayer, KVCache, Model, QKNorm, SparseMoeBlock, SwiGLU
+from .ops import Operations
+
+
+class LoadedModel(Model):
+    """A :class:`~minimoe.model.Model` opened from a checkpoint, with the ways to use it beside its forward pass."""
+
+    def generate(self, ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, **options) -> list[int]:
+        """New token ids after ``ids`` ``[T]`` (see :func:`minimoe.generate.generate_stream` for ``options``:
+        ``eos_token_ids``, ``stop_strings`` + ``tokenizer``, ``record``, ``interventions``).  ``temperature=0`` is greedy."""
+        return list(self.generate_stream(ids, max_new_tokens, temperature, top_k, top_p, seed, **options))
+
+    def generate_stream(self, ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                        top_p: float | None = None, seed: int | None = None, **options) -> Iterator[int]:
+        """Like :meth:`generate`, yielding each new token id as soon as it is chosen."""
+        return generate_stream(self, ids, max_new_tokens, temperature, top_k, top_p, seed, **options)
+
+    def trace(self, ids, cache: KVCache | None = None, tokenizer=None, **options) -> RoutingTrace:
+        """Run ``ids`` ``[T]`` and return what the router did (a :class:`~minimoe.inspect.trace.RoutingTrace`).
+
+        Takes the same ``cache`` and intervention keywords as :meth:`forward`; with a
+        ``tokenizer``, the trace also holds each token's text.  Without a cache the text
+        may be of any length: it is traced window by window (``window``, ``overlap``,
+        ``keep_logits``, ``progress``: see :func:`minimoe.tracing.trace_text`).
+        """
+        if cache is None:
+            return trace_text(self, ids, tokenizer, **options)
+        if np.asarray(ids).ndim != 1:
+            raise MinimoeError("trace takes one sequence of ids [T]; trace a batch one row at a time")
+        recorder = Recorder()
+        self.forward(ids, cache, record=recorder, **options)
+        return RoutingTrace.from_recorder(recorder, self.config, tokenizer)
+
+    def step_through(self, ids, layer: int, position: int = -1):
+        """Every stage of decoder ``layer`` for one token, named (see :mod:`minimoe.inspect.stepthrough`)."""
+        if self.backend != "numpy":
+            raise MinimoeError("step_through runs on the numpy backend: load the model with minimoe.load(path) "
+                               "to walk a layer")
+        return step_through(self, ids, layer, position)
+
+
+def load(path: str | Path, backend: str = "numpy", progress: Callable[..., Iterable] | None = None) -> LoadedModel:
+    """Open a Hugging Face checkpoint folder (config.json + safetensors) as a model.
+
+    Weights are memory-mapped, not read: opening the 28.6 GB Qwen1.5-MoE-A2.7B
+    takes seconds and little memory.  Every tensor's presence and shape is checked
+    against the config first.  ``progress`` (e.g. ``tqdm.tqdm``) wraps the shards as
+    they are opened and the tensors as they are checked.
+    ``backend="cupy"`` copies the weights to the GPU once and runs every layer there with
+    minimoe's CUDA kernels (:mod:`minimoe.gpu`; forward then returns CuPy arrays, see
+    :func:`minimoe.to_numpy`); ``backend="cupy-plain"`` runs the reference operations of
+    :mod:`minimoe.ops` on CuPy instead.
+    """
+    ops = operations(backend)
+    folder = Path(path)
+    if not folder.is_dir():
+        raise MinimoeError(f"{folder}: not a folder (expected a Hugging Face checkpoint folder)")
+    config = ModelConfig.from_file(folder)
+    check_backend(config, ops)
+    opening = (lambda shards: progress(shards, desc="opening shards", unit="file")) if progress else None
+    checkpoint = Checkpoint(folder, progress=opening)
+    expected = names.expected_shapes(config).items()
+    check_shapes(checkpoint, progress(expected, desc="checking tensors", unit="tensor") if progress else expected)
+    model = build(config, checkpoint.array, ops)
+    model.checkpoint = checkpoint
+    if (folder / "generation_config.json").exists():
+        model.generation_config = read_json_object(folder / "generation_config.json")
+    return model
+
+
+def operations(backend: str) -> Operations:
+    """The table of operations a backend computes with (:mod:`minimoe.ops`)."""
+    if backend not in BACKENDS:
+        raise MinimoeError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    xp = array_module(backend)  # MinimoeError, saying what is missing, where CuPy or a GPU is
+    if backend == "cupy":
+        from .gpu.ops import KernelOperations
+
+        return KernelOperations()
+    return Operations(xp)
+
+
+def check_backend(config: ModelConfig, ops: Operations) -> None:
+    """MinimoeError, before any weight is read, for a model the backend cannot run."""
+    check = getattr(ops, "check_model", None)
+    if check is not None:
+        check(config)
+
+
+def check_shapes(checkpoint: Checkpoint, expected: Iterable[tuple[str, tuple[int, ...]]]) -> None:
+    """MinimoeError naming the first tensor that is missing or of another shape than the config implies."""
+    for name, shape in expected:
+        if name not in checkpoint:
+            raise MinimoeError(f"{checkpoint.folder}: tensor {name!r} is missing")
+        found = checkpoint.info(name).shape
+        if found != shape:
+            raise MinimoeError(
+                f"{checkpoint.folder}: tensor {name!r} has shape {list(found)}, expected {list(shape)} from config.json"
+            )
+
+
+def build(config: ModelConfig, tensor: Callable[[str], object], ops: Operations) -> LoadedModel:
+    """The model whose weights ``tensor(name)`` gives (a checkpoint's stored array, by its Hub name), held as
+    the backend ``ops`` holds them."""
+    def vector(name):
+        return ops.vector(tensor(name))
+
+    def mlp_tensors(mlp_names: dict[str, str]) -> list:
+        return [tensor(mlp_names[part]) for part in ("gate", "up", "down")]
+
+    def swiglu(mlp_names: dict[str, str]) -> SwiGLU:
+        return SwiGLU(*ops.swiglu_weights(*mlp_tensors(mlp_names)))
+
+    def attention(layer) -> Attention:
+        n = names.attention_names(layer)
+        biases = [tensor(n[f"{key}_bias"]) for key in "qkv"] if config.qkv_bias else None
+        q, k, v, o = ops.attention_weights(*(tensor(n[f"{key}_weight"]) for key in "qkvo"), biases=biases)
+        return Attention(q, k, v, o, num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
+                         head_dim=config.head_dim, qk_norm=qk_norm(layer) if config.qk_norm else None)
+
+    def qk_norm(layer) -> QKNorm:
+        norm_names = names.qk_norm_names(layer)
+        return QKNorm(vector(norm_names["q"]), vector(norm_names["k"]), per_head=config.qk_norm == "head",
+                      eps=config.rms_norm_eps)
+
+    def feed_forward(layer):
+        if not config.is_sparse_layer(layer):
+            return swiglu(names.swiglu_names(names.dense_mlp_prefix(layer)))
+        experts = [mlp_tensors(names.expert_names(layer, e, config.model_type)) for e in range(config.num_experts)]
+        shared = None
+        if config.has_shared_expert:
+            shared = mlp_tensors(names.swiglu_names(names.shared_expert_prefix(layer)))
+        router, expert_weights, shared_gate, shared_weights = ops.moe_weights(
+            tensor(names.router_name(layer, config.model_type)), experts,
+            tensor(names.shared_expert_gate_name(layer)) if shared else None, shared)
+        return SparseMoeBlock(router=router, experts=[SwiGLU(*mlp) for mlp in expert_weights],
+                              shared=None if shared_weights is None else SwiGLU(*shared_weights),
+                              shared_gate=shared_gate, top_k=config.num_experts_per_tok,
+                              norm_topk_prob=config.norm_topk_prob)
+
+    decoder = []
+    for layer in range(config.num_hidden_layers):
+        norms = names.norm_names(layer)
+        decoder.append(DecoderLayer(index=layer, input_norm=vector(norms["input"]),
+                                    post_attention_norm=vector(norms["post_attention"]), attention=attention(layer),
+                                    mlp=feed_forward(layer), eps=config.rms_norm_eps))
+    embed = ops.linear(tensor(names.EMBED))
+    lm_head = embed if config.tie_word_embeddings else ops.linear(tensor(names.LM_HEAD))
+    return LoadedModel(config, embed, decoder, vector(names.FINAL_NORM), lm_head, ops)
