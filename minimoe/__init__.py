@@ -16,7 +16,9 @@ from .assets import default_model_path
 from .backend import to_numpy
 from .config import ModelConfig
 from .errors import MinimoeError
+from .hooks import Interventions
 from .inspect.params import ParameterCount, count_parameters
+from .inspect.trace import RoutingTrace
 from .loading import LoadedModel, load
 from .model import KVCache, Model
 from .tokenizer import Tokenizer, load_tokenizer
@@ -24,6 +26,6 @@ from .tools.upcycle import upcycle
 
 __all__ = [
     "load", "load_tokenizer", "default_model_path", "Model", "LoadedModel", "KVCache", "Tokenizer", "ModelConfig",
-    "MinimoeError", "ParameterCount", "count_parameters", "to_numpy", "upcycle",
+    "MinimoeError", "Interventions", "RoutingTrace", "ParameterCount", "count_parameters", "to_numpy", "upcycle",
 ]
 __version__ = "0.1.0"

@@ -12,12 +12,14 @@ The sampling filters follow transformers' logits warpers, in the same order
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from . import layers
 from .backend import to_numpy
 from .errors import MinimoeError
+from .hooks import Interventions
 
 if TYPE_CHECKING:
     from .model import Model
@@ -51,9 +53,8 @@ def filter_top_p(logits: np.ndarray, p: float) -> np.ndarray:
 
 
 def softmax64(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64) - np.max(logits)
-    e = np.exp(z)
-    return e / e.sum()
+    """``[V]`` -> ``[V]`` probabilities in float64, so that top-p's cumulative sums are exact enough."""
+    return layers.softmax(np, logits.astype(np.float64))
 
 
 def next_token_distribution(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None) -> np.ndarray:
@@ -114,13 +115,12 @@ def generate_stream(model: "Model", ids: Iterable[int], max_new_tokens: int, tem
                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                     eos_token_ids: Iterable[int] | None = None, stop_strings: Iterable[str] = (),
                     tokenizer: "Tokenizer | None" = None, record=None,
-                    interventions: dict | None = None) -> Iterator[int]:
+                    interventions: "Mapping | Interventions | None" = None) -> Iterator[int]:
     """Yield new token ids one at a time, decoding through a KV cache.
 
     Stops after ``max_new_tokens``, after an id in ``eos_token_ids`` (which is yielded),
     or once the generated text contains one of ``stop_strings`` (needs ``tokenizer``).
-    ``record`` and ``interventions`` (a dict of :meth:`Model.forward` keywords) apply to
-    every step.
+    ``record`` and ``interventions`` (as :meth:`Model.forward` takes them) apply to every step.
     Raises :class:`MinimoeError` up front when prompt + new tokens exceed the context.
     """
     prompt = np.asarray(list(ids), dtype=np.int64)
@@ -132,7 +132,7 @@ def generate_stream(model: "Model", ids: Iterable[int], max_new_tokens: int, tem
     eos = set(model.eos_token_ids if eos_token_ids is None else eos_token_ids)
     rng = np.random.default_rng(seed)
     cache = model.new_cache(capacity=prompt.size + max_new_tokens)
-    step_options = dict(record=record, **(interventions or {}))
+    step_options = dict(record=record, interventions=Interventions.of(model.config, interventions))  # checked once
     logits = model.forward(prompt, cache=cache, **step_options)[-1]
     generated: list[int] = []
     for step in range(max_new_tokens):

@@ -10,7 +10,7 @@ and the trace is made of them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -27,6 +27,8 @@ OUTPUT = -1  # the recorder's key for model-level arrays (token ids, positions, 
 
 # --- interventions ----------------------------------------------------------------------------
 
+INTERVENTION_KEYS = ("disabled_experts", "forced_experts", "top_k", "shared_expert")  # Interventions.build's keywords
+
 @dataclass(frozen=True)
 class LayerInterventions:
     """What to change in one sparse layer's routing (see :class:`Interventions`)."""
@@ -39,7 +41,9 @@ class LayerInterventions:
 
 @dataclass(frozen=True)
 class Interventions:
-    """Changes to the routing, as keyword arguments of ``Model.forward``/``Model.trace``.
+    """Changes to the routing: what every function that runs the model takes as ``interventions=``.
+
+    Pass a mapping of these keys (or an :class:`Interventions` already built by :meth:`build`):
 
     * ``disabled_experts={layer: [expert, ...]}``: those experts are removed from the
       router of that decoder layer (logit -inf before the softmax), as if it never had them;
@@ -96,6 +100,36 @@ class Interventions:
         if not isinstance(shared_expert, bool):
             shared_expert = frozenset(layer for layer in sparse if layer not in set(shared_expert))
         return cls(disabled, forced, ks or None, shared_expert)
+
+    @classmethod
+    def of(cls, config, interventions: "Mapping | Interventions | None") -> "Interventions | None":
+        """``interventions=`` as given to a function that runs the model, validated for ``config``; None for none.
+
+        A mapping names :meth:`build`'s keywords; an unknown key raises MinimoeError listing the known ones.
+        """
+        if interventions is None or isinstance(interventions, cls):
+            return interventions
+        if not isinstance(interventions, Mapping):
+            raise MinimoeError(f"interventions must be a mapping such as {{'disabled_experts': {{layer: [expert]}}}}, "
+                               f"got {type(interventions).__name__}")
+        unknown = sorted(set(interventions) - set(INTERVENTION_KEYS))
+        if unknown:
+            raise MinimoeError(f"unknown intervention {unknown[0]!r}: the interventions are {', '.join(INTERVENTION_KEYS)}")
+        return cls.build(config, **interventions) if interventions else None
+
+    def describe(self) -> str:
+        """What is changed, in a few words (for summaries): 'none', or e.g. 'disabled 2 experts in layer 3; top-1'."""
+        parts = [f"disabled {len(e)} expert{'s' * (len(e) != 1)} in layer {layer}"
+                 for layer, e in self.disabled_experts.items()]
+        parts += [f"forced experts {list(e)} in layer {layer}" for layer, e in self.forced_experts.items()]
+        if self.top_k is not None:
+            ks = set(self.top_k.values()) if isinstance(self.top_k, dict) else {self.top_k}
+            parts.append(f"top-{ks.pop()}" if len(ks) == 1 else f"top-k by layer {self.top_k}")
+        if self.shared_expert is False:
+            parts.append("no shared expert")
+        elif self.shared_expert is not True:
+            parts.append(f"shared expert only in layers {sorted(self.shared_expert)}")
+        return "; ".join(parts) or "none"
 
     def for_layer(self, layer: int) -> LayerInterventions:
         shared = self.shared_expert if isinstance(self.shared_expert, bool) else layer in self.shared_expert

@@ -12,7 +12,7 @@ texts of any length (:mod:`minimoe.tracing`) and a walk through one layer
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -22,10 +22,10 @@ from .checkpoint.reader import Checkpoint
 from .config import ModelConfig, read_json_object
 from .errors import MinimoeError
 from .generate import generate_stream
-from .hooks import Recorder
+from .hooks import Interventions, Recorder
 from .inspect.stepthrough import step_through
 from .inspect.trace import RoutingTrace
-from .inspect.tracing import trace_text
+from .inspect.tracing import Progress, trace_text
 from .model import Attention, DecoderLayer, KVCache, Model, QKNorm, SparseMoeBlock, SwiGLU
 from .ops import Operations
 
@@ -34,31 +34,54 @@ class LoadedModel(Model):
     """A :class:`~minimoe.model.Model` opened from a checkpoint, with the ways to use it beside its forward pass."""
 
     def generate(self, ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, **options) -> list[int]:
-        """New token ids after ``ids`` ``[T]`` (see :func:`minimoe.generate.generate_stream` for ``options``:
-        ``eos_token_ids``, ``stop_strings`` + ``tokenizer``, ``record``, ``interventions``).  ``temperature=0`` is greedy."""
-        return list(self.generate_stream(ids, max_new_tokens, temperature, top_k, top_p, seed, **options))
+                 top_p: float | None = None, seed: int | None = None, *, eos_token_ids: Iterable[int] | None = None,
+                 stop_strings: Iterable[str] = (), tokenizer=None, record: Recorder | None = None,
+                 interventions: Mapping | Interventions | None = None) -> list[int]:
+        """New token ids after ``ids`` ``[T]``; ``temperature=0`` is greedy (the keywords: see
+        :func:`minimoe.generate.generate_stream`)."""
+        return list(self.generate_stream(ids, max_new_tokens, temperature, top_k, top_p, seed,
+                                         eos_token_ids=eos_token_ids, stop_strings=stop_strings, tokenizer=tokenizer,
+                                         record=record, interventions=interventions))
 
     def generate_stream(self, ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                        top_p: float | None = None, seed: int | None = None, **options) -> Iterator[int]:
+                        top_p: float | None = None, seed: int | None = None, *,
+                        eos_token_ids: Iterable[int] | None = None, stop_strings: Iterable[str] = (), tokenizer=None,
+                        record: Recorder | None = None,
+                        interventions: Mapping | Interventions | None = None) -> Iterator[int]:
         """Like :meth:`generate`, yielding each new token id as soon as it is chosen."""
-        return generate_stream(self, ids, max_new_tokens, temperature, top_k, top_p, seed, **options)
+        return generate_stream(self, ids, max_new_tokens, temperature, top_k, top_p, seed, eos_token_ids,
+                               stop_strings, tokenizer, record, interventions)
 
-    def trace(self, ids, cache: KVCache | None = None, tokenizer=None, **options) -> RoutingTrace:
-        """Run ``ids`` ``[T]`` and return what the router did (a :class:`~minimoe.inspect.trace.RoutingTrace`).
+    def trace(self, ids, tokenizer=None, *, interventions: Mapping | Interventions | None = None,
+              window: int | None = None, overlap: int | None = None, keep_logits: bool | None = None,
+              progress: Progress = True, **intervention_keywords) -> RoutingTrace:
+        """Run one text ``ids`` ``[T]`` of any length and return what the router did (a
+        :class:`~minimoe.inspect.trace.RoutingTrace`).
 
-        Takes the same ``cache`` and intervention keywords as :meth:`forward`; with a
-        ``tokenizer``, the trace also holds each token's text.  Without a cache the text
-        may be of any length: it is traced window by window (``window``, ``overlap``,
-        ``keep_logits``, ``progress``: see :func:`minimoe.tracing.trace_text`).
+        ``interventions`` change the routing as in :meth:`forward`; the keywords
+        ``disabled_experts=``, ``forced_experts=``, ``top_k=``, ``shared_expert=`` are the same
+        thing spelled directly (``model.trace(ids, disabled_experts={3: [7]})``).  With a
+        ``tokenizer``, the trace also holds each token's text.  A text longer than the context
+        is traced window by window (``window``, ``overlap``, ``keep_logits``, ``progress``: see
+        :func:`minimoe.inspect.tracing.trace_text`).  To trace tokens that continue a cached
+        sequence, use :meth:`trace_continuation`.
         """
-        if cache is None:
-            return trace_text(self, ids, tokenizer, **options)
+        interventions = _interventions(self.config, interventions, intervention_keywords)
+        return trace_text(self, ids, tokenizer, interventions=interventions, window=window, overlap=overlap,
+                          keep_logits=keep_logits, progress=progress)
+
+    def trace_continuation(self, ids, cache: KVCache, tokenizer=None, *,
+                           interventions: Mapping | Interventions | None = None) -> RoutingTrace:
+        """Run ``ids`` ``[T]`` after the sequence in ``cache`` (adding them to it) and trace them.
+
+        Positions continue the cache's; the text must fit in the context that is left.
+        """
         if np.asarray(ids).ndim != 1:
-            raise MinimoeError("trace takes one sequence of ids [T]; trace a batch one row at a time")
+            raise MinimoeError("trace_continuation takes one sequence of ids [T]; trace a batch one row at a time")
+        interventions = Interventions.of(self.config, interventions)
         recorder = Recorder()
-        self.forward(ids, cache, record=recorder, **options)
-        return RoutingTrace.from_recorder(recorder, self.config, tokenizer)
+        self.forward(ids, cache, record=recorder, interventions=interventions)
+        return RoutingTrace.from_recorder(recorder, self.config, tokenizer, interventions)
 
     def step_through(self, ids, layer: int, position: int = -1):
         """Every stage of decoder ``layer`` for one token, named (see :mod:`minimoe.inspect.stepthrough`)."""
@@ -66,6 +89,14 @@ class LoadedModel(Model):
             raise MinimoeError("step_through runs on the numpy backend: load the model with minimoe.load(path) "
                                "to walk a layer")
         return step_through(self, ids, layer, position)
+
+
+def _interventions(config: ModelConfig, interventions, keywords: dict) -> Interventions | None:
+    """``interventions=`` or the same keys given as keywords (DESIGN's ``trace(ids, disabled_experts=...)``), not both."""
+    if keywords and interventions is not None:
+        raise MinimoeError(f"pass interventions either as interventions= or as keywords, not both "
+                           f"(got interventions= and {', '.join(sorted(keywords))}=)")
+    return Interventions.of(config, keywords or interventions)
 
 
 def load(path: str | Path, backend: str = "numpy", progress: Callable[..., Iterable] | None = None) -> LoadedModel:

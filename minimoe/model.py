@@ -16,7 +16,7 @@ backend's business, not this file's.  :func:`minimoe.load` builds a model from a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -234,15 +234,16 @@ class Model:
         """An empty KV cache for incremental decoding (``capacity`` positions preallocated)."""
         return KVCache(self.config, capacity, self.xp)
 
-    def forward(self, ids, cache: KVCache | None = None, *, record: Recorder | None = None, **interventions):
+    def forward(self, ids, cache: KVCache | None = None, *, record: Recorder | None = None,
+                interventions: Mapping | Interventions | None = None):
         """Logits for every position.  ids ``[T]`` -> ``[T, V]``; ids ``[B, T]`` -> ``[B, T, V]``.
 
         With ``cache``, the ids continue the cached sequence (positions start at
         ``cache.length``) and their keys/values are added to it.  ``record`` (a
         :class:`minimoe.hooks.Recorder`) receives every layer's routing arrays, as NumPy
-        arrays whatever the backend; the keyword arguments are routing interventions
-        (``disabled_experts``, ``forced_experts``, ``top_k``, ``shared_expert``; see
-        :class:`~minimoe.hooks.Interventions`).
+        arrays whatever the backend.  ``interventions`` change the routing: a mapping such as
+        ``{"disabled_experts": {layer: [expert, ...]}}`` (keys ``disabled_experts``,
+        ``forced_experts``, ``top_k``, ``shared_expert``; see :class:`~minimoe.hooks.Interventions`).
         """
         xp = self.xp
         batch = self.check_ids(ids)
@@ -256,7 +257,7 @@ class Model:
                 f"{start} cached + {tokens} new tokens exceed the context of "
                 f"{self.config.max_position_embeddings} positions (max_position_embeddings)"
             )
-        changes = Interventions.build(self.config, **interventions) if interventions else None
+        changes = Interventions.of(self.config, interventions)
         if cache is not None:
             cache.reserve(batch.shape[0], tokens)
         if record is not None and xp is not np:  # a trace holds NumPy arrays, whatever the backend

@@ -65,11 +65,19 @@ class Tokenizer:
         return self.backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(self._checked(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_texts(self, ids: Iterable[int]) -> list[str]:
+        """Each token's own text, ids ``[T]`` -> ``T`` strings (a trace's ``tokens``; a piece of a multi-byte
+        character decodes to U+FFFD on its own)."""
+        return self.backend.decode_batch([[i] for i in self._checked(ids)], skip_special_tokens=False)
+
+    def _checked(self, ids: Iterable[int]) -> list[int]:
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise MinimoeError(f"token id {bad[0]} is outside this tokenizer's vocabulary [0, {self.vocab_size})")
-        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        return ids
 
     def stream(self, skip_special_tokens: bool = False) -> "StreamDecoder":
         """A decoder that takes ids one at a time and yields text as soon as it is complete."""

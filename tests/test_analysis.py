@@ -315,8 +315,11 @@ class WordTokenizer:
         return [self.VOCAB[text]] if text in self.VOCAB else [self.VOCAB[ch] for ch in text]
 
     def decode(self, ids):
+        return "".join(self.token_texts(ids))
+
+    def token_texts(self, ids):
         names = {v: k for k, v in self.VOCAB.items()}
-        return "".join(names[i] for i in ids)
+        return [names[i] for i in ids]
 
 
 @pytest.mark.parametrize("query, ids", [
@@ -424,3 +427,29 @@ def test_results_are_frozen():
     load = expert_load(pair_01())
     with pytest.raises(dataclasses.FrozenInstanceError):
         load.cv = np.zeros(1)
+
+
+# --- one-line summaries ------------------------------------------------------------------------------
+
+def test_a_trace_prints_as_one_line_of_what_it_covers():
+    trace = make_trace([[0, 1, 0, 2], [3, 3, 1, 0]], num_experts=4, layers=[1, 3], positions=[7, 8, 9, 10])
+    assert repr(trace) == ("RoutingTrace(4 tokens at positions 7..10, sparse layers [1, 3] of 4, 4 experts, top-1, "
+                           "interventions: none, logits [4, 3])")
+    assert "layers 0..5 of 6" in repr(make_trace([[0]] * 6, num_experts=2))  # a run of layers is written as one
+    assert "no logits" in repr(trace.without_logits()) and str(trace) == repr(trace)
+
+
+def test_the_analyses_print_one_line_with_their_figures():
+    trace = make_trace([[[0, 1]] * 4 + [[2, 3]] * 4, [[1, 0]] * 8], num_experts=4)  # 2 layers, 8 tokens, k = 2
+    load, entropy = expert_load(trace), routing_entropy(trace)
+    results = [load, entropy, consecutive_same_expert(trace), shared_vs_routed(trace),
+               expert_cache_hit_rate(trace, cache_sizes=[1, 2]), token_routing(trace, 0, "a"),
+               vocabulary_specialization(trace, 0)[0], domain_specialization({"x": [trace], "y": [trace]})]
+    for result in results:
+        text = repr(result)
+        assert text.startswith(type(result).__name__ + "(") and "\n" not in text and len(text) < 300, text
+    # the figures are the fields' own: a per-layer field as smallest..largest, a single value as itself
+    assert "2 layers x 4 experts, 16 assignments a layer" in repr(load)
+    assert f"cv {load.cv.min():.3g}..{load.cv.max():.3g}" in repr(load)
+    assert f"at most {np.log(4):.2f} nats" in repr(entropy)
+    assert "TokenRouting(token 0 'a', 1 occurrence, 2 layers" in repr(results[5])

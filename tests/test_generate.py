@@ -76,6 +76,19 @@ def test_greedy_generation_matches_transformers(model):
     assert model.generate(reference["ids"][0], len(greedy), temperature=0, eos_token_ids=[]) == greedy
 
 
+def test_generation_applies_interventions_at_every_step(model):
+    """Greedy decoding through the cache with top-1 routing picks what a fresh top-1 forward over the whole
+    sequence ranks first, token after token."""
+    top1 = {"top_k": 1}
+    got = model.generate([5, 6, 7], 6, temperature=0, eos_token_ids=[], interventions=top1)
+    ids = [5, 6, 7]
+    for _ in range(6):
+        ids.append(int(model.forward(ids, interventions=top1)[-1].argmax()))
+    assert got == ids[3:]
+    with pytest.raises(MinimoeError, match="unknown intervention 'topk'"):
+        model.generate([5, 6, 7], 2, interventions={"topk": 1})
+
+
 def test_seed_makes_sampling_reproducible(model):
     prompt = [5, 6, 7]
     first = model.generate(prompt, 12, temperature=1.5, seed=3, eos_token_ids=[])

@@ -11,7 +11,7 @@ import pytest
 
 import minimoe
 from minimoe import MinimoeError
-from minimoe.gpu.check import relative_error  # (got, expected), reading device arrays
+from minimoe.tools.gpu_check import relative_error  # (got, expected), reading device arrays
 
 from conftest import FIXTURE_NAMES, FIXTURES, ROOT
 from minimoe import ModelConfig
@@ -122,7 +122,7 @@ def test_gpu_traces_and_interventions_match_numpy(emulated, folder, tokens):
     layer = cpu.config.sparse_layers[0]
     for change in ({}, {"disabled_experts": {layer: [0, 3]}}, {"forced_experts": {layer: [1, 2]}}, {"top_k": 2},
                    {"shared_expert": False}):
-        a, b = cpu.trace(ids, **change), gpu.trace(ids, **change)
+        a, b = cpu.trace(ids, interventions=change), gpu.trace(ids, interventions=change)
         assert np.array_equal(a.expert_ids, b.expert_ids), change
         for field in ("router_logits", "router_probs", "expert_weights", "shared_gate", "shared_norm", "routed_norm",
                       "attention_norm", "logits"):
@@ -133,7 +133,7 @@ def test_gpu_traces_and_interventions_match_numpy(emulated, folder, tokens):
 
 
 def test_the_graph_decoders_fixed_buffer_step_matches_numpy(emulated):
-    from minimoe.gpu import check as gpu_check
+    from minimoe.tools import gpu_check
 
     (check,) = gpu_check.check_graph_decode(minimoe.default_model_path(), np.random.default_rng(0), capture=False,
                                             prompt=10, steps=14, capacity=16)  # the cache grows past 16 on the way
@@ -188,7 +188,7 @@ def test_rope_store_kv_refuses_to_write_past_the_caches_capacity(emulated):
 def test_emulated_router_breaks_ties_by_lower_id_and_survives_unusable_rows(emulated):
     import cupy
 
-    from minimoe.gpu import check as gpu_check
+    from minimoe.tools import gpu_check
 
     inputs = gpu_check.Inputs(cupy, np.random.default_rng(0), dict(experts=10, top_k=3, hidden=24))
     checks = gpu_check.check_router_ties(inputs, 50) + gpu_check.check_unusable_router_rows(inputs)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from minimoe import ModelConfig
-from minimoe.gpu import check as gpu_check
+from minimoe.tools import gpu_check
 from minimoe.config import shipped_configs
 
 import gpu_emulation
@@ -116,18 +116,43 @@ def test_without_cupy_it_exits_1_with_a_reason_also_in_the_json(monkeypatch, cap
     assert json.loads((tmp_path / "out.json").read_text())["error"].startswith("backend 'cupy' needs CuPy")
 
 
+def installed_copy(tmp_path: Path) -> Path:
+    """The package alone in a folder, as a wheel installs it: no tests/ or scripts/ beside it."""
+    import shutil
+
+    site = tmp_path / "site"
+    shutil.copytree(REPO / "minimoe", site / "minimoe", ignore=shutil.ignore_patterns("__pycache__"))
+    return site
+
+
 def test_it_starts_with_numpy_and_cupy_alone(tmp_path):
-    """Without threadpoolctl, ml_dtypes, tqdm or tokenizers, the check still starts and reports: imports of
-    them fail in a child process, and it must still get as far as saying CuPy is missing."""
+    """Installed without the repository around it, and without threadpoolctl, ml_dtypes, tqdm or tokenizers,
+    the check still starts and reports: imports of them fail in a child process, and it must still get as
+    far as saying CuPy is missing."""
     blocker = tmp_path / "sitecustomize.py"
     blocker.write_text("import sys\nfor name in ('threadpoolctl', 'ml_dtypes', 'tqdm', 'tokenizers', 'cupy'):\n"
                        "    sys.modules[name] = None\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(installed_copy(tmp_path))])}
     result = subprocess.run([sys.executable, "-m", "minimoe.gpu_check", "--json", str(tmp_path / "out.json")],
                             capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 1, result.stderr
     assert "nothing to check here: backend 'cupy' needs CuPy" in result.stderr and "Traceback" not in result.stderr
     assert json.loads((tmp_path / "out.json").read_text())["error"].startswith("backend 'cupy' needs CuPy")
+
+
+def test_installed_it_checks_the_bundled_model_and_says_why_transformers_is_not_timed(tmp_path):
+    """From a wheel the test fixtures and scripts/transformers_reference.py are absent: the models stage
+    checks the bundled model alone, and the transformers row carries the reason instead of stopping the run."""
+    code = ("from minimoe.tools import gpu_check; import numpy as np; "
+            "print([p.name for p in gpu_check.model_folders()]); "
+            "print(gpu_check.time_transformers('x', np.zeros(4, dtype=np.int64), 2, True)['error'])")
+    env = {**os.environ, "PYTHONPATH": str(installed_copy(tmp_path))}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    folders, error = result.stdout.splitlines()
+    assert folders == "['tiny-moe']"
+    assert error.startswith("transformers could not be timed: MinimoeError: comparing with transformers needs a "
+                            "checkout of minimoe's repository")
 
 
 def test_a_failed_check_is_reported():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import minimoe
-from minimoe.gpu import check as gpu_check
+from minimoe.tools import gpu_check
 
 from conftest import FIXTURES
 import cuda_on_cpu

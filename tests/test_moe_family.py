@@ -221,7 +221,7 @@ def test_routing_arrays_mean_what_the_family_says(name):
         assert ((trace.shared_gate > 0) & (trace.shared_gate < 1)).all() and (trace.shared_norm > 0).all()
     else:  # and switching the missing shared expert off changes nothing
         assert (trace.shared_gate == 0).all() and (trace.shared_norm == 0).all()
-        np.testing.assert_array_equal(model.forward(ids, shared_expert=False), model.forward(ids))
+        np.testing.assert_array_equal(model.forward(ids, interventions={"shared_expert": False}), model.forward(ids))
 
 
 # --- interventions against transformers on an edited checkpoint -------------------------------------------
@@ -277,9 +277,9 @@ def test_disabling_an_expert_equals_transformers_without_it(name, tmp_path):
                           **{experts_key(source): model.config.num_experts - 1})
     disabled = {layer: [removed] for layer in model.config.sparse_layers}
     theirs = transformers_logits(without, ids)
-    assert relative_error(model.forward(ids, disabled_experts=disabled), theirs) < LOGIT_TOLERANCE
+    assert relative_error(model.forward(ids, interventions={"disabled_experts": disabled}), theirs) < LOGIT_TOLERANCE
     assert relative_error(model.forward(ids), theirs) > 1e-3  # it did change something
-    assert not (model.trace(ids, disabled_experts=disabled).expert_ids == removed).any()
+    assert not (model.trace(ids, interventions={"disabled_experts": disabled}).expert_ids == removed).any()
 
 
 @pytest.mark.parametrize("name", NEW_FAMILY_FIXTURES)
@@ -288,7 +288,7 @@ def test_changing_k_equals_transformers_with_that_k(name, tmp_path):
     model, ids = minimoe.load(source), load_reference(source)["ids"][0]
     k = model.config.num_experts_per_tok + 1
     theirs = transformers_logits(edited_copy(source, tmp_path / "k", num_experts_per_tok=k), ids)
-    assert relative_error(model.forward(ids, top_k=k), theirs) < LOGIT_TOLERANCE
+    assert relative_error(model.forward(ids, interventions={"top_k": k}), theirs) < LOGIT_TOLERANCE
     assert relative_error(model.forward(ids), theirs) > 1e-3
 
 

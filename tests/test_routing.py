@@ -15,7 +15,7 @@ import minimoe
 from minimoe import MinimoeError
 from minimoe.checkpoint.reader import Checkpoint
 from minimoe.inspect.trace import ARRAY_FIELDS, RoutingTrace
-from minimoe.inspect.tracing import measure_intervention, trace_generation
+from minimoe.inspect.tracing import measure_interventions, trace_generation
 
 from conftest import FIXTURES, load_reference
 from parity import LOGIT_TOLERANCE, check_routing, relative_error
@@ -70,10 +70,10 @@ def test_disabling_an_expert_equals_transformers_without_it(tmp_path):
     without = variant(tmp_path, drop_expert, num_experts=7)
     model = minimoe.load(SOURCE)
     sparse = model.config.sparse_layers
-    ours = model.forward(ids, disabled_experts={layer: [removed] for layer in sparse})
+    ours = model.forward(ids, interventions={"disabled_experts": {layer: [removed] for layer in sparse}})
     assert relative_error(ours, transformers_logits(without, ids)) < LOGIT_TOLERANCE
     assert relative_error(model.forward(ids), transformers_logits(without, ids)) > 1e-3  # it did change something
-    trace = model.trace(ids, disabled_experts={layer: [removed] for layer in sparse})
+    trace = model.trace(ids, interventions={"disabled_experts": {layer: [removed] for layer in sparse}})
     assert not (trace.expert_ids == removed).any()
     assert np.isneginf(trace.router_logits[:, :, removed]).all() and (trace.router_probs[:, :, removed] == 0).all()
 
@@ -82,14 +82,14 @@ def test_disabling_in_one_layer_only_touches_that_layer():
     model, ids = minimoe.load(SOURCE), load_reference(SOURCE)["ids"][0]
     plain = model.trace(ids)
     popular = int(np.bincount(plain.expert_ids[1].reshape(-1)).argmax())  # layer 1's busiest expert
-    trace = model.trace(ids, disabled_experts={1: [popular]})
+    trace = model.trace(ids, interventions={"disabled_experts": {1: [popular]}})
     assert not (trace.expert_ids[1] == popular).any()
     np.testing.assert_array_equal(trace.expert_ids[0], plain.expert_ids[0])  # layer 0 runs before it
 
 
 def test_changing_k_equals_transformers_with_that_k(tmp_path):
     ids = load_reference(SOURCE)["ids"][0]
-    ours = minimoe.load(SOURCE).forward(ids, top_k=3)
+    ours = minimoe.load(SOURCE).forward(ids, interventions={"top_k": 3})
     assert relative_error(ours, transformers_logits(variant(tmp_path, num_experts_per_tok=3), ids)) < LOGIT_TOLERANCE
 
 
@@ -101,17 +101,17 @@ def zero_shared(tensors):
 def test_switching_the_shared_expert_off_equals_transformers_with_it_zeroed(tmp_path):
     ids = load_reference(SOURCE)["ids"][0]
     model = minimoe.load(SOURCE)
-    ours = model.forward(ids, shared_expert=False)
+    ours = model.forward(ids, interventions={"shared_expert": False})
     assert relative_error(ours, transformers_logits(variant(tmp_path, zero_shared), ids)) < LOGIT_TOLERANCE
-    trace = model.trace(ids, shared_expert=False)
+    trace = model.trace(ids, interventions={"shared_expert": False})
     assert (trace.shared_norm == 0).all() and (trace.shared_gate > 0).all()  # gate still reported
-    only_layer_1 = model.trace(ids, shared_expert=[1])
+    only_layer_1 = model.trace(ids, interventions={"shared_expert": [1]})
     assert (only_layer_1.shared_norm[1] == 0).all() and (only_layer_1.shared_norm[0] > 0).all()
 
 
 def test_forced_experts_are_used_with_their_router_probabilities():
     model, ids = minimoe.load(SOURCE), load_reference(SOURCE)["ids"][0]
-    trace = model.trace(ids, forced_experts={0: [6, 1]})
+    trace = model.trace(ids, interventions={"forced_experts": {0: [6, 1]}})
     forced = np.array([6, 1])
     most_likely_first = np.argsort(-trace.router_probs[0][:, forced], axis=-1)
     np.testing.assert_array_equal(trace.expert_ids[0], forced[most_likely_first])
@@ -128,7 +128,7 @@ def test_forced_experts_are_used_with_their_router_probabilities():
 ])
 def test_bad_interventions_are_refused(kwargs, message):
     with pytest.raises(MinimoeError, match=message):
-        minimoe.load(SOURCE).forward([1, 2, 3], **kwargs)
+        minimoe.load(SOURCE).forward([1, 2, 3], interventions=kwargs)
 
 
 def transformers_run(folder: Path, ids) -> tuple[torch.Tensor, float]:
@@ -139,7 +139,7 @@ def transformers_run(folder: Path, ids) -> tuple[torch.Tensor, float]:
     return out.logits[0], out.loss.item()
 
 
-def test_measure_intervention_against_transformers_on_the_modified_model(tmp_path):
+def test_measure_interventions_against_transformers_on_the_modified_model(tmp_path):
     """top_k=1 without the shared expert is transformers with num_experts_per_tok=1 and the shared
     expert zeroed.  From the two transformers runs, torch's kl_div gives KL(original || intervened)
     per position (the original is the reference distribution); the loss after the intervention is
@@ -152,7 +152,8 @@ def test_measure_intervention_against_transformers_on_the_modified_model(tmp_pat
     reverse = torch.nn.functional.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1).numpy()
     assert np.abs(kl - reverse).max() > 0.03 * kl.max()  # asymmetric far beyond the tolerance below
 
-    effect = measure_intervention(minimoe.load(SOURCE), ids, top_k=1, shared_expert=False)
+    change = {"top_k": 1, "shared_expert": False}
+    effect = measure_interventions(minimoe.load(SOURCE), ids, {"top-1, no shared": change}, progress=False)["top-1, no shared"]
     np.testing.assert_allclose(effect.kl_per_token, kl, rtol=1e-4, atol=1e-6)
     assert effect.mean_kl == pytest.approx(kl.mean(), rel=1e-4)
     assert effect.last_kl == pytest.approx(kl[-1], rel=1e-4, abs=1e-6)
@@ -164,7 +165,8 @@ def test_measure_intervention_against_transformers_on_the_modified_model(tmp_pat
 
 def test_measuring_no_change_gives_zero():
     model, ids = minimoe.load(SOURCE), load_reference(SOURCE)["ids"][0]
-    effect = measure_intervention(model, ids, top_k=model.config.num_experts_per_tok)
+    unchanged = {"the model's own k": {"top_k": model.config.num_experts_per_tok}}
+    effect = measure_interventions(model, ids, unchanged, progress=False)["the model's own k"]
     assert effect.mean_kl == pytest.approx(0, abs=1e-9) and effect.loss == effect.base_loss
 
 
@@ -178,7 +180,11 @@ def test_trace_grows_through_generation_like_one_pass():
     np.testing.assert_array_equal(grown.expert_ids, whole.expert_ids)
     np.testing.assert_allclose(grown.router_probs, whole.router_probs, atol=1e-5)
     cache = model.new_cache()  # the same sequence traced in two pieces through one cache
-    pieces = RoutingTrace.concat([model.trace(whole.token_ids[:4], cache), model.trace(whole.token_ids[4:], cache)])
+    pieces = RoutingTrace.concat([model.trace_continuation(whole.token_ids[:4], cache),
+                                  model.trace_continuation(whole.token_ids[4:], cache)])
+    assert cache.length == 9 and pieces.interventions == grown.interventions == "none"
+    _, top1 = trace_generation(model, [5, 6, 7, 8], 3, temperature=0, interventions={"top_k": 1})
+    assert top1.interventions == "top-1" and top1.top_k == 1
     for name in ARRAY_FIELDS:
         assert getattr(pieces, name).shape == getattr(whole, name).shape, name
     np.testing.assert_array_equal(pieces.expert_ids, whole.expert_ids)
@@ -216,11 +222,12 @@ def test_step_through_of_a_dense_layer_and_a_layer_out_of_range():
 def test_exports_round_trip(tmp_path):
     model = minimoe.load(minimoe.default_model_path())
     tok = minimoe.load_tokenizer(minimoe.default_model_path())
-    trace = model.trace(tok.encode("for i in range(10):"), tokenizer=tok, disabled_experts={0: [1]})
+    trace = model.trace(tok.encode("for i in range(10):"), tokenizer=tok, interventions={"disabled_experts": {0: [1]}})
     trace.save_npz(tmp_path / "t.npz")
     again = RoutingTrace.load_npz(tmp_path / "t.npz")
     np.testing.assert_array_equal(again.expert_ids, trace.expert_ids)
     assert again.tokens == trace.tokens and again.top_k == trace.top_k
+    assert again.interventions == trace.interventions == "disabled 1 expert in layer 0"
     rows = trace.rows()
     assert len(rows) == len(trace.layers) * trace.num_tokens * trace.top_k
     assert rows[0]["token"] == trace.tokens[0] and rows[0]["expert"] == int(trace.expert_ids[0, 0, 0])
@@ -245,14 +252,14 @@ def test_layers_with_different_k_are_padded_and_analysable():
     from minimoe.inspect import analysis
 
     model, ids = minimoe.load(SOURCE), load_reference(SOURCE)["ids"][0]
-    trace = model.trace(ids, top_k={0: 3, 1: 1})
+    trace = model.trace(ids, interventions={"top_k": {0: 3, 1: 1}})
     assert trace.expert_ids.shape[2] == 3 and trace.top_k == 3
     assert (trace.expert_ids[1, :, 1:] == -1).all() and (trace.expert_weights[1, :, 1:] == 0).all()
     assert (trace.expert_ids[0] >= 0).all()
     load = analysis.expert_load(trace)
     assert load.counts[0].sum() == 3 * len(ids) and load.counts[1].sum() == len(ids)
     assert analysis.coactivation(trace)[1].sum() == np.count_nonzero(load.counts[1])  # only the diagonal in layer 1
-    forced = model.trace(ids, forced_experts={1: [4]})
+    forced = model.trace(ids, interventions={"forced_experts": {1: [4]}})
     assert (forced.expert_ids[1, :, 0] == 4).all() and (forced.expert_ids[1, :, 1:] == -1).all()
 
 

@@ -35,7 +35,10 @@ class CharTokenizer:
         return [95 if ch == "\n" else ord(ch) - 32 for ch in text]
 
     def decode(self, ids) -> str:
-        return "".join("\n" if i == 95 else chr(i + 32) for i in ids)
+        return "".join(self.token_texts(ids))
+
+    def token_texts(self, ids) -> list[str]:
+        return ["\n" if i == 95 else chr(i + 32) for i in ids]
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import minimoe
 from minimoe.inspect import analysis, report, viz
 from minimoe.tools import cli
 from minimoe.inspect.trace import RoutingTrace
-from minimoe.inspect.tracing import measure_intervention
+from minimoe.inspect.tracing import measure_interventions
 
 TEXT = 'if a < b:\n    print("<b>bold</b>", a & b)\n'
 
@@ -190,8 +190,8 @@ def test_domain_specialization_is_centred_on_uniform(bundled, trace):
 
 def test_intervention_bars(bundled, trace):
     model, _ = bundled
-    effects = {"top-1": measure_intervention(model, trace.token_ids, trace.logits, top_k=1),
-               "no shared": measure_intervention(model, trace.token_ids, trace.logits, shared_expert=False)}
+    effects = measure_interventions(model, trace.token_ids, {"top-1": {"top_k": 1}, "no shared": {"shared_expert": False}},
+                                    base_logits=trace.logits, progress=False)
     kl_ax, loss_ax = viz.plot_intervention_effects(effects).axes
     assert tick_texts(kl_ax, "y") == ["top-1", "no shared"]
     assert [bar.get_width() for bar in kl_ax.patches] == pytest.approx([e.mean_kl for e in effects.values()])

@@ -11,8 +11,7 @@ from hypothesis import strategies as st
 
 import minimoe
 from minimoe import MinimoeError
-from minimoe.inspect.tracing import measure_intervention, trace_generation
-from minimoe.inspect.tracing import Windowing, measure_interventions, trace_text
+from minimoe.inspect.tracing import Windowing, measure_interventions, trace_generation, trace_text
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +72,8 @@ def test_bad_windows_are_refused(window, overlap, message):
 
 def test_a_text_that_fits_is_one_plain_pass(bundled, ids):
     model, tok = bundled
-    windowed = model.trace(ids, tokenizer=tok)  # no cache: trace_text
-    plain = model.trace(ids, cache=model.new_cache(), tokenizer=tok)  # one forward through a cache, recorded
+    windowed = model.trace(ids, tokenizer=tok)
+    plain = model.trace_continuation(ids, model.new_cache(), tokenizer=tok)  # one forward through a cache, recorded
     for name in ("token_ids", "positions", "router_logits", "expert_ids", "expert_weights", "shared_gate", "logits"):
         np.testing.assert_array_equal(getattr(windowed, name), getattr(plain, name), err_msg=name)
     assert windowed.tokens == plain.tokens and windowed.logits.shape == (len(ids), model.config.vocab_size)
@@ -87,7 +86,7 @@ def test_each_window_traces_its_tokens_as_a_pass_over_the_window_would(bundled, 
     np.testing.assert_array_equal(windowed.positions, np.arange(len(ids)))  # the text's positions, not the window's
     assert windowed.tokens == [tok.decode([int(i)]) for i in ids]
     for w in Windowing.plan(len(ids), 1024, 128, 48).windows():
-        alone = model.trace(ids[w.start : w.stop], cache=model.new_cache())
+        alone = model.trace_continuation(ids[w.start : w.stop], model.new_cache())
         keep = slice(w.traced - w.start, None)
         span = slice(w.traced, w.stop)
         np.testing.assert_array_equal(windowed.expert_ids[:, span], alone.expert_ids[:, keep])
@@ -98,9 +97,10 @@ def test_each_window_traces_its_tokens_as_a_pass_over_the_window_would(bundled, 
 
 def test_long_traces_drop_logits_and_take_interventions(bundled, ids):
     model, _ = bundled
-    trace = model.trace(ids, window=100, progress=False, disabled_experts={1: [0, 1]})
+    trace = model.trace(ids, window=100, progress=False, interventions={"disabled_experts": {1: [0, 1]}})
     assert trace.logits.shape == (len(ids), 0)
     assert not np.isin(trace.expert_ids[1], [0, 1]).any()  # the intervention reached every window
+    assert trace.interventions == "disabled 2 experts in layer 1" and "interventions: disabled 2" in repr(trace)
     seen = []
     model.trace(ids, window=100, progress=lambda items, **labels: seen.append(labels) or items)
     assert seen == [{"desc": "tracing", "unit": "window"}]
@@ -135,14 +135,16 @@ def test_memory_is_bounded_by_the_window_not_the_text(bundled):
 
 # --- measurements and generation ---------------------------------------------------------------------
 
-def test_windowed_measurement_equals_the_plain_one_where_the_text_fits(bundled, ids):
+def test_base_logits_save_the_plain_runs_and_change_nothing(bundled, ids):
     model, _ = bundled
-    options = {"top-1": {"top_k": 1}, "no shared": {"shared_expert": False}}
-    windowed = measure_interventions(model, ids, options, progress=False)
-    for name, kwargs in options.items():
-        plain = measure_intervention(model, ids, **kwargs)
-        np.testing.assert_allclose(windowed[name].kl_per_token, plain.kl_per_token, rtol=1e-12)
-        assert windowed[name].loss == pytest.approx(plain.loss) and windowed[name].base_loss == plain.base_loss
+    interventions = {"top-1": {"top_k": 1}, "no shared": {"shared_expert": False}}
+    measured = measure_interventions(model, ids, interventions, progress=False)
+    saved = measure_interventions(model, ids, interventions, base_logits=model.forward(ids), progress=False)
+    for name in interventions:
+        np.testing.assert_array_equal(saved[name].kl_per_token, measured[name].kl_per_token)
+        assert (saved[name].loss, saved[name].base_loss) == (measured[name].loss, measured[name].base_loss)
+    with pytest.raises(MinimoeError, match="base_logits hold 3 positions but the text has"):
+        measure_interventions(model, ids, interventions, base_logits=model.forward(ids[:3]), progress=False)
 
 
 def test_windowed_measurement_is_per_window_arithmetic(bundled, ids):
@@ -153,7 +155,8 @@ def test_windowed_measurement_is_per_window_arithmetic(bundled, ids):
     nll, kl = [], []
     for w in Windowing.plan(len(ids), 1024, 128, 32).windows():
         piece = ids[w.start : w.stop]
-        base, changed = (np.log(softmax(model.forward(piece, **kw).astype(np.float64))) for kw in ({}, {"top_k": 1}))
+        base, changed = (np.log(softmax(model.forward(piece, interventions=change).astype(np.float64)))
+                         for change in (None, {"top_k": 1}))
         for t in range(w.traced, w.stop):
             r = t - w.start
             kl.append(float((np.exp(base[r]) * (base[r] - changed[r])).sum()))
@@ -161,6 +164,7 @@ def test_windowed_measurement_is_per_window_arithmetic(bundled, ids):
                 nll.append(-changed[r, ids[t + 1]])
     np.testing.assert_allclose(effect.kl_per_token, kl, rtol=1e-6, atol=1e-12)
     assert effect.loss == pytest.approx(np.mean(nll), rel=1e-9)
+    assert repr(effect).startswith(f"InterventionEffect(top-1, over {len(ids):,} positions: mean KL {effect.mean_kl:.4g}")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

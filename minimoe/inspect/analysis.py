@@ -54,7 +54,7 @@ def _trace_list(traces: Traces) -> list[RoutingTrace]:
     for i, trace in enumerate(items):
         if not isinstance(trace, RoutingTrace):
             raise MinimoeError(f"traces[{i}] is a {type(trace).__name__}, not a RoutingTrace")
-    _check_same_model(items)
+    RoutingTrace.check_same_model(items)
     ks = {trace.expert_ids.shape[2] for trace in items}
     if len(ks) > 1:
         # Pooling mixes distributions that are not comparable (and arrays that do not stack).
@@ -64,21 +64,18 @@ def _trace_list(traces: Traces) -> list[RoutingTrace]:
     return items
 
 
-def _check_same_model(items: Sequence[RoutingTrace]) -> None:
-    first = items[0]
-    for i, other in enumerate(items[1:], start=1):
-        if not np.array_equal(other.layers, first.layers) or other.num_experts != first.num_experts:
-            raise MinimoeError(
-                f"traces come from different models: trace {i} has sparse layers {other.layers.tolist()} and "
-                f"{other.num_experts} experts, trace 0 has {first.layers.tolist()} and {first.num_experts}"
-            )
-
-
 def _pooled(items: Sequence[RoutingTrace], name: str) -> np.ndarray:
     """A per-layer field ``[S, T, ...]`` of every trace, joined along the token axis: ``[S, N, ...]``."""
     if len(items) == 1:
         return getattr(items[0], name)  # no copy in the common case
     return np.concatenate([getattr(trace, name) for trace in items], axis=1)
+
+
+def _span(values: np.ndarray) -> str:
+    """A per-layer figure in a summary: ``0.42`` for one layer, ``0.31..0.52`` (smallest..largest) for several."""
+    values = np.asarray(values, dtype=np.float64)
+    low, high = values.min(), values.max()
+    return f"{low:.3g}" if low == high else f"{low:.3g}..{high:.3g}"
 
 
 def _chosen_mask(expert_ids: np.ndarray, num_experts: int) -> np.ndarray:
@@ -121,6 +118,12 @@ class ExpertLoad:
     max_over_mean: np.ndarray  # [S] busiest expert's count / mean count; 1 = even, E/k = one expert per slot
     balance_loss: np.ndarray  # [S] the transformers load-balancing loss of that layer alone; k when uniform
 
+    def __repr__(self) -> str:
+        layers, experts = self.counts.shape
+        return (f"ExpertLoad({layers} layers x {experts} experts, {int(self.counts[0].sum()):,} assignments a layer; "
+                f"cv {_span(self.cv)}, busiest/mean {_span(self.max_over_mean)}, "
+                f"balance loss {_span(self.balance_loss)})")
+
 
 def expert_load(traces: Traces) -> ExpertLoad:
     """Expert load per sparse layer (see :class:`ExpertLoad` for the fields and shapes).
@@ -162,6 +165,12 @@ class RoutingEntropy:
     max_entropy: float  # log E: the entropy of a uniform router
     top1_mass: np.ndarray  # [S] mean over tokens of the largest router probability (1/E when uniform)
     topk_mass: np.ndarray  # [S] mean over tokens of the k chosen experts' total probability (k/E when uniform)
+
+    def __repr__(self) -> str:
+        layers, tokens = self.entropy.shape
+        return (f"RoutingEntropy({layers} layers, {tokens:,} tokens; mean entropy {_span(self.mean_entropy)} of "
+                f"at most {self.max_entropy:.2f} nats, top-1 mass {_span(self.top1_mass)}, "
+                f"top-k mass {_span(self.topk_mass)})")
 
 
 def routing_entropy(traces: Traces) -> RoutingEntropy:
@@ -214,6 +223,11 @@ class ConsecutiveRate:
     chance_uniform: float  # 1/E: top1_rate if the top-1 expert were uniformly random
     chance_given_load: np.ndarray  # [S] sum_e q_e^2, q = observed top-1 share: top1_rate if tokens were independent
 
+    def __repr__(self) -> str:
+        return (f"ConsecutiveRate({len(self.top1_rate)} layers; same top-1 {_span(self.top1_rate)} "
+                f"(chance {self.chance_uniform:.3f} uniform, {_span(self.chance_given_load)} given the load), "
+                f"shared expert among top-k {_span(self.topk_overlap)})")
+
 
 def consecutive_same_expert(traces: Traces) -> ConsecutiveRate:
     """Temporal locality of routing, as in the Mixtral paper (see :class:`ConsecutiveRate`).
@@ -261,6 +275,11 @@ class ExpertVocabulary:
     token_ids: np.ndarray  # [<=top] most frequent first (ties: smaller id first); only ids it took at least once
     counts: np.ndarray  # [<=top] how many times this expert was chosen for each of them
     exclusivity: np.ndarray  # [<=top] counts / occurrences of that id: 1.0 = every occurrence chose this expert
+
+    def __repr__(self) -> str:
+        top = ", ".join(f"{int(t)} x{int(c)}" for t, c in zip(self.token_ids[:5], self.counts[:5]))
+        more = f", ... ({len(self.token_ids)} ids)" if len(self.token_ids) > 5 else ""
+        return f"ExpertVocabulary(expert {self.expert}: token id x count {top or 'none'}{more})"
 
 
 def vocabulary_specialization(traces: Traces, layer: int, top: int = 10) -> list[ExpertVocabulary]:
@@ -321,6 +340,12 @@ class TokenRouting:
     top1_counts: np.ndarray  # [S, E] occurrences with expert e as the top-1
     mean_weight: np.ndarray  # [S, E] mean weight of expert e over the occurrences that chose it (0 where none did)
 
+    def __repr__(self) -> str:
+        text = f" {self.text!r}" if self.text is not None else ""
+        top1 = ", ".join(f"{int(layer)}: {int(e)}" for layer, e in zip(self.layers, self.top1_expert))
+        return (f"TokenRouting(token {self.token_id}{text}, {self.occurrences} occurrence{'s' * (self.occurrences != 1)}, {len(self.layers)} layers; "
+                f"most frequent top-1 expert by layer {{{top1}}})")
+
     @property
     def top1_expert(self) -> np.ndarray:
         """``[S]`` the most frequent top-1 expert (the smaller id on a tie; -1 where the token never occurs)."""
@@ -374,7 +399,7 @@ def token_ids_for(tokenizer, query: str | int) -> list[int]:
     encoded = {variant: tokenizer.encode(variant) for variant in variants}
     ids = [pieces[0] for pieces in encoded.values() if len(pieces) == 1]
     if not ids:
-        splits = "; ".join(f"{v!r} -> {[tokenizer.decode([i]) for i in pieces]}" for v, pieces in encoded.items())
+        splits = "; ".join(f"{v!r} -> {tokenizer.token_texts(pieces)}" for v, pieces in encoded.items())
         raise MinimoeError(f"{query!r} is not one token of this vocabulary ({splits}): query one of its pieces")
     return ids
 
@@ -386,6 +411,11 @@ class DomainSpecialization:
     domains: list[str]  # [D] names, in the order given
     share: np.ndarray  # [D, S, E] the domain's share of assignments going to each expert (sums to 1 over E)
     ratio: np.ndarray  # [D, S, E] share / (1/E): 1 = uniform, E = every assignment of the domain to that expert
+
+    def __repr__(self) -> str:
+        domains, layers, experts = self.ratio.shape
+        return (f"DomainSpecialization({domains} domains {self.domains}, {layers} layers x {experts} experts; "
+                f"largest share / uniform {self.ratio.max():.2f})")
 
 
 def domain_specialization(domains: Mapping[str, Traces]) -> DomainSpecialization:
@@ -399,7 +429,7 @@ def domain_specialization(domains: Mapping[str, Traces]) -> DomainSpecialization
         raise MinimoeError("domain_specialization needs at least one domain")
     names = list(domains)
     pools = [_trace_list(domains[name]) for name in names]
-    _check_same_model([pool[0] for pool in pools])  # within a pool it is checked; here across domains
+    RoutingTrace.check_same_model([pool[0] for pool in pools])  # within a pool it is checked; here across domains
     share = np.stack([expert_load(pool).share for pool in pools])
     return DomainSpecialization(domains=names, share=share, ratio=share * pools[0][0].num_experts)
 
@@ -433,6 +463,10 @@ class SharedVsRouted:
     mean_routed_norm: np.ndarray  # [S] mean L2 norm of the routed experts' weighted sum
     shared_fraction: np.ndarray  # [S] mean over tokens of shared_norm / (shared_norm + routed_norm)
 
+    def __repr__(self) -> str:
+        return (f"SharedVsRouted({len(self.shared_fraction)} layers; shared share of the MoE output "
+                f"{_span(self.shared_fraction)}, mean gate {_span(self.mean_shared_gate)})")
+
 
 def shared_vs_routed(traces: Traces) -> SharedVsRouted:
     """The shared expert's share of each sparse layer's MoE output, by norm (see :class:`SharedVsRouted`).
@@ -464,6 +498,12 @@ class ExpertCacheHits:
     cache_sizes: np.ndarray  # [C] experts each layer's cache holds
     hit_rate: np.ndarray  # [S, C] fraction of expert requests found in the cache
     requests: int  # expert requests per layer (N * k, padding excluded in the first layer)
+
+    def __repr__(self) -> str:
+        shown = range(0, len(self.cache_sizes), max(1, len(self.cache_sizes) // 4))  # a few sizes: one line
+        rates = ", ".join(f"{int(self.cache_sizes[c])}: {_span(self.hit_rate[:, c])}" for c in shown)
+        return (f"ExpertCacheHits({self.hit_rate.shape[0]} layers, {self.requests:,} requests a layer; "
+                f"hit rate by cache size {{{rates}}})")
 
 
 def expert_cache_hit_rate(traces: Traces, cache_sizes: Sequence[int] | None = None) -> ExpertCacheHits:

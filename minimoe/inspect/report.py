@@ -92,34 +92,34 @@ def encode_text(tokenizer, text: str) -> list[int]:
 
 # --- analyses --------------------------------------------------------------------------------
 
-def intervention_options(trace: RoutingTrace, load: analysis.ExpertLoad, shared_expert: bool = True) -> dict[str, dict]:
-    """The interventions the report measures: a name for each, and its keyword arguments.
+def report_interventions(trace: RoutingTrace, load: analysis.ExpertLoad, shared_expert: bool = True) -> dict[str, dict]:
+    """The interventions the report measures, by name (as :func:`~minimoe.inspect.tracing.measure_interventions` takes them).
 
     ``shared_expert``: whether the model has one to switch off (Mixtral, OLMoE, Qwen3-MoE do not).
     """
-    options = {}
+    interventions = {}
     if trace.num_experts - 1 >= trace.top_k:  # disabling one must leave k experts to choose from
         busiest = {int(layer): int(load.counts[s].argmax()) for s, layer in enumerate(trace.layers)}
-        options["disable busiest expert"] = {"disabled_experts": {layer: [e] for layer, e in busiest.items()}}
+        interventions["disable busiest expert"] = {"disabled_experts": {layer: [e] for layer, e in busiest.items()}}
     if trace.top_k > 1:
-        options[f"top-1 instead of top-{trace.top_k}"] = {"top_k": 1}
+        interventions[f"top-1 instead of top-{trace.top_k}"] = {"top_k": 1}
     if shared_expert:
-        options["no shared expert"] = {"shared_expert": False}
-    return options
+        interventions["no shared expert"] = {"shared_expert": False}
+    return interventions
 
 
 def analyse(model, ids: list[int], trace: RoutingTrace, windowing: Windowing, progress: Progress = True) -> Analyses:
-    """The routing analyses of ``trace`` and the effects of :func:`intervention_options` on ``ids``.
+    """The routing analyses of ``trace`` and the effects of :func:`report_interventions` on ``ids``.
 
     The interventions run over the same windows as the trace.
     """
     load = analysis.expert_load(trace)
-    options = intervention_options(trace, load, model.config.has_shared_expert)
+    interventions = report_interventions(trace, load, model.config.has_shared_expert)
     # A one-window trace keeps the plain forward's logits: each intervention then costs one forward, not two.
-    effects = measure_interventions(model, ids, options, windowing.window, windowing.overlap,
+    effects = measure_interventions(model, ids, interventions, window=windowing.window, overlap=windowing.overlap,
                                     base_logits=trace.logits if trace.logits.shape[1] else None, progress=progress)
     disabled = {layer: experts[0] for layer, experts in
-                options.get("disable busiest expert", {}).get("disabled_experts", {}).items()}
+                interventions.get("disable busiest expert", {}).get("disabled_experts", {}).items()}
     return Analyses(load=load, entropy=analysis.routing_entropy(trace), coactivation=analysis.coactivation(trace),
                     consecutive=analysis.consecutive_same_expert(trace), shared=analysis.shared_vs_routed(trace),
                     effects=effects, disabled=disabled)
@@ -160,11 +160,12 @@ def query_token_ids(model, tokenizer, tokens=(), experts=()) -> list[int]:
 def run_queries(trace: RoutingTrace, tokenizer, token_ids=(), experts=()) -> Queries:
     """Answer token queries (``token_ids``, from :func:`query_token_ids`) and expert queries
     (``(layer, expert)`` pairs) on ``trace``."""
-    routings = [analysis.token_routing(trace, token_id, tokenizer.decode([token_id])) for token_id in token_ids]
+    routings = [analysis.token_routing(trace, token_id, text)
+                for token_id, text in zip(token_ids, tokenizer.token_texts(token_ids))]
     answers = []
     for layer, expert in experts:
         vocabulary = analysis.expert_tokens(trace, layer, expert, EXPERT_TOKENS_SHOWN)
-        answers.append(ExpertQuery(layer, vocabulary, [tokenizer.decode([int(t)]) for t in vocabulary.token_ids]))
+        answers.append(ExpertQuery(layer, vocabulary, tokenizer.token_texts(vocabulary.token_ids)))
     return Queries(routings, answers)
 
 
@@ -519,7 +520,7 @@ def build_report(model, tokenizer, text: str, title: str | None = None, window: 
     ids = encode_text(tokenizer, text)
     windowing = Windowing.plan(len(ids), model.config.max_position_embeddings, window, overlap)
     token_ids = query_token_ids(model, tokenizer, tokens, experts)
-    trace = trace_text(model, ids, tokenizer, windowing.window, windowing.overlap, progress=progress)
+    trace = trace_text(model, ids, tokenizer, window=windowing.window, overlap=windowing.overlap, progress=progress)
     queries = run_queries(trace, tokenizer, token_ids, experts)
     results = analyse(model, ids, trace, windowing, progress)
     plots = make_plots(model, trace, results, queries)

@@ -24,8 +24,10 @@ field                shape         meaning
 
 plus ``num_experts`` (E), ``top_k`` (k as run, after any intervention), ``routing_rule``
 (the model's gating rule in words: how many experts, top-k, renormalised or not, a shared
-expert or none; families differ, see :data:`minimoe.config.FAMILIES`) and, when a
-tokenizer was given, ``tokens``: each token's text.  Traces of consecutive pieces of
+expert or none; families differ, see :data:`minimoe.config.FAMILIES`), ``interventions``
+(what was changed in the routing, in words, or ``"none"``) and, when a tokenizer was given,
+``tokens``: each token's text.  ``print(trace)`` shows one line of these; the arrays are its
+attributes.  Traces of consecutive pieces of
 one sequence (a prompt, then generated tokens through the cache) join with
 :meth:`RoutingTrace.concat`; a text longer than the model's context is traced window
 by window and joined that way (:mod:`minimoe.inspect.tracing`; such a trace keeps an empty
@@ -44,7 +46,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..errors import MinimoeError
-from ..hooks import LAYER_FIELDS, OUTPUT, SPARSE_LAYER_FIELDS, Recorder
+from ..hooks import LAYER_FIELDS, OUTPUT, SPARSE_LAYER_FIELDS, Interventions, Recorder
 
 # Every array of a trace: the output's, the sparse layers' axis, then what the layers record (their one home
 # is minimoe.hooks, which every backend records through).
@@ -72,6 +74,15 @@ class RoutingTrace:
     top_k: int
     tokens: list[str] | None = field(default=None)
     routing_rule: str = ""  # the gating rule that produced it, e.g. "softmax over 60 experts, top-4, ..."
+    interventions: str = "none"  # what was changed in the routing, in words (Interventions.describe)
+
+    def __repr__(self) -> str:
+        """One line: what the trace covers (its arrays are one attribute away, e.g. ``trace.expert_ids``)."""
+        first, last = (int(self.positions[0]), int(self.positions[-1])) if self.num_tokens else (0, -1)
+        logits = "no logits" if self.logits.shape[1] == 0 else f"logits [{self.num_tokens}, {self.logits.shape[1]}]"
+        return (f"RoutingTrace({self.num_tokens:,} tokens at positions {first}..{last}, "
+                f"sparse layers {_layer_list(self.layers)} of {self.attention_norm.shape[0]}, "
+                f"{self.num_experts} experts, top-{self.top_k}, interventions: {self.interventions}, {logits})")
 
     @property
     def num_tokens(self) -> int:
@@ -85,8 +96,10 @@ class RoutingTrace:
         return int(matches[0])
 
     @classmethod
-    def from_recorder(cls, recorder: "Recorder", config, tokenizer=None) -> "RoutingTrace":
-        """Assemble a trace from what a :class:`Recorder` collected during one or more forwards."""
+    def from_recorder(cls, recorder: "Recorder", config, tokenizer=None,
+                      interventions: Interventions | None = None) -> "RoutingTrace":
+        """Assemble a trace from what a :class:`Recorder` collected during one or more forwards (run with
+        ``interventions``, which the trace names)."""
         sparse = config.sparse_layers
         if not sparse:
             raise MinimoeError("this model has no sparse layers: there is no routing to trace")
@@ -102,12 +115,25 @@ class RoutingTrace:
             logits=recorder.joined("logits", OUTPUT),
             num_experts=config.num_experts,
             top_k=int(per_layer["expert_ids"].shape[2]),
-            tokens=None if tokenizer is None else [tokenizer.decode([int(t)]) for t in token_ids],
+            tokens=None if tokenizer is None else tokenizer.token_texts(token_ids),
             routing_rule=config.routing_rule,
+            interventions=interventions.describe() if interventions is not None else "none",
             **per_layer,
         )
 
     # --- joining and slicing ---------------------------------------------------------
+
+    @staticmethod
+    def check_same_model(traces: Sequence["RoutingTrace"]) -> None:
+        """MinimoeError unless every trace comes from one model (its sparse layers, experts and routing rule)."""
+        first = traces[0]
+        for i, other in enumerate(traces[1:], start=1):
+            if (not np.array_equal(other.layers, first.layers) or other.num_experts != first.num_experts
+                    or other.routing_rule != first.routing_rule):
+                raise MinimoeError(
+                    f"traces come from different models: trace {i} has sparse layers {other.layers.tolist()}, "
+                    f"{other.num_experts} experts and {other.routing_rule!r} routing; trace 0 has "
+                    f"{first.layers.tolist()}, {first.num_experts} and {first.routing_rule!r}")
 
     @classmethod
     def concat(cls, traces: Sequence["RoutingTrace"]) -> "RoutingTrace":
@@ -117,10 +143,7 @@ class RoutingTrace:
         if len(traces) == 1:  # nothing to join: no copy of its (possibly [T, vocab]) arrays
             return traces[0]
         first = traces[0]
-        for other in traces[1:]:
-            if (not np.array_equal(other.layers, first.layers) or other.num_experts != first.num_experts
-                    or other.routing_rule != first.routing_rule):
-                raise MinimoeError("traces to concat must come from the same model")
+        cls.check_same_model(traces)
         joined = {}
         for name in ARRAY_FIELDS:
             axis = TOKEN_AXIS.get(name, 1)
@@ -128,7 +151,8 @@ class RoutingTrace:
             joined[name] = values[0] if axis is None else np.concatenate(values, axis=axis)
         tokens = None if any(t.tokens is None for t in traces) else [s for t in traces for s in t.tokens]
         top_k = first.top_k if all(t.top_k == first.top_k for t in traces) else max(t.top_k for t in traces)
-        return replace(first, **joined, top_k=top_k, tokens=tokens)
+        changed = " | ".join(dict.fromkeys(t.interventions for t in traces))  # each different one once, in order
+        return replace(first, **joined, top_k=top_k, tokens=tokens, interventions=changed)
 
     def first(self, count: int) -> "RoutingTrace":
         """The trace of the first ``count`` tokens (this trace itself if it is no longer)."""
@@ -157,7 +181,7 @@ class RoutingTrace:
     def metadata(self) -> dict[str, Any]:
         """The trace's fields that are not arrays."""
         return {"num_experts": self.num_experts, "top_k": self.top_k, "tokens": self.tokens,
-                "routing_rule": self.routing_rule}
+                "routing_rule": self.routing_rule, "interventions": self.interventions}
 
     def save_npz(self, path: str | Path, include_logits: bool = True) -> None:
         """All arrays plus metadata in one ``.npz`` (no pickles: plain numeric arrays and a JSON string).
@@ -178,7 +202,7 @@ class RoutingTrace:
         except (OSError, KeyError, ValueError) as exc:
             raise MinimoeError(f"{path}: not a minimoe routing trace ({exc})") from None
         return cls(**arrays, num_experts=meta["num_experts"], top_k=meta["top_k"], tokens=meta["tokens"],
-                   routing_rule=meta.get("routing_rule", ""))
+                   routing_rule=meta.get("routing_rule", ""), interventions=meta.get("interventions", "none"))
 
     def to_json(self, path: str | Path | None = None, include_logits: bool = False) -> dict[str, Any]:
         """A JSON-ready dict of the trace (logits left out unless asked: they are large); written if ``path``."""
@@ -227,6 +251,14 @@ class RoutingTrace:
             if first:
                 writer.writerow(first)
                 writer.writerows(rows)
+
+
+def _layer_list(layers: np.ndarray) -> str:
+    """``[0, 2, 4]``, or ``1..26`` for a run of consecutive layers (a summary stays one line)."""
+    values = [int(layer) for layer in layers]
+    if len(values) > 3 and values == list(range(values[0], values[-1] + 1)):
+        return f"{values[0]}..{values[-1]}"
+    return str(values)
 
 
 def _finite(value):

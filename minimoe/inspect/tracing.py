@@ -2,8 +2,8 @@
 an intervention changes.
 
 :func:`trace_text` traces one text window by window, :func:`trace_generation` traces a
-generation token by token through the KV cache, :func:`measure_intervention` compares the
-next-token distributions with and without an intervention.  Each drives a model's forward
+generation token by token through the KV cache, :func:`measure_interventions` compares the
+next-token distributions with and without each of some interventions.  Each drives a model's forward
 pass (:mod:`minimoe.model`) and records through :mod:`minimoe.hooks`; the results are
 :class:`~minimoe.inspect.trace.RoutingTrace` and :class:`InterventionEffect`.
 
@@ -40,7 +40,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from ..errors import MinimoeError
-from ..hooks import Recorder
+from ..hooks import Interventions, Recorder
 from .trace import RoutingTrace
 
 Progress = Callable[..., Iterable] | bool | None
@@ -114,60 +114,73 @@ def _progress(progress: Progress, items: list, **labels) -> Iterable:
     return progress(items, **labels) if progress else items
 
 
-def trace_text(model, ids, tokenizer=None, window: int | None = None, overlap: int | None = None,
-               keep_logits: bool | None = None, progress: Progress = True, **interventions) -> RoutingTrace:
+def trace_text(model, ids, tokenizer=None, *, interventions: Mapping | Interventions | None = None,
+               window: int | None = None, overlap: int | None = None, keep_logits: bool | None = None,
+               progress: Progress = True) -> RoutingTrace:
     """Trace ``ids`` ``[T]`` of any length, window by window (see the module docstring for the policy).
 
     Where the text fits one window this is exactly one forward pass, logits included.
     ``keep_logits`` (default: only when the text fits one window) keeps the ``[T, vocab]``
     logits; otherwise the trace holds an empty ``[T, 0]`` array.  ``progress``: ``True``
-    shows a tqdm bar on a terminal, or pass a wrapper such as ``tqdm.tqdm``.  The
-    keywords are routing interventions, applied in every window.
+    shows a tqdm bar on a terminal, or pass a wrapper such as ``tqdm.tqdm``.
+    ``interventions`` (as :meth:`Model.forward` takes them) apply in every window.
     """
     ids = np.asarray(ids)
     if ids.ndim != 1:
         raise MinimoeError("trace takes one sequence of ids [T]; trace a batch one row at a time")
     plan = Windowing.plan(len(ids), model.config.max_position_embeddings, window, overlap)
     keep = plan.fits if keep_logits is None else keep_logits
+    interventions = Interventions.of(model.config, interventions)  # checked once, before the first window
     pieces = []
     for part in _progress(progress, plan.windows(), desc="tracing", unit="window"):
         recorder = Recorder()
-        model.forward(ids[part.start : part.stop], record=recorder, **interventions)
-        piece = RoutingTrace.from_recorder(recorder, model.config).select(part.traced - part.start)
+        model.forward(ids[part.start : part.stop], record=recorder, interventions=interventions)
+        piece = RoutingTrace.from_recorder(recorder, model.config, interventions=interventions).select(
+            part.traced - part.start)
         pieces.append(piece.shifted(part.start) if keep else piece.shifted(part.start).without_logits())
         del recorder  # this window's [window, vocab] logits go now, not after the next forward
     trace = RoutingTrace.concat(pieces)
     if tokenizer is not None:
-        trace.tokens = [tokenizer.decode([int(t)]) for t in trace.token_ids]
+        trace.tokens = tokenizer.token_texts(trace.token_ids)
     return trace
 
 
-def measure_interventions(model, ids, options: Mapping[str, Mapping], window: int | None = None,
-                          overlap: int | None = None, base_logits: np.ndarray | None = None,
+def measure_interventions(model, ids, interventions: Mapping[str, Mapping | Interventions], *,
+                          window: int | None = None, overlap: int | None = None,
+                          base_logits: np.ndarray | None = None,
                           progress: Progress = True) -> dict[str, InterventionEffect]:
-    """:func:`~minimoe.inspect.tracing.measure_intervention` for each named set of ``options``, over a text of any length.
+    """How each named intervention changes the next-token distributions over ``ids`` ``[T]``, a text of any length.
 
-    Window by window (the windows of :func:`trace_text`), the plain model and each
-    intervention run once; each traced position's KL and next-token loss are kept, the
-    logits are not.  ``base_logits`` ``[T, vocab]`` (a one-window trace's logits) saves
-    the plain runs.
+    ``interventions`` names each one: ``{"no shared expert": {"shared_expert": False}, ...}``.
+    The plain model and each intervention run on the same text; per position, the KL
+    divergence of the next-token distributions and the loss on the actual next token are
+    kept, the logits are not (a text longer than the context is measured window by window,
+    the windows of :func:`trace_text`).  ``base_logits`` ``[T, vocab]`` (``model.forward(ids)``,
+    or a one-window trace's logits) saves the plain runs.
     """
     ids = np.asarray(ids)
+    if ids.ndim != 1:
+        raise MinimoeError("measure_interventions takes one sequence of ids [T]; measure a batch one row at a time")
+    if base_logits is not None and len(base_logits) != len(ids):
+        raise MinimoeError(f"base_logits hold {len(base_logits)} positions but the text has {len(ids)} tokens")
+    changes = {name: Interventions.of(model.config, change) for name, change in interventions.items()}
     plan = Windowing.plan(len(ids), model.config.max_position_embeddings, window, overlap)
-    parts: dict[str, list] = {name: [] for name in options}
+    parts: dict[str, list] = {name: [] for name in changes}
     for part in _progress(progress, plan.windows(), desc="interventions", unit="window"):
         piece = ids[part.start : part.stop]
         traced = slice(part.traced - part.start, None)
         plain = base_logits[part.start : part.stop] if base_logits is not None else model.forward(piece)
         base = log_softmax(plain[traced])
         next_ids = ids[part.traced + 1 : part.stop + 1]  # the last token of the text has none
-        for name, kwargs in options.items():
-            changed = log_softmax(model.forward(piece, **kwargs)[traced])
+        for name, change in changes.items():
+            changed = log_softmax(model.forward(piece, interventions=change)[traced])
             parts[name].append(next_token_effect(base, changed, next_ids))
-    return {name: InterventionEffect.join(pieces) for name, pieces in parts.items()}
+    return {name: InterventionEffect.join(pieces, changes[name].describe() if changes[name] else "none")
+            for name, pieces in parts.items()}
 
 
-def trace_generation(model, ids, max_new_tokens: int, tokenizer=None, interventions: dict | None = None,
+def trace_generation(model, ids, max_new_tokens: int, tokenizer=None, *,
+                     interventions: Mapping | Interventions | None = None,
                      window: int | None = None, overlap: int | None = None,
                      **sampling) -> tuple[list[int], RoutingTrace]:
     """Generate after ``ids`` and trace every token the model read: (new ids, trace).
@@ -182,18 +195,19 @@ def trace_generation(model, ids, max_new_tokens: int, tokenizer=None, interventi
     the generated tokens' positions continue the prompt's.
     """
     ids = [int(i) for i in ids]
+    interventions = Interventions.of(model.config, interventions)
     seen = model.config.max_position_embeddings - max_new_tokens  # prompt tokens generation can read
     long_prompt = 0 < seen < len(ids)
     recorder = Recorder()
     new_ids = list(model.generate_stream(ids[-seen:] if long_prompt else ids, max_new_tokens, record=recorder,
                                          interventions=interventions, tokenizer=tokenizer, **sampling))
-    grown = RoutingTrace.from_recorder(recorder, model.config)
+    grown = RoutingTrace.from_recorder(recorder, model.config, interventions=interventions)
     if long_prompt:
-        prompt = trace_text(model, ids, window=window, overlap=overlap, **(interventions or {}))
+        prompt = trace_text(model, ids, interventions=interventions, window=window, overlap=overlap)
         generated = grown.select(seen).shifted(len(ids) - seen)
         grown = RoutingTrace.concat([prompt, generated if prompt.logits.shape[1] else generated.without_logits()])
     if tokenizer is not None:
-        grown.tokens = [tokenizer.decode([int(t)]) for t in grown.token_ids]
+        grown.tokens = tokenizer.token_texts(grown.token_ids)
     return new_ids, grown
 
 
@@ -219,13 +233,19 @@ class InterventionEffect:
     loss: float  # mean cross-entropy of the actual next tokens (positions 0..T-2), intervened
     base_loss: float  # the same without the intervention
     top1_changed: float  # fraction of positions whose most likely next token changed
+    interventions: str = "none"  # what was changed, in words (Interventions.describe)
 
     @property
     def loss_change(self) -> float:
         return self.loss - self.base_loss
 
+    def __repr__(self) -> str:
+        return (f"InterventionEffect({self.interventions}, over {len(self.kl_per_token):,} positions: mean KL "
+                f"{self.mean_kl:.4g} nats (last {self.last_kl:.4g}), loss {self.base_loss:.4g} -> {self.loss:.4g}, "
+                f"top-1 changed at {self.top1_changed:.1%} of positions)")
+
     @classmethod
-    def join(cls, pieces: Sequence[NextTokenChange]) -> "InterventionEffect":
+    def join(cls, pieces: Sequence[NextTokenChange], interventions: str = "none") -> "InterventionEffect":
         """The effect over a whole text from its pieces, in order (one piece, or one per window)."""
         kl = np.concatenate([p.kl for p in pieces])
         base_nll, nll = np.concatenate([p.base_nll for p in pieces]), np.concatenate([p.nll for p in pieces])
@@ -235,7 +255,7 @@ class InterventionEffect:
 
         changed = np.concatenate([p.top1_changed for p in pieces])
         return cls(kl_per_token=kl, mean_kl=float(kl.mean()), last_kl=float(kl[-1]), loss=mean(nll),
-                   base_loss=mean(base_nll), top1_changed=float(changed.mean()))
+                   base_loss=mean(base_nll), top1_changed=float(changed.mean()), interventions=interventions)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -250,16 +270,3 @@ def next_token_effect(base: np.ndarray, changed: np.ndarray, next_ids: np.ndarra
     return NextTokenChange(kl=(np.exp(base) * (base - changed)).sum(-1),
                            top1_changed=base.argmax(-1) != changed.argmax(-1),
                            base_nll=-base[rows, next_ids], nll=-changed[rows, next_ids])
-
-
-def measure_intervention(model, ids, base_logits: np.ndarray | None = None, **interventions) -> InterventionEffect:
-    """Run ``ids`` ``[T]`` with and without ``interventions`` and compare the next-token distributions.
-
-    ``base_logits`` (``[T, V]``, from ``model.forward(ids)``) saves the plain run when
-    several interventions are measured on the same text.  The text must fit the model's
-    context; :func:`minimoe.inspect.tracing.measure_interventions` measures longer ones window by window.
-    """
-    ids = np.asarray(ids)
-    base = log_softmax(model.forward(ids) if base_logits is None else base_logits)
-    changed = log_softmax(model.forward(ids, **interventions))
-    return InterventionEffect.join([next_token_effect(base, changed, ids[1:])])

@@ -70,14 +70,14 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
+from ..checkpoint.names import (EMBED, dense_mlp_prefix, expected_shapes, expert_prefix, router_name,
+                                shared_expert_gate_name, shared_expert_prefix, swiglu_names)
 from ..checkpoint.reader import Checkpoint
 from ..checkpoint.writer import SHARD_BYTES, write_checkpoint
 from ..config import ModelConfig, read_config_file
 from ..errors import MinimoeError
 from ..layers import swiglu
 from ..loading import check_shapes
-from ..checkpoint.names import (EMBED, dense_mlp_prefix, expected_shapes, expert_prefix, router_name, shared_expert_gate_name,
-                      shared_expert_prefix, swiglu_names)
 
 METHODS = ("copy", "qwen", "drop")
 ROUTER_STD = 0.02  # transformers' initializer_range for Qwen2-MoE
