@@ -20,8 +20,9 @@ from typing import Iterable
 
 import numpy as np
 
-from .reader import DTYPES, INDEX_FILE, SINGLE_FILE
 from ..errors import MinimoeError
+from ..files import atomic_write, write_text
+from .reader import DTYPES, INDEX_FILE, SINGLE_FILE
 
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 SHARD_BYTES = 4 * 10**9  # about the size of the Hub's Qwen1.5 shards
@@ -80,7 +81,7 @@ def write_checkpoint(folder: str | Path, shapes: dict[str, tuple[int, ...]], dty
     files = shard_file_names(len(shards))
     stream = iter(tensors)
     for names, file_name in zip(shards, files):
-        with open(folder / file_name, "wb") as handle:
+        with atomic_write(folder / file_name) as handle:
             handle.write(header_bytes(names, shapes, dtype))
             for name in names:
                 handle.write(_checked(next(stream, None), name, shapes[name], dtype))
@@ -90,7 +91,7 @@ def write_checkpoint(folder: str | Path, shapes: dict[str, tuple[int, ...]], dty
         total = sum(math.prod(shape) for shape in shapes.values()) * dtype.itemsize
         weight_map = {name: file_name for names, file_name in zip(shards, files) for name in names}
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        write_text(folder / INDEX_FILE, json.dumps(index, indent=2) + "\n")
     return [folder / name for name in files]
 
 

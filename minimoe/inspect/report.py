@@ -34,6 +34,7 @@ import numpy as np
 from matplotlib.colors import to_hex
 
 from ..errors import MinimoeError
+from ..files import atomic_write, write_text
 from . import analysis, viz
 from .params import describe_model
 from .trace import RoutingTrace
@@ -495,14 +496,15 @@ class Report:
             out.mkdir(parents=True, exist_ok=True)
             written = []
             for plot in self.plots:
-                (out / plot.name).write_bytes(plot.png)
+                with atomic_write(out / plot.name) as handle:
+                    handle.write(plot.png)
                 written.append(out / plot.name)
             self.trace.save_npz(out / "trace.npz", include_logits=False)  # [T, vocab] is large; the routing is small
             if "trace.json" in self.data_files():
                 self.trace.to_json(out / "trace.json")
             self.trace.write_csv(out / "routing.csv")
             written += [out / name for name in self.data_files()]
-            (out / REPORT).write_text(page, encoding="utf-8")
+            write_text(out / REPORT, page)  # last: a whole page means a whole report
         except OSError as exc:
             raise MinimoeError(f"{out}: cannot write the report there ({exc.strerror or exc})") from None
         return written + [out / REPORT]

@@ -46,6 +46,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..errors import MinimoeError
+from ..files import atomic_write, write_text
 from ..hooks import LAYER_FIELDS, OUTPUT, SPARSE_LAYER_FIELDS, Interventions, Recorder
 
 # Every array of a trace: the output's, the sparse layers' axis, then what the layers record (their one home
@@ -191,7 +192,8 @@ class RoutingTrace:
         """
         trace = self if include_logits else self.without_logits()
         arrays = {name: getattr(trace, name) for name in ARRAY_FIELDS}
-        np.savez_compressed(path, **arrays, meta=np.array(json.dumps(self.metadata())))
+        with atomic_write(path) as handle:  # a handle: numpy would add ".npz" to another name
+            np.savez_compressed(handle, **arrays, meta=np.array(json.dumps(self.metadata())))
 
     @classmethod
     def load_npz(cls, path: str | Path) -> "RoutingTrace":
@@ -210,7 +212,7 @@ class RoutingTrace:
         data = _finite(data)
         data.update(self.metadata())
         if path is not None:
-            Path(path).write_text(json.dumps(data))
+            write_text(path, json.dumps(data))
         return data
 
     def rows(self) -> list[dict[str, Any]]:
@@ -245,7 +247,7 @@ class RoutingTrace:
 
         rows = self.iter_rows()
         first = next(rows, None)
-        with open(path, "w", newline="", encoding="utf-8") as handle:
+        with atomic_write(path, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(first) if first else ["position"])
             writer.writeheader()
             if first:

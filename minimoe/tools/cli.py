@@ -23,6 +23,7 @@ from .. import __version__
 from ..assets import default_model_path
 from ..config import shipped_configs
 from ..errors import MinimoeError
+from ..files import write_text
 from ..generate import check_prompt, check_sampling
 from ..inspect.params import Architecture, count_parameters, describe_architecture, describe_model, format_count
 from .upcycle import METHODS, ROUTER_STD
@@ -287,14 +288,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
         rows = bench.prefill_roofline(args.model, args.roofline or [64, 1024], args.repeat, args.seed)
         print("\n".join(bench.format_roofline(rows)))
         if args.json:
-            args.json.write_text(json.dumps({"model": str(args.model), "roofline": rows}, indent=2) + "\n")
+            write_text(args.json, json.dumps({"model": str(args.model), "roofline": rows}, indent=2) + "\n")
         return
     engines = ["minimoe"] + ([args.against] if args.against else [])
     summary = bench.benchmark(args.model, engines, args.prompt_tokens, args.new_tokens, args.repeat, seed=args.seed,
                               threads=args.threads, memory_limit_gb=args.memory_limit_gb)
     print("\n".join(bench.format_table(summary)))
     if args.json:
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        write_text(args.json, json.dumps(summary, indent=2) + "\n")
     if failures := bench.unfinished(summary):
         raise MinimoeError("; ".join(failures))
 

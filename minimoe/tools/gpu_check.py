@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ from .. import layers
 from ..backend import import_cupy, to_numpy
 from ..config import ModelConfig, shipped_configs
 from ..errors import MinimoeError
+from ..files import write_text
 from ..gpu.launch import GPU_MODEL_TYPES
 from ..inspect.params import count_parameters
 
@@ -179,9 +179,7 @@ class Report:
     def write(self) -> None:
         if self.path is None:
             return
-        partial = self.path.with_name(self.path.name + ".partial")
-        partial.write_text(json.dumps(self.data, indent=2, default=float) + "\n")
-        os.replace(partial, self.path)
+        write_text(self.path, json.dumps(self.data, indent=2, default=float) + "\n")
 
     @property
     def failed(self) -> list[str]:
