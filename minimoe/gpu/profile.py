@@ -3,8 +3,8 @@
 ``python -m minimoe.gpu_check`` runs these after its checks; each returns plain lists and dicts
 (what its JSON holds).  The times come from a pair of CUDA events around each launch
 (:class:`LaunchTimer`, hooked in as :data:`minimoe.gpu.kernels.observer`): the GPU's time for
-that kernel, not the host's.  CuPy's own few operations (the final norm, the RoPE table) are
-not minimoe kernels and are not listed; the step's wall time beside the kernels' sum shows
+that kernel, not the host's.  CuPy's own few operations (the RoPE table) are not minimoe
+kernels and are not listed; the step's wall time beside the kernels' sum shows
 them and the gaps between launches together.
 
     with timing_launches() as timer:
