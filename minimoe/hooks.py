@@ -114,7 +114,8 @@ class Interventions:
                                f"got {type(interventions).__name__}")
         unknown = sorted(set(interventions) - set(INTERVENTION_KEYS))
         if unknown:
-            raise MinimoeError(f"unknown intervention {unknown[0]!r}: the interventions are {', '.join(INTERVENTION_KEYS)}")
+            raise MinimoeError(f"unknown intervention {unknown[0]!r}: the interventions are "
+                               f"{', '.join(INTERVENTION_KEYS)}")
         return cls.build(config, **interventions) if interventions else None
 
     def describe(self) -> str:
@@ -135,6 +136,11 @@ class Interventions:
         shared = self.shared_expert if isinstance(self.shared_expert, bool) else layer in self.shared_expert
         k = self.top_k.get(layer) if isinstance(self.top_k, dict) else self.top_k
         return LayerInterventions(self.disabled_experts.get(layer, ()), self.forced_experts.get(layer), k, shared)
+
+
+def describe_interventions(interventions: Interventions | None) -> str:
+    """:meth:`Interventions.describe`, or ``"none"`` where nothing was changed (``None``)."""
+    return "none" if interventions is None else interventions.describe()
 
 
 def _check_enough_left(layer: int, enabled: int, num_experts: int, k: int) -> None:

@@ -47,7 +47,7 @@ import numpy as np
 
 from ..errors import MinimoeError
 from ..files import atomic_write, write_text
-from ..hooks import LAYER_FIELDS, OUTPUT, SPARSE_LAYER_FIELDS, Interventions, Recorder
+from ..hooks import LAYER_FIELDS, OUTPUT, SPARSE_LAYER_FIELDS, Interventions, Recorder, describe_interventions
 
 # Every array of a trace: the output's, the sparse layers' axis, then what the layers record (their one home
 # is minimoe.hooks, which every backend records through).
@@ -118,7 +118,7 @@ class RoutingTrace:
             top_k=int(per_layer["expert_ids"].shape[2]),
             tokens=None if tokenizer is None else tokenizer.token_texts(token_ids),
             routing_rule=config.routing_rule,
-            interventions=interventions.describe() if interventions is not None else "none",
+            interventions=describe_interventions(interventions),
             **per_layer,
         )
 

@@ -40,7 +40,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from ..errors import MinimoeError
-from ..hooks import Interventions, Recorder
+from ..hooks import Interventions, Recorder, describe_interventions
 from .trace import RoutingTrace
 
 Progress = Callable[..., Iterable] | bool | None
@@ -175,7 +175,7 @@ def measure_interventions(model, ids, interventions: Mapping[str, Mapping | Inte
         for name, change in changes.items():
             changed = log_softmax(model.forward(piece, interventions=change)[traced])
             parts[name].append(next_token_effect(base, changed, next_ids))
-    return {name: InterventionEffect.join(pieces, changes[name].describe() if changes[name] else "none")
+    return {name: InterventionEffect.join(pieces, describe_interventions(changes[name]))
             for name, pieces in parts.items()}
 
 

@@ -10,6 +10,18 @@
 
 #define NORM_VALUES 8  // values of a row per thread: hidden <= NORM_VALUES * 1024
 
+// out_row = v * inv_rms * weight, inv_rms from the block's sum of the squares of its row's values v
+// (this thread's NORM_VALUES of them, values threadIdx.x + j * blockDim.x).
+__device__ __forceinline__ void write_normed(const float v[NORM_VALUES], float squares, const float* __restrict__ weight,
+                                             float* __restrict__ out_row, int hidden, float eps) {
+    const float inv_rms = 1.0f / sqrtf(block_sum(squares) / hidden + eps);
+#pragma unroll
+    for (int j = 0; j < NORM_VALUES; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i < hidden) out_row[i] = v[j] * inv_rms * weight[i];
+    }
+}
+
 // out[row] = rms_norm(x[row]) * weight.   x, out [rows, hidden] float32; weight [hidden].
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ weight,
                                     float* __restrict__ out, int hidden, float eps) {
@@ -23,12 +35,7 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     }
 #pragma unroll
     for (int j = 0; j < NORM_VALUES; ++j) squares += v[j] * v[j];
-    const float inv_rms = 1.0f / sqrtf(block_sum(squares) / hidden + eps);
-#pragma unroll
-    for (int j = 0; j < NORM_VALUES; ++j) {
-        const int i = threadIdx.x + j * blockDim.x;
-        if (i < hidden) out[row * hidden + i] = v[j] * inv_rms * weight[i];
-    }
+    write_normed(v, squares, weight, out + row * hidden, hidden, eps);
 }
 
 // The decoder layer's `x = x + attended; h = rms_norm(x)` in one pass over the row:
@@ -51,10 +58,5 @@ extern "C" __global__ void add_rms_norm(const float* __restrict__ x, const float
         if (i < hidden) sum[row * hidden + i] = v[j];
         squares += v[j] * v[j];
     }
-    const float inv_rms = 1.0f / sqrtf(block_sum(squares) / hidden + eps);
-#pragma unroll
-    for (int j = 0; j < NORM_VALUES; ++j) {
-        const int i = threadIdx.x + j * blockDim.x;
-        if (i < hidden) out[row * hidden + i] = v[j] * inv_rms * weight[i];
-    }
+    write_normed(v, squares, weight, out + row * hidden, hidden, eps);
 }
