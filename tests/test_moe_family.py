@@ -41,7 +41,7 @@ PUBLISHED = {
 }
 FAMILY_FIXTURES = ["moe_mixtral", "moe_olmoe", "moe_qwen3", "moe_qwen2_57b_shape"]
 NEW_FAMILY_FIXTURES = ["moe_mixtral", "moe_olmoe", "moe_qwen3"]  # the model types that are not qwen2_moe
-# The side-by-side designs of docs/moe-family.md and notebooks/07_moe_family.ipynb.
+# The side-by-side designs of docs/moe-family.md and notebooks/06_moe_family.ipynb.
 SIDE_BY_SIDE = {
     "Qwen1.5-MoE-A2.7B": "qwen1.5-moe-a2.7b",
     "DeepSeekMoE-16B": "deepseek-moe-16b-base",
