@@ -62,7 +62,7 @@ COMMON = dict(
 )
 DENSE = dict(COMMON, intermediate_size=344)  # 344 / 88 = 3.91, as 5504 / 1408
 UPCYCLE = dict(experts=64, shared_experts=4, top_k=4, expert_size=88, method="qwen", reinit=0.5, seed=0)
-AUX_LOSS = 0.01  # router load-balancing loss coefficient in training: ten times Qwen1.5-MoE's config.json (0.001), as before
+AUX_LOSS = 0.01  # router load-balancing loss coefficient in training: ten times Qwen1.5-MoE's config.json (0.001)
 
 
 # ----------------------------------------------------------------------------------------------- data
