@@ -295,17 +295,31 @@ def _layer_list(layers: np.ndarray) -> str:
     return str(values)
 
 
+JSON_ROWS_PER_WRITE = 1024  # rows of a 2-D array converted and written at once: bounded memory, few calls
+
+
 def _write_json_array(handle, array: np.ndarray) -> None:
-    """``array`` as a JSON list of lists, written row by row (``-inf`` as ``null``, as :func:`_finite` does)."""
-    if array.ndim <= 1:
-        handle.write(json.dumps(_finite(array.tolist())))
-        return
-    handle.write("[")
-    for i, row in enumerate(array):
-        if i:
-            handle.write(", ")
-        _write_json_array(handle, row)
-    handle.write("]")
+    """``array`` as a JSON list of lists, written a block of rows at a time (``-inf`` as ``null``, as in
+    :meth:`RoutingTrace.to_json`)."""
+    if array.ndim > 2:
+        handle.write("[")
+        for i, part in enumerate(array):
+            handle.write(", " if i else "")
+            _write_json_array(handle, part)
+        handle.write("]")
+    elif array.ndim < 2 or len(array) <= JSON_ROWS_PER_WRITE:
+        handle.write(_json_list(array))
+    else:
+        handle.write("[")
+        for start in range(0, len(array), JSON_ROWS_PER_WRITE):
+            rows = _json_list(array[start : start + JSON_ROWS_PER_WRITE])[1:-1]  # "[a, b]" -> "a, b"
+            handle.write((", " if start else "") + rows)
+        handle.write("]")
+
+
+def _json_list(array: np.ndarray) -> str:
+    values = array.tolist()
+    return json.dumps(values if np.isfinite(array).all() else _finite(values))
 
 
 def _finite(value):
