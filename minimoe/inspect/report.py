@@ -580,7 +580,7 @@ def report_file_pattern() -> re.Pattern:
 def read_manifest(out: Path) -> list[str]:
     """The files an earlier report in ``out`` listed as its own (only names a report writes; none if no list)."""
     try:
-        lines = (out / MANIFEST).read_text(encoding="utf-8").splitlines()
+        lines = (out / MANIFEST).read_text(encoding="utf-8", errors="replace").splitlines()
     except FileNotFoundError:
         return []
     pattern = report_file_pattern()

@@ -95,9 +95,9 @@ def cmd_upcycle(args: argparse.Namespace) -> None:
             progress=lambda items, **kw: tqdm(items, disable=None, **kw))
     print_parameter_counts(f"{args.out}: upcycled from {args.dense} ({args.method})",
                            Architecture.from_file(args.out))
-    print(textwrap.fill("Untrained: its experts are pieces of the dense FFN and its router is random, so it predicts "
-                        "worse than the dense model until it is trained on (how much worse, and how fast it recovers: "
-                        "the upcycling experiment in docs/architecture.md).", width=100))
+    print(textwrap.fill("Untrained: its experts are pieces of the dense FFN and its router is random, so its "
+                        "predictions start away from the dense model's until it is trained on (docs/architecture.md "
+                        "measures how far, and in the upcycling experiment how training closes the gap).", width=100))
 
 
 # --- generate ------------------------------------------------------------------------
@@ -159,11 +159,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 # --- chat ----------------------------------------------------------------------------
 
-BASE_MODEL_NOTE = ("{model} is a base model trained on the Python standard library's sources, not a chat model: it "
-                   "answers every message with Python-flavoured text. For a conversation, pass --model a chat "
-                   "checkpoint, e.g. a downloaded Qwen1.5-MoE-A2.7B-Chat.")
-
-
 def is_bundled(path: Path) -> bool:
     """Whether ``path`` is one of the models bundled with minimoe (the MoE or its dense parent)."""
     return Path(path).resolve() in {folder.resolve() for folder in BUNDLED_MODELS.values()}
@@ -176,8 +171,10 @@ def cmd_chat(args: argparse.Namespace) -> None:
     if interactive:
         print(f"minimoe chat with {args.model} ({describe_model(model.config)}). Empty line or Ctrl-D to quit.")
     if is_bundled(args.model):  # on stderr, so that it shows even when the conversation is piped
-        print(textwrap.fill(BASE_MODEL_NOTE.format(model=f"The bundled model ({args.model.name})"), width=100),
-              file=sys.stderr)
+        print(textwrap.fill(f"The bundled model ({args.model.name}) is a base model trained on the Python standard "
+                            "library's sources, not a chat model: it answers every message with Python-flavoured "
+                            "text. For a conversation, pass --model a chat checkpoint, e.g. a downloaded "
+                            "Qwen1.5-MoE-A2.7B-Chat.", width=100), file=sys.stderr)
     while True:
         try:
             line = input("you> " if interactive else "")
