@@ -3,10 +3,11 @@
 The docstrings cross-reference as Sphinx writes it (``:func:`trace_text```,
 ``:class:`~minimoe.inspect.trace.RoutingTrace```), which reads well in ``help()`` but which
 mkdocstrings would show raw.  Once the package is loaded, every role is resolved the way Python
-resolves the name in that docstring's scope (the object's members, its module's, its imports),
-and becomes a mkdocs-autorefs reference: a link where the API page documents the target, plain
-code where it does not (a private helper, a module left off the page).  ``~`` shows the last
-part of the name only, as in Sphinx; ``:role:`title <target>``` keeps its title.
+resolves the name in that docstring's scope (the object's members, its class's, inherited ones
+included, its module's and what the module imports) and becomes a mkdocs-autorefs reference: a
+link where the API page documents the target, plain code where it does not (a private helper, a
+module left off the page).  ``~`` shows the last part of the name only, as in Sphinx;
+``:role:`title <target>``` keeps its title.
 """
 
 from __future__ import annotations
