@@ -89,4 +89,3 @@ def test_python_examples_run(page: Path, tmp_path, monkeypatch):
         if source.startswith(GPU_MARK) and not gpu_available():
             pytest.skip(f"{page.name}: the block at line {line} and those after it need CuPy and a GPU")
         exec(compile(source, f"{page.name}:{line}", "exec"), namespace)
-
