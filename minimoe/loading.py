@@ -5,7 +5,7 @@ shape against the config, and builds :mod:`minimoe.model`'s blocks on a backend,
 of operations (:mod:`minimoe.ops`) also says how it holds the weights (memory-mapped bf16 for
 NumPy; copied to the GPU once for CuPy).  What it returns, a :class:`LoadedModel`, is that
 :class:`~minimoe.model.Model` with generation (:mod:`minimoe.generate`), routing traces of
-texts of any length (:mod:`minimoe.tracing`) and a walk through one layer
+texts of any length (:mod:`minimoe.inspect.tracing`) and a walk through one layer
 (:mod:`minimoe.inspect.stepthrough`).
 """
 
