@@ -328,3 +328,9 @@ def test_the_cupy_backend_refuses_the_blog_models_before_copying_weights(name, m
     architecture = FAMILIES[ModelConfig.from_file(FIXTURES / name).model_type].architecture
     with pytest.raises(MinimoeError, match=f"backend 'cupy' runs qwen2_moe and qwen2 models; .*{architecture}"):
         minimoe.load(FIXTURES / name, backend="cupy")
+
+
+def test_dbrx_counts_are_databricks_figures():
+    """Databricks announces DBRX as 132B parameters in total, 36B active on any input."""
+    counts = count_parameters(Architecture.from_file(DBRX_HUB))
+    assert (round(counts.total / 1e9), round(counts.activated / 1e9)) == (132, 36)
