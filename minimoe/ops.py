@@ -15,6 +15,7 @@ operation                    reference (this file)                           ker
 ``embed``                    ``Linear.rows``                                  ``gather_rows`` (matmul.cu)
 ``rms_norm``                 :func:`layers.rms_norm`                          ``rms_norm`` (norm.cu)
 ``add_rms_norm``             ``x + delta``, then :func:`layers.rms_norm`      ``add_rms_norm`` (norm.cu)
+``layer_norm`` (DBRX)        :func:`layers.layer_norm`                        (none: DBRX runs on the reference)
 ``attention_inputs``         q/k/v, q/k norm, :func:`layers.apply_rope`,      q/k/v stacked in one matmul,
                              :meth:`KVCache.update`                           ``rope_store_kv`` (rope.cu)
 ``attention``                :func:`layers.causal_attention`                  ``attention_*`` (attention.cu)

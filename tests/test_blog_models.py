@@ -4,7 +4,8 @@ Logits, cached decoding, greedy continuations and router picks are held to trans
 by tests/test_parity.py, which runs on every fixture (moe_deepseek, moe_dbrx, dense_mistral, dense_gemma
 among them).  Here: that each family's difference is what makes the match (switch it off and parity
 breaks), the families' own options against transformers run live, their Hub layouts, parameter counts
-against transformers' models built on the meta device, and what is refused.
+against transformers' models built on the meta device, and what is refused (the GPU backend's refusal of
+these families: tests/test_moe_family.py).
 
 DeepSeekMoE is not in transformers.  Its fixture is recorded from an exact equivalent that transformers
 does ship (scripts/make_fixtures.py, ``deepseek_equivalent``): a Qwen2-MoE without q/k/v biases, with
@@ -35,8 +36,7 @@ from minimoe.inspect.params import Architecture
 
 from conftest import FIXTURES, load_reference
 from parity import LOGIT_TOLERANCE, relative_error
-from test_moe_family import edited_copy, transformers_logits
-import gpu_emulation
+from test_moe_family import edited_copy, transformers_counts, transformers_logits
 
 BLOG_FIXTURES = ["moe_deepseek", "moe_dbrx", "dense_mistral", "dense_gemma"]
 
@@ -224,21 +224,6 @@ def test_traces_say_what_each_moe_family_does():
 
 # --- parameter counts ---------------------------------------------------------------------------------------
 
-def meta_model_counts(raw: dict) -> tuple[int, int]:
-    """(total, activated) of transformers' own model for a config.json, built on the meta device; activated
-    leaves out the ``E - k`` of ``E`` experts a token does not use (every parameter under ``.experts.``)."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    config = transformers.AutoConfig.for_model(**raw)
-    with torch.device("meta"):
-        model = getattr(transformers, raw["architectures"][0])(config)
-    total = sum(p.numel() for p in model.parameters())
-    ffn = getattr(config, "ffn_config", config)
-    experts, k = getattr(ffn, "moe_num_experts", 0), getattr(ffn, "moe_top_k", 0)
-    in_experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
-    return total, total - (in_experts * (experts - k) // experts if experts else 0)
-
-
 DBRX_HUB = shipped_configs()["dbrx-base"]
 COUNTED = [shipped_configs()["mistral-7b"], shipped_configs()["gemma-7b"], DBRX_HUB] + [
     FIXTURES / name / "config.json" for name in ("moe_dbrx", "dense_mistral", "dense_gemma")]
@@ -248,7 +233,7 @@ COUNTED = [shipped_configs()["mistral-7b"], shipped_configs()["gemma-7b"], DBRX_
 def test_counts_equal_transformers_own_model(path):
     raw = json.loads(path.read_text())
     counts = count_parameters(Architecture.from_file(path))
-    assert (counts.total, counts.activated) == meta_model_counts(raw)
+    assert (counts.total, counts.activated) == transformers_counts(raw)
 
 
 def test_deepseek_counts_equal_its_transformers_equivalent_less_the_gates():
@@ -262,22 +247,11 @@ def test_deepseek_counts_equal_its_transformers_equivalent_less_the_gates():
                       "intermediate_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
                       "shared_expert_intermediate_size", "tie_word_embeddings")},
                   "mlp_only_layers": list(config.mlp_only_layers)}
-    total, activated = meta_model_counts_qwen(equivalent)
+    total, activated = transformers_counts(equivalent)
     gates = len(config.sparse_layers) * config.hidden_size
     counts = count_parameters(config)
     assert (counts.total, counts.activated) == (total - gates, activated - gates)
     assert (round(counts.total / 1e9, 1), round(counts.activated / 1e9, 1)) == (16.4, 2.8)  # DeepSeek's own figures
-
-
-def meta_model_counts_qwen(raw: dict) -> tuple[int, int]:
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    config = transformers.Qwen2MoeConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "model_type")})
-    with torch.device("meta"):
-        model = transformers.Qwen2MoeForCausalLM(config)
-    total = sum(p.numel() for p in model.parameters())
-    in_experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
-    return total, total - in_experts * (config.num_experts - config.num_experts_per_tok) // config.num_experts
 
 
 @pytest.mark.parametrize("name", BLOG_FIXTURES)
@@ -291,7 +265,7 @@ def test_params_cli_prints_dbrx_total():
     result = subprocess.run([sys.executable, "-m", "minimoe", "params", "dbrx-base"], capture_output=True, text=True,
                             check=True)
     printed = re.search(r"^\s+total\s+\S+\s+\(([\d,]+)\)", result.stdout, re.MULTILINE)
-    assert int(printed[1].replace(",", "")) == meta_model_counts(json.loads(DBRX_HUB.read_text()))[0]
+    assert int(printed[1].replace(",", "")) == transformers_counts(json.loads(DBRX_HUB.read_text()))[0]
     assert "dbrx" in result.stdout
 
 
@@ -315,19 +289,6 @@ def shipped(name: str, **changes) -> dict:
 def test_what_minimoe_does_not_implement_is_refused_by_name(raw, message):
     with pytest.raises(MinimoeError, match=message):
         ModelConfig.from_dict(raw, "config.json")
-
-
-@pytest.mark.parametrize("name", BLOG_FIXTURES)
-def test_the_cupy_backend_refuses_the_blog_models_before_copying_weights(name, monkeypatch):
-    gpu_emulation.install(monkeypatch)
-
-    def no_reading(self, tensor):
-        raise AssertionError(f"weight {tensor} read before the refusal")
-
-    monkeypatch.setattr(Checkpoint, "array", no_reading)
-    architecture = FAMILIES[ModelConfig.from_file(FIXTURES / name).model_type].architecture
-    with pytest.raises(MinimoeError, match=f"backend 'cupy' runs qwen2_moe and qwen2 models; .*{architecture}"):
-        minimoe.load(FIXTURES / name, backend="cupy")
 
 
 def test_dbrx_counts_are_databricks_figures():

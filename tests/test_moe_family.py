@@ -80,8 +80,10 @@ def transformers_counts(raw: dict) -> tuple[int, int]:
         reference = getattr(transformers, raw["architectures"][0])(config)
     total = sum(p.numel() for p in reference.parameters())
     experts = sum(p.numel() for name, p in reference.named_parameters() if ".experts." in name)
-    unused = experts * (config.num_experts - config.num_experts_per_tok) // config.num_experts
-    return total, total - unused
+    ffn = getattr(config, "ffn_config", None)  # DBRX keeps its expert counts there
+    count, k = (ffn.moe_num_experts, ffn.moe_top_k) if ffn else (getattr(config, "num_experts", 0),
+                                                                  getattr(config, "num_experts_per_tok", 0))
+    return total, total - (experts * (count - k) // count if count else 0)
 
 
 FAMILY_CONFIGS = [shipped_configs()[name] for name in PUBLISHED] + [FIXTURES / name / "config.json"
@@ -197,7 +199,7 @@ def test_an_unknown_model_type_names_the_supported_ones():
     assert "'deepseek_v3'" in str(refused.value)
 
 
-@pytest.mark.parametrize("name", NEW_FAMILY_FIXTURES)
+@pytest.mark.parametrize("name", NEW_FAMILY_FIXTURES + ["moe_deepseek", "moe_dbrx", "dense_mistral", "dense_gemma"])
 def test_the_cupy_backend_refuses_a_family_it_does_not_implement_before_copying_weights(name, monkeypatch):
     gpu_emulation.install(monkeypatch)
 
