@@ -82,7 +82,8 @@ FAMILIES: dict[str, Family] = {
                         sparse_step=True, num_key_value_heads=4),
     # DeepSeekMoE: its modeling code ships with the checkpoint (not in transformers); KEY_READERS["deepseek"]
     # reads its expert keys, its ungated shared experts and its dense first layers.
-    "deepseek": Family("DeepseekForCausalLM", shared_expert=True, shared_expert_gate=False, sparse_step=True),
+    "deepseek": Family("DeepseekForCausalLM", shared_expert=True, shared_expert_gate=False, sparse_step=True,
+                       num_key_value_heads=32),
     "dbrx": Family("DbrxForCausalLM", norm="layer", clip_qkv=True, rms_norm_eps=1e-5, num_key_value_heads=1),
     "mistral": Family("MistralForCausalLM", experts_keys=(), sliding_window=True, num_key_value_heads=8),
     "gemma": Family("GemmaForCausalLM", experts_keys=(), norm="rms_one_plus", activations=("gelu", "gelu_pytorch_tanh"),
