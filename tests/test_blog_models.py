@@ -295,3 +295,11 @@ def test_dbrx_counts_are_databricks_figures():
     """Databricks announces DBRX as 132B parameters in total, 36B active on any input."""
     counts = count_parameters(Architecture.from_file(DBRX_HUB))
     assert (round(counts.total / 1e9), round(counts.activated / 1e9)) == (132, 36)
+
+
+def test_dbrx_rope_theta_is_read_where_dbrx_puts_it():
+    """The Hub's dbrx-base config.json has its theta in attn_config; a transformers 5.x file in rope_parameters."""
+    assert ModelConfig.from_file(DBRX_HUB).rope_theta == 500000
+    assert ModelConfig.from_file(FIXTURES / "moe_dbrx").rope_theta == 500000
+    assert ModelConfig.from_dict({**json.loads(DBRX_HUB.read_text()),
+                                  "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}).rope_theta == 1e4
