@@ -303,3 +303,12 @@ def test_dbrx_rope_theta_is_read_where_dbrx_puts_it():
     assert ModelConfig.from_file(FIXTURES / "moe_dbrx").rope_theta == 500000
     assert ModelConfig.from_dict({**json.loads(DBRX_HUB.read_text()),
                                   "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}).rope_theta == 1e4
+
+
+@pytest.mark.parametrize("name", ["dense_mistral", "moe_dbrx"])
+def test_the_cli_benches_the_blog_models(name, tmp_path):
+    """``minimoe bench`` on a Mistral past its window (8 prompt tokens, window 5) and on DBRX's stacked layout."""
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, "-m", "minimoe", "bench", "--model", str(FIXTURES / name), "--prompt-tokens", "8",
+                    "--new-tokens", "3", "--repeat", "1", "--json", str(out)], check=True, capture_output=True)
+    assert json.loads(out.read_text())["engines"]["minimoe"]["status"] == "ok"
