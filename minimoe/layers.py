@@ -217,10 +217,17 @@ def swiglu_backward(xp, dy, x, gate_out, up_out, gate_w, up_w, down_w):
     s = sigmoid(xp, g)
     activated = g * s  # silu(g)
     d_down = dy.T @ (activated * u)
-    da = dy @ down_w
+    da = dy @ down_w  # [N, I]
     du = da * activated
-    dg = da * u * s * (1.0 + g * (1.0 - s))
-    dx = dg @ gate_w + du @ up_w
+    slope = 1.0 - s  # silu'(g) = s * (1 + g * (1 - s)), built in place: these [N, I] arrays are the big ones
+    slope *= g
+    slope += 1.0
+    slope *= s
+    dg = da  # da is not needed after: dg = da * u * silu'(g), in its place
+    dg *= u
+    dg *= slope
+    dx = dg @ gate_w
+    dx += du @ up_w
     return dx.reshape(shape), (dg.T @ x, du.T @ x, d_down)
 
 
@@ -418,24 +425,26 @@ def load_balancing_loss_backward(xp, expert_ids: Sequence, num_experts: int):
 IGNORE_INDEX = -100  # a target that takes no part in the loss (torch's and transformers' convention)
 
 
-def cross_entropy(xp, logits, targets) -> float:
+def cross_entropy(xp, logits, targets, count: int | None = None) -> float:
     """Mean cross-entropy of the next-token predictions.  logits ``[N, V]``, targets ``[N]`` -> a float.
 
-    ``mean over rows with targets != IGNORE_INDEX of (log sum_v exp(logits_v) - logits_target)``, the
-    log-sum-exp taken after subtracting the row's maximum.
+    ``sum over rows with targets != IGNORE_INDEX of (log sum_v exp(logits_v) - logits_target)``, the
+    log-sum-exp taken after subtracting the row's maximum, divided by ``count``: by default the number of
+    those rows (the mean); a batch computed in row chunks passes each chunk the whole batch's.
     """
     kept = targets != IGNORE_INDEX
-    logits, targets = logits[kept], targets[kept]  # [M, V], [M]
     top = xp.max(logits, axis=-1, keepdims=True)
-    log_total = xp.log(xp.sum(xp.exp(logits - top), axis=-1)) + top[:, 0]  # [M]
-    return float(xp.mean(log_total - xp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]))
+    log_total = xp.log(xp.sum(xp.exp(logits - top), axis=-1)) + top[:, 0]  # [N]
+    target_logits = xp.take_along_axis(logits, xp.where(kept, targets, 0)[:, None], axis=-1)[:, 0]  # [N]
+    total = xp.sum(xp.where(kept, log_total - target_logits, 0.0))
+    return float(total) / (int(xp.sum(kept)) if count is None else count)
 
 
-def cross_entropy_backward(xp, logits, targets):
+def cross_entropy_backward(xp, logits, targets, count: int | None = None):
     """Gradient of :func:`cross_entropy` with respect to the logits ``[N, V]``: on a row with a target,
-    ``(softmax(logits) - onehot(target)) / M`` (M the rows with a target); 0 on the others."""
+    ``(softmax(logits) - onehot(target)) / count``; 0 on the others."""
     kept = targets != IGNORE_INDEX
     grad = softmax(xp, logits, axis=-1)
     grad[xp.arange(len(grad)), xp.where(kept, targets, 0)] -= 1.0
-    grad *= (kept / xp.sum(kept)).astype(grad.dtype)[:, None]
+    grad *= (kept / (xp.sum(kept) if count is None else count)).astype(grad.dtype)[:, None]
     return grad

@@ -6,7 +6,7 @@
 Both sides compute in float32 from the same checkpoint (minimoe: ``minimoe.train.loss_and_grads`` on the
 numpy backend; torch: transformers' model, upcast to float32, ``loss.backward()`` with
 ``output_router_logits=True``), on the same random batch, with the same number of threads (the CPUs this
-process may use).  Steps alternate -- minimoe, torch, minimoe, ... -- so that a machine whose speed drifts
+process may use, or ``MINIMOE_NUM_THREADS``).  Steps alternate -- minimoe, torch, minimoe, ... -- so that a machine whose speed drifts
 (other jobs, turbo, heat) slows both alike; each side's median step gives its tokens/s, and their ratio is
 the figure.  Peak memory is each side's own process (one started per side): the largest resident set of a
 process that loads the model and runs two steps, and what a step adds to it (model loaded and warmed up).
@@ -27,9 +27,10 @@ import numpy as np
 
 import minimoe
 from minimoe import train
+from minimoe.backend import NUM_THREADS
 from minimoe.files import write_text
 
-THREADS = len(os.sched_getaffinity(0))
+THREADS = NUM_THREADS  # minimoe's threads (MINIMOE_NUM_THREADS, default all CPUs); torch gets as many
 
 
 def batch_of(config, batch: int, context: int, seed: int) -> np.ndarray:
@@ -62,10 +63,11 @@ def torch_side(folder: Path):
     return step, model
 
 
-def timed(step, ids) -> tuple[float, float]:
-    start = time.perf_counter()
+def timed(step, ids) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds of all this process's threads, loss) of one step."""
+    start, cpu = time.perf_counter(), time.process_time()
     loss = step(ids)
-    return time.perf_counter() - start, loss
+    return time.perf_counter() - start, time.process_time() - cpu, loss
 
 
 def peak_memory(side: str, folder: Path, batch: int, context: int, seed: int) -> dict:
@@ -109,19 +111,20 @@ def main(argv=None) -> int:
     theirs, _ = torch_side(args.model)
     ids = batch_of(config, args.batch, args.context, args.seed)
     tokens = ids.size
-    times = {"minimoe": [], "torch": []}
+    times, cpu_times = {"minimoe": [], "torch": []}, {"minimoe": [], "torch": []}
     losses = {}
     for repeat in range(args.repeats + 1):  # the first round warms both up and is not counted
         for side, step in (("minimoe", ours), ("torch", theirs)):
-            seconds, losses[side] = timed(step, ids)
+            seconds, cpu_seconds, losses[side] = timed(step, ids)
             if repeat:
                 times[side].append(seconds)
+                cpu_times[side].append(cpu_seconds)
         print(f"round {repeat}: " + ", ".join(f"{side} {times[side][-1]:.3f} s" for side in times) if repeat
               else "warm-up done", flush=True)
     result = {
         "model": str(args.model), "batch": args.batch, "context": args.context, "tokens_per_step": tokens,
         "threads": THREADS, "repeats": args.repeats, "losses": losses,
-        "step_seconds": times,
+        "step_seconds": times, "step_cpu_seconds": cpu_times,
         "tokens_per_s": {side: tokens / statistics.median(seconds) for side, seconds in times.items()},
     }
     result["ratio"] = result["tokens_per_s"]["minimoe"] / result["tokens_per_s"]["torch"]
@@ -129,12 +132,14 @@ def main(argv=None) -> int:
         result["memory_mb"] = {side: peak_memory(side, args.model, args.batch, args.context, args.seed)
                                for side in ("minimoe", "torch")}
     result["load_average"] = os.getloadavg()
-    print(f"forward + backward, batch {args.batch} x {args.context} ({tokens} tokens), {THREADS} threads, "
+    print(f"forward + backward, batch {args.batch} x {args.context} ({tokens} tokens), "
+          f"{THREADS} thread{'s' if THREADS > 1 else ''} each, "
           f"median of {args.repeats}; load average {result['load_average'][0]:.1f} (other jobs slow both sides):")
     for side in ("minimoe", "torch"):
         memory = result.get("memory_mb", {}).get(side)
         extra = f", peak memory {memory['peak_mb']:,.0f} MB ({memory['loaded_mb']:,.0f} MB loaded)" if memory else ""
-        print(f"  {side:8s} {result['tokens_per_s'][side]:9,.0f} tokens/s  (loss {losses[side]:.5f}){extra}")
+        print(f"  {side:8s} {result['tokens_per_s'][side]:9,.0f} tokens/s, "
+              f"{statistics.median(cpu_times[side]):.2f} CPU s a step  (loss {losses[side]:.5f}){extra}")
     print(f"  minimoe / torch: {result['ratio']:.2f}x")
     if args.json:
         write_text(args.json, json.dumps(result, indent=2) + "\n")

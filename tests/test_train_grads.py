@@ -4,6 +4,8 @@ on every fixture family, and on the cupy backend's no-kernel level through the e
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -304,3 +306,92 @@ def test_ignored_labels_and_a_strong_balance_loss_equal_transformers():
     without = train.loss_and_grads(model, ids, labels, aux_loss_coef=0.0)
     router = names.router_name(0)
     assert np.abs(without[1][router] - grads[router]).max() > 0.1 * np.abs(grads[router]).max()  # it matters
+
+
+@pytest.mark.parametrize("name", ["moe_gqa", "moe_qwen3", "moe_olmoe"])
+def test_the_pieces_each_thread_takes_add_up_to_the_whole(monkeypatch, name):
+    """On the CPU the backward cuts big matmuls into one slice of the weight per thread, the logits into row
+    chunks and attention into sequences; at the fixtures' sizes only the last happens, so cut everything here:
+    still transformers' gradients."""
+    from minimoe.train import backward
+
+    monkeypatch.setattr(backward, "SPLIT_WORK", 0)
+    monkeypatch.setattr(backward, "CROSS_ENTROPY_ROWS", 5)
+    monkeypatch.setattr(backward, "NUM_THREADS", 3)
+    folder = FIXTURES / name
+    ids = load_reference(folder)["ids"]
+    loss, grads = train.loss_and_grads(minimoe.load(folder), ids)
+    their_loss, their_grads = transformers_loss_and_grads(folder, ids)
+    assert loss == pytest.approx(their_loss, rel=LOSS_TOLERANCE)
+    assert max(gradient_errors(grads, their_grads).values()) < GRADIENT_TOLERANCE
+
+
+def test_parameters_are_the_float32_arrays_the_model_computes_with():
+    """Stored bf16 is upcast once, exactly; the arrays are the model's own, so changing one in place changes
+    its forward -- including the wide MLPs, whose thread slices are views of them."""
+    from minimoe.ops import Operations
+
+    model = minimoe.load(FIXTURES / "moe_bf16_sharded")
+    ids = load_reference(FIXTURES / "moe_bf16_sharded")["ids"]
+    before = model.forward(ids)
+    params = train.parameters(model)
+    assert {name: p.shape for name, p in params.items()} == names.expected_shapes(model.config)
+    assert all(p.dtype == np.float32 and p.flags.writeable for p in params.values())
+    assert train.parameters(model) is params
+    stored = model.checkpoint.array(names.router_name(0))
+    assert np.array_equal(params[names.router_name(0)], stored.astype(np.float32))
+    assert np.abs(model.forward(ids) - before).max() <= 1e-6 * np.abs(before).max()
+
+    params[names.swiglu_names(names.shared_expert_prefix(1))["down"]] *= 3.0  # the shared expert: thread slices
+    params[names.EMBED][ids[0, 0]] += 1.0
+    changed = model.forward(ids)
+    assert np.abs(changed - before).max() > 1e-2 * np.abs(before).max()
+    fresh_slices = dataclasses.replace(model, ops=Operations()).forward(ids)  # slices made from the arrays now
+    assert np.abs(changed - fresh_slices).max() <= 1e-6 * np.abs(before).max()
+
+
+def test_labels_that_cannot_be_scored_are_clear_errors():
+    model = minimoe.load(FIXTURES / "moe_gqa")
+    ids = np.arange(12).reshape(2, 6)
+    with pytest.raises(minimoe.MinimoeError, match=r"labels must have the shape of input_ids \[2, 6\], got \[2, 5\]"):
+        train.loss_and_grads(model, ids, ids[:, :5])
+    with pytest.raises(minimoe.MinimoeError, match=r"label 96 at position \(1, 2\) is neither a token id in \[0, 96\)"):
+        train.loss_and_grads(model, ids, np.where(ids == 8, 96, ids))
+    with pytest.raises(minimoe.MinimoeError, match="no position has a label to predict"):
+        train.loss_and_grads(model, ids, np.full_like(ids, -100))
+    with pytest.raises(minimoe.MinimoeError, match="no position has a label to predict"):
+        train.loss_and_grads(model, ids[:, :1])
+
+
+def test_one_sequence_is_a_batch_of_one():
+    model = minimoe.load(FIXTURES / "moe_gqa")
+    ids = load_reference(FIXTURES / "moe_gqa")["ids"][0]
+    loss, grads = train.loss_and_grads(model, ids)
+    batched_loss, batched = train.loss_and_grads(model, ids[None])
+    assert loss == batched_loss and all(np.array_equal(grads[name], batched[name]) for name in grads)
+
+
+def test_the_cuda_kernel_backend_is_refused(monkeypatch):
+    import gpu_emulation
+
+    gpu_emulation.install(monkeypatch)
+    model = minimoe.load(FIXTURES / "moe_gqa", backend="cupy")
+    with pytest.raises(minimoe.MinimoeError, match="training runs on the reference operations .* not on backend 'cupy'"):
+        train.parameters(model)
+
+
+@pytest.mark.parametrize("name", ["moe_norm_topk", "moe_qwen3", "moe_olmoe", "moe_tied", "dense_qwen2"])
+def test_plain_cupy_gives_numpys_loss_and_gradients(monkeypatch, name):
+    """backend="cupy-plain" (the reference operations on CuPy; here NumPy standing in for CuPy): the same
+    backward runs on the device's arrays, and gives what the numpy backend gives."""
+    import gpu_emulation
+
+    gpu_emulation.install(monkeypatch)
+    folder = FIXTURES / name
+    ids = load_reference(folder)["ids"]
+    loss, grads = train.loss_and_grads(minimoe.load(folder), ids)
+    device = minimoe.load(folder, backend="cupy-plain")
+    assert type(device.xp).__name__ == "module" and device.xp is not np
+    device_loss, device_grads = train.loss_and_grads(device, ids)
+    assert device_loss == pytest.approx(loss, rel=1e-6)
+    assert max(gradient_errors({n: minimoe.to_numpy(g) for n, g in device_grads.items()}, grads).values()) < 1e-5

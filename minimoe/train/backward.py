@@ -32,8 +32,12 @@ import numpy as np
 from .. import layers
 from ..errors import MinimoeError
 from ..model import Attention, DecoderLayer, Model, SparseMoeBlock
+from ..backend import NUM_THREADS, row_ranges
 from ..ops import Operations
 from .parameters import parameters
+
+SPLIT_WORK = 1 << 24  # multiply-adds of a backward matmul worth cutting into one slice per thread
+CROSS_ENTROPY_ROWS = 256  # rows of [N, V] logits per piece: its temporaries stay in cache (4 MB at V = 4096)
 
 
 def loss_and_grads(model: Model, input_ids, labels=None, *, aux_loss_coef: float | None = None) -> tuple[float, dict]:
@@ -56,10 +60,9 @@ def loss_and_grads(model: Model, input_ids, labels=None, *, aux_loss_coef: float
 
     taped = TapedOperations(model.ops)
     logits = dataclasses.replace(model, ops=taped).forward(ids)  # [B, T, V]: the model's own forward
-    flat_logits = logits.reshape(-1, logits.shape[-1])
-    loss = layers.cross_entropy(xp, flat_logits, targets)
-    d_logits = layers.cross_entropy_backward(xp, flat_logits, targets).reshape(logits.shape)
-    del logits, flat_logits
+    loss, d_logits = taped.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets)  # d_logits in logits' place
+    d_logits = d_logits.reshape(logits.shape)
+    del logits
 
     choices = taped.router_choices()
     d_router_probs = None
@@ -137,6 +140,26 @@ class TapedOperations(Operations):
         """Each sparse layer's :class:`minimoe.layers.RouterChoice`, in layer order."""
         return [values["choice"] for operation, values in self.tape if operation == "route"]
 
+    def pieces(self, count: int, size: int = 1) -> list[range]:
+        """``range(count)`` in pieces of about ``size`` for minimoe's threads (NumPy), whole on a GPU."""
+        if self.xp is not np:
+            return [range(count)]
+        return row_ranges(count, max(NUM_THREADS, -(-count // size)))
+
+    def cross_entropy(self, logits, targets) -> tuple[float, object]:
+        """:func:`minimoe.layers.cross_entropy` of logits ``[N, V]`` and its gradient, written over the logits
+        (not needed after), ``CROSS_ENTROPY_ROWS`` rows at a time on the threads -> (loss, gradient ``[N, V]``)."""
+        xp = self.xp
+        count = int(xp.sum(targets != layers.IGNORE_INDEX))
+
+        def rows(part: range) -> float:
+            chunk, chunk_targets = logits[part.start:part.stop], targets[part.start:part.stop]
+            loss = layers.cross_entropy(xp, chunk, chunk_targets, count)
+            chunk[...] = layers.cross_entropy_backward(xp, chunk, chunk_targets, count)
+            return loss
+
+        return sum(self.map(rows, self.pieces(len(logits), CROSS_ENTROPY_ROWS))), logits
+
     def embed(self, embedding, ids):
         self.save("embed", ids=ids)
         return super().embed(embedding, ids)
@@ -154,9 +177,63 @@ class TapedOperations(Operations):
         return heads
 
     def attention(self, q, k, v, start: int):
-        out = super().attention(q, k, v, start)
+        """:meth:`Operations.attention`, one sequence of the batch at a time on the threads (each sequence's
+        ``[nh, T, S]`` scores stay in cache)."""
+        def sequences(part: range):
+            piece = slice(part.start, part.stop)
+            return super(TapedOperations, self).attention(q[piece], k[piece], v[piece], start)
+
+        out = self.xp.concatenate(self.map(sequences, self.pieces(len(q))), axis=0)  # [B, T, nh*D]
         self.save("attention", q=q, k=k, v=v, start=start, out=out)
         return out
+
+    def attention_backward(self, dy, q, k, v, start: int):
+        """:func:`minimoe.layers.causal_attention_backward`, one sequence at a time on the threads."""
+        def sequences(part: range):
+            piece = slice(part.start, part.stop)
+            return layers.causal_attention_backward(self.xp, dy[piece], q[piece], k[piece], v[piece], start)
+
+        parts = self.map(sequences, self.pieces(len(q)))
+        return tuple(self.xp.concatenate(grads, axis=0) for grads in zip(*parts))  # dq, dk, dv
+
+    def weight_slices(self, rows: int, work: int) -> list[range]:
+        """A weight's ``rows`` in one slice per thread when ``work`` (multiply-adds) is worth spreading
+        (NumPy), else whole."""
+        return self.pieces(rows, rows) if work >= SPLIT_WORK else [range(rows)]
+
+    def linear_backward(self, weight, x, dy):
+        """:func:`minimoe.layers.linear_backward` with ``W [out, in]`` cut into row slices, one per thread: each
+        slice gives its rows of dW and db and a part of dx, and dx is the parts' sum."""
+        xp = self.xp
+        flat_x, flat_dy = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+
+        def rows(part: range):
+            piece = slice(part.start, part.stop)
+            return layers.linear_backward(xp, flat_dy[:, piece], flat_x, weight[piece])
+
+        found = self.map(rows, self.weight_slices(weight.shape[0], flat_x.shape[0] * weight.size))
+        dx = sum(part[0] for part in found[1:]) + found[0][0] if len(found) > 1 else found[0][0]
+        return (dx.reshape(*x.shape[:-1], -1), xp.concatenate([part[1] for part in found]),
+                xp.concatenate([part[2] for part in found]))
+
+    def swiglu_backward(self, mlp, saved: dict, dy, whole: bool = False):
+        """:func:`minimoe.layers.swiglu_backward` from what :meth:`run_swiglu` saved, in slices of the inner
+        width, one per thread (unless ``whole``: an expert, already on a thread of its own), as
+        :meth:`Operations.swiglu` runs the forward: slice ``s`` takes its rows of gate and up and its columns of
+        down, gives those rows' and columns' gradients and a part of dx, and dx is the parts' sum."""
+        xp, gate, up, down = self.xp, mlp.gate.weight, mlp.up.weight, mlp.down.weight
+        inner = gate.shape[0]
+
+        def columns(part: range):
+            piece = slice(part.start, part.stop)
+            return layers.swiglu_backward(xp, dy, saved["x"], saved["gate_out"][..., piece],
+                                          saved["up_out"][..., piece], gate[piece], up[piece], down[:, piece])
+
+        slices = [range(inner)] if whole else self.weight_slices(inner, 3 * dy.size // dy.shape[-1] * gate.size)
+        found = self.map(columns, slices)
+        dx = sum(part[0] for part in found[1:]) + found[0][0] if len(found) > 1 else found[0][0]
+        return dx, (xp.concatenate([part[1][0] for part in found]), xp.concatenate([part[1][1] for part in found]),
+                    xp.concatenate([part[1][2] for part in found], axis=1))
 
     def swiglu(self, mlp, h):
         """:func:`minimoe.layers.swiglu` whole (not in slices), keeping its gate and up outputs."""
@@ -253,7 +330,7 @@ class Backward:
         xp, norm = self.xp, attention.qk_norm
         saved = self.taped.pop("attention")
         d_heads = self.projection(attention.o, saved["out"], d_out)  # [B, T, nh*D]
-        dq, dk, dv = layers.causal_attention_backward(xp, d_heads, saved["q"], saved["k"], saved["v"], saved["start"])
+        dq, dk, dv = self.taped.attention_backward(d_heads, saved["q"], saved["k"], saved["v"], saved["start"])
         inputs = self.taped.pop("attention_inputs")
         q, k = inputs["q"], inputs["k"]  # the projections' outputs [B, T, nh*D], [B, T, nkv*D]
         dq = layers.apply_rope_backward(xp, dq, inputs["cos"], inputs["sin"])
@@ -289,7 +366,7 @@ class Backward:
         choice, saved = routed["choice"], {moe.experts.index(mlp): values for mlp, values in routed["experts"].items()}
 
         def expert_backward(expert: int, d_expert_out):
-            return self.swiglu(moe.experts[expert], saved[expert], d_expert_out)
+            return self.swiglu(moe.experts[expert], saved[expert], d_expert_out, whole=True)
 
         d_routed, d_weights = layers.routed_experts_backward(
             xp, d_out, choice.expert_ids, choice.expert_weights, {e: values["y"] for e, values in saved.items()},
@@ -298,10 +375,9 @@ class Backward:
         d_logits = layers.route_backward(xp, d_weights, choice, moe.norm_topk_prob, self.d_router_probs)
         return d_h + d_routed + self.projection(moe.router, route["h"], d_logits)
 
-    def swiglu(self, mlp, saved: dict, d_out):
+    def swiglu(self, mlp, saved: dict, d_out, whole: bool = False):
         """Backward of one SwiGLU MLP (a dense layer's, an expert, the shared expert) from what it saved."""
-        dx, weight_grads = layers.swiglu_backward(self.xp, d_out, saved["x"], saved["gate_out"], saved["up_out"],
-                                                  mlp.gate.weight, mlp.up.weight, mlp.down.weight)
+        dx, weight_grads = self.taped.swiglu_backward(mlp, saved, d_out, whole)
         for projection, grad in zip((mlp.gate, mlp.up, mlp.down), weight_grads):
             self.grads.add(projection.weight, grad)
         return dx
@@ -314,7 +390,7 @@ class Backward:
 
     def projection(self, projection, x, d_out):
         """Backward of ``projection(x) = x @ W.T (+ b)``: d x, with W's (and b's) gradient added."""
-        dx, d_weight, d_bias = layers.linear_backward(self.xp, d_out, x, projection.weight)
+        dx, d_weight, d_bias = self.taped.linear_backward(projection.weight, x, d_out)
         self.grads.add(projection.weight, d_weight)
         if projection.bias is not None:
             self.grads.add(projection.bias, d_bias)
