@@ -216,35 +216,50 @@ class TapedOperations(Operations):
         return (dx.reshape(*x.shape[:-1], -1), xp.concatenate([part[1] for part in found]),
                 xp.concatenate([part[2] for part in found]))
 
-    def swiglu_backward(self, mlp, saved: dict, dy, whole: bool = False):
-        """:func:`minimoe.layers.swiglu_backward` from what :meth:`run_swiglu` saved, in slices of the inner
-        width, one per thread (unless ``whole``: an expert, already on a thread of its own), as
-        :meth:`Operations.swiglu` runs the forward: slice ``s`` takes its rows of gate and up and its columns of
-        down, gives those rows' and columns' gradients and a part of dx, and dx is the parts' sum."""
-        xp, gate, up, down = self.xp, mlp.gate.weight, mlp.up.weight, mlp.down.weight
-        inner = gate.shape[0]
-
-        def columns(part: range):
-            piece = slice(part.start, part.stop)
-            return layers.swiglu_backward(xp, dy, saved["x"], saved["gate_out"][..., piece],
-                                          saved["up_out"][..., piece], gate[piece], up[piece], down[:, piece])
-
-        slices = [range(inner)] if whole else self.weight_slices(inner, 3 * dy.size // dy.shape[-1] * gate.size)
-        found = self.map(columns, slices)
-        dx = sum(part[0] for part in found[1:]) + found[0][0] if len(found) > 1 else found[0][0]
-        return dx, (xp.concatenate([part[1][0] for part in found]), xp.concatenate([part[1][1] for part in found]),
-                    xp.concatenate([part[1][2] for part in found], axis=1))
-
     def swiglu(self, mlp, h):
-        """:func:`minimoe.layers.swiglu` whole (not in slices), keeping its gate and up outputs."""
+        """:meth:`run_swiglu` of a dense layer's MLP or the shared expert, in slices on the threads."""
         saved = self.run_swiglu(mlp, h)
         self.save("swiglu", **saved)
         return saved["y"]
 
-    def run_swiglu(self, mlp, x) -> dict:
-        gate, up = Recorded(mlp.gate), Recorded(mlp.up)
-        y = layers.swiglu(self.xp, x, gate, up, mlp.down)
-        return dict(x=x, gate_out=gate.output, up_out=up.output, y=y)
+    def run_swiglu(self, mlp, x, whole: bool = False) -> dict:
+        """:func:`minimoe.layers.swiglu` of ``mlp`` on x ``[..., H]``, keeping its gate and up outputs ->
+        ``dict(x, y, slices=[(inner range, gate out, up out), ...])``.
+
+        As :meth:`Operations.swiglu` does, in slices of the inner width, one per thread: slice ``s`` runs
+        its rows of gate and up and its columns of down, and y is the slices' sum -- unless ``whole`` (an
+        expert, already on a thread of its own) or on a GPU.  The backward cuts the MLP where this did.
+        """
+        inner = mlp.gate.weight.shape[0]
+        parts = [range(inner)] if whole else self.weight_slices(inner, 3 * x.size // x.shape[-1] * mlp.gate.weight.size)
+
+        def run(part: range):
+            projections = (mlp.gate, mlp.up, mlp.down) if len(parts) == 1 else (
+                mlp.gate.row_slice(part), mlp.up.row_slice(part), mlp.down.column_slice(part))  # views
+            gate, up = Recorded(projections[0]), Recorded(projections[1])
+            return layers.swiglu(self.xp, x, gate, up, projections[2]), (part, gate.output, up.output)
+
+        found = self.map(run, parts)
+        y = sum(part[0] for part in found[1:]) + found[0][0] if len(found) > 1 else found[0][0]
+        return dict(x=x, y=y, slices=[part[1] for part in found])
+
+    def swiglu_backward(self, mlp, saved: dict, dy):
+        """:func:`minimoe.layers.swiglu_backward` from what :meth:`run_swiglu` saved, slice by slice on the
+        threads: each slice gives its rows of gate's and up's gradients, its columns of down's, and a part of
+        dx, the parts' sum -> (dx, (d gate, d up, d down))."""
+        xp, gate, up, down = self.xp, mlp.gate.weight, mlp.up.weight, mlp.down.weight
+
+        def columns(piece_saved):
+            part, gate_out, up_out = piece_saved
+            piece = slice(part.start, part.stop)
+            return layers.swiglu_backward(xp, dy, saved["x"], gate_out, up_out, gate[piece], up[piece], down[:, piece])
+
+        found = self.map(columns, saved["slices"])
+        if len(found) == 1:
+            return found[0]
+        dx = sum(part[0] for part in found[1:]) + found[0][0]
+        return dx, (xp.concatenate([part[1][0] for part in found]), xp.concatenate([part[1][1] for part in found]),
+                    xp.concatenate([part[1][2] for part in found], axis=1))
 
     def route(self, moe, h, change):
         choice = super().route(moe, h, change)
@@ -259,7 +274,7 @@ class TapedOperations(Operations):
 
     def expert(self, mlp):
         def run(x):
-            saved = self._experts[mlp] = self.run_swiglu(mlp, x)
+            saved = self._experts[mlp] = self.run_swiglu(mlp, x, whole=True)
             return saved["y"]
 
         return run
@@ -366,7 +381,7 @@ class Backward:
         choice, saved = routed["choice"], {moe.experts.index(mlp): values for mlp, values in routed["experts"].items()}
 
         def expert_backward(expert: int, d_expert_out):
-            return self.swiglu(moe.experts[expert], saved[expert], d_expert_out, whole=True)
+            return self.swiglu(moe.experts[expert], saved[expert], d_expert_out)
 
         d_routed, d_weights = layers.routed_experts_backward(
             xp, d_out, choice.expert_ids, choice.expert_weights, {e: values["y"] for e, values in saved.items()},
@@ -375,9 +390,9 @@ class Backward:
         d_logits = layers.route_backward(xp, d_weights, choice, moe.norm_topk_prob, self.d_router_probs)
         return d_h + d_routed + self.projection(moe.router, route["h"], d_logits)
 
-    def swiglu(self, mlp, saved: dict, d_out, whole: bool = False):
+    def swiglu(self, mlp, saved: dict, d_out):
         """Backward of one SwiGLU MLP (a dense layer's, an expert, the shared expert) from what it saved."""
-        dx, weight_grads = self.taped.swiglu_backward(mlp, saved, d_out, whole)
+        dx, weight_grads = self.taped.swiglu_backward(mlp, saved, d_out)
         for projection, grad in zip((mlp.gate, mlp.up, mlp.down), weight_grads):
             self.grads.add(projection.weight, grad)
         return dx
