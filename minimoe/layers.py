@@ -81,9 +81,9 @@ def sigmoid(xp, x):
 
 def softmax(xp, x, axis: int = -1):
     """Numerically stable softmax along ``axis`` (max subtracted first)."""
-    shifted = x - xp.max(x, axis=axis, keepdims=True)
-    exp = xp.exp(shifted)
-    return exp / xp.sum(exp, axis=axis, keepdims=True)
+    exp = xp.exp(x - xp.max(x, axis=axis, keepdims=True))
+    exp /= xp.sum(exp, axis=axis, keepdims=True)  # in place: a long row's softmax is the big array here
+    return exp
 
 
 def softmax_backward(xp, dy, y, axis: int = -1):
@@ -152,10 +152,11 @@ def attention_weights(xp, q, k, query_start: int):
     batch, num_heads, tokens, head_dim = q.shape
     num_kv, keys = k.shape[1], k.shape[2]
     q = q.reshape(batch, num_kv, num_heads // num_kv, tokens, head_dim)
-    scores = q @ k[:, :, None].swapaxes(-1, -2) / xp.float32(head_dim) ** 0.5  # [B, nkv, g, T, S]
+    scores = q @ k[:, :, None].swapaxes(-1, -2)  # [B, nkv, g, T, S]
+    scores /= xp.float32(head_dim) ** 0.5
     query_pos = xp.arange(query_start, query_start + tokens)[:, None]
     key_pos = xp.arange(keys)[None, :]
-    scores = xp.where(key_pos <= query_pos, scores, xp.float32(-xp.inf))
+    scores += xp.where(key_pos <= query_pos, xp.float32(0), xp.float32(-xp.inf))  # the causal mask [T, S]
     return softmax(xp, scores, axis=-1)
 
 
@@ -174,24 +175,33 @@ def causal_attention(xp, q, k, v, query_start: int):
     return merge_heads(out.reshape(q.shape))
 
 
-def causal_attention_backward(xp, dy, q, k, v, query_start: int):
-    """Gradients of :func:`causal_attention`.  dy ``[B, T, nh * D]`` -> (dq ``[B, nh, T, D]``, dk, dv
-    ``[B, nkv, S, D]``).
+def causal_attention_backward(xp, dy, q, k, v, out, query_start: int):
+    """Gradients of :func:`causal_attention`, given its output ``out``.  dy, out ``[B, T, nh * D]`` ->
+    (dq ``[B, nh, T, D]``, dk, dv ``[B, nkv, S, D]``).
 
-    The weights ``P = softmax(q k^T / sqrt(D))`` are recomputed from q and k rather than kept
-    from the forward (as FlashAttention does).  With ``O = P v``: ``dv = P^T dO``, ``dP = dO v^T``,
-    ``dS = softmax_backward(dP, P) / sqrt(D)``, ``dq = dS k``, ``dk = dS^T q``; a key head's ``dk`` and
-    ``dv`` sum over the query heads of its group (taken as more rows of one matmul).
+    The weights ``P = softmax(q k^T / sqrt(D))`` are recomputed from q and k rather than kept from the
+    forward (as FlashAttention does).  With ``O = P v``: ``dv = P^T dO`` and ``dP = dO v^T``; through the
+    softmax ``dS = P * (dP - rowsum(dP * P))``, where ``rowsum(dP * P) = rowsum(dO * O)`` (FlashAttention-2's
+    shortcut: a sum over D values per row instead of S); then ``dq = dS k / sqrt(D)`` and
+    ``dk = dS^T q / sqrt(D)``.  A key head's ``dk`` and ``dv`` sum over the query heads of its group (taken
+    as more rows of one matmul).
     """
     batch, num_heads, tokens, head_dim = q.shape
     num_kv, keys = k.shape[1], k.shape[2]
     rows = num_heads // num_kv * tokens  # a key head's query rows: its group's heads, each T tokens
+
+    def by_key_head(x):  # [B, T, nh*D] -> [B, nkv, g*T, D]
+        return split_heads(x, num_heads, head_dim).reshape(batch, num_kv, rows, head_dim)
+
     weights = attention_weights(xp, q, k, query_start).reshape(batch, num_kv, rows, keys)  # P [B, nkv, g*T, S]
-    d_out = split_heads(dy, num_heads, head_dim).reshape(batch, num_kv, rows, head_dim)  # dO [B, nkv, g*T, D]
+    d_out = by_key_head(dy)  # dO
     dv = weights.swapaxes(-1, -2) @ d_out  # [B, nkv, S, D]
-    d_scores = softmax_backward(xp, d_out @ v.swapaxes(-1, -2), weights) / xp.float32(head_dim) ** 0.5
-    dq = (d_scores @ k).reshape(q.shape)  # [B, nh, T, D]
-    dk = d_scores.swapaxes(-1, -2) @ q.reshape(batch, num_kv, rows, head_dim)  # [B, nkv, S, D]
+    d_scores = d_out @ v.swapaxes(-1, -2)  # dP [B, nkv, g*T, S], turned into dS in place:
+    d_scores -= xp.sum(d_out * by_key_head(out), axis=-1, keepdims=True)
+    d_scores *= weights
+    scale = xp.float32(head_dim) ** 0.5
+    dq = (d_scores @ k).reshape(q.shape) / scale  # [B, nh, T, D]
+    dk = d_scores.swapaxes(-1, -2) @ q.reshape(batch, num_kv, rows, head_dim) / scale  # [B, nkv, S, D]
     return dq, dk, dv
 
 

@@ -93,7 +93,8 @@ def test_causal_attention_backward(rng, heads, kv_heads, tokens, start):
     q = rng.standard_normal((2, heads, tokens, 6))
     k, v = rng.standard_normal((2, 2, kv_heads, start + tokens, 6))
     c, loss = weighted_sum(rng, (2, tokens, heads * 6))
-    dq, dk, dv = layers.causal_attention_backward(xp, c, q, k, v, start)
+    out = layers.causal_attention(xp, q, k, v, start)
+    dq, dk, dv = layers.causal_attention_backward(xp, c, q, k, v, out, start)
     forward = lambda: loss(layers.causal_attention(xp, q, k, v, start))  # noqa: E731
     for analytic, array in ((dq, q), (dk, k), (dv, v)):
         assert_gradient(analytic, forward, array)

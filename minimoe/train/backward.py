@@ -187,11 +187,12 @@ class TapedOperations(Operations):
         self.save("attention", q=q, k=k, v=v, start=start, out=out)
         return out
 
-    def attention_backward(self, dy, q, k, v, start: int):
+    def attention_backward(self, dy, q, k, v, out, start: int):
         """:func:`minimoe.layers.causal_attention_backward`, one sequence at a time on the threads."""
         def sequences(part: range):
             piece = slice(part.start, part.stop)
-            return layers.causal_attention_backward(self.xp, dy[piece], q[piece], k[piece], v[piece], start)
+            return layers.causal_attention_backward(self.xp, dy[piece], q[piece], k[piece], v[piece], out[piece],
+                                                    start)
 
         parts = self.map(sequences, self.pieces(len(q)))
         return tuple(self.xp.concatenate(grads, axis=0) for grads in zip(*parts))  # dq, dk, dv
@@ -345,7 +346,8 @@ class Backward:
         xp, norm = self.xp, attention.qk_norm
         saved = self.taped.pop("attention")
         d_heads = self.projection(attention.o, saved["out"], d_out)  # [B, T, nh*D]
-        dq, dk, dv = self.taped.attention_backward(d_heads, saved["q"], saved["k"], saved["v"], saved["start"])
+        dq, dk, dv = self.taped.attention_backward(d_heads, saved["q"], saved["k"], saved["v"], saved["out"],
+                                                   saved["start"])
         inputs = self.taped.pop("attention_inputs")
         q, k = inputs["q"], inputs["k"]  # the projections' outputs [B, T, nh*D], [B, T, nkv*D]
         dq = layers.apply_rope_backward(xp, dq, inputs["cos"], inputs["sin"])
