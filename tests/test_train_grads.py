@@ -312,12 +312,13 @@ def test_ignored_labels_and_a_strong_balance_loss_equal_transformers():
 @pytest.mark.parametrize("name", ["moe_gqa", "moe_qwen3", "moe_olmoe"])
 def test_the_pieces_each_thread_takes_add_up_to_the_whole(monkeypatch, name):
     """On the CPU the backward cuts big matmuls into one slice of the weight per thread, the logits into row
-    chunks and attention into sequences; at the fixtures' sizes only the last happens, so cut everything here:
-    still transformers' gradients."""
+    chunks and attention into sequences and blocks of queries; at the fixtures' sizes only the sequences are
+    cut, so cut everything here: still transformers' gradients."""
     from minimoe.train import backward
 
     monkeypatch.setattr(backward, "SPLIT_WORK", 0)
     monkeypatch.setattr(backward, "CROSS_ENTROPY_ROWS", 5)
+    monkeypatch.setattr(backward, "ATTENTION_QUERY_ROWS", 5)  # 12 tokens: blocks of 4 queries
     monkeypatch.setattr(backward, "NUM_THREADS", 3)
     folder = FIXTURES / name
     ids = load_reference(folder)["ids"]
