@@ -21,6 +21,12 @@ How it runs, in three steps:
 What the tape keeps is small next to the weights' gradients at these sizes: per layer a few ``[N, H]``
 activations, the MLPs' ``[N, I]`` gate and up outputs, and q, k, v; attention's ``[T, S]`` weights are
 recomputed in the backward instead of kept (as FlashAttention does).
+
+Speed on the CPU is :class:`TapedOperations`' business, as it is :class:`~minimoe.ops.Operations`' in the
+forward: with NumPy's BLAS on one thread, minimoe's threads take independent pieces -- the chosen experts,
+the slices of a wide MLP's inner width, a weight's rows in a big matmul's backward, the sequences of the
+batch (in blocks of queries) in attention, the rows of the logits in the cross-entropy.  Each piece is the
+same :mod:`minimoe.layers` function on a part of the arrays; on a GPU everything runs whole.
 """
 
 from __future__ import annotations
@@ -30,9 +36,9 @@ import dataclasses
 import numpy as np
 
 from .. import layers
+from ..backend import NUM_THREADS, row_ranges
 from ..errors import MinimoeError
 from ..model import Attention, DecoderLayer, Model, SparseMoeBlock
-from ..backend import NUM_THREADS, row_ranges
 from ..ops import Operations
 from .parameters import parameters
 
