@@ -16,6 +16,7 @@ import pytest
 
 from minimoe import ModelConfig
 from minimoe.tools import gpu_check
+from minimoe.checkpoint import names as minimoe_names
 from minimoe.config import shipped_configs
 
 import gpu_emulation
@@ -53,9 +54,9 @@ def test_format_table_aligns_columns():
 def test_parse_args_defaults_and_options(tmp_path):
     args = gpu_check.parse_args([])
     assert (args.stages, args.shapes, args.bench_layers, args.prefill, args.decode, args.checkpoint) == (
-        ["kernels", "models", "bench"], ["real", "odd"], 24, 512, 64, None)
+        ["kernels", "models", "train", "bench"], ["real", "odd"], 24, 512, 64, None)
     args = gpu_check.parse_args(["--no-bench", "--decode", "8", "--checkpoint", str(tmp_path), "--json", "out.json"])
-    assert args.stages == ["kernels", "models"] and args.decode == 8 and args.checkpoint == tmp_path
+    assert args.stages == ["kernels", "models", "train"] and args.decode == 8 and args.checkpoint == tmp_path
     assert args.json.name == "out.json"
     args = gpu_check.parse_args(["--stages", "kernels", "--shapes", "odd"])
     assert (args.stages, args.shapes) == (["kernels"], ["odd"])
@@ -64,7 +65,7 @@ def test_parse_args_defaults_and_options(tmp_path):
 def test_parse_args_names_an_unknown_stage(capsys):
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--stages", "kernels,speed"])
-    assert "--stages: unknown speed; choose from kernels, models, bench" in capsys.readouterr().err
+    assert "--stages: unknown speed; choose from kernels, models, train, bench" in capsys.readouterr().err
 
 
 def measured(decode_tok_s: float, launches: float, host_ms: float) -> dict:
@@ -215,6 +216,8 @@ def test_the_command_reports_every_check_on_emulated_kernels(monkeypatch, tmp_pa
     assert "model logits: tiny-moe (prefill 30 + 10 decode steps, fixed buffers, eager, capacity 256)" in names
     assert "model logits: tiny-moe (prefill 2 + 10 decode steps, fixed buffers, eager, capacity 1024)" in names
     assert "model logits: tiny-moe (prefill 6 + 10 decode steps, fixed buffers, eager, capacity 8 grown to 16)" in names
+    assert any(name.startswith("training step gradients, worst of 779: tiny-moe (batch 2 x 24, top-k margin")
+               for name in names)  # 4 layers of 60 experts x 3 matrices, attention, norms, shared expert: 779 tensors
     assert report["device"] == DEVICE
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("Device: emulated") and out[1].split() == ["error", "tol", "check"]
@@ -290,3 +293,26 @@ def test_time_decode_counts_the_eager_steps_launches(monkeypatch):
     # route_dispatch, gate/up and down of the experts and the shared expert's 4 groups, combine; final norm, head
     assert result["launches_per_token"] == 1 + 6 * c.num_hidden_layers + 5 * len(c.sparse_layers) + 2
     assert result["decode_tok_s"] > 0 and result["host_ms_per_token"] > 0
+
+
+def test_the_training_stage_holds_the_device_backward_to_numpys(monkeypatch):
+    """cupy-plain's training step (here NumPy standing in for CuPy) against the numpy backend's, every family; and
+    a device whose gradients are off is caught."""
+    emulate(monkeypatch)
+    checks = list(gpu_check.check_training(np.random.default_rng(0)))
+    assert len(checks) == 2 * len(gpu_check.training_folders()) and all(check.passed for check in checks)
+    assert {c.name.split(": ")[1].split(" ")[0] for c in checks} >= {"moe_olmoe", "moe_qwen3", "moe_mixtral", "tiny-moe"}
+
+    from minimoe import train
+
+    real = train.loss_and_grads
+
+    def off_on_the_device(model, ids, *args, **kwargs):
+        loss, grads = real(model, ids, *args, **kwargs)
+        if model.backend == "cupy-plain":
+            grads[minimoe_names.FINAL_NORM] = grads[minimoe_names.FINAL_NORM] * 1.001
+        return loss, grads
+
+    monkeypatch.setattr(train, "loss_and_grads", off_on_the_device)
+    loss_check, grads_check = gpu_check.check_training_step(gpu_check.training_folders()[-1], np.random.default_rng(0))
+    assert loss_check.passed and not grads_check.passed and grads_check.name.endswith(": model.norm.weight")

@@ -9,7 +9,10 @@
 3. full-model logits, cupy vs numpy backend, on the test fixtures and the bundled model --
    eagerly, and decoded through CUDA graphs (with the key/value splits some of them empty,
    and with the cache regrown and the step captured again);
-4. a benchmark on the real model's shapes (all 24 layers unless ``--bench-layers``), with random
+4. one training step (:func:`minimoe.train.loss_and_grads`: the backward of :mod:`minimoe.layers` on
+   CuPy, backend ``cupy-plain``) against the numpy backend's: the loss and every weight's gradient,
+   on the test fixtures and the bundled model;
+5. a benchmark on the real model's shapes (all 24 layers unless ``--bench-layers``), with random
    weights made on the device (or a checkpoint folder, ``--checkpoint``): prefill and decode
    tokens/s of minimoe-cupy, eagerly and as CUDA graphs, against the bandwidth bound (every byte
    a decode token reads -- weights and the KV cache -- over the measured copy rate), then where
@@ -50,7 +53,7 @@ from ..inspect.params import count_parameters
 
 REPO = Path(__file__).resolve().parent.parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
-STAGES = ("kernels", "models", "bench")
+STAGES = ("kernels", "models", "train", "bench")
 
 # Qwen1.5-MoE-A2.7B's shapes (minimoe/configs/qwen1.5-moe-a2.7b.json), for the kernel checks.
 REAL_SHAPES = dict(hidden=2048, heads=16, head_dim=128, experts=60, moe_intermediate=1408, shared_intermediate=5632,
@@ -66,7 +69,10 @@ ODD_SHAPES = dict(hidden=1004, heads=12, head_dim=72, experts=45, moe_intermedia
 # the order of its float32 sums (~1e-6 relative over 2048 terms); 1e-4 leaves room for
 # that and still catches any wrong index, which shows up at 1e-1.  Whole models
 # compound it over layers: 1e-3, ten times finer than one bf16 rounding step (2^-8).
-TOLERANCES = {"kernel": 1e-4, "model": 1e-3}
+TOLERANCES = {"kernel": 1e-4, "model": 1e-3, "train": 1e-4}
+# "train": of each tensor's largest gradient.  The backward runs the same float32 arithmetic on both sides
+# (cuBLAS against OpenBLAS, summing in other orders): the CPU's gradients equal torch's to 3e-6 of each
+# tensor's largest (tests/test_train_grads.py), and the GPU's should equal the CPU's as closely.
 DECODE_TARGET_SPEEDUP = 3.0
 DECODE_TARGET_BANDWIDTH_SHARE = 0.50  # within 2x of the bandwidth bound
 
@@ -127,7 +133,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--stages", default=",".join(STAGES),
                         help=f"comma-separated stages to run, of {', '.join(STAGES)} (default: all)")
     parser.add_argument("--shapes", default="real,odd", help="kernel checks at these shapes: real, odd or both")
-    parser.add_argument("--no-bench", action="store_true", help="skip the benchmark (same as --stages kernels,models)")
+    parser.add_argument("--no-bench", action="store_true",
+                        help="skip the benchmark (same as --stages kernels,models,train)")
     parser.add_argument("--bench-layers", type=int, default=24, help="decoder layers of the benchmark model")
     parser.add_argument("--prefill", type=int, default=512, help="prompt tokens of the benchmark")
     parser.add_argument("--decode", type=int, default=64, help="greedy decode steps of the benchmark")
@@ -578,7 +585,52 @@ def check_models(rng, folders=None):
                                functools.partial(check_graph_decode, **setting), folder, rng)
 
 
-# --- 3. the benchmark -------------------------------------------------------------------------------------------
+# --- 3. one training step: the backward on the GPU ------------------------------------------------------------
+
+def training_folders() -> list[Path]:
+    """Every test fixture (the backward runs on the reference operations, so every family) and the bundled model."""
+    from ..assets import default_model_path
+
+    return sorted(p.parent for p in FIXTURES.glob("*/config.json")) + [Path(default_model_path())]
+
+
+def check_training_step(folder: Path, rng, batch: int = 2, tokens: int = 24) -> list[Check]:
+    """One training step on ``folder``'s model, backend ``cupy-plain`` (the layer backwards on CuPy; the CUDA
+    kernels have none) against the numpy backend: the loss, and the worst gradient over every tensor (its
+    largest |gpu - numpy| over its largest |numpy|).  The name gives the batch's smallest top-k margin over
+    all sparse layers: a top-k decided by less than float32's rounding may pick another expert on the GPU."""
+    from ..hooks import Recorder
+    from ..loading import load
+    from ..train import loss_and_grads
+
+    cpu, gpu = load(folder), load(folder, backend="cupy-plain")
+    ids = rng.integers(0, cpu.config.vocab_size, (batch, min(tokens, cpu.config.max_position_embeddings)))
+    loss, grads = loss_and_grads(cpu, ids)
+    gpu_loss, gpu_grads = loss_and_grads(gpu, ids)
+    errors = {name: relative_error(gpu_grads[name], grad) for name, grad in grads.items() if np.abs(grad).max() > 0}
+    errors.update({name: float(np.abs(to_numpy(gpu_grads[name])).max() > 0)  # zero on the CPU: zero here too
+                   for name, grad in grads.items() if not np.abs(grad).max() > 0})
+    worst = max(errors, key=errors.get)
+    recorder = Recorder()
+    cpu.forward(ids, record=recorder)
+    k, margins = cpu.config.num_experts_per_tok, []
+    for layer in cpu.config.sparse_layers:
+        descending = -np.sort(-recorder.joined("router_probs", layer), axis=-1)  # [N, E]
+        margins.append((descending[:, k - 1] - descending[:, k]).min() if k < descending.shape[1] else np.inf)
+    margin = f", top-k margin {min(margins):.1e}" if margins else ""
+    setting = f"{folder.name} (batch {ids.shape[0]} x {ids.shape[1]}{margin})"
+    return [Check(f"training step loss: {setting}", abs(gpu_loss - loss) / abs(loss), TOLERANCES["train"]),
+            Check(f"training step gradients, worst of {len(grads)}: {setting}: {worst}", errors[worst],
+                  TOLERANCES["train"])]
+
+
+def check_training(rng, folders=None):
+    """:func:`check_training_step` on each folder (default: the test fixtures and the bundled model)."""
+    for folder in folders or training_folders():
+        yield from guarded(f"{folder.name} training step", check_training_step, folder, rng)
+
+
+# --- 4. the benchmark -------------------------------------------------------------------------------------------
 
 def device_info(cp) -> dict:
     """The GPU's name and size, the software, and its memory's copy rate (measured: the bound's denominator)."""
@@ -855,6 +907,8 @@ def main(argv=None) -> int:
                                for check in check_kernels(cp, rng, shapes))
     if "models" in args.stages:
         report.add_all(check_models(rng))
+    if "train" in args.stages:
+        report.add_all(check_training(rng))
     if "bench" in args.stages and info:
         stage(report, "benchmark", run_benchmark, cp, args, report)
     failed = report.failed
