@@ -7,11 +7,14 @@ Two spellings of the same file exist in the wild and both are read here:
   ``dtype`` and a per-layer ``layer_types`` list.
 
 Supported: ``Qwen2MoeForCausalLM`` (model_type ``qwen2_moe``), its dense sibling
-``Qwen2ForCausalLM`` (``qwen2``: every layer a dense SwiGLU MLP), and three MoE
-cousins that differ from Qwen2-MoE in a few named ways (:data:`FAMILIES`):
-Mixtral (``mixtral``), OLMoE (``olmoe``) and Qwen3-MoE (``qwen3_moe``).  Anything
-that would make the network compute something else (rope scaling, sliding-window
-attention, another activation, q/k/v clipping) is refused with a
+``Qwen2ForCausalLM`` (``qwen2``: every layer a dense SwiGLU MLP), the MoE cousins
+Mixtral (``mixtral``), OLMoE (``olmoe``), Qwen3-MoE (``qwen3_moe``), DeepSeekMoE
+(``deepseek``) and DBRX (``dbrx``), and the dense models the Qwen1.5-MoE blog compares
+with, Mistral (``mistral``) and Gemma (``gemma``).  Each differs from Qwen2-MoE in a few
+named ways (:data:`FAMILIES`); DeepSeekMoE and DBRX spell their config.json differently,
+and :data:`KEY_READERS` translates them into Qwen2-MoE's keys.  Anything that would make the
+network compute something else (rope scaling, a sliding window where the family has none,
+another activation, q/k/v clipping outside DBRX) is refused with a
 :class:`~minimoe.errors.MinimoeError` rather than silently ignored.
 """
 
@@ -22,8 +25,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import MinimoeError
+import ml_dtypes
+import numpy as np
 
+from .errors import MinimoeError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,9 +36,10 @@ class Family:
     """How one Hugging Face model type differs from Qwen2-MoE: each difference one named fact.
 
     The router is the same in all of them (softmax over every expert, then the top k);
-    what varies is whether the k weights are renormalised, whether a gated shared
-    expert runs beside the routed ones, how q and k are normalised, the tensor names,
-    and which config keys hold the expert count and width.
+    what varies is whether the k weights are renormalised, whether a shared expert runs
+    beside the routed ones (and whether a gate scales it), how q and k are normalised,
+    the norm, the MLP's activation, the embedding's scale, the attention window, the
+    tensor names, and which config keys hold the expert count and width.
     """
 
     architecture: str  # the transformers class
@@ -54,6 +60,17 @@ class Family:
     # pad_token_id, and the load-balancing loss's weight when it gives no router_aux_loss_coef.
     pad_token_id: int | None = None
     router_aux_loss_coef: float = 0.001
+    shared_expert_gate: bool = True  # the shared expert scaled by sigmoid(h @ gate.T); False: always fully on (DeepSeekMoE)
+    # The norm: "rms" x / rms(x) * w; "rms_one_plus" x / rms(x) * (1 + w) (Gemma); "layer" LayerNorm without
+    # a bias, (x - mean) / std * w (DBRX).
+    norm: str = "rms"
+    activations: tuple[str, ...] = ("silu",)  # hidden_act values that mean the family's activation
+    activation: str = "silu"  # the gated MLP's activation (minimoe.layers.ACTIVATIONS): "gelu_tanh" in Gemma's GeGLU
+    embedding_scaled: bool = False  # embeddings times sqrt(hidden_size), rounded to the checkpoint's dtype (Gemma)
+    sliding_window: bool = False  # config.json's sliding_window limits attention (Mistral); elsewhere refused
+    clip_qkv: bool = False  # config.json's clip_qkv clamps q, k and v (DBRX); elsewhere refused
+    tie_word_embeddings: bool = False  # transformers' default when config.json does not say (Gemma ties)
+    head_dim: int | None = None  # transformers' default when config.json omits head_dim (Gemma: 256); None: hidden/heads
 
 
 FAMILIES: dict[str, Family] = {
@@ -67,6 +84,15 @@ FAMILIES: dict[str, Family] = {
     # transformers 5.x writes Qwen3-MoE's expert count as num_local_experts; the Hub's files say num_experts.
     "qwen3_moe": Family("Qwen3MoeForCausalLM", qk_norm="head", experts_keys=("num_experts", "num_local_experts"),
                         sparse_step=True, num_key_value_heads=4),
+    # DeepSeekMoE: its modeling code ships with the checkpoint (not in transformers); KEY_READERS["deepseek"]
+    # reads its expert keys, its ungated shared experts and its dense first layers.
+    "deepseek": Family("DeepseekForCausalLM", shared_expert=True, shared_expert_gate=False, sparse_step=True,
+                       num_key_value_heads=32),
+    "dbrx": Family("DbrxForCausalLM", norm="layer", clip_qkv=True, rms_norm_eps=1e-5, num_key_value_heads=1),
+    "mistral": Family("MistralForCausalLM", experts_keys=(), sliding_window=True, num_key_value_heads=8),
+    "gemma": Family("GemmaForCausalLM", experts_keys=(), norm="rms_one_plus", activations=("gelu", "gelu_pytorch_tanh"),
+                    activation="gelu_tanh", embedding_scaled=True, tie_word_embeddings=True, head_dim=256,
+                    num_key_value_heads=16),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
@@ -98,6 +124,10 @@ class ModelConfig:
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
     router_aux_loss_coef: float = 0.0
+    shared_expert_gate: bool = True  # see Family.shared_expert_gate
+    topk_norm_p: float = 1.0  # renormalisation divides the k weights by their p-norm (DBRX's moe_normalize_expert_weights)
+    sliding_window: int | None = None  # attend to the last sliding_window positions only (Mistral)
+    clip_qkv: float | None = None  # q, k, v clamped to [-clip_qkv, clip_qkv] (DBRX)
     dtype: str = "bfloat16"
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
@@ -134,9 +164,22 @@ class ModelConfig:
         """The gating rule in words, e.g. ``softmax over 60 experts, top-4, not renormalised, + gated shared expert``."""
         if not self.num_experts:
             return "dense: no router"
-        renormalised = "renormalised to sum 1" if self.norm_topk_prob else "not renormalised"
-        shared = ", + sigmoid-gated shared expert" if self.has_shared_expert else ""
+        renormalised = "not renormalised"
+        if self.norm_topk_prob:
+            renormalised = "renormalised to sum 1" if self.topk_norm_p == 1 else f"divided by their {self.topk_norm_p:g}-norm"
+        shared = ""
+        if self.has_shared_expert:
+            shared = ", + sigmoid-gated shared expert" if self.shared_expert_gate else ", + ungated shared expert"
         return f"softmax over {self.num_experts} experts, top-{self.num_experts_per_tok}, {renormalised}{shared}"
+
+    @property
+    def embedding_scale(self) -> float:
+        """What the embedding rows are multiplied by: 1, or for Gemma sqrt(hidden_size) rounded to the checkpoint's
+        dtype, as transformers rounds it (``embed_scale.to(weight.dtype)``: sqrt(3072) = 55.43 is 55.5 in bf16)."""
+        if not self.family.embedding_scaled:
+            return 1.0
+        dtype = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}.get(self.dtype, np.float32)
+        return float(np.asarray(self.hidden_size ** 0.5, dtype=np.float32).astype(dtype))
 
     @property
     def num_kv_groups(self) -> int:
@@ -195,16 +238,19 @@ def _parse(raw: dict[str, Any], source: str) -> ModelConfig:
             + ", ".join(f"{name} ({family.architecture})" for name, family in FAMILIES.items())
         )
     family = FAMILIES[model_type]
+    if model_type in KEY_READERS:
+        raw = KEY_READERS[model_type](raw, fail)
 
-    activation = raw.get("hidden_act", "silu")
-    if activation != "silu":
-        raise fail(f"hidden_act {activation!r} is not supported (only 'silu', as in SwiGLU)")
+    activation = raw.get("hidden_activation") or raw.get("hidden_act") or family.activations[0]
+    if activation not in family.activations:
+        raise fail(f"hidden_act {activation!r} is not supported for {model_type} (only "
+                   + " or ".join(repr(name) for name in family.activations) + f", computed as {family.activation})")
 
     rope_theta, rope_type = _rope(raw, fail, family.rope_theta)
     if rope_type not in (None, "default"):
         raise fail(f"rope scaling ({rope_type!r}) is not supported; only plain RoPE")
 
-    _refuse_sliding_window(raw, fail)
+    _refuse_sliding_window(raw, family, fail)
     _refuse_unimplemented(raw, family, fail)
 
     hidden = require("hidden_size")
@@ -212,7 +258,7 @@ def _parse(raw: dict[str, Any], source: str) -> ModelConfig:
     kv_heads = optional("num_key_value_heads", family.num_key_value_heads or heads, int)
     if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
         raise fail(f"num_attention_heads ({heads}) must be a positive multiple of num_key_value_heads ({kv_heads})")
-    head_dim = optional("head_dim", None, int)
+    head_dim = optional("head_dim", family.head_dim, int)
     if head_dim is None:
         if hidden % heads:
             raise fail(f"hidden_size ({hidden}) is not divisible by num_attention_heads ({heads})")
@@ -229,6 +275,8 @@ def _parse(raw: dict[str, Any], source: str) -> ModelConfig:
             moe_intermediate_size=require(family.expert_width_key),
             shared_expert_intermediate_size=require("shared_expert_intermediate_size") if family.shared_expert else 0,
             norm_topk_prob=True if family.always_renormalise else optional("norm_topk_prob", family.norm_topk_prob, bool),
+            topk_norm_p=optional("topk_norm_p", 1.0, float),
+            shared_expert_gate=family.shared_expert_gate,
             decoder_sparse_step=optional("decoder_sparse_step", 1, int) if family.sparse_step else 1,
             mlp_only_layers=tuple(optional("mlp_only_layers", [], list)) if family.sparse_step else (),
             router_aux_loss_coef=optional("router_aux_loss_coef", family.router_aux_loss_coef, float),
@@ -242,6 +290,8 @@ def _parse(raw: dict[str, Any], source: str) -> ModelConfig:
             raise fail(f"decoder_sparse_step must be >= 1, got {moe['decoder_sparse_step']}")
         if not all(isinstance(layer, int) for layer in moe["mlp_only_layers"]):
             raise fail(f"mlp_only_layers must list layer indices, got {moe['mlp_only_layers']!r}")
+        if moe["topk_norm_p"] <= 0:
+            raise fail(f"the top-k weights' norm must have p > 0, got {moe['topk_norm_p']}")
 
     config = ModelConfig(
         model_type=model_type,
@@ -255,9 +305,11 @@ def _parse(raw: dict[str, Any], source: str) -> ModelConfig:
         max_position_embeddings=require("max_position_embeddings"),
         rms_norm_eps=optional("rms_norm_eps", family.rms_norm_eps, float),
         rope_theta=rope_theta,
-        tie_word_embeddings=optional("tie_word_embeddings", False, bool),
+        tie_word_embeddings=optional("tie_word_embeddings", family.tie_word_embeddings, bool),
         qkv_bias=optional("qkv_bias", True, bool) if family.qkv_bias else False,
         qk_norm=family.qk_norm,
+        sliding_window=optional("sliding_window", None, int) if family.sliding_window else None,
+        clip_qkv=optional("clip_qkv", None, float) if family.clip_qkv else None,
         dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"),
         bos_token_id=optional("bos_token_id", None, int),
         # an explicit null means none, as in transformers; an absent key, the family's default
@@ -268,7 +320,69 @@ def _parse(raw: dict[str, Any], source: str) -> ModelConfig:
     for field in ("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings"):
         if getattr(config, field) <= 0:
             raise fail(f"{field} must be positive, got {getattr(config, field)}")
+    for field in ("sliding_window", "clip_qkv"):
+        if getattr(config, field) is not None and getattr(config, field) <= 0:
+            raise fail(f"{field} must be positive, got {getattr(config, field)}")
     return config
+
+
+# --- families that spell config.json their own way ----------------------------------------
+
+def _deepseek_keys(raw: dict[str, Any], fail) -> dict[str, Any]:
+    """DeepSeekMoE's config.json (``configuration_deepseek.py``, shipped with the checkpoint) in Qwen2-MoE's keys.
+
+    * ``n_routed_experts`` routed experts of ``moe_intermediate_size``, ``num_experts_per_tok`` per token,
+      softmax (``scoring_func``) over all of them, renormalised iff ``norm_topk_prob``;
+    * ``n_shared_experts`` shared experts, always on and ungated: one MLP of ``n_shared_experts *
+      moe_intermediate_size`` (how its modeling code builds them);
+    * layer ``l`` is sparse iff ``l >= first_k_dense_replace`` and ``l % moe_layer_freq == 0``; the others
+      are dense MLPs of ``intermediate_size``, listed here as ``mlp_only_layers``.
+    """
+    if raw.get("scoring_func", "softmax") != "softmax":
+        raise fail(f"scoring_func {raw['scoring_func']!r} is not supported (only DeepSeekMoE's 'softmax')")
+    layers, experts = raw.get("num_hidden_layers"), raw.get("n_routed_experts") or 0
+    if not isinstance(layers, int):
+        raise fail("missing required field 'num_hidden_layers'")
+    first_dense, every = raw.get("first_k_dense_replace", 0), raw.get("moe_layer_freq", 1)
+    if not (isinstance(first_dense, int) and isinstance(every, int) and every >= 1):
+        raise fail(f"first_k_dense_replace ({first_dense!r}) and moe_layer_freq ({every!r}) must be integers, "
+                   "moe_layer_freq >= 1")
+    width = raw.get("moe_intermediate_size")
+    return {**raw, "num_experts": experts,
+            "shared_expert_intermediate_size": (raw.get("n_shared_experts") or 0) * (width or 0),
+            "mlp_only_layers": [layer for layer in range(layers) if layer < first_dense or layer % every],
+            "decoder_sparse_step": 1, "router_aux_loss_coef": raw.get("aux_loss_alpha", 0.001)}
+
+
+def _dbrx_keys(raw: dict[str, Any], fail) -> dict[str, Any]:
+    """DBRX's config.json (nested ``attn_config`` and ``ffn_config``, MosaicML's names) in Qwen2-MoE's keys.
+
+    Every layer is sparse: ``moe_num_experts`` experts of ``ffn_hidden_size``, ``moe_top_k`` per token, their
+    weights divided by their p-norm with p = ``moe_normalize_expert_weights`` (1: renormalised to sum 1; null:
+    not renormalised); ``kv_n_heads`` key/value heads; ``clip_qkv``.  RoPE's theta: ``rope_parameters`` where
+    transformers 5.x wrote it, else the Hub file's ``attn_config.rope_theta``.
+    """
+    attn, ffn = raw.get("attn_config") or {}, raw.get("ffn_config") or {}
+    if not isinstance(attn, dict) or not isinstance(ffn, dict):
+        raise fail("attn_config and ffn_config must be objects")
+    p = ffn.get("moe_normalize_expert_weights", 1.0)
+    activation = (ffn.get("ffn_act_fn") or {"name": "silu"}).get("name", "silu")
+    keys = {
+        "vocab_size": raw.get("vocab_size"), "hidden_size": raw.get("d_model"),
+        "num_hidden_layers": raw.get("n_layers"), "num_attention_heads": raw.get("n_heads"),
+        "num_key_value_heads": attn.get("kv_n_heads", 1), "max_position_embeddings": raw.get("max_seq_len"),
+        "intermediate_size": ffn.get("ffn_hidden_size", 3584), "moe_intermediate_size": ffn.get("ffn_hidden_size", 3584),
+        "num_experts": ffn.get("moe_num_experts", 4), "num_experts_per_tok": ffn.get("moe_top_k", 1),
+        "norm_topk_prob": p is not None, "topk_norm_p": p if p is not None else 1.0,
+        "router_aux_loss_coef": ffn.get("moe_loss_weight", 0.01), "clip_qkv": attn.get("clip_qkv"),
+        "hidden_act": activation,
+    }
+    if "rope_parameters" not in raw and "rope_theta" not in raw:
+        keys["rope_theta"] = attn.get("rope_theta", 10000.0)
+    return {**{k: v for k, v in raw.items() if k not in ("attn_config", "ffn_config")}, **keys}
+
+
+KEY_READERS = {"deepseek": _deepseek_keys, "dbrx": _dbrx_keys}
 
 
 def _typed(value: Any, kind: type, key: str, fail) -> Any:
@@ -298,12 +412,15 @@ def _rope(raw: dict[str, Any], fail, default_theta: float) -> tuple[float, str |
     return _typed(theta, float, "rope_theta", fail), rope_type
 
 
-def _refuse_sliding_window(raw: dict[str, Any], fail) -> None:
-    """Sliding-window attention changes the mask; we only implement full causal attention.
+def _refuse_sliding_window(raw: dict[str, Any], family: Family, fail) -> None:
+    """Sliding-window attention changes the mask; minimoe implements it for Mistral only.
 
     Qwen configs carry a ``sliding_window`` size that only counts when ``use_sliding_window``
-    is true; Mixtral's has no such switch: any ``sliding_window`` there is used.
+    is true; Mixtral's has no such switch: any ``sliding_window`` there is used.  Mistral's
+    is read into :attr:`ModelConfig.sliding_window` (and its ``layer_types`` say so).
     """
+    if family.sliding_window:
+        return
     if raw.get("use_sliding_window"):
         raise fail("use_sliding_window is true; sliding-window attention is not supported")
     if raw.get("model_type") == "mixtral" and raw.get("sliding_window") is not None:
@@ -320,8 +437,9 @@ def _refuse_sliding_window(raw: dict[str, Any], fail) -> None:
 
 def _refuse_unimplemented(raw: dict[str, Any], family: Family, fail) -> None:
     """Family options that would change the computation and that minimoe does not implement."""
-    if raw.get("clip_qkv") is not None:
-        raise fail(f"clip_qkv is {raw['clip_qkv']}: clipping q/k/v (an OLMoE option) is not supported")
+    if raw.get("clip_qkv") is not None and not family.clip_qkv:
+        raise fail(f"clip_qkv is {raw['clip_qkv']}: clipping q/k/v is implemented for DBRX only, "
+                   f"not for {raw.get('model_type')}")
     if raw.get("attention_bias") and not family.qkv_bias:
         raise fail("attention_bias is true: biases on the attention projections are not supported for "
                    f"{raw.get('model_type')} (only Qwen2's q/k/v biases)")

@@ -70,9 +70,27 @@ def rms_norm_backward(xp, dy, x, weight, eps: float):
     return dx, dweight
 
 
+def layer_norm(xp, x, weight, eps: float):
+    """LayerNorm without a bias (DBRX): ``(x - mean(x)) / sqrt(var(x) + eps) * w``.  x ``[..., H]`` -> ``[..., H]``.
+
+    The same as :func:`rms_norm` of ``x`` minus its mean: the variance is the mean square of the
+    centred values.
+    """
+    return rms_norm(xp, x - xp.mean(x, axis=-1, keepdims=True), weight, eps)
+
+
 def silu(xp, x):
     """``x * sigmoid(x)``, elementwise."""
     return x / (1.0 + xp.exp(-x))
+
+
+def gelu_tanh(xp, x):
+    """GELU in its tanh approximation (Gemma's GeGLU): ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``."""
+    return 0.5 * x * (1.0 + xp.tanh(xp.float32((2.0 / 3.141592653589793) ** 0.5) * (x + xp.float32(0.044715) * x ** 3)))
+
+
+# A gated MLP's activation by the name a Family gives it: SwiGLU's silu, Gemma's GeGLU.
+ACTIVATIONS = {"silu": silu, "gelu_tanh": gelu_tanh}
 
 
 def sigmoid(xp, x):
@@ -143,11 +161,12 @@ def merge_heads(x):
     return x.transpose(0, 2, 1, 3).reshape(batch, tokens, heads * head_dim)
 
 
-def attention_weights(xp, q, k, query_start: int):
+def attention_weights(xp, q, k, query_start: int, window: int | None = None):
     """The causal softmax weights of grouped-query attention.  q ``[B, nh, T, D]``, k ``[B, nkv, S, D]`` ->
     ``[B, nkv, nh / nkv, T, S]`` (query head ``h`` is group ``h % (nh / nkv)`` of key head ``h // (nh / nkv)``).
 
-    Scores are scaled by ``1/sqrt(D)``; a query at position ``p`` sees keys ``0..p``.
+    Scores are scaled by ``1/sqrt(D)``; a query at position ``p`` sees keys ``0..p``; with a ``window``
+    (Mistral's ``sliding_window``), only the last ``window`` of them, ``p - window + 1 .. p``.
     """
     batch, num_heads, tokens, head_dim = q.shape
     num_kv, keys = k.shape[1], k.shape[2]
@@ -156,12 +175,15 @@ def attention_weights(xp, q, k, query_start: int):
     scores /= xp.float32(head_dim) ** 0.5
     query_pos = xp.arange(query_start, query_start + tokens)[:, None]
     key_pos = xp.arange(keys)[None, :]
-    scores += xp.where(key_pos <= query_pos, xp.float32(0), xp.float32(-xp.inf))  # the causal mask [T, S]
+    visible = key_pos <= query_pos
+    if window is not None:
+        visible = visible & (key_pos > query_pos - window)
+    scores += xp.where(visible, xp.float32(0), xp.float32(-xp.inf))  # the causal mask [T, S]
     return softmax(xp, scores, axis=-1)
 
 
-def causal_attention(xp, q, k, v, query_start: int):
-    """Grouped-query causal attention.
+def causal_attention(xp, q, k, v, query_start: int, window: int | None = None):
+    """Grouped-query causal attention, over a sliding window of ``window`` positions if given.
 
     q ``[B, nh, T, D]`` for positions ``query_start .. query_start + T - 1``;
     k, v ``[B, nkv, S, D]`` for positions ``0 .. S - 1``.  Returns ``[B, T, nh * D]``.
@@ -170,12 +192,12 @@ def causal_attention(xp, q, k, v, query_start: int):
     as ``[nkv, groups]`` instead of repeating k and v, which is the same arithmetic
     without the copies (:func:`attention_weights`).
     """
-    weights = attention_weights(xp, q, k, query_start)  # [B, nkv, g, T, S]
+    weights = attention_weights(xp, q, k, query_start, window)  # [B, nkv, g, T, S]
     out = weights @ v[:, :, None]  # [B, nkv, g, T, D]
     return merge_heads(out.reshape(q.shape))
 
 
-def causal_attention_backward(xp, dy, q, k, v, out, query_start: int):
+def causal_attention_backward(xp, dy, q, k, v, out, query_start: int, window: int | None = None):
     """Gradients of :func:`causal_attention`, given its output ``out``.  dy, out ``[B, T, nh * D]`` ->
     (dq ``[B, nh, T, D]``, dk, dv ``[B, nkv, S, D]``).
 
@@ -193,7 +215,7 @@ def causal_attention_backward(xp, dy, q, k, v, out, query_start: int):
     def by_key_head(x):  # [B, T, nh*D] -> [B, nkv, g*T, D]
         return split_heads(x, num_heads, head_dim).reshape(batch, num_kv, rows, head_dim)
 
-    weights = attention_weights(xp, q, k, query_start).reshape(batch, num_kv, rows, keys)  # P [B, nkv, g*T, S]
+    weights = attention_weights(xp, q, k, query_start, window).reshape(batch, num_kv, rows, keys)  # P [B, nkv, g*T, S]
     d_out = by_key_head(dy)  # dO
     dv = weights.swapaxes(-1, -2) @ d_out  # [B, nkv, S, D]
     d_scores = d_out @ v.swapaxes(-1, -2)  # dP [B, nkv, g*T, S], turned into dS in place:
@@ -207,9 +229,12 @@ def causal_attention_backward(xp, dy, q, k, v, out, query_start: int):
 
 # --- feed-forward ------------------------------------------------------------------
 
-def swiglu(xp, x, gate: Projection, up: Projection, down: Projection):
-    """The SwiGLU MLP: ``down(silu(gate(x)) * up(x))``.  x ``[..., H]`` -> ``[..., H]`` (inner width ``I``)."""
-    return down(silu(xp, gate(x)) * up(x))  # [..., I] -> [..., H]
+def swiglu(xp, x, gate: Projection, up: Projection, down: Projection, activation: Callable = silu):
+    """The SwiGLU MLP: ``down(silu(gate(x)) * up(x))``.  x ``[..., H]`` -> ``[..., H]`` (inner width ``I``).
+
+    ``activation`` replaces silu in another gated MLP: :func:`gelu_tanh` makes Gemma's GeGLU.
+    """
+    return down(activation(xp, gate(x)) * up(x))  # [..., I] -> [..., H]
 
 
 def swiglu_backward(xp, dy, x, gate_out, up_out, gate_w, up_w, down_w):
@@ -257,12 +282,14 @@ class RouterChoice(NamedTuple):
 
 
 def route(xp, router_logits, top_k: int, norm_topk_prob: bool, disabled: Sequence[int] = (),
-          forced: Sequence[int] | None = None) -> RouterChoice:
+          forced: Sequence[int] | None = None, norm_p: float = 1.0) -> RouterChoice:
     """The router's choice per token.  router_logits ``[N, E]`` -> :class:`RouterChoice`.
 
     Softmax over *all* experts, then the k largest probabilities, highest first.
     Without ``norm_topk_prob`` (Qwen1.5-MoE's setting) the k weights are those raw
-    probabilities and sum to less than 1; with it they are renormalised to sum to 1.
+    probabilities and sum to less than 1; with it they are renormalised to sum to 1 (divided by
+    their ``norm_p``-norm, which for p = 1 is their sum; DBRX names its p in
+    ``moe_normalize_expert_weights``).
 
     Interventions: ``disabled`` experts are removed from the router (their logits
     set to -inf before the softmax, as if the router had no row for them);
@@ -283,8 +310,15 @@ def route(xp, router_logits, top_k: int, norm_topk_prob: bool, disabled: Sequenc
         order = xp.argsort(-xp.take_along_axis(probs, expert_ids, -1), axis=-1, kind="stable")
         expert_ids = xp.take_along_axis(expert_ids, order, -1)
     raw_weights = xp.take_along_axis(probs, expert_ids, axis=-1)
-    weights = raw_weights / xp.sum(raw_weights, axis=-1, keepdims=True) if norm_topk_prob else raw_weights
+    weights = raw_weights / topk_norm(xp, raw_weights, norm_p) if norm_topk_prob else raw_weights
     return RouterChoice(logits, probs, expert_ids, raw_weights, weights)
+
+
+def topk_norm(xp, weights, p: float):
+    """The p-norm of each token's k weights ``[N, k]`` -> ``[N, 1]``: their sum for p = 1 (they are positive)."""
+    if p == 1:
+        return xp.sum(weights, axis=-1, keepdims=True)
+    return xp.sum(weights ** p, axis=-1, keepdims=True) ** (1.0 / p)
 
 
 def route_backward(xp, d_weights, choice: RouterChoice, norm_topk_prob: bool, d_probs=None):
@@ -373,13 +407,16 @@ def routed_experts_backward(xp, dy, expert_ids, expert_weights, expert_outputs, 
     return dh, d_weights.reshape(expert_ids.shape)
 
 
-def shared_expert(xp, h, expert: Expert, shared_gate: Projection):
+def shared_expert(xp, h, expert: Expert, shared_gate: Projection | None):
     """The always-on shared expert, scaled per token by a sigmoid gate.
 
     h ``[N, H]`` -> (output ``[N, H]``, gate value ``[N]``).  ``expert`` is a SwiGLU MLP;
     ``shared_gate`` maps ``H -> 1`` and its sigmoid decides how much of the shared
-    expert each token takes.
+    expert each token takes.  Without a gate (None: DeepSeekMoE's shared experts) every
+    token takes all of it, a gate of 1.
     """
+    if shared_gate is None:
+        return expert(h), xp.ones(h.shape[0], dtype=xp.float32)
     gate_value = sigmoid(xp, shared_gate(h))[:, 0]  # [N]
     return expert(h) * gate_value[:, None], gate_value
 

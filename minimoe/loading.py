@@ -5,7 +5,7 @@ shape against the config, and builds :mod:`minimoe.model`'s blocks on a backend,
 of operations (:mod:`minimoe.ops`) also says how it holds the weights (memory-mapped bf16 for
 NumPy; copied to the GPU once for CuPy).  What it returns, a :class:`LoadedModel`, is that
 :class:`~minimoe.model.Model` with generation (:mod:`minimoe.generate`), routing traces of
-texts of any length (:mod:`minimoe.tracing`) and a walk through one layer
+texts of any length (:mod:`minimoe.inspect.tracing`) and a walk through one layer
 (:mod:`minimoe.inspect.stepthrough`).
 """
 
@@ -162,21 +162,31 @@ def check_shapes(checkpoint: Checkpoint, expected: Iterable[tuple[str, tuple[int
 def build(config: ModelConfig, tensor: Callable[[str], object], ops: Operations) -> LoadedModel:
     """The model whose weights ``tensor(name)`` gives (a checkpoint's stored array, by its Hub name), held as
     the backend ``ops`` holds them."""
+    tensor = names.tensor_views(config, tensor)  # by Qwen2's names, whatever the family calls them
+    family = config.family
+
     def vector(name):
         return ops.vector(tensor(name))
+
+    def norm_weight(name):
+        """A norm's weight as the model multiplies by it: Gemma stores w and scales by 1 + w (computed here once,
+        in float32, as transformers computes it on every call)."""
+        weight = np.asarray(tensor(name), dtype=np.float32)
+        return ops.vector(1.0 + weight if family.norm == "rms_one_plus" else weight)
 
     def mlp_tensors(mlp_names: dict[str, str]) -> list:
         return [tensor(mlp_names[part]) for part in ("gate", "up", "down")]
 
     def swiglu(mlp_names: dict[str, str]) -> SwiGLU:
-        return SwiGLU(*ops.swiglu_weights(*mlp_tensors(mlp_names)))
+        return SwiGLU(*ops.swiglu_weights(*mlp_tensors(mlp_names)), activation=family.activation)
 
     def attention(layer) -> Attention:
         n = names.attention_names(layer)
         biases = [tensor(n[f"{key}_bias"]) for key in "qkv"] if config.qkv_bias else None
         q, k, v, o = ops.attention_weights(*(tensor(n[f"{key}_weight"]) for key in "qkvo"), biases=biases)
         return Attention(q, k, v, o, num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
-                         head_dim=config.head_dim, qk_norm=qk_norm(layer) if config.qk_norm else None)
+                         head_dim=config.head_dim, qk_norm=qk_norm(layer) if config.qk_norm else None,
+                         clip_qkv=config.clip_qkv, sliding_window=config.sliding_window)
 
     def qk_norm(layer) -> QKNorm:
         norm_names = names.qk_norm_names(layer)
@@ -189,21 +199,24 @@ def build(config: ModelConfig, tensor: Callable[[str], object], ops: Operations)
         experts = [mlp_tensors(names.expert_names(layer, e, config.model_type)) for e in range(config.num_experts)]
         shared = None
         if config.has_shared_expert:
-            shared = mlp_tensors(names.swiglu_names(names.shared_expert_prefix(layer)))
+            shared = mlp_tensors(names.swiglu_names(names.shared_expert_prefix(layer, config.model_type)))
+        gated = shared and config.shared_expert_gate
         router, expert_weights, shared_gate, shared_weights = ops.moe_weights(
             tensor(names.router_name(layer, config.model_type)), experts,
-            tensor(names.shared_expert_gate_name(layer)) if shared else None, shared)
-        return SparseMoeBlock(router=router, experts=[SwiGLU(*mlp) for mlp in expert_weights],
-                              shared=None if shared_weights is None else SwiGLU(*shared_weights),
+            tensor(names.shared_expert_gate_name(layer)) if gated else None, shared)
+        return SparseMoeBlock(router=router, experts=[SwiGLU(*mlp, activation=family.activation) for mlp in expert_weights],
+                              shared=None if shared_weights is None else SwiGLU(*shared_weights, activation=family.activation),
                               shared_gate=shared_gate, top_k=config.num_experts_per_tok,
-                              norm_topk_prob=config.norm_topk_prob)
+                              norm_topk_prob=config.norm_topk_prob, topk_norm_p=config.topk_norm_p)
 
     decoder = []
     for layer in range(config.num_hidden_layers):
         norms = names.norm_names(layer)
-        decoder.append(DecoderLayer(index=layer, input_norm=vector(norms["input"]),
-                                    post_attention_norm=vector(norms["post_attention"]), attention=attention(layer),
-                                    mlp=feed_forward(layer), eps=config.rms_norm_eps))
+        decoder.append(DecoderLayer(index=layer, input_norm=norm_weight(norms["input"]),
+                                    post_attention_norm=norm_weight(norms["post_attention"]), attention=attention(layer),
+                                    mlp=feed_forward(layer), eps=config.rms_norm_eps,
+                                    norm="layer" if family.norm == "layer" else "rms"))
     embed = ops.linear(tensor(names.EMBED))
     lm_head = embed if config.tie_word_embeddings else ops.linear(tensor(names.LM_HEAD))
-    return LoadedModel(config, embed, decoder, vector(names.FINAL_NORM), lm_head, ops)
+    return LoadedModel(config, embed, decoder, norm_weight(names.FINAL_NORM), lm_head, ops,
+                       embed_scale=config.embedding_scale)

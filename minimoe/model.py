@@ -117,20 +117,30 @@ class Attention:
     num_kv_heads: int
     head_dim: int
     qk_norm: QKNorm | None = None
+    clip_qkv: float | None = None  # DBRX: q, k, v clamped to [-clip_qkv, clip_qkv] after their projections
+    sliding_window: int | None = None  # Mistral: each query sees only the last sliding_window positions
 
     def __call__(self, ops: Operations, h, cos, sin, cache: KVCache | None, layer: int, start: int):
         """h ``[B, T, H]`` -> ``[B, T, H]``; the new keys and values go into ``cache`` when given."""
         q, k, v = ops.attention_inputs(self, h, cos, sin, cache, layer, start)  # projected, RoPE'd, cached
-        return self.o(ops.attention(q, k, v, start))  # [B, T, nh*D] -> [B, T, H]
+        if self.sliding_window is None:
+            return self.o(ops.attention(q, k, v, start))  # [B, T, nh*D] -> [B, T, H]
+        # (only the reference operations take a window: the CUDA kernels' families have none)
+        return self.o(ops.attention(q, k, v, start, window=self.sliding_window))
 
 
 @dataclass(eq=False)
 class SwiGLU:
-    """A SwiGLU MLP, ``down(silu(gate(h)) * up(h))``: a dense layer's, an expert, or the shared expert."""
+    """A SwiGLU MLP, ``down(silu(gate(h)) * up(h))``: a dense layer's, an expert, or the shared expert.
+
+    ``activation`` names another gate activation (:data:`minimoe.layers.ACTIVATIONS`): Gemma's
+    ``gelu_tanh`` makes it a GeGLU.
+    """
 
     gate: Projection  # H -> I
     up: Projection  # H -> I
     down: Projection  # I -> H
+    activation: str = "silu"
 
     def __call__(self, ops: Operations, h):
         """h ``[..., H]`` -> ``[..., H]``."""
@@ -142,8 +152,10 @@ class SparseMoeBlock:
     """Router + routed experts (+ the sigmoid-gated shared expert, in Qwen2-MoE).
 
     Every family here routes alike (softmax over all experts, top k, weights
-    renormalised iff ``norm_topk_prob``); Mixtral, OLMoE and Qwen3-MoE have no shared
-    expert (``shared`` None), and their traces show its gate and output as 0.
+    renormalised iff ``norm_topk_prob``: divided by their ``topk_norm_p``-norm, their sum
+    but in a DBRX configured otherwise); Mixtral, OLMoE, Qwen3-MoE and DBRX have no shared
+    expert (``shared`` None), and their traces show its gate and output as 0; DeepSeekMoE's
+    has no gate (``shared_gate`` None), and its traces show a gate of 1.
     """
 
     router: Projection  # H -> E, no bias
@@ -152,6 +164,7 @@ class SparseMoeBlock:
     shared_gate: Projection | None  # H -> 1
     top_k: int
     norm_topk_prob: bool
+    topk_norm_p: float = 1.0
 
     def __call__(self, ops: Operations, h, residual, layer: int, change: LayerInterventions = NO_INTERVENTIONS,
                  record=None):
@@ -168,6 +181,12 @@ class SparseMoeBlock:
         return ops.moe_output(residual, routed, shared, choice)  # residual + routed + shared
 
 
+def normalise(ops: Operations, x, weight, eps: float, norm: str = "rms"):
+    """The family's norm of x ``[..., H]``: RMSNorm (``"rms"``; Gemma's ``1 + w`` is folded into its weight when
+    the model is built) or DBRX's LayerNorm without a bias (``"layer"``)."""
+    return ops.layer_norm(x, weight, eps) if norm == "layer" else ops.rms_norm(x, weight, eps)
+
+
 @dataclass(eq=False)
 class DecoderLayer:
     index: int
@@ -176,6 +195,7 @@ class DecoderLayer:
     attention: Attention
     mlp: SwiGLU | SparseMoeBlock
     eps: float
+    norm: str = "rms"  # "layer": DBRX's LayerNorm (see normalise)
 
     @property
     def is_sparse(self) -> bool:
@@ -184,11 +204,15 @@ class DecoderLayer:
     def __call__(self, ops: Operations, x, cos, sin, cache, start, interventions: Interventions | None = None,
                  record=None):
         """x ``[B, T, H]`` -> ``[B, T, H]``: attention then feed-forward, each added to the residual."""
-        h = ops.rms_norm(x, self.input_norm, self.eps)
+        h = normalise(ops, x, self.input_norm, self.eps, self.norm)
         attended = self.attention(ops, h, cos, sin, cache, self.index, start)
         if record is not None:
             record(self.index, attention_norm=ops.xp.linalg.norm(attended, axis=-1).reshape(-1))
-        x, h = ops.add_rms_norm(x, attended, self.post_attention_norm, self.eps)  # x += attended; h = norm(x)
+        if self.norm == "rms":
+            x, h = ops.add_rms_norm(x, attended, self.post_attention_norm, self.eps)  # x += attended; h = norm(x)
+        else:
+            x = x + attended
+            h = normalise(ops, x, self.post_attention_norm, self.eps, self.norm)
         if not self.is_sparse:
             return x + self.mlp(ops, h)
         change = interventions.for_layer(self.index) if interventions else NO_INTERVENTIONS
@@ -209,6 +233,7 @@ class Model:
     final_norm: object  # [H]
     lm_head: Projection  # H -> V (the embedding itself when tied)
     ops: Operations = field(default_factory=Operations, repr=False)
+    embed_scale: float = 1.0  # Gemma: the embedding rows times sqrt(hidden) (ModelConfig.embedding_scale)
     checkpoint: Checkpoint | None = None
     generation_config: dict = field(default_factory=dict)
 
@@ -264,7 +289,7 @@ class Model:
             record = on_the_host(record)
         cos, sin = layers.rope_tables(xp, xp.arange(start, start + tokens), self.config.head_dim, self.config.rope_theta)
         with self.ops.forward_context():
-            logits = self.run(self.ops, self.ops.embed(self.embed, batch), cos, sin, cache, start, changes, record)
+            logits = self.run(self.ops, self.embed_tokens(batch), cos, sin, cache, start, changes, record)
         if cache is not None:
             cache.advance(tokens)
         if record is not None:
@@ -274,6 +299,11 @@ class Model:
 
     __call__ = forward
 
+    def embed_tokens(self, ids):
+        """The embedding rows of ids ``[B, T]`` -> ``[B, T, H]`` float32, times the family's ``embed_scale``."""
+        x = self.ops.embed(self.embed, ids)
+        return x if self.embed_scale == 1.0 else x * self.xp.float32(self.embed_scale)
+
     def run(self, ops: Operations, x, cos, sin, cache: KVCache | None, start: int,
             interventions: Interventions | None = None, record=None):
         """The decoder layers, the final norm and the output head over embedded tokens: x ``[B, T, H]`` at
@@ -281,7 +311,8 @@ class Model:
         core, which the GPU's CUDA-graph decoder (:mod:`minimoe.gpu.decode`) captures as it is."""
         for layer in self.decoder:
             x = layer(ops, x, cos, sin, cache, start, interventions, record)
-        return self.lm_head(ops.rms_norm(x, self.final_norm, self.config.rms_norm_eps))
+        norm = "layer" if self.config.family.norm == "layer" else "rms"
+        return self.lm_head(normalise(ops, x, self.final_norm, self.config.rms_norm_eps, norm))
 
     def aux_loss(self, ids) -> float:
         """The router's load-balancing loss on ``ids`` (unscaled, as transformers' ``aux_loss``)."""

@@ -15,6 +15,7 @@ operation                    reference (this file)                           ker
 ``embed``                    ``Linear.rows``                                  ``gather_rows`` (matmul.cu)
 ``rms_norm``                 :func:`layers.rms_norm`                          ``rms_norm`` (norm.cu)
 ``add_rms_norm``             ``x + delta``, then :func:`layers.rms_norm`      ``add_rms_norm`` (norm.cu)
+``layer_norm`` (DBRX)        :func:`layers.layer_norm`                        (none: DBRX runs on the reference)
 ``attention_inputs``         q/k/v, q/k norm, :func:`layers.apply_rope`,      q/k/v stacked in one matmul,
                              :meth:`KVCache.update`                           ``rope_store_kv`` (rope.cu)
 ``attention``                :func:`layers.causal_attention`                  ``attention_*`` (attention.cu)
@@ -103,6 +104,10 @@ class Operations:
         """:func:`minimoe.layers.rms_norm`.  x ``[..., H]`` -> ``[..., H]``."""
         return layers.rms_norm(self.xp, x, weight, eps)
 
+    def layer_norm(self, x, weight, eps: float):
+        """:func:`minimoe.layers.layer_norm` (DBRX's, without a bias).  x ``[..., H]`` -> ``[..., H]``."""
+        return layers.layer_norm(self.xp, x, weight, eps)
+
     def add_rms_norm(self, x, delta, weight, eps: float):
         """The decoder layer's ``x = x + delta; h = rms_norm(x)``: x, delta ``[..., H]`` -> (x + delta, h)."""
         x = x + delta
@@ -114,6 +119,8 @@ class Operations:
         added to the cache -> q ``[B, nh, T, D]``, k, v ``[B, nkv, S, D]`` (the cached positions, then these)."""
         xp, norm = self.xp, attention.qk_norm
         q, k, v = attention.q(h), attention.k(h), attention.v(h)  # [B, T, nh*D], [B, T, nkv*D], [B, T, nkv*D]
+        if attention.clip_qkv is not None:  # DBRX
+            q, k, v = (xp.clip(t, -attention.clip_qkv, attention.clip_qkv) for t in (q, k, v))
         if norm and not norm.per_head:  # OLMoE: over the whole projection
             q, k = norm(xp, q, k)
         q = layers.split_heads(q, attention.num_heads, attention.head_dim)  # [B, nh, T, D]
@@ -126,8 +133,9 @@ class Operations:
             k, v = cache.update(layer, k, v)  # [B, nkv, S, D]
         return q, k, v
 
-    def attention(self, q, k, v, start: int):
-        """:func:`minimoe.layers.causal_attention` -> ``[B, T, nh*D]``, the queries ``QUERY_CHUNK`` at a time.
+    def attention(self, q, k, v, start: int, window: int | None = None):
+        """:func:`minimoe.layers.causal_attention` (over a sliding ``window`` if given) -> ``[B, T, nh*D]``,
+        the queries ``QUERY_CHUNK`` at a time.
 
         Each chunk reads only the keys up to its own last position, so a long prompt never
         builds a ``[B, nh, T, S]`` score array and skips the masked-out upper triangle.  The
@@ -136,12 +144,12 @@ class Operations:
         """
         xp, tokens = self.xp, q.shape[2]
         if tokens <= QUERY_CHUNK:
-            return layers.causal_attention(xp, q, k, v, query_start=start)
+            return layers.causal_attention(xp, q, k, v, query_start=start, window=window)
 
         def chunk(first: int):
             last = min(first + QUERY_CHUNK, tokens)
             return layers.causal_attention(xp, q[:, :, first:last], k[:, :, : start + last], v[:, :, : start + last],
-                                           query_start=start + first)
+                                           query_start=start + first, window=window)
 
         longest_first = range(0, tokens, QUERY_CHUNK)[::-1]
         return xp.concatenate(self.map(chunk, longest_first)[::-1], axis=1)
@@ -155,22 +163,23 @@ class Operations:
         gate[s](h)) * up[s](h))``, the same MLP (tensor parallelism, as in Megatron-LM), each thread
         doing three matmuls and its share of the elementwise work.
         """
+        activation = layers.ACTIVATIONS[mlp.activation]
         if self.xp is not np:
-            return layers.swiglu(self.xp, h, mlp.gate, mlp.up, mlp.down)
+            return layers.swiglu(self.xp, h, mlp.gate, mlp.up, mlp.down, activation)
         slices = self._wide.get(mlp)
         if slices is None:
             slices = self._wide[mlp] = [(mlp.gate.row_slice(s), mlp.up.row_slice(s), mlp.down.column_slice(s))
                                         for s in row_ranges(mlp.gate.shape[0], NUM_THREADS)]
         if len(slices) == 1:
-            return layers.swiglu(self.xp, h, *slices[0])
-        partial = parallel_map(lambda part: layers.swiglu(self.xp, h, *part), slices)
+            return layers.swiglu(self.xp, h, *slices[0], activation)
+        partial = parallel_map(lambda part: layers.swiglu(self.xp, h, *part, activation), slices)
         return sum(partial[1:], partial[0])
 
     def route(self, moe, h, change):
         """The router's choice for h ``[N, H]`` (:func:`minimoe.layers.route`, with the layer's interventions
         ``change``) -> :class:`minimoe.layers.RouterChoice`."""
         return layers.route(self.xp, moe.router(h), change.top_k or moe.top_k, moe.norm_topk_prob, change.disabled,
-                            change.forced)
+                            change.forced, moe.topk_norm_p)
 
     def routed_experts(self, moe, h, choice):
         """:func:`minimoe.layers.routed_experts`: the chosen experts' weighted sum ``[N, H]``, one expert a thread."""
@@ -179,11 +188,11 @@ class Operations:
 
     def expert(self, mlp):
         """A routed expert as a one-argument callable ``[n, H] -> [n, H]`` (run whole: the experts share the threads)."""
-        return lambda x: layers.swiglu(self.xp, x, mlp.gate, mlp.up, mlp.down)
+        return lambda x: layers.swiglu(self.xp, x, mlp.gate, mlp.up, mlp.down, layers.ACTIVATIONS[mlp.activation])
 
     def shared_expert(self, moe, h, choice, on: bool):
         """:func:`minimoe.layers.shared_expert` -> (its gated output ``[N, H]``, zeros when switched off (``on``
-        False), and its gate ``[N]``); zeros for both in a family without one."""
+        False), and its gate ``[N]``, 1 where it has none); zeros for both in a family without one."""
         xp = self.xp
         if moe.shared is None:
             return xp.zeros_like(h), xp.zeros(len(h), dtype=xp.float32)

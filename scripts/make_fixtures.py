@@ -109,6 +109,28 @@ SPECS = [
                                                 moe_intermediate_size=16, norm_topk_prob=True, mlp_only_layers=[0]),
                 seed=10, notes="Qwen3MoeForCausalLM: per-head q/k RMSNorm, head_dim 12 != hidden/heads, "
                                "renormalised top-2, layer 0 dense (mlp_only_layers)"),
+    # The other models the Qwen1.5-MoE blog names.
+    FixtureSpec("moe_deepseek", "deepseek",
+                dict(TINY, num_hidden_layers=3, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=16,
+                     shared_expert_intermediate_size=2 * 16, mlp_only_layers=[0], qkv_bias=False,
+                     num_key_value_heads=4),
+                seed=11, notes="DeepseekForCausalLM, recorded from its exact equivalent in transformers (a Qwen2-MoE "
+                               "without q/k/v biases, shared-expert gate 0, shared down projection doubled): "
+                               "2 ungated shared experts of 16, top-3 of 8 not renormalised, layer 0 dense "
+                               "(first_k_dense_replace 1)"),
+    FixtureSpec("moe_dbrx", "dbrx",
+                dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=48, vocab_size=96,
+                     attn_config=dict(kv_n_heads=2, clip_qkv=1.5, rope_theta=500000.0),
+                     ffn_config=dict(ffn_hidden_size=16, moe_num_experts=8, moe_top_k=3, moe_normalize_expert_weights=1.0),
+                     rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+                seed=12, notes="DbrxForCausalLM: LayerNorm without bias, fused Wqkv clipped at 1.5, GQA 4/2, "
+                               "top-3 of 8 divided by their 1-norm, experts stacked in w1/v1/w2"),
+    FixtureSpec("dense_mistral", "mistral", dict(TINY, num_hidden_layers=2, sliding_window=5),
+                seed=13, notes="MistralForCausalLM with a sliding window of 5 positions: the 12-token prompts "
+                               "and the greedy continuation reach past it"),
+    FixtureSpec("dense_gemma", "gemma", dict(TINY, num_hidden_layers=2, head_dim=16, hidden_act="gelu_pytorch_tanh"),
+                seed=14, notes="GemmaForCausalLM: GeGLU (tanh), RMSNorm scaling by 1 + w, embedding times sqrt(32), "
+                               "head_dim 16 != hidden/heads, tied head"),
 ]
 
 # Prompts: a batch of 2 sequences of 12 tokens, and greedy continuation of the first for 10 tokens.
@@ -120,7 +142,11 @@ def _transformers_classes(architecture: str):
 
     return {"qwen2_moe": (t.Qwen2MoeConfig, t.Qwen2MoeForCausalLM), "qwen2": (t.Qwen2Config, t.Qwen2ForCausalLM),
             "mixtral": (t.MixtralConfig, t.MixtralForCausalLM), "olmoe": (t.OlmoeConfig, t.OlmoeForCausalLM),
-            "qwen3_moe": (t.Qwen3MoeConfig, t.Qwen3MoeForCausalLM)}[architecture]
+            "qwen3_moe": (t.Qwen3MoeConfig, t.Qwen3MoeForCausalLM), "dbrx": (t.DbrxConfig, t.DbrxForCausalLM),
+            "mistral": (t.MistralConfig, t.MistralForCausalLM), "gemma": (t.GemmaConfig, t.GemmaForCausalLM),
+            # DeepSeekMoE is not in transformers: its fixtures are recorded from the Qwen2-MoE equivalent
+            # (see deepseek_equivalent) and then saved in DeepSeek's layout.
+            "deepseek": (t.Qwen2MoeConfig, t.Qwen2MoeForCausalLM)}[architecture]
 
 
 def _decisive_init(model, seed: int, router_scale: float) -> None:
@@ -134,13 +160,13 @@ def _decisive_init(model, seed: int, router_scale: float) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith(("norm.weight", "norm_1.weight", "norm_2.weight", "norm_f.weight")):
                 values = 1.0 + 0.2 * torch.randn(param.shape, generator=generator)
             elif name.endswith("bias"):
                 values = 0.3 * torch.randn(param.shape, generator=generator)
-            elif "embed_tokens" in name:
+            elif "embed_tokens" in name or name.endswith("wte.weight"):
                 values = torch.randn(param.shape, generator=generator)
-            elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):  # the router
+            elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "router.layer.weight")):  # the router
                 values = router_scale / math.sqrt(param.shape[-1]) * torch.randn(param.shape, generator=generator)
             else:
                 values = torch.randn(param.shape, generator=generator) / math.sqrt(param.shape[-1])
@@ -163,6 +189,8 @@ def build_fixture(spec: FixtureSpec, folder: Path) -> dict[str, np.ndarray]:
     torch.manual_seed(spec.seed)
     model = model_class(config_class(**spec.config))
     _decisive_init(model, spec.seed, spec.router_scale)
+    if spec.architecture == "deepseek":
+        return deepseek_fixture(spec, model, folder)
     if folder.exists():
         shutil.rmtree(folder)
     model.to(getattr(torch, spec.dtype)).save_pretrained(folder, max_shard_size=spec.shard_size or "50GB")
@@ -175,6 +203,58 @@ def build_fixture(spec: FixtureSpec, folder: Path) -> dict[str, np.ndarray]:
     return reference_outputs(spec, folder)
 
 
+def deepseek_equivalent(model) -> None:
+    """Make a Qwen2-MoE compute what DeepSeekMoE computes: its shared-expert gate 0 (sigmoid 0.5 for every
+    token) and its shared expert's down projection doubled, so that 0.5 * shared(h) is DeepSeek's ungated
+    shared experts; built without q/k/v biases (DeepSeek's llama attention has none)."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if hasattr(layer.mlp, "shared_expert_gate"):
+                layer.mlp.shared_expert_gate.weight.zero_()
+                layer.mlp.shared_expert.down_proj.weight.mul_(2.0)
+
+
+def deepseek_fixture(spec: FixtureSpec, model, folder: Path) -> dict[str, np.ndarray]:
+    """Record transformers' outputs on the Qwen2-MoE equivalent, then save it in DeepSeekMoE's Hub layout:
+    ``mlp.shared_experts`` (no gate; down projection halved back) and DeepSeek's config.json keys."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    deepseek_equivalent(model)
+    with tempfile.TemporaryDirectory() as scratch:
+        model.save_pretrained(scratch)
+        reference = reference_outputs(FixtureSpec(**{**spec.__dict__, "architecture": "qwen2_moe"}), Path(scratch))
+        qwen = load_file(str(Path(scratch) / "model.safetensors"))
+    tensors = {}
+    for name, value in qwen.items():
+        if name.endswith("shared_expert_gate.weight"):
+            continue  # its sigmoid is 0.5 everywhere: folded into the down projection below
+        if ".shared_expert.down_proj." in name:
+            value = value * 0.5  # a power of two: exact
+        tensors[name.replace(".shared_expert.", ".shared_experts.")] = value.to(getattr(torch, spec.dtype)).numpy()
+    c = spec.config
+    config = {
+        "architectures": ["DeepseekForCausalLM"], "model_type": "deepseek", "attention_bias": False,
+        "vocab_size": c["vocab_size"], "hidden_size": c["hidden_size"], "intermediate_size": c["intermediate_size"],
+        "moe_intermediate_size": c["moe_intermediate_size"], "num_hidden_layers": c["num_hidden_layers"],
+        "num_attention_heads": c["num_attention_heads"], "num_key_value_heads": c["num_key_value_heads"],
+        "n_routed_experts": c["num_experts"], "n_shared_experts": c["shared_expert_intermediate_size"] // c["moe_intermediate_size"],
+        "num_experts_per_tok": c["num_experts_per_tok"], "first_k_dense_replace": len(c["mlp_only_layers"]),
+        "moe_layer_freq": 1, "norm_topk_prob": False, "scoring_func": "softmax", "aux_loss_alpha": 0.001,
+        "seq_aux": True, "hidden_act": "silu", "max_position_embeddings": c["max_position_embeddings"],
+        "rms_norm_eps": c["rms_norm_eps"], "rope_theta": 10000.0, "rope_scaling": None, "tie_word_embeddings": False,
+        "bos_token_id": c["bos_token_id"], "eos_token_id": c["eos_token_id"], "torch_dtype": spec.dtype,
+    }
+    assert c["mlp_only_layers"] == list(range(config["first_k_dense_replace"]))  # DeepSeek's dense layers come first
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return reference
+
+
 def reference_outputs(spec: FixtureSpec, folder: Path) -> dict[str, np.ndarray]:
     """What transformers computes on the saved checkpoint, in float32 over the stored weights.
 
@@ -184,13 +264,13 @@ def reference_outputs(spec: FixtureSpec, folder: Path) -> dict[str, np.ndarray]:
     """
     _, model_class = _transformers_classes(spec.architecture)
     model = model_class.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
-    moe = spec.architecture != "qwen2"
+    moe = spec.architecture not in ("qwen2", "mistral", "gemma")
     rng = np.random.default_rng(spec.seed + 100)
     with torch.no_grad():
         for _ in range(200):
             ids = torch.from_numpy(rng.integers(0, model.config.vocab_size, (BATCH, PROMPT_TOKENS)))
             out = model(ids, output_router_logits=moe)
-            margin = min((topk_margin(r.numpy(), model.config.num_experts_per_tok) for r in out.router_logits),
+            margin = min((topk_margin(r.numpy(), _top_k(model.config)) for r in out.router_logits),
                          default=np.inf) if moe else np.inf
             if margin >= spec.min_margin:
                 break
@@ -204,6 +284,11 @@ def reference_outputs(spec: FixtureSpec, folder: Path) -> dict[str, np.ndarray]:
                 result[f"router_logits.{layer}"] = logits.numpy()
         result["greedy"] = _greedy(model, ids[:1], GREEDY_TOKENS)
     return result
+
+
+def _top_k(config) -> int:
+    """Experts per token: ``num_experts_per_tok``, DBRX's ``ffn_config.moe_top_k``."""
+    return config.ffn_config.moe_top_k if hasattr(config, "ffn_config") else config.num_experts_per_tok
 
 
 def _greedy(model, ids, steps: int) -> np.ndarray:

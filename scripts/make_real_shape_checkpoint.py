@@ -11,6 +11,8 @@ Values are random at a scale that keeps activations sane (std 1/sqrt(fan_in)).
     python scripts/make_real_shape_checkpoint.py OUT --layers 2             # the core benchmark
     python scripts/make_real_shape_checkpoint.py OUT --preset qwen1.5-7b    # the dense sibling
     python scripts/make_real_shape_checkpoint.py OUT --preset qwen1.5-1.8b  # what Qwen1.5-MoE was upcycled from
+    python scripts/make_real_shape_checkpoint.py OUT --preset gemma-7b --layers 2   # any shipped config, e.g. the
+                                                                                   # blog's comparison models
 
 Tensors are generated and written one at a time, so memory stays at one tensor.
 """
@@ -51,7 +53,7 @@ def main() -> None:
 
     raw = json.loads(shipped_configs()[args.preset].read_text())
     if args.layers is not None:
-        raw["num_hidden_layers"] = args.layers
+        raw["n_layers" if raw["model_type"] == "dbrx" else "num_hidden_layers"] = args.layers  # DBRX's own key
     config = ModelConfig.from_dict(raw, source=args.preset)
     shapes = expected_shapes(config)
     args.out.mkdir(parents=True, exist_ok=True)

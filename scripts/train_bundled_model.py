@@ -8,7 +8,7 @@ Qwen1.5-MoE-A2.7B".  Three steps, each a subcommand:
     python scripts/train_bundled_model.py dense      # train minimoe/assets/tiny-dense (a Qwen2, ~20 min)
     python scripts/train_bundled_model.py moe        # `minimoe upcycle` it, train on: minimoe/assets/tiny-moe (~40 min)
     python scripts/train_bundled_model.py more --tokens 5000000 --lr 1e-3 --seed 1   # a second stage (~30 min)
-    python scripts/train_bundled_model.py evaluate --baseline OLD_MODEL_DIR
+    python scripts/train_bundled_model.py evaluate   # [--baseline DIR: another model to measure beside them]
                                                       # held-out table, model cards, tests/data/held_out slices
 
 Their shapes relate as the real ones do: the dense FFN (344) is to the expert width (88) as
@@ -62,7 +62,7 @@ COMMON = dict(
 )
 DENSE = dict(COMMON, intermediate_size=344)  # 344 / 88 = 3.91, as 5504 / 1408
 UPCYCLE = dict(experts=64, shared_experts=4, top_k=4, expert_size=88, method="qwen", reinit=0.5, seed=0)
-AUX_LOSS = 0.01  # router load-balancing loss coefficient in training: ten times Qwen1.5-MoE's config.json (0.001), as before
+AUX_LOSS = 0.01  # router load-balancing loss coefficient in training: ten times Qwen1.5-MoE's config.json (0.001)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -382,9 +382,9 @@ def write_cards(results: dict) -> None:
     """README.md beside each model's weights, from training.json and evaluation.json."""
     from model_cards import dense_card, moe_card
 
-    (DENSE_DIR / "README.md").write_text(dense_card(results, json.loads((DENSE_DIR / "training.json").read_text())))
-    (MOE_DIR / "README.md").write_text(moe_card(results, json.loads((MOE_DIR / "training.json").read_text()),
-                                                json.loads((DENSE_DIR / "training.json").read_text())))
+    dense_log, moe_log = (json.loads((folder / "training.json").read_text()) for folder in (DENSE_DIR, MOE_DIR))
+    (DENSE_DIR / "README.md").write_text(dense_card(results, dense_log, moe_log))
+    (MOE_DIR / "README.md").write_text(moe_card(results, moe_log, dense_log))
 
 
 def main() -> None:
@@ -394,7 +394,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="windows of 1024 tokens per step")
     parser.add_argument("--lr", type=float, help="peak learning rate (dense 3e-3, moe 2e-3)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--baseline", type=Path, help="evaluate: also measure this model (e.g. the previous tiny-moe)")
+    parser.add_argument("--baseline", type=Path, help="evaluate: also measure this model (same tokenizer) into evaluation.json")
     args = parser.parse_args()
     if args.step == "cards":
         write_cards(json.loads((MOE_DIR / "evaluation.json").read_text()))

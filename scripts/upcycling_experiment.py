@@ -129,7 +129,8 @@ def loss_at(run: dict, fraction: float) -> float:
 
 
 def summarise(runs: list[dict]) -> dict:
-    """Per arm: mean and spread (max - min over seeds) of held-out loss at 25/50/100%, tokens to the parent."""
+    """Per arm: mean and spread (max - min over seeds) of held-out loss at 25/50/100%, tokens to the parent
+    (mean over seeds, and per seed)."""
     parent = np.mean([r["loss"][0] for r in runs if r["arm"] == "dense"])
     summary = {"parent_loss": round(float(parent), 4), "arms": {}}
     for arm in [a for a in ARMS if any(r["arm"] == a for r in runs)]:
@@ -141,6 +142,8 @@ def summarise(runs: list[dict]) -> dict:
                                                   round(float(np.ptp(values)), 4)]
         reached = [tokens_to_reach(r["tokens"], r["loss"], parent) for r in mine]
         row["tokens_to_parent"] = None if None in reached else int(np.mean(reached))
+        # per seed too: an arm run on fewer seeds is compared with the others on its own seeds
+        row["tokens_to_parent_by_seed"] = {str(r["seed"]): None if t is None else int(t) for r, t in zip(mine, reached)}
         row["active_parameters"] = mine[0]["active_parameters"]
         summary["arms"][arm] = row
     return summary

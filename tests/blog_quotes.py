@@ -49,6 +49,7 @@ BLOG_QUOTES = (
     "have demonstrated the effectiveness of using fine-grained experts",
     "this is a generalized MoE routing approach, as having zero shared experts effectively reduces to the "
     "conventional MoE routing setup.",
+    "Of particular…",  # where the captured text ends: the pages say so where they say what it does not tell
 )
 
 

@@ -131,10 +131,47 @@ def test_roofline_table_on_a_bf16_checkpoint(tmp_path):
     out = tmp_path / "roofline.json"
     result = run_bench("--model", FIXTURE, "--roofline", "8", "--repeat", "1", "--json", str(out))
     assert result.returncode == 0, result.stderr
-    header = result.stdout.splitlines()[0].split("  ")
-    assert [cell.strip() for cell in header if cell.strip()][-3:] == ["cast GB/s", "cast-bound tok/s", "fraction"]
+    top, names = (line.split() for line in result.stdout.splitlines()[:2])
+    assert top[:5] == ["prompt", "prefill", "roofline", "cast-bound", "GEMM"]
+    assert names[:6] == ["tokens", "tok/s", "tok/s", "fraction", "tok/s", "fraction"]
     (row,) = json.loads(out.read_text())["roofline"]
     assert row["tokens"] == 8 and row["measured_tok_s"] > 0
     assert row["fraction"] == pytest.approx(row["measured_tok_s"] / row["roofline_tok_s"])
     assert row["cast_fraction"] == pytest.approx(row["measured_tok_s"] / row["cast_roofline_tok_s"])
     assert row["gemm_gflops"] > 0 and row["copy_gb_s"] > 0 and row["cast_gb_s"] > 0
+
+
+def roofline_row(gemm_gflops: float, **figures) -> dict:
+    """A row of ``format_roofline`` with wide figures (a large model's, a fast machine's)."""
+    return {"tokens": 1024, "measured_tok_s": 123456.7, "roofline_tok_s": 234567.8, "fraction": 0.53,
+            "gemm_gflops": gemm_gflops, "copy_gb_s": 123.4, "roofline_matmul_s": 123.456,
+            "roofline_bandwidth_s": 12.345, "roofline_attention_s": 1.234, "cast_gb_s": 56.7,
+            "cast_roofline_tok_s": 234567.8, "cast_fraction": 0.53, "cast_roofline_bandwidth_s": 12.345} | figures
+
+
+def test_roofline_table_fits_120_columns():
+    lines = bench.format_roofline([roofline_row(12345.0), roofline_row(3.0, tokens=64)])
+    assert len(lines) == 4 and max(map(len, lines)) <= 120, "\n".join(lines)
+
+
+def test_a_roofline_faster_than_its_limit_is_measured_again_and_never_reported(monkeypatch, capsys):
+    """A GEMM rate measured while the cores were busy makes the limit too low: a prefill "above" it is impossible."""
+    from minimoe.tools import roofline
+
+    real = roofline.measure_rates
+    calls = []
+
+    def busy_then_idle(tokens, hidden):
+        calls.append(tokens)
+        rates = real(tokens, hidden)
+        return roofline.Rates(1.0, rates.copy_bytes, rates.cast_bytes) if len(calls) == 1 else rates  # 1 FLOP/s
+
+    monkeypatch.setattr(roofline, "measure_rates", busy_then_idle)
+    (row,) = bench.prefill_roofline(FIXTURE, [8], repeat=1)
+    assert len(calls) == 2 and row["fraction"] <= 1 and row["cast_fraction"] <= 1 and row["gemm_gflops"] > 1e-9
+    err = capsys.readouterr().err
+    assert "8 tokens: prefill at " in err and "x the roofline" in err and "not reported; measuring again" in err
+
+    monkeypatch.setattr(roofline, "measure_rates", lambda tokens, hidden: roofline.Rates(1.0, 1e12, 1e12))
+    with pytest.raises(minimoe.MinimoeError, match="the roofline of 8 tokens could not be measured: in 3 attempts"):
+        bench.prefill_roofline(FIXTURE, [8], repeat=1)

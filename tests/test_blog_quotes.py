@@ -97,3 +97,53 @@ def test_notebook_03_shows_the_blogs_table_as_it_stands():
                    if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "BLOG_TABLE" for t in node.targets)]
     assert len(assignments) == 1, "notebook 03 should define BLOG_TABLE once"
     assert figures_by_model(ast.literal_eval(assignments[0].value)) == BLOG_ROWS
+
+
+# --- what the pages say about the blog's table and its text, computed here ------------------------
+
+def our_counts() -> dict[str, tuple[float, float, float]]:
+    """minimoe's counts of each model of the blog's table, in billions: (total, activated, activated non-embedding)."""
+    from minimoe.config import shipped_configs
+    from minimoe.inspect.params import Architecture, count_parameters
+
+    counts = {key: count_parameters(Architecture.from_file(shipped_configs()[key])) for key in BLOG_TABLE}
+    return {key: (c.total / 1e9, c.activated / 1e9, c.activated_non_embedding / 1e9) for key, c in counts.items()}
+
+
+COLUMNS = ("total", "activated", "activated non-embedding")
+
+
+def test_the_blogs_table_is_our_counts_rounded_but_for_three_entries():
+    """The entries the README and notebook 03 single out are exactly those our rounded counts do not give,
+    and the two non-embedding ones are below our rounded count (lower than rounding), not above it."""
+    counts = our_counts()
+    unlike = {(key, column): (blog, ours)
+              for key, (_, *figures) in BLOG_TABLE.items()
+              for column, blog, ours in zip(COLUMNS, figures, counts[key]) if round(ours, 1) != blog}
+    assert set(unlike) == {("gemma-7b", "activated"), ("qwen1.5-7b", "activated non-embedding"),
+                           ("qwen1.5-moe-a2.7b", "activated non-embedding")}
+    for (key, column), (blog, ours) in unlike.items():
+        if column == "activated non-embedding":
+            assert blog < round(ours, 1), (key, blog, ours)
+
+
+def test_the_rows_the_readme_says_round_do_round():
+    """README: "the table's other rows round (6.98 → 7.0, ...)": each pair is one of our counts and its
+    rounding, which is the blog's figure for that entry."""
+    readme = normalise((ROOT / "README.md").read_text(encoding="utf-8"))
+    pairs = re.findall(r"(\d+\.\d\d) → (\d+\.\d)", readme)
+    assert len(pairs) >= 3, pairs
+    ours = {f"{value:.2f}": (key, column) for key, values in our_counts().items()
+            for column, value in zip(COLUMNS, values)}
+    for shown, rounded in pairs:
+        key, column = ours[shown]  # a count of ours, to two decimals
+        assert f"{float(shown):.1f}" == rounded
+        assert BLOG_TABLE[key][1 + COLUMNS.index(column)] == float(rounded)
+
+
+def test_the_blog_text_we_have_ends_before_it_says_how_it_measured_its_speed(blog):
+    """Pages say the excerpt "ends at "Of particular…"" before it explains the 1.74x: 1.74 occurs once, in
+    the introduction's claim, and the capture stops at that phrase."""
+    assert blog.count("1.74") == 1
+    tail = blog[blog.rindex("Of particular…"):]  # the header line names it too
+    assert len(tail) < 200 and "1.74" not in tail, tail

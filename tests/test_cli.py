@@ -266,3 +266,58 @@ def test_inspect_bad_queries_and_windows(tmp_path, args, code, message):
     result = run("inspect", "--text", "def f(x):\n    return x\n", "--out", str(tmp_path / "out"), *args)
     assert result.returncode == code and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# --- what a new user meets first ---------------------------------------------------------------
+
+@pytest.mark.parametrize("command, mistyped", [
+    (("inspect", "--text", "x y", "--out", "o", "--jsn"), "--jsn"),
+    (("demo", "--temprature", "0"), "--temprature 0"),
+    (("params", "--bogus"), "--bogus"),
+])
+def test_a_mistyped_flag_shows_the_usage_of_its_command(command, mistyped):
+    result = run(*command)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"usage: minimoe {command[0]} "), result.stderr
+    assert result.stderr.endswith(f"minimoe {command[0]}: error: unrecognized arguments: {mistyped}\n")
+
+
+def test_chat_on_the_bundled_model_says_it_is_a_base_model_not_a_chat_model():
+    result = run("chat", "--max-new-tokens", "2", "--temperature", "0", stdin="Hello\n")
+    assert result.returncode == 0, result.stderr
+    note = " ".join(result.stderr.split())
+    assert "is a base model trained on the Python standard library's sources, not a chat model" in note
+    from minimoe.tools.cli import is_bundled
+
+    assert is_bundled(BUNDLED) and is_bundled(minimoe.default_model_path("dense"))
+    assert not is_bundled(FIXTURES / "moe_bf16_sharded")
+
+
+SHAPE = ("--experts", "64", "--shared-experts", "4", "--top-k", "4")
+
+
+def test_upcycle_help_marks_the_shape_flags_required_without_numbers_that_read_as_defaults():
+    result = run("upcycle", "--help")
+    assert result.returncode == 0
+    required = result.stdout[result.stdout.index("required arguments"):]
+    assert all(flag in required for flag in ("--experts", "--shared-experts", "--top-k", "--expert-size"))
+    assert "(64)" not in result.stdout and "(4)" not in result.stdout and "(1408)" not in result.stdout
+
+
+def test_upcycle_dry_run_takes_a_shipped_config_as_params_does(tmp_path):
+    result = run("upcycle", "qwen1.5-1.8b", str(tmp_path / "moe"), "--dry-run", *SHAPE, "--expert-size", "1408")
+    assert result.returncode == 0, result.stderr
+    # Qwen1.5-MoE-A2.7B's own counts, from its shipped config (the blog's 14.3B / 2.7B)
+    params = run("params", "qwen1.5-moe-a2.7b").stdout.splitlines()[1:]
+    assert result.stdout.splitlines()[-3:] == params and not (tmp_path / "moe").exists()
+    real = run("upcycle", "qwen1.5-1.8b", str(tmp_path / "moe"), *SHAPE, "--expert-size", "1408")
+    assert real.returncode == 1 and "qwen1.5-1.8b is a shipped config, without weights" in real.stderr
+
+
+def test_upcycle_prints_the_new_models_counts_and_that_it_is_untrained(tmp_path):
+    dense = minimoe.default_model_path("dense")
+    result = run("upcycle", str(dense), str(tmp_path / "moe"), *SHAPE, "--expert-size", "88")
+    assert result.returncode == 0, result.stderr
+    counted = run("params", str(tmp_path / "moe")).stdout.splitlines()[1:]  # counted from the written config
+    assert counted and all(line in result.stdout for line in counted)
+    assert "Untrained:" in result.stdout

@@ -1,4 +1,6 @@
-"""The MoE family side by side: Mixtral, OLMoE, Qwen3-MoE and Qwen2-57B next to Qwen1.5-MoE.
+"""The MoE family side by side: DeepSeekMoE, DBRX, Mixtral, OLMoE, Qwen3-MoE and Qwen2-57B next to Qwen1.5-MoE.
+
+(DeepSeekMoE, DBRX and the blog's dense comparison models have their own tests: tests/test_blog_models.py.)
 
 Parameter counts are held to transformers' own models built on the meta device and to the
 totals the models' authors publish; routing interventions to transformers run on a
@@ -45,6 +47,7 @@ NEW_FAMILY_FIXTURES = ["moe_mixtral", "moe_olmoe", "moe_qwen3"]  # the model typ
 SIDE_BY_SIDE = {
     "Qwen1.5-MoE-A2.7B": "qwen1.5-moe-a2.7b",
     "DeepSeekMoE-16B": "deepseek-moe-16b-base",
+    "DBRX": "dbrx-base",
     "Mixtral-8x7B": "mixtral-8x7b",
     "OLMoE-1B-7B": "olmoe-1b-7b",
     "Qwen3-30B-A3B": "qwen3-30b-a3b",
@@ -77,8 +80,10 @@ def transformers_counts(raw: dict) -> tuple[int, int]:
         reference = getattr(transformers, raw["architectures"][0])(config)
     total = sum(p.numel() for p in reference.parameters())
     experts = sum(p.numel() for name, p in reference.named_parameters() if ".experts." in name)
-    unused = experts * (config.num_experts - config.num_experts_per_tok) // config.num_experts
-    return total, total - unused
+    ffn = getattr(config, "ffn_config", None)  # DBRX keeps its expert counts there
+    count, k = (ffn.moe_num_experts, ffn.moe_top_k) if ffn else (getattr(config, "num_experts", 0),
+                                                                  getattr(config, "num_experts_per_tok", 0))
+    return total, total - (experts * (count - k) // count if count else 0)
 
 
 FAMILY_CONFIGS = [shipped_configs()[name] for name in PUBLISHED] + [FIXTURES / name / "config.json"
@@ -138,20 +143,23 @@ def test_family_table_from_the_configs():
     assert [d.name for d in designs] == list(SIDE_BY_SIDE)
     for design, name in zip(designs, SIDE_BY_SIDE.values()):
         raw = raw_config(shipped_configs()[name])
-        experts = raw.get("num_experts") or raw.get("num_local_experts") or raw.get("n_routed_experts")
-        k = raw["num_experts_per_tok"]
+        ffn = raw.get("ffn_config", {})  # DBRX's
+        experts = raw.get("num_experts") or raw.get("num_local_experts") or raw.get("n_routed_experts") or ffn["moe_num_experts"]
+        k = raw.get("num_experts_per_tok") or ffn["moe_top_k"]
         assert design.expert_sets_per_layer == math.comb(experts, k)
-        sparse = raw["num_hidden_layers"] - raw.get("first_k_dense_replace", 0)
+        sparse = (raw.get("num_hidden_layers") or raw["n_layers"]) - raw.get("first_k_dense_replace", 0)
         assert design.log10_expert_sets_per_token == pytest.approx(sparse * math.log10(math.comb(experts, k)))
         if raw["model_type"] in FAMILIES:  # the gating rule is the runnable config's own
             config = ModelConfig.from_dict(raw)
             assert design.arch.routing_rule == config.routing_rule
-            assert design.arch.norm_topk_prob == (raw["model_type"] == "mixtral" or raw.get("norm_topk_prob", False))
+            assert design.arch.norm_topk_prob == (raw["model_type"] in ("mixtral", "dbrx") or raw.get("norm_topk_prob", False))
     by_name = {d.name: d for d in designs}
     # shared experts in units of one routed expert: Qwen1.5-MoE's "4 shared experts", DeepSeekMoE's 2
     shared = [by_name[n].shared_in_experts for n in ("Qwen1.5-MoE-A2.7B", "DeepSeekMoE-16B", "Qwen2-57B-A14B")]
     assert shared == [4, 2, 8]
-    assert all(by_name[n].arch.shared_intermediate_size == 0 for n in ("Mixtral-8x7B", "OLMoE-1B-7B", "Qwen3-30B-A3B"))
+    assert all(by_name[n].arch.shared_intermediate_size == 0
+               for n in ("DBRX", "Mixtral-8x7B", "OLMoE-1B-7B", "Qwen3-30B-A3B"))
+    assert by_name["DBRX"].expert_sets_per_layer == 1820  # C(16, 4), the 65x more combinations Databricks cites
     assert by_name["Mixtral-8x7B"].arch.moe_intermediate_size == 14336  # full width: Mistral-7B's FFN
     assert (by_name["OLMoE-1B-7B"].arch.qk_norm, by_name["Qwen3-30B-A3B"].arch.qk_norm) == ("projection", "head")
     assert by_name["Mixtral-8x7B"].expert_sets_per_layer == 28  # C(8, 2)
@@ -191,7 +199,7 @@ def test_an_unknown_model_type_names_the_supported_ones():
     assert "'deepseek_v3'" in str(refused.value)
 
 
-@pytest.mark.parametrize("name", NEW_FAMILY_FIXTURES)
+@pytest.mark.parametrize("name", NEW_FAMILY_FIXTURES + ["moe_deepseek", "moe_dbrx", "dense_mistral", "dense_gemma"])
 def test_the_cupy_backend_refuses_a_family_it_does_not_implement_before_copying_weights(name, monkeypatch):
     gpu_emulation.install(monkeypatch)
 

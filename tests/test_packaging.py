@@ -7,6 +7,8 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -19,6 +21,11 @@ OPTIONAL = {"cupy": "the gpu extra", "pandas": "RoutingTrace.to_dataframe"}
 
 def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def requirement_name(requirement: str) -> str:
+    """``"mkdocstrings[python]>=0.26"`` -> ``"mkdocstrings"``."""
+    return canonical(re.split(r"[<>=!~;\[ ]", requirement)[0])
 
 
 def imported_packages() -> set[str]:
@@ -35,8 +42,32 @@ def imported_packages() -> set[str]:
 
 def test_runtime_dependencies_are_what_the_package_imports():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    declared = {canonical(re.split(r"[<>=!~;\[ ]", requirement)[0]) for requirement in project["dependencies"]}
+    declared = {requirement_name(requirement) for requirement in project["dependencies"]}
     imported = {canonical(name) for name in imported_packages() - set(OPTIONAL)}
     assert declared == imported, f"declared but not imported: {declared - imported}; imported, not declared: " \
                                  f"{imported - declared}"
     assert set(OPTIONAL) <= imported_packages()  # each optional one is still used, or it leaves this list
+
+
+def test_the_docs_extra_installs_what_mkdocs_yml_uses():
+    """`pip install -e ".[docs]" && mkdocs serve`: the extra names the package behind the theme, every plugin and
+    the mkdocstrings handler of mkdocs.yml (found through the entry points those packages register)."""
+    from importlib.metadata import entry_points
+
+    yaml = pytest.importorskip("yaml")
+    pytest.importorskip("mkdocstrings_handlers.python")
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    docs = {requirement_name(r) for r in extras["docs"]}
+    assert "minimoe-docs" not in docs and any(r.startswith("minimoe[docs]") for r in extras["test"])
+    site = yaml.load((REPO / "mkdocs.yml").read_text(), Loader=yaml.BaseLoader)
+    plugins = [next(iter(p)) if isinstance(p, dict) else p for p in site["plugins"]]
+
+    def provider(group: str, name: str) -> str:
+        (point,) = [p for p in entry_points(group=group) if p.name == name]
+        return canonical(point.dist.name)
+
+    needed = {provider("mkdocs.plugins", name) for name in plugins} | {provider("mkdocs.themes", site["theme"]["name"])}
+    assert needed - {"mkdocs"} <= docs, needed - docs
+    handler = next(p for p in site["plugins"] if isinstance(p, dict) and "mkdocstrings" in p)["mkdocstrings"]
+    assert handler["default_handler"] == "python"
+    assert any(r.startswith("mkdocstrings[python]") for r in extras["docs"])  # the python handler is that extra

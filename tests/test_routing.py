@@ -328,3 +328,19 @@ def test_rows_give_each_experts_weight_and_router_probability():
         weight_sums[row["layer"], t] = weight_sums.get((row["layer"], t), 0.0) + row["weight"]
     assert all(total == pytest.approx(1.0, rel=1e-5) for total in weight_sums.values())
     assert all(row["weight"] > row["probability"] for row in rows)
+
+
+def test_write_json_writes_what_to_json_returns_block_by_block(tmp_path, monkeypatch):
+    """The streamed JSON file is the dict to_json builds: -inf as null, blocks of rows joined, logits when asked."""
+    from minimoe.inspect import trace as trace_module
+
+    model = minimoe.load(minimoe.default_model_path())
+    tok = minimoe.load_tokenizer(minimoe.default_model_path())
+    trace = model.trace(tok.encode("for i in range(10):\n    print(i)\n"), tokenizer=tok,
+                        interventions={"disabled_experts": {0: [1]}})
+    monkeypatch.setattr(trace_module, "JSON_ROWS_PER_WRITE", 3)  # several blocks per [T, E] array
+    for include_logits in (False, True):
+        trace.write_json(tmp_path / "t.json", include_logits=include_logits)
+        written = json.loads((tmp_path / "t.json").read_text(encoding="utf-8"))
+        assert written == json.loads(json.dumps(trace.to_json(include_logits=include_logits)))
+        assert written["router_logits"][0][0][1] is None and ("logits" in written) == include_logits

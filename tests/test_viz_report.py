@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import json
 import math
 import shutil
 import subprocess
@@ -242,12 +244,12 @@ def parse_spans(page: str) -> Spans:
 
 def test_report_writes_every_file_and_a_self_contained_page(bundled, tmp_path):
     model, tok = bundled
-    html_path = report.write_report(model, tok, TEXT, tmp_path / "out", title="A <title>")
+    html_path = report.write_report(model, tok, TEXT, tmp_path / "out", title="A <title>", data=report.EXTRA_DATA)
     assert html_path == tmp_path / "out" / "report.html"
     trace = RoutingTrace.load_npz(tmp_path / "out" / "trace.npz")
     plots = [name.format(layer=layer) for name in report.PLOTS
              for layer in (report.coactivation_layers(trace) if "{layer}" in name else [None])]
-    for name in [*plots, *report.DATA_FILES, "report.html"]:
+    for name in [*plots, report.TRACE, *report.EXTRA_FILES.values(), report.MANIFEST, "report.html"]:
         assert (tmp_path / "out" / name).stat().st_size > 0, name
     page = html_path.read_text(encoding="utf-8")
     assert page.count('src="data:image/png;base64,') == len(plots)
@@ -294,7 +296,8 @@ def test_inspect_writes_the_report(tmp_path):
     printed = [Path(line) for line in result.stdout.splitlines()]
     assert printed[-1] == tmp_path / "out" / "report.html"
     assert sorted(printed) == sorted((tmp_path / "out").iterdir())  # it lists every file it wrote, once
-    assert {"trace.npz", "trace.json", "routing.csv", "token_experts.png"} <= {path.name for path in printed}
+    assert {"trace.npz", "report-files.txt", "token_experts.png"} <= {path.name for path in printed}
+    assert not {"trace.json", "routing.csv"} & {path.name for path in printed}  # large: only when asked for
     assert "data:image/png;base64" in (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
 
 
@@ -463,3 +466,73 @@ def test_a_family_without_a_shared_expert_gets_no_shared_gate_plot_or_interventi
         assert ("no shared expert" in results.effects) == has_shared
         files = [plot.name for plot in report.make_plots(model, trace, results)]
         assert ("shared_gate.png" in files) == has_shared
+
+
+# --- what a report writes, and into a folder that holds an earlier one -------------------------------
+
+def folder(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir())
+
+
+def test_the_compact_trace_by_default_and_the_large_formats_on_request(long_report, tmp_path):
+    trace = long_report.trace
+    compact = long_report.write(tmp_path / "compact")
+    assert [p.name for p in compact[-2:]] == [report.MANIFEST, "report.html"]
+    assert folder(tmp_path / "compact") == sorted(p.name for p in compact)
+    assert not {"trace.json", "routing.csv"} & set(folder(tmp_path / "compact"))
+    small = RoutingTrace.load_npz(tmp_path / "compact" / "trace.npz")
+    assert small.router_probs.shape == small.router_logits.shape == (len(trace.layers), trace.num_tokens, 0)
+    for name in ("expert_ids", "raw_weights", "expert_weights", "shared_gate", "routed_norm", "positions"):
+        np.testing.assert_array_equal(getattr(small, name), getattr(trace, name))
+    assert small.tokens == trace.tokens
+
+    full = long_report.write(tmp_path / "full", data=("router_scores", "json", "csv"))
+    assert {"trace.json", "routing.csv"} <= {p.name for p in full}
+    whole = RoutingTrace.load_npz(tmp_path / "full" / "trace.npz")
+    np.testing.assert_array_equal(whole.router_probs, trace.router_probs)
+    # the compact file is the chosen experts' share of the whole: k of E scores per token and layer
+    assert (tmp_path / "compact" / "trace.npz").stat().st_size < (tmp_path / "full" / "trace.npz").stat().st_size / 4
+    assert json.loads((tmp_path / "full" / "trace.json").read_text()) == json.loads(json.dumps(trace.to_json()))
+    with open(tmp_path / "full" / "routing.csv", newline="", encoding="utf-8") as handle:  # tokens hold newlines
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(trace.layers) * trace.num_tokens * trace.top_k
+    page = (tmp_path / "compact" / "report.html").read_text(encoding="utf-8")
+    assert '<a href="trace.npz">' in page and '<a href="trace.json">' not in page and "Written on request" in page
+    with pytest.raises(minimoe.MinimoeError, match="unknown report data 'xml'"):
+        long_report.write(tmp_path / "other", data=("xml",))
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_report_replaces_an_earlier_one_and_touches_nothing_else(bundled, long_report, tmp_path):
+    out = tmp_path / "out"
+    first = long_report.write(out, data=("csv",))  # with the query plots and routing.csv
+    assert {"token_routing.png", "expert_tokens_layer2_expert5.png", "routing.csv"} <= {p.name for p in first}
+    (out / "notes.txt").write_text("mine")
+    (out / "my_plot.png").write_bytes(b"mine")
+    (tmp_path / "outside.png").write_bytes(b"mine")
+    with open(out / report.MANIFEST, "a", encoding="utf-8") as manifest:  # names no report writes: never removed
+        manifest.write("notes.txt\nmy_plot.png\n../outside.png\n/etc/hostname\n")
+    model, tok = bundled
+    second = report.write_report_files(model, tok, TEXT, out, progress=False)  # no queries, no csv
+    assert folder(out) == sorted([p.name for p in second] + ["my_plot.png", "notes.txt"])
+    assert (tmp_path / "outside.png").exists() and (out / "notes.txt").read_text() == "mine"
+    listed = (out / report.MANIFEST).read_text(encoding="utf-8").splitlines()[1:]
+    assert sorted(listed) == sorted(p.name for p in second if p.name != report.MANIFEST)
+
+
+def test_query_answers_say_when_there_is_nothing_to_show(bundled):
+    model, tok = bundled
+    trace = model.trace(tok.encode(TEXT), tokenizer=tok)
+    ids = trace.token_ids.tolist()
+    once = next(t for t in ids if ids.count(t) == 1)
+    absent = next(t for t in range(model.config.vocab_size) if t not in ids)
+    unused = next(e for e in range(trace.num_experts) if e not in trace.expert_ids[trace.layer_index(1)])
+    queries = report.run_queries(trace, tok, [once, absent], [(1, unused)])
+    lines = report.query_lines(queries)
+    assert lines[0].endswith(": 1 occurrence") and "layer" in lines[1]
+    never = lines.index(next(line for line in lines if line.endswith(": 0 occurrences")))
+    assert "never occurs in this text" in lines[never + 1] and lines[never + 2] == ""
+    expert = lines.index(f"expert {unused} of layer 1: the tokens it takes most often")
+    assert lines[expert + 1] == f"  expert {unused} of layer 1 is chosen for none of this text's tokens"
+    page = report.queries_section(queries)
+    assert ": 1 occurrence</h3>" in page and "never occurs in this text" in page and "chosen for none" in page

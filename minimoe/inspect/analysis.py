@@ -26,7 +26,9 @@ What each function measures, and where it comes from:
 * :func:`layer_transitions` -- how the top-1 expert in one layer predicts the next;
 * :func:`shared_vs_routed` -- how much the always-on shared expert contributes (Qwen-MoE, DeepSeekMoE);
 * :func:`expert_cache_hit_rate` -- how often an LRU cache of experts would already hold the ones a
-  token needs (the reuse that mixtral-offloading's expert cache lives on).
+  token needs (the reuse that mixtral-offloading's expert cache lives on);
+* :func:`distinct_experts_per_batch` -- how many experts a batch of B tokens touches, beside
+  :func:`expected_distinct_experts` for a uniform router (why batched serving reads nearly every expert).
 """
 
 from __future__ import annotations
@@ -547,3 +549,59 @@ def _lru_hits(requests: Sequence[Sequence[int]], size: int) -> int:
                 if len(cache) > size:
                     cache.popitem(last=False)
     return hits
+
+
+# --- experts a batch touches ------------------------------------------------------------------
+
+def expected_distinct_experts(num_experts: int, top_k: int, batch: int | np.ndarray) -> np.ndarray:
+    """``E * (1 - (1 - k/E)^B)``: the mean number of distinct experts ``B`` tokens choose under uniform routing.
+
+    Each token chooses ``k`` of ``E`` experts, every set of ``k`` equally likely, independently of the
+    other tokens.  One token misses a given expert with probability ``C(E-1, k) / C(E, k) = 1 - k/E``,
+    all ``B`` of them with ``(1 - k/E)^B``; summing over the ``E`` experts gives the formula.
+    ``batch``: an int or an array of batch sizes; the result has its shape.
+    """
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** np.asarray(batch, dtype=np.float64))
+
+
+@dataclass(frozen=True, eq=False)
+class BatchExperts:
+    """How many distinct experts a batch of ``B`` tokens touches, per sparse layer."""
+
+    batch_sizes: np.ndarray  # [B'] the batch sizes measured
+    distinct: np.ndarray  # [S, B'] mean distinct experts chosen by a batch of that size, over the draws
+    uniform: np.ndarray  # [B'] expected_distinct_experts(E, k, batch_sizes): a uniform router
+    num_experts: int
+    draws: int  # random batches drawn per size
+
+    def __repr__(self) -> str:
+        last = len(self.batch_sizes) - 1
+        return (f"BatchExperts({self.distinct.shape[0]} layers, {self.draws} batches a size; at B = "
+                f"{int(self.batch_sizes[last])}: {_span(self.distinct[:, last])} of {self.num_experts} experts, "
+                f"uniform {self.uniform[last]:.1f})")
+
+
+def distinct_experts_per_batch(traces: Traces, batch_sizes: Sequence[int], draws: int = 200,
+                               seed: int = 0) -> BatchExperts:
+    """Distinct experts touched by ``B`` tokens drawn at random from the traces (see :class:`BatchExperts`).
+
+    A decode step of a server batching ``B`` sequences runs one token of each: ``B`` tokens from
+    different places of different texts.  Each of ``draws`` batches per size is ``B`` tokens drawn
+    without replacement from all the traces' tokens pooled; every expert any of them chose (at any
+    rank) counts once.  Padding (expert -1) counts as no expert.
+    """
+    items = _trace_list(traces)
+    num_experts, k = items[0].num_experts, items[0].expert_ids.shape[2]
+    chosen = _chosen_mask(_pooled(items, "expert_ids"), num_experts)  # [S, N, E]
+    sizes = np.asarray(batch_sizes, dtype=np.int64)
+    tokens = chosen.shape[1]
+    if sizes.size == 0 or (sizes < 1).any() or (sizes > tokens).any():
+        raise MinimoeError(f"batch sizes must be between 1 and the {tokens} tokens traced, got {sizes.tolist()}")
+    rng = np.random.default_rng(seed)
+    distinct = np.zeros((chosen.shape[0], len(sizes)))
+    for b, size in enumerate(sizes.tolist()):
+        for _ in range(draws):
+            batch = rng.choice(tokens, size=size, replace=False)
+            distinct[:, b] += chosen[:, batch].any(axis=1).sum(axis=-1)
+    return BatchExperts(batch_sizes=sizes, distinct=distinct / draws,
+                        uniform=expected_distinct_experts(num_experts, k, sizes), num_experts=num_experts, draws=draws)

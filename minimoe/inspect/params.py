@@ -10,10 +10,9 @@ The counting rules live in one place, :func:`count_parameters`, over an
 :class:`Architecture`: a short description of a decoder-only transformer (attention
 widths, MLP widths, which layers are mixture-of-experts and what their experts look
 like).  :meth:`Architecture.from_config` reads one from the ``config.json`` of every
-family minimoe runs (Qwen2 / Qwen2-MoE, Mixtral, OLMoE, Qwen3-MoE: through
-:class:`~minimoe.config.ModelConfig`, so :data:`~minimoe.config.FAMILIES` and the
-sparse-layer rule keep their one home) and of the other architectures the Qwen1.5-MoE
-blog compares against: Mistral, Gemma and DeepSeekMoE, counted, never loaded.
+family minimoe runs (Qwen2 / Qwen2-MoE, Mixtral, OLMoE, Qwen3-MoE, DeepSeekMoE, DBRX,
+Mistral, Gemma), through :class:`~minimoe.config.ModelConfig`, so
+:data:`~minimoe.config.FAMILIES` and the sparse-layer rule keep their one home.
 
 :func:`family_table` sets MoE designs side by side (:class:`Design`): experts, widths,
 gating, parameters, cost per token and how many expert sets a token can choose from.
@@ -44,7 +43,9 @@ class Architecture:
     ``moe_layers`` has a router, ``num_experts`` routed experts of
     ``moe_intermediate_size`` (``top_k`` of them per token) and a shared expert of
     ``shared_intermediate_size`` (0: none), scaled by a sigmoid gate if
-    ``shared_expert_gate``; every other layer has a dense MLP of ``intermediate_size``.
+    ``shared_expert_gate`` (DeepSeekMoE's has none); every other layer has a dense MLP of
+    ``intermediate_size``.  Norms count one ``[H]`` weight each, whichever norm (DBRX's
+    LayerNorm has no bias).
     ``norm_topk_prob`` and ``routing_rule`` describe the gating (they count no parameters).
     """
 
@@ -70,7 +71,7 @@ class Architecture:
 
     @classmethod
     def from_config(cls, raw: dict[str, Any], source: str = "config") -> "Architecture":
-        """Read a parsed ``config.json`` of a family minimoe runs, or of Mistral, Gemma or DeepSeekMoE."""
+        """Read a parsed ``config.json`` of a family minimoe runs."""
         model_type = raw.get("model_type")
         reader = READERS.get(model_type)
         if reader is None:
@@ -98,71 +99,18 @@ class Architecture:
             num_experts=config.num_experts, top_k=config.num_experts_per_tok,
             moe_intermediate_size=config.moe_intermediate_size,
             shared_intermediate_size=config.shared_expert_intermediate_size,
-            shared_expert_gate=config.has_shared_expert, qk_norm=config.qk_norm,
+            shared_expert_gate=config.has_shared_expert and config.shared_expert_gate, qk_norm=config.qk_norm,
             norm_topk_prob=config.norm_topk_prob, routing_rule=config.routing_rule,
         )
 
 
 # --- reading each architecture's config.json ----------------------------------------------
 
-def _attention_fields(raw: dict[str, Any]) -> dict[str, int]:
-    """Heads and head width; ``head_dim`` defaults to hidden / heads (Gemma sets it apart)."""
-    heads = raw["num_attention_heads"]
-    return dict(
-        vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"], num_hidden_layers=raw["num_hidden_layers"],
-        num_attention_heads=heads, num_key_value_heads=raw.get("num_key_value_heads") or heads,
-        head_dim=raw.get("head_dim") or raw["hidden_size"] // heads, intermediate_size=raw["intermediate_size"],
-    )
-
-
 def _runnable(raw: dict[str, Any], source: str) -> Architecture:
     return Architecture.from_model_config(ModelConfig.from_dict(raw, source))
 
 
-def _dense(tie_default: bool) -> Callable[[dict[str, Any], str], Architecture]:
-    """Mistral and Gemma: every layer dense, no attention bias; they differ in tying by default.
-
-    transformers' ``GemmaConfig`` ties the output head to the embedding unless told
-    otherwise (and google/gemma-7b's config.json does not say), ``MistralConfig`` does not.
-    """
-    def read(raw: dict[str, Any], source: str) -> Architecture:
-        return Architecture(model_type=raw["model_type"], **_attention_fields(raw),
-                            qkv_bias=bool(raw.get("attention_bias", False)),
-                            tie_word_embeddings=bool(raw.get("tie_word_embeddings", tie_default)))
-    return read
-
-
-def _deepseek(raw: dict[str, Any], source: str) -> Architecture:
-    """DeepSeekMoE (``DeepseekForCausalLM``, code shipped with the checkpoint, not in transformers).
-
-    Its modeling code makes layer ``l`` a MoE layer iff ``l >= first_k_dense_replace``
-    and ``l % moe_layer_freq == 0``; its ``n_shared_experts`` shared experts are one
-    MLP of ``n_shared_experts * moe_intermediate_size``, always on and ungated.  Its
-    router is a softmax (``scoring_func``) over the routed experts, top-k, weights
-    renormalised iff ``norm_topk_prob``.
-    """
-    fields = _attention_fields(raw)
-    first_dense, every = raw.get("first_k_dense_replace", 0), raw.get("moe_layer_freq", 1)
-    experts = raw.get("n_routed_experts") or 0
-    moe_layers = tuple(layer for layer in range(fields["num_hidden_layers"])
-                       if experts and layer >= first_dense and layer % every == 0)
-    shared, top_k = raw.get("n_shared_experts") or 0, raw["num_experts_per_tok"]
-    renormalise = bool(raw.get("norm_topk_prob"))
-    rule = (f"{raw.get('scoring_func', 'softmax')} over {experts} experts, top-{top_k}, "
-            f"{'renormalised to sum 1' if renormalise else 'not renormalised'}, + {shared} ungated shared experts")
-    return Architecture(
-        model_type="deepseek", **fields, qkv_bias=bool(raw.get("attention_bias", False)),
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)), moe_layers=moe_layers,
-        num_experts=experts, top_k=top_k, moe_intermediate_size=raw["moe_intermediate_size"],
-        shared_intermediate_size=shared * raw["moe_intermediate_size"], norm_topk_prob=renormalise,
-        routing_rule=rule,
-    )
-
-
-READERS: dict[str, Callable[[dict[str, Any], str], Architecture]] = {
-    **{model_type: _runnable for model_type in FAMILIES},
-    "mistral": _dense(tie_default=False), "gemma": _dense(tie_default=True), "deepseek": _deepseek,
-}
+READERS: dict[str, Callable[[dict[str, Any], str], Architecture]] = {model_type: _runnable for model_type in FAMILIES}
 
 
 # --- counting ---------------------------------------------------------------------------

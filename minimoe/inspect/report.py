@@ -11,9 +11,17 @@ interventions, and writes into the output folder:
   PNGs are embedded as data URIs and the CSS and script are inline, so the file can be
   mailed or opened offline on its own;
 * the plots as PNG files (see :data:`PLOTS`);
-* the trace as ``trace.npz`` (:meth:`~minimoe.inspect.trace.RoutingTrace.load_npz` reads it
-  back), ``trace.json`` (up to :data:`MAX_JSON_TOKENS` tokens) and ``routing.csv`` (one
-  row per token x layer x chosen expert).
+* the routing as ``trace.npz``: the chosen experts, their weights, the shared gate and the
+  norms, a few dozen bytes per token and sparse layer
+  (:meth:`~minimoe.inspect.trace.RoutingTrace.load_npz` reads it back);
+* ``report-files.txt``, the list of these files: a later report into the same folder removes
+  those of them it does not write again, and nothing else.
+
+On request (``data=``, see :data:`EXTRA_DATA`), the large formats: every expert's router
+logits and probabilities ``[S, T, E]`` in ``trace.npz``, the whole trace as ``trace.json``, and
+``routing.csv`` (one row per token x layer x chosen expert).  For a 17,000-token text on the
+bundled model these are about 10x, 60x and 7x the size of the compact ``trace.npz``; JSON and
+CSV are written a block of rows at a time, never held in memory whole.
 
 A text of any length is traced window by window (:mod:`minimoe.inspect.tracing`); the page says
 how.  Token queries (``tokens=["def", "return"]``: where each goes, see
@@ -27,6 +35,8 @@ import base64
 import html
 import io
 import json
+import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,17 +51,25 @@ from .trace import RoutingTrace
 from .tracing import InterventionEffect, Progress, Windowing, measure_interventions, trace_text
 
 REPORT = "report.html"
-DATA_FILES = ("trace.npz", "trace.json", "routing.csv")
+TRACE = "trace.npz"
+MANIFEST = "report-files.txt"  # the files a report wrote, so that the next one into the folder can remove its own
+# The large outputs, written only when asked for (Report.write's `data`): name -> what it adds.
+EXTRA_DATA = {
+    "router_scores": "trace.npz keeps router_logits and router_probs [S, T, E]: every expert's score",
+    "json": "trace.json: every array of the trace as JSON",
+    "csv": "routing.csv: one row per token x sparse layer x chosen expert",
+}
+EXTRA_FILES = {"json": "trace.json", "csv": "routing.csv"}
 # The PNG files, in the report's order (the co-activation plots are per layer: coactivation_layer{L}.png;
 # with queries, token_routing.png and expert_tokens_layer{L}_expert{E}.png come last; shared_gate.png only for a
 # model with a shared expert).
 PLOTS = ("token_experts.png", "expert_load.png", "entropy.png", "consecutive.png", "coactivation_layer{layer}.png",
          "shared_gate.png", "interventions.png")
+QUERY_PLOTS = ("token_routing.png", "expert_tokens_layer{layer}_expert{expert}.png")
 # The per-token plots (token grid, shared gate) show at most this many tokens: the first ones, as each
 # plot's title says.  The analyses cover every token.
 MAX_PLOTTED_TOKENS = viz.MAX_PLOTTED_TOKENS
 MAX_TEXT_TOKENS = 10_000  # the coloured text on the page shows at most this many tokens (each carries a hover table)
-MAX_JSON_TOKENS = 20_000  # trace.json (text, ~100 bytes per token and layer) is left out beyond this; trace.npz is not
 SHARED_GATE_LINES = 4  # layers drawn in the shared-gate plot, spread from the first to the last
 EXPERT_TOKENS_SHOWN = 20  # an expert query lists this many of the expert's tokens
 
@@ -185,22 +203,40 @@ def token_rows(routing: analysis.TokenRouting, shown: int = 4) -> list[tuple[str
 TOKEN_COLUMNS = ("layer", "top-1", "same top-1", "most chosen experts: times, mean weight")
 
 
+def occurrences(count: int) -> str:
+    """``"1 occurrence"``, ``"3 occurrences"``, ``"1,024 occurrences"``."""
+    return f"{count:,} occurrence{'' if count == 1 else 's'}"
+
+
+def never_occurs(text: str) -> str:
+    return f"{text!r} never occurs in this text: there is no routing of it to show"
+
+
+def takes_nothing(query: ExpertQuery) -> str:
+    return f"expert {query.vocabulary.expert} of layer {query.layer} is chosen for none of this text's tokens"
+
+
 def query_lines(queries: Queries) -> list[str]:
     """The answers as plain-text tables (what ``minimoe inspect --token/--expert`` prints)."""
     lines = []
     for routing in queries.tokens:
-        lines.append(f"token {routing.text!r} (id {routing.token_id}): {routing.occurrences:,} occurrences")
-        widths = (6, 6, 11)
-        lines.append("  " + "".join(c.ljust(w) for c, w in zip(TOKEN_COLUMNS, widths)) + TOKEN_COLUMNS[-1])
+        lines.append(f"token {routing.text!r} (id {routing.token_id}): {occurrences(routing.occurrences)}")
         if routing.occurrences:
+            widths = (6, 6, 11)
+            lines.append("  " + "".join(c.ljust(w) for c, w in zip(TOKEN_COLUMNS, widths)) + TOKEN_COLUMNS[-1])
             lines += ["  " + "".join(c.ljust(w) for c, w in zip(row, widths)) + row[-1] for row in token_rows(routing)]
+        else:
+            lines.append(f"  {never_occurs(routing.text)}")
         lines.append("")
     for query in queries.experts:
         v = query.vocabulary
         lines.append(f"expert {v.expert} of layer {query.layer}: the tokens it takes most often")
-        lines.append("  " + "times".ljust(7) + "share".ljust(7) + "token")
-        lines += ["  " + str(int(c)).ljust(7) + f"{100 * x:.0f}%".ljust(7) + f"{text!r} (id {int(t)})"
-                  for t, c, x, text in zip(v.token_ids, v.counts, v.exclusivity, query.texts)]
+        if len(v.token_ids):
+            lines.append("  " + "times".ljust(7) + "share".ljust(7) + "token")
+            lines += ["  " + str(int(c)).ljust(7) + f"{100 * x:.0f}%".ljust(7) + f"{text!r} (id {int(t)})"
+                      for t, c, x, text in zip(v.token_ids, v.counts, v.exclusivity, query.texts)]
+        else:
+            lines.append(f"  {takes_nothing(query)}")
         lines.append("")
     if queries.tokens:
         lines.append("same top-1: share of the occurrences whose top-1 expert is the one shown; a token without a "
@@ -284,12 +320,12 @@ def make_plots(model, trace: RoutingTrace, results: Analyses, queries: Queries |
          + ": a large change means the model relies on what was removed."),
     ]
     if queries is not None and queries.tokens:
-        plots.append(("token_routing.png", viz.plot_token_routing(queries.tokens),
+        plots.append((QUERY_PLOTS[0], viz.plot_token_routing(queries.tokens),
                       "Where each queried token goes in each layer: a cell is the share of the token's occurrences "
                       "that chose the expert (among its k), the red box the expert most often top-1. A token without "
                       "a leading space is shown with its ' '-variant, a different token of the vocabulary."))
     for query in queries.experts if queries is not None else ():
-        name = f"expert_tokens_layer{query.layer}_expert{query.vocabulary.expert}.png"
+        name = QUERY_PLOTS[1].format(layer=query.layer, expert=query.vocabulary.expert)
         plots.append((name, viz.plot_expert_tokens(query.vocabulary, query.layer, query.texts),
                       f"The tokens expert {query.vocabulary.expert} of layer {query.layer} takes most often, with "
                       "the share of each token's occurrences it took: high shares mark a specialist."))
@@ -428,15 +464,18 @@ def queries_section(queries: Queries) -> str:
     parts = []
     for routing in queries.tokens:
         parts.append(f"<h3>Token {html.escape(repr(routing.text))} (id {routing.token_id}): "
-                     f"{routing.occurrences:,} occurrences</h3>\n")
+                     f"{occurrences(routing.occurrences)}</h3>\n")
         if routing.occurrences:
             parts.append(html_table(TOKEN_COLUMNS, token_rows(routing), left=1))
+        else:
+            parts.append(f"<p>{html.escape(never_occurs(routing.text))}.</p>\n")
     for query in queries.experts:
         v = query.vocabulary
         parts.append(f"<h3>Expert {v.expert} of layer {query.layer}: the tokens it takes most often</h3>\n")
         rows = [(repr(text), int(t), int(c), f"{100 * x:.0f}%")
                 for t, c, x, text in zip(v.token_ids, v.counts, v.exclusivity, query.texts)]
-        parts.append(html_table(("token", "id", "times chosen", "share of its occurrences"), rows))
+        parts.append(html_table(("token", "id", "times chosen", "share of its occurrences"), rows) if rows else
+                     f"<p>{html.escape(takes_nothing(query))}.</p>\n")
     if not parts:
         return ""
     return ("<h2>Queries</h2>\n<p class=\"meta\">A text without a leading space names two tokens: itself and its "
@@ -467,15 +506,18 @@ class Report:
     queries: Queries
     plots: list[Plot]
 
-    def data_files(self) -> tuple[str, ...]:
-        """The data files written beside the page (trace.json only up to :data:`MAX_JSON_TOKENS` tokens)."""
-        return tuple(name for name in DATA_FILES if name != "trace.json" or self.trace.num_tokens <= MAX_JSON_TOKENS)
+    def data_files(self, data: Collection[str] = ()) -> list[str]:
+        """The data files written beside the page: trace.npz, and the large formats ``data`` asks for."""
+        return [TRACE] + [EXTRA_FILES[name] for name in EXTRA_FILES if name in data]
 
-    def html(self) -> str:
-        trace, files = self.trace, self.data_files()
-        links = ", ".join(f'<a href="{name}">{name}</a>' for name in files)
-        left_out = ("" if "trace.json" in files else
-                    f" (trace.json is left out above {MAX_JSON_TOKENS:,} tokens: trace.npz holds the same arrays)")
+    def html(self, data: Collection[str] = ()) -> str:
+        """The page, linking to the data files written with ``data`` (see :meth:`write`)."""
+        trace = self.trace
+        scores = " and every expert's router scores" if "router_scores" in data else ""
+        files = [f'<a href="{TRACE}">{TRACE}</a> (the routing: chosen experts, their weights, the shared gate{scores})']
+        files += [f'<a href="{name}">{name}</a>' for name in self.data_files(data)[1:]]
+        not_asked = [EXTRA_DATA[name] for name in EXTRA_DATA if name not in data]
+        on_request = f" Written on request: {'; '.join(not_asked)}." if not_asked else ""
         return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
                 f"<title>{html.escape(self.title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
                 f"<h1>{html.escape(self.title)}</h1>\n"
@@ -483,31 +525,71 @@ class Report:
                 f"{len(self.text):,} characters, {trace.num_tokens:,} tokens, traced in "
                 f"{html.escape(self.windowing.describe())}; {len(trace.layers)} sparse layers, each choosing "
                 f"{trace.top_k} of {trace.num_experts} experts per token (routing: "
-                f"{html.escape(trace.routing_rule)}). Data beside this page: {links}{left_out}."
-                "</p>\n"
+                f"{html.escape(trace.routing_rule)}).<br>Data beside this page: {', '.join(files)}."
+                f"{html.escape(on_request)}</p>\n"
                 + text_section(trace) + summary_table(trace, self.results) + queries_section(self.queries)
                 + "<h2>Plots</h2>\n" + "".join(figure_html(plot) for plot in self.plots) + "</body>\n</html>\n")
 
-    def write(self, out_dir: str | Path) -> list[Path]:
-        """Write the page, plots and data into ``out_dir`` (created if needed); every path written, the page last."""
+    def write(self, out_dir: str | Path, data: Collection[str] = ()) -> list[Path]:
+        """Write the page, plots and trace into ``out_dir`` (created if needed); every path written, the page last.
+
+        ``data``: the large formats to write too, keys of :data:`EXTRA_DATA` (``"router_scores"``,
+        ``"json"``, ``"csv"``).  Files that an earlier report listed in ``out_dir``'s :data:`MANIFEST`
+        and this one does not write again are removed, so no stale plot stays beside the new ones;
+        no other file is touched.
+        """
+        check_data(data)
         out = Path(out_dir)
-        page = self.html()
+        page = self.html(data)
+        names = [plot.name for plot in self.plots] + self.data_files(data) + [REPORT]
         try:
             out.mkdir(parents=True, exist_ok=True)
-            written = []
+            earlier = read_manifest(out)
+            write_manifest(out, [*names, *earlier])  # stopped midway, the next report still knows both sets
             for plot in self.plots:
                 with atomic_write(out / plot.name) as handle:
                     handle.write(plot.png)
-                written.append(out / plot.name)
-            self.trace.save_npz(out / "trace.npz", include_logits=False)  # [T, vocab] is large; the routing is small
-            if "trace.json" in self.data_files():
-                self.trace.to_json(out / "trace.json")
-            self.trace.write_csv(out / "routing.csv")
-            written += [out / name for name in self.data_files()]
+            # Never the [T, vocab] logits; every expert's scores only when asked for.
+            self.trace.save_npz(out / TRACE, include_logits=False, include_router_scores="router_scores" in data)
+            if "json" in data:
+                self.trace.write_json(out / EXTRA_FILES["json"])
+            if "csv" in data:
+                self.trace.write_csv(out / EXTRA_FILES["csv"])
             write_text(out / REPORT, page)  # last: a whole page means a whole report
+            for name in set(earlier) - set(names):
+                (out / name).unlink(missing_ok=True)
+            write_manifest(out, names)
         except OSError as exc:
             raise MinimoeError(f"{out}: cannot write the report there ({exc.strerror or exc})") from None
-        return written + [out / REPORT]
+        return [out / name for name in names[:-1]] + [out / MANIFEST, out / REPORT]
+
+
+def check_data(data: Collection[str]) -> None:
+    """MinimoeError unless every name in ``data`` is one of :data:`EXTRA_DATA`."""
+    if unknown := sorted(set(data) - set(EXTRA_DATA)):
+        raise MinimoeError(f"unknown report data {unknown[0]!r}: one of {', '.join(EXTRA_DATA)}")
+
+
+def report_file_pattern() -> re.Pattern:
+    """The names a report writes (its page, plots, data files): the only names a manifest may make it remove."""
+    names = [REPORT, TRACE, *EXTRA_FILES.values(), *PLOTS, *QUERY_PLOTS]
+    return re.compile("|".join(re.escape(name).replace(r"\{layer\}", r"\d+").replace(r"\{expert\}", r"\d+")
+                               for name in names))
+
+
+def read_manifest(out: Path) -> list[str]:
+    """The files an earlier report in ``out`` listed as its own (only names a report writes; none if no list)."""
+    try:
+        lines = (out / MANIFEST).read_text(encoding="utf-8", errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+    pattern = report_file_pattern()
+    return [line for line in lines if pattern.fullmatch(line)]
+
+
+def write_manifest(out: Path, names: list[str]) -> None:
+    listed = "\n".join(dict.fromkeys(names))
+    write_text(out / MANIFEST, f"# written by minimoe: the files of the report in this folder\n{listed}\n")
 
 
 def build_report(model, tokenizer, text: str, title: str | None = None, window: int | None = None,
@@ -530,19 +612,22 @@ def build_report(model, tokenizer, text: str, title: str | None = None, window: 
 
 
 def write_report_files(model, tokenizer, text: str, out_dir: str | Path, title: str | None = None,
-                       **options) -> list[Path]:
+                       data: Collection[str] = (), **options) -> list[Path]:
     """Write the report of ``text`` into ``out_dir`` (created if needed); every path written, ``report.html`` last.
 
-    ``options``: :func:`build_report`'s (window, overlap, tokens, experts, progress).
+    ``data``: the large formats to add (see :meth:`Report.write`); ``options``: :func:`build_report`'s (window,
+    overlap, tokens, experts, progress).
     """
-    return build_report(model, tokenizer, text, title, **options).write(out_dir)
+    check_data(data)  # before the text is traced, not after
+    return build_report(model, tokenizer, text, title, **options).write(out_dir, data)
 
 
-def write_report(model, tokenizer, text: str, out_dir: str | Path, title: str | None = None, **options) -> Path:
+def write_report(model, tokenizer, text: str, out_dir: str | Path, title: str | None = None,
+                 data: Collection[str] = (), **options) -> Path:
     """Trace ``text``, analyse its routing and write the report into ``out_dir``; returns the HTML file's path.
 
     MinimoeError if the text is empty or only whitespace or a single token, or if
     ``out_dir`` cannot be written.  A text of any length is fine: a long one is traced
     window by window.
     """
-    return write_report_files(model, tokenizer, text, out_dir, title, **options)[-1]
+    return write_report_files(model, tokenizer, text, out_dir, title, data, **options)[-1]

@@ -23,6 +23,11 @@ from .. import layers
 from ..errors import MinimoeError
 
 
+def _norm(xp, x, weight, eps: float, norm: str):
+    """The layer's norm (``DecoderLayer.norm``): RMSNorm, or DBRX's LayerNorm without a bias."""
+    return layers.layer_norm(xp, x, weight, eps) if norm == "layer" else layers.rms_norm(xp, x, weight, eps)
+
+
 class LayerWalk(OrderedDict):
     """Named intermediates of one token through one layer (``walk["router_probs"]``, ...).
 
@@ -37,7 +42,7 @@ def residual_before(model, ids: np.ndarray, layer: int) -> np.ndarray:
     """The residual stream entering decoder layer ``layer``: ids ``[T]`` -> ``[T, H]``."""
     xp, c = model.xp, model.config
     cos, sin = layers.rope_tables(xp, xp.arange(len(ids)), c.head_dim, c.rope_theta)
-    x = model.embed.rows(ids[None])
+    x = model.embed_tokens(ids[None])  # [1, T, H], times the family's embedding scale (Gemma)
     for block in model.decoder[:layer]:
         x = block(model.ops, x, cos, sin, None, 0)
     return x[0]
@@ -61,15 +66,17 @@ def step_through(model, ids, layer: int, position: int = -1) -> LayerWalk:
 
     x = residual_before(model, ids[: position + 1], layer)  # [P+1, H]: the token and everything before it
     walk["residual_in"] = x[position]
-    h = layers.rms_norm(xp, x, block.input_norm, c.rms_norm_eps)
+    h = _norm(xp, x, block.input_norm, c.rms_norm_eps, block.norm)
     walk["input_norm"] = h[position]
-    q, k = attention.q(h)[None], attention.k(h)[None]  # [1, P+1, nh*D], [1, P+1, nkv*D]
+    q, k, v = attention.q(h)[None], attention.k(h)[None], attention.v(h)[None]  # [1, P+1, nh*D], [1, P+1, nkv*D] x 2
+    if attention.clip_qkv is not None:  # DBRX: q, k, v clamped
+        q, k, v = (xp.clip(t, -attention.clip_qkv, attention.clip_qkv) for t in (q, k, v))
     norm = attention.qk_norm
     if norm and not norm.per_head:  # OLMoE: RMSNorm over the whole q and k projections
         q, k = norm(xp, q, k)
     q = layers.split_heads(q, c.num_attention_heads, c.head_dim)  # [1, nh, P+1, D]
     k = layers.split_heads(k, c.num_key_value_heads, c.head_dim)
-    v = layers.split_heads(attention.v(h)[None], c.num_key_value_heads, c.head_dim)
+    v = layers.split_heads(v, c.num_key_value_heads, c.head_dim)
     if norm and norm.per_head:  # Qwen3-MoE: RMSNorm over each head
         q, k = norm(xp, q, k)
     walk["q"], walk["k"], walk["v"] = q[0, :, position], k[0, :, position], v[0, :, position]  # [heads, D]
@@ -80,34 +87,38 @@ def step_through(model, ids, layer: int, position: int = -1) -> LayerWalk:
     keys = xp.repeat(k[0], c.num_kv_groups, axis=0)  # [nh, P+1, D]: head h reads kv head h // groups
     values = xp.repeat(v[0], c.num_kv_groups, axis=0)
     walk["attention_scores"] = xp.einsum("hd,hsd->hs", q[0, :, position], keys) / np.sqrt(c.head_dim)  # [nh, P+1]
+    if attention.sliding_window is not None:  # Mistral: keys older than the window are masked out
+        walk["attention_scores"][:, : max(0, position + 1 - attention.sliding_window)] = -np.inf
     walk["attention_weights"] = layers.softmax(xp, walk["attention_scores"], axis=-1)
     heads = xp.einsum("hs,hsd->hd", walk["attention_weights"], values)  # [nh, D]
     walk["attention_heads"] = heads
     walk["attention_output"] = attention.o(heads.reshape(1, -1))[0]  # [H]
     residual = walk["residual_in"] + walk["attention_output"]
     walk["residual_after_attention"] = residual
-    h = layers.rms_norm(xp, residual[None], block.post_attention_norm, c.rms_norm_eps)  # [1, H]
+    h = _norm(xp, residual[None], block.post_attention_norm, c.rms_norm_eps, block.norm)  # [1, H]
     walk["post_attention_norm"] = h[0]
 
     if not block.is_sparse:
-        walk["mlp_output"] = layers.swiglu(xp, h, block.mlp.gate, block.mlp.up, block.mlp.down)[0]
+        mlp = block.mlp
+        walk["mlp_output"] = layers.swiglu(xp, h, mlp.gate, mlp.up, mlp.down, layers.ACTIVATIONS[mlp.activation])[0]
         walk["residual_out"] = residual + walk["mlp_output"]
         return walk
     moe = block.mlp
-    choice = layers.route(xp, moe.router(h), moe.top_k, moe.norm_topk_prob)
+    choice = layers.route(xp, moe.router(h), moe.top_k, moe.norm_topk_prob, norm_p=moe.topk_norm_p)
     walk["router_logits"], walk["router_probs"] = choice.logits[0], choice.probs[0]
     walk["expert_ids"], walk["expert_weights"] = choice.expert_ids[0], choice.expert_weights[0]
     routed = xp.zeros_like(residual)
     for expert, weight in zip(choice.expert_ids[0].tolist(), choice.expert_weights[0].tolist()):
         mlp = moe.experts[expert]
-        out = layers.swiglu(xp, h, mlp.gate, mlp.up, mlp.down)[0]
+        out = layers.swiglu(xp, h, mlp.gate, mlp.up, mlp.down, layers.ACTIVATIONS[mlp.activation])[0]
         walk[f"expert_{expert}_output"] = out
         routed = routed + weight * out
     walk["routed_output"] = routed
     walk["moe_output"] = routed
-    if moe.shared is not None:  # Qwen2-MoE's gated shared expert
+    if moe.shared is not None:  # Qwen2-MoE's gated shared expert; DeepSeekMoE's ungated one (gate 1)
         s = moe.shared
-        shared, gate = layers.shared_expert(xp, h, lambda x: layers.swiglu(xp, x, s.gate, s.up, s.down), moe.shared_gate)
+        shared, gate = layers.shared_expert(
+            xp, h, lambda x: layers.swiglu(xp, x, s.gate, s.up, s.down, layers.ACTIVATIONS[s.activation]), moe.shared_gate)
         walk["shared_gate"], walk["shared_output"] = gate[0], shared[0]
         walk["moe_output"] = routed + shared[0]
     walk["residual_out"] = residual + walk["moe_output"]

@@ -177,6 +177,16 @@ class RoutingTrace:
         """The same trace with an empty ``[T, 0]`` logits array (the ``[T, vocab]`` one is large)."""
         return replace(self, logits=np.zeros((self.num_tokens, 0), dtype=np.float32))
 
+    def without_router_scores(self) -> "RoutingTrace":
+        """The same trace with empty ``[S, T, 0]`` router_logits and router_probs.
+
+        Every expert's score, ``[S, T, E]``, is most of a trace's size; the chosen experts' own
+        probabilities stay in ``raw_weights``.  Analyses that need the whole distribution
+        (:func:`minimoe.inspect.analysis.routing_entropy`) need the full trace.
+        """
+        empty = np.zeros(self.router_probs.shape[:2] + (0,), dtype=np.float32)
+        return replace(self, router_logits=empty, router_probs=empty)
+
     # --- export ----------------------------------------------------------------------
 
     def metadata(self) -> dict[str, Any]:
@@ -184,13 +194,16 @@ class RoutingTrace:
         return {"num_experts": self.num_experts, "top_k": self.top_k, "tokens": self.tokens,
                 "routing_rule": self.routing_rule, "interventions": self.interventions}
 
-    def save_npz(self, path: str | Path, include_logits: bool = True) -> None:
+    def save_npz(self, path: str | Path, include_logits: bool = True, include_router_scores: bool = True) -> None:
         """All arrays plus metadata in one ``.npz`` (no pickles: plain numeric arrays and a JSON string).
 
         ``include_logits=False`` leaves out the ``[T, vocab]`` logits (for Qwen1.5-MoE, 0.6 MB a
-        token); such a file loads back with an empty ``[T, 0]`` logits array.
+        token); ``include_router_scores=False`` leaves out router_logits and router_probs
+        ``[S, T, E]`` (see :meth:`without_router_scores`).  Such a file loads back with empty
+        ``[T, 0]`` / ``[S, T, 0]`` arrays in their place.
         """
         trace = self if include_logits else self.without_logits()
+        trace = trace if include_router_scores else trace.without_router_scores()
         arrays = {name: getattr(trace, name) for name in ARRAY_FIELDS}
         with atomic_write(path) as handle:  # a handle: numpy would add ".npz" to another name
             np.savez_compressed(handle, **arrays, meta=np.array(json.dumps(self.metadata())))
@@ -207,13 +220,32 @@ class RoutingTrace:
                    routing_rule=meta.get("routing_rule", ""), interventions=meta.get("interventions", "none"))
 
     def to_json(self, path: str | Path | None = None, include_logits: bool = False) -> dict[str, Any]:
-        """A JSON-ready dict of the trace (logits left out unless asked: they are large); written if ``path``."""
-        data = {name: getattr(self, name).tolist() for name in ARRAY_FIELDS if include_logits or name != "logits"}
+        """A JSON-ready dict of the trace (logits left out unless asked: they are large); written if ``path``
+        (by :meth:`write_json`, which writes the same JSON without building this dict)."""
+        data = {name: getattr(self, name).tolist() for name in self._json_fields(include_logits)}
         data = _finite(data)
         data.update(self.metadata())
         if path is not None:
-            write_text(path, json.dumps(data))
+            self.write_json(path, include_logits)
         return data
+
+    def write_json(self, path: str | Path, include_logits: bool = False) -> None:
+        """The trace as JSON (what :meth:`to_json` returns), written one row of an array at a time: a long
+        text's trace is never in memory as Python lists or as one string."""
+        fields = [(name, getattr(self, name)) for name in self._json_fields(include_logits)]
+        fields += self.metadata().items()
+        with atomic_write(path, "w", encoding="utf-8") as handle:
+            handle.write("{")
+            for i, (name, value) in enumerate(fields):
+                handle.write(f"{', ' if i else ''}{json.dumps(name)}: ")
+                if isinstance(value, np.ndarray):
+                    _write_json_array(handle, value)
+                else:
+                    handle.write(json.dumps(value))
+            handle.write("}")
+
+    def _json_fields(self, include_logits: bool) -> list[str]:
+        return [name for name in ARRAY_FIELDS if include_logits or name != "logits"]
 
     def rows(self) -> list[dict[str, Any]]:
         """The tidy table: one row per token x sparse layer x chosen expert."""
@@ -261,6 +293,33 @@ def _layer_list(layers: np.ndarray) -> str:
     if len(values) > 3 and values == list(range(values[0], values[-1] + 1)):
         return f"{values[0]}..{values[-1]}"
     return str(values)
+
+
+JSON_ROWS_PER_WRITE = 1024  # rows of a 2-D array converted and written at once: bounded memory, few calls
+
+
+def _write_json_array(handle, array: np.ndarray) -> None:
+    """``array`` as a JSON list of lists, written a block of rows at a time (``-inf`` as ``null``, as in
+    :meth:`RoutingTrace.to_json`)."""
+    if array.ndim > 2:
+        handle.write("[")
+        for i, part in enumerate(array):
+            handle.write(", " if i else "")
+            _write_json_array(handle, part)
+        handle.write("]")
+    elif array.ndim < 2 or len(array) <= JSON_ROWS_PER_WRITE:
+        handle.write(_json_list(array))
+    else:
+        handle.write("[")
+        for start in range(0, len(array), JSON_ROWS_PER_WRITE):
+            rows = _json_list(array[start : start + JSON_ROWS_PER_WRITE])[1:-1]  # "[a, b]" -> "a, b"
+            handle.write((", " if start else "") + rows)
+        handle.write("]")
+
+
+def _json_list(array: np.ndarray) -> str:
+    values = array.tolist()
+    return json.dumps(values if np.isfinite(array).all() else _finite(values))
 
 
 def _finite(value):

@@ -187,7 +187,7 @@ def trace_generation(model, ids, max_new_tokens: int, tokenizer=None, *,
 
     The trace grows token by token through the KV cache: it covers the prompt and each
     generated token that was fed back (all but the last, which no forward pass reads).
-    ``sampling`` takes :meth:`Model.generate`'s keywords (temperature, top_k, top_p, seed, ...).
+    ``sampling`` takes :meth:`~minimoe.loading.LoadedModel.generate`'s keywords (temperature, top_k, top_p, seed, ...).
 
     A prompt too long to leave ``max_new_tokens`` positions free in the context is traced
     window by window (``window``, ``overlap``: see :mod:`minimoe.inspect.tracing`), and generation

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..assets import default_model_path
+from ..assets import BUNDLED_MODELS, default_model_path
 from ..config import shipped_configs
 from ..errors import MinimoeError
 from ..files import write_text
@@ -80,17 +80,24 @@ def cmd_upcycle(args: argparse.Namespace) -> None:
     reinit = 0.5 if args.reinit is None else args.reinit
     recipe = Recipe(args.experts, args.shared_experts, args.top_k, args.expert_size, args.method, reinit, args.seed,
                     args.norm_topk_prob, args.router_std)
-    if args.dry_run:
-        config = upcycled_config(args.dense, recipe)
+    if args.dry_run:  # a config alone will do, a shipped one too (as for `minimoe params`)
+        config = upcycled_config(resolve_config(str(args.dense)), recipe)
         print(json.dumps(config, indent=2))
         moe = ModelConfig.from_dict(config, source=f"{args.out}/config.json")
         print_parameter_counts(str(args.out), Architecture.from_model_config(moe))
         return
+    if not args.dense.exists() and str(args.dense) in shipped_configs():
+        raise MinimoeError(f"{args.dense} is a shipped config, without weights to cut into experts: it works with "
+                           "--dry-run only; upcycling itself needs the dense checkpoint's folder")
     from tqdm import tqdm
 
     upcycle(args.dense, args.out, **vars(recipe), force=args.force,
             progress=lambda items, **kw: tqdm(items, disable=None, **kw))
-    print(f"{args.out}: upcycled from {args.dense} ({args.method})")
+    print_parameter_counts(f"{args.out}: upcycled from {args.dense} ({args.method})",
+                           Architecture.from_file(args.out))
+    print(textwrap.fill("Untrained: its experts are pieces of the dense FFN and its router is random, so its "
+                        "predictions start away from the dense model's until it is trained on (docs/architecture.md "
+                        "measures how far, and in the upcycling experiment how training closes the gap).", width=100))
 
 
 # --- generate ------------------------------------------------------------------------
@@ -152,12 +159,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 # --- chat ----------------------------------------------------------------------------
 
+def is_bundled(path: Path) -> bool:
+    """Whether ``path`` is one of the models bundled with minimoe (the MoE or its dense parent)."""
+    return Path(path).resolve() in {folder.resolve() for folder in BUNDLED_MODELS.values()}
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
     model, tokenizer = open_model(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"minimoe chat with {args.model} ({describe_model(model.config)}). Empty line or Ctrl-D to quit.")
+    if is_bundled(args.model):  # on stderr, so that it shows even when the conversation is piped
+        print(textwrap.fill(f"The bundled model ({args.model.name}) is a base model trained on the Python standard "
+                            "library's sources, not a chat model: it answers every message with Python-flavoured "
+                            "text. For a conversation, pass --model a chat checkpoint, e.g. a downloaded "
+                            "Qwen1.5-MoE-A2.7B-Chat.", width=100), file=sys.stderr)
     while True:
         try:
             line = input("you> " if interactive else "")
@@ -275,7 +292,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(f"traced {report.windowing.describe()}", file=sys.stderr)
     if args.token or args.token_id or args.expert:
         print("\n".join(query_lines(report.queries)))
-    for path in report.write(args.out):
+    for path in report.write(args.out, args.data):
         print(path)
 
 
@@ -318,10 +335,21 @@ def add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> 
     parser.set_defaults(check_flags=check_sampling_flags)
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: an argument it does not know is an error shown with this command's usage (argparse
+    would hand it up to the top-level parser, whose usage says nothing about the command's flags)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, unknown = super().parse_known_args(args, namespace)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return namespace, unknown
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minimoe", description="A readable NumPy Qwen1.5-MoE (Qwen2-MoE).")
     parser.add_argument("--version", action="version", version=f"minimoe {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
 
     demo = commands.add_parser("demo", help="generate with the bundled model and show the experts each token chose",
                                description="Generate a short continuation, then show per token and layer which "
@@ -348,8 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser(
         "inspect", help="write an HTML report of how a text is routed (plots, per-token experts, interventions)",
-        description="Trace a text, analyse its routing and write report.html (self-contained: plots embedded), "
-                    "the plots as PNG, and the trace as trace.npz, trace.json and routing.csv into --out.")
+        description="Trace a text, analyse its routing and write into --out: report.html (self-contained: plots "
+                    "embedded), the plots as PNG, and the routing as trace.npz (chosen experts, weights, shared gate; "
+                    "RoutingTrace.load_npz reads it). The large formats only on request: --router-scores, --json, "
+                    "--csv. A report written into a folder that holds an earlier one replaces that report's files, "
+                    "listed in its report-files.txt, and touches no other file.")
     add_model_flag(inspect)
     source = inspect.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", help="the text to inspect")
@@ -366,6 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the same, by token id; repeatable")
     inspect.add_argument("--expert", action="append", default=[], type=expert_query, metavar="LAYER:EXPERT",
                          help="which tokens does this expert of this layer take? repeatable")
+    inspect.add_argument("--router-scores", dest="data", action="append_const", const="router_scores", default=[],
+                         help="trace.npz also keeps every expert's router logits and probabilities [S, T, E]")
+    inspect.add_argument("--json", dest="data", action="append_const", const="json",
+                         help="also write trace.json: every array of the trace as JSON (large)")
+    inspect.add_argument("--csv", dest="data", action="append_const", const="csv",
+                         help="also write routing.csv: one row per token x layer x chosen expert (large)")
     inspect.set_defaults(run=cmd_inspect)
 
     params = commands.add_parser(
@@ -384,12 +421,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "--top-k 4 --expert-size 1408. Methods: copy (plain replicas), qwen (replicas shuffled, then "
                     "--reinit of each expert's neurons drawn afresh; the Qwen2 report's recipe), drop "
                     "(Drop-Upcycling: no shuffle, --reinit drawn afresh).")
-    upcycle.add_argument("dense", type=Path, metavar="DENSE_DIR", help="dense Qwen2 checkpoint folder")
+    upcycle.add_argument("dense", type=Path, metavar="DENSE_DIR",
+                         help="dense Qwen2 checkpoint folder (with --dry-run, a config.json or a shipped config name "
+                              "such as qwen1.5-1.8b will do)")
     upcycle.add_argument("out", type=Path, metavar="OUT_DIR", help="folder to write the MoE checkpoint into")
-    upcycle.add_argument("--experts", type=int, required=True, help="segments per layer, shared ones included (64)")
-    upcycle.add_argument("--shared-experts", type=int, required=True, help="segments fused into the shared expert (4)")
-    upcycle.add_argument("--top-k", type=int, required=True, help="routed experts per token (4)")
-    upcycle.add_argument("--expert-size", type=int, required=True, help="neurons per expert (1408)")
+    sizes = upcycle.add_argument_group("required arguments: the MoE's shape")
+    sizes.add_argument("--experts", type=int, required=True, help="segments per layer, shared ones included")
+    sizes.add_argument("--shared-experts", type=int, required=True, help="segments fused into the shared expert")
+    sizes.add_argument("--top-k", type=int, required=True, help="routed experts per token")
+    sizes.add_argument("--expert-size", type=int, required=True, help="neurons per expert")
     upcycle.add_argument("--method", choices=METHODS, default="qwen", help="default qwen")
     upcycle.add_argument("--reinit", type=float, help="fraction of each expert's neurons drawn afresh (default 0.5)")
     upcycle.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
@@ -397,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     upcycle.add_argument("--router-std", type=float, default=ROUTER_STD,
                          help=f"std of the new router's weights (default {ROUTER_STD})")
     upcycle.add_argument("--dry-run", action="store_true",
-                         help="read only DENSE_DIR/config.json; print the config.json and parameter counts, write nothing")
+                         help="read only DENSE_DIR's config.json; print the MoE's config.json and parameter counts, "
+                              "write nothing")
     upcycle.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     upcycle.set_defaults(run=cmd_upcycle)
 

@@ -1,15 +1,16 @@
-"""Upcycling: a dense Qwen2 checkpoint made into a fine-grained Qwen2-MoE one, the way Qwen1.5-MoE was made.
+"""Upcycling: a dense Qwen2 checkpoint made into a fine-grained Qwen2-MoE one, as the blog says Qwen1.5-MoE was.
 
 What the sources say, and which says what:
 
 * The Qwen1.5-MoE blog: "we start by repurposing our existing Qwen-1.8B, transforming it into
   Qwen1.5-MoE-A2.7B. A noteworthy finding is that introducing randomness during initialization
   significantly expedites convergence". It names no recipe.
-* The recipe is in the Qwen2 Technical Report (arXiv 2407.10671, the section on expert
-  initialization): with expert width ``h_E``, ``n`` experts and dense FFN width ``h_FFN``,
-  replicate the FFN ``ceil(n * h_E / h_FFN)`` times, **shuffle each copy along the intermediate
-  dimension**, cut the concatenation into ``n`` experts of width ``h_E`` (the remainder is
-  discarded), then **randomly re-initialise 50% of each expert's parameters**.  The shuffling and
+* The closest published recipe is the Qwen2 Technical Report's (arXiv 2407.10671, the section on
+  expert initialization), given for Qwen2's MoE models; nothing Qwen published says Qwen1.5-MoE was
+  made exactly this way (that it was is our assumption).  With expert width ``h_E``, ``n`` experts
+  and dense FFN width ``h_FFN``: replicate the FFN ``ceil(n * h_E / h_FFN)`` times, **shuffle each
+  copy along the intermediate dimension**, cut the concatenation into ``n`` experts of width ``h_E``
+  (the remainder is discarded), then **randomly re-initialise 50% of each expert's parameters**.  The shuffling and
   the 50% are the report's, not the blog's (the blog only says "randomness").
 * Sparse upcycling (Komatsuzaki et al., ICLR 2023): every expert starts as a copy of the dense
   FFN; the router is new and random; attention, norms and embeddings are copied.
@@ -371,7 +372,7 @@ def upcycle(dense_path: str | Path, out_path: str | Path, *, num_experts: int, s
             progress: Callable[..., Iterable] | None = None) -> Path:
     """Make a ``Qwen2MoeForCausalLM`` checkpoint folder at ``out_path`` from the dense Qwen2 at ``dense_path``.
 
-    Qwen1.5-MoE-A2.7B from Qwen1.5-1.8B: ``num_experts=64, shared_experts=4, top_k=4, expert_size=1408``.
+    Qwen1.5-MoE-A2.7B's shape from Qwen1.5-1.8B: ``num_experts=64, shared_experts=4, top_k=4, expert_size=1408``.
     ``method`` is ``"copy"``, ``"qwen"`` or ``"drop"`` (see the module docstring; ``"copy"``
     re-initialises nothing, whatever ``reinit`` says); ``reinit`` is the fraction of each expert's
     neurons drawn afresh, to the nearest neuron.  The router starts N(0, ``router_std``), the
