@@ -56,6 +56,10 @@ class Family:
     # What transformers' config class puts in when config.json omits num_key_value_heads: a fixed
     # count (the size the class was written for), not num_attention_heads; None: as many as query heads.
     num_key_value_heads: int | None = None
+    # The embedding row transformers keeps out of training (nn.Embedding's padding_idx) when config.json gives no
+    # pad_token_id, and the load-balancing loss's weight when it gives no router_aux_loss_coef.
+    pad_token_id: int | None = None
+    router_aux_loss_coef: float = 0.001
     shared_expert_gate: bool = True  # the shared expert scaled by sigmoid(h @ gate.T); False: always fully on (DeepSeekMoE)
     # The norm: "rms" x / rms(x) * w; "rms_one_plus" x / rms(x) * (1 + w) (Gemma); "layer" LayerNorm without
     # a bias, (x - mean) / std * w (DBRX).
@@ -67,10 +71,6 @@ class Family:
     clip_qkv: bool = False  # config.json's clip_qkv clamps q, k and v (DBRX); elsewhere refused
     tie_word_embeddings: bool = False  # transformers' default when config.json does not say (Gemma ties)
     head_dim: int | None = None  # transformers' default when config.json omits head_dim (Gemma: 256); None: hidden/heads
-    # The embedding row transformers keeps out of training (nn.Embedding's padding_idx) when config.json gives no
-    # pad_token_id, and the load-balancing loss's weight when it gives no router_aux_loss_coef.
-    pad_token_id: int | None = None
-    router_aux_loss_coef: float = 0.001
 
 
 FAMILIES: dict[str, Family] = {

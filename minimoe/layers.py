@@ -55,15 +55,6 @@ def rms_norm(xp, x, weight, eps: float):
     return x / xp.sqrt(variance + eps) * weight
 
 
-def layer_norm(xp, x, weight, eps: float):
-    """LayerNorm without a bias (DBRX): ``(x - mean(x)) / sqrt(var(x) + eps) * w``.  x ``[..., H]`` -> ``[..., H]``.
-
-    The same as :func:`rms_norm` of ``x`` minus its mean: the variance is the mean square of the
-    centred values.
-    """
-    return rms_norm(xp, x - xp.mean(x, axis=-1, keepdims=True), weight, eps)
-
-
 def rms_norm_backward(xp, dy, x, weight, eps: float):
     """Gradients of :func:`rms_norm`.  dy, x ``[..., H]`` -> (dx ``[..., H]``, dweight ``[H]``).
 
@@ -77,6 +68,15 @@ def rms_norm_backward(xp, dy, x, weight, eps: float):
     dweight = (dy * normed).reshape(-1, x.shape[-1]).sum(axis=0)
     dx = r * (g - normed * xp.mean(g * normed, axis=-1, keepdims=True))
     return dx, dweight
+
+
+def layer_norm(xp, x, weight, eps: float):
+    """LayerNorm without a bias (DBRX): ``(x - mean(x)) / sqrt(var(x) + eps) * w``.  x ``[..., H]`` -> ``[..., H]``.
+
+    The same as :func:`rms_norm` of ``x`` minus its mean: the variance is the mean square of the
+    centred values.
+    """
+    return rms_norm(xp, x - xp.mean(x, axis=-1, keepdims=True), weight, eps)
 
 
 def silu(xp, x):
@@ -175,10 +175,10 @@ def attention_weights(xp, q, k, query_start: int, window: int | None = None):
     scores /= xp.float32(head_dim) ** 0.5
     query_pos = xp.arange(query_start, query_start + tokens)[:, None]
     key_pos = xp.arange(keys)[None, :]
-    visible = key_pos <= query_pos  # the causal mask [T, S]
+    visible = key_pos <= query_pos
     if window is not None:
         visible = visible & (key_pos > query_pos - window)
-    scores += xp.where(visible, xp.float32(0), xp.float32(-xp.inf))
+    scores += xp.where(visible, xp.float32(0), xp.float32(-xp.inf))  # the causal mask [T, S]
     return softmax(xp, scores, axis=-1)
 
 

@@ -588,10 +588,13 @@ def check_models(rng, folders=None):
 # --- 3. one training step: the backward on the GPU ------------------------------------------------------------
 
 def training_folders() -> list[Path]:
-    """Every test fixture (the backward runs on the reference operations, so every family) and the bundled model."""
+    """The test fixtures of every family minimoe can train (:func:`minimoe.train.parameters.missing_backward`; on
+    the reference operations, so not only the GPU kernels' families) and the bundled model."""
     from ..assets import default_model_path
+    from ..train.parameters import missing_backward
 
-    return sorted(p.parent for p in FIXTURES.glob("*/config.json")) + [Path(default_model_path())]
+    return sorted(p.parent for p in FIXTURES.glob("*/config.json")
+                  if missing_backward(ModelConfig.from_file(p)) is None) + [Path(default_model_path())]
 
 
 def check_training_step(folder: Path, rng, batch: int = 2, tokens: int = 24) -> list[Check]:

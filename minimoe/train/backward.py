@@ -58,7 +58,6 @@ def loss_and_grads(model: Model, input_ids, labels=None, *, aux_loss_coef: float
     reach (an expert no token chose).  The weights are :func:`minimoe.train.parameters`' (made on the
     first call).
     """
-    check_trainable(model.config)
     params = parameters(model)
     xp, config = model.xp, model.config
     ids = model.check_ids(input_ids)
@@ -83,19 +82,6 @@ def loss_and_grads(model: Model, input_ids, labels=None, *, aux_loss_coef: float
     with taped.forward_context():  # NumPy: BLAS on one thread, minimoe's threads split the work (as in the forward)
         Backward(taped, grads, d_router_probs).model(model, d_logits)
     return float(loss), grads.complete()
-
-
-# The families whose every layer has its backward here.  The others run forward only: DeepSeekMoE's ungated
-# shared experts, DBRX's LayerNorm, clip_qkv and p-norm, Mistral's sliding window and Gemma's GeGLU, (1 + w)
-# norm and scaled embedding have no backward yet.
-TRAINABLE_FAMILIES = ("qwen2_moe", "qwen2", "mixtral", "olmoe", "qwen3_moe")
-
-
-def check_trainable(config) -> None:
-    """Refuse, by name, a model whose family has no backward here (see :data:`TRAINABLE_FAMILIES`)."""
-    if config.model_type not in TRAINABLE_FAMILIES:
-        raise MinimoeError(f"training a {config.model_type} model is not supported: minimoe's backward covers "
-                           + ", ".join(TRAINABLE_FAMILIES) + f"; {config.model_type} runs forward only")
 
 
 def next_token_targets(ids: np.ndarray, labels, vocab_size: int) -> np.ndarray:
@@ -203,7 +189,7 @@ class TapedOperations(Operations):
         (at T = 256, 62% of the full ``[T, S]`` work)."""
         return self.pieces(tokens, ATTENTION_QUERY_ROWS) if self.xp is np else [range(tokens)]
 
-    def attention(self, q, k, v, start: int):
+    def attention(self, q, k, v, start: int, window: int | None = None):
         """:meth:`Operations.attention` one sequence of the batch at a time on the threads, each in
         :meth:`query_blocks` -> ``[B, T, nh*D]``."""
         xp = self.xp
@@ -212,13 +198,13 @@ class TapedOperations(Operations):
             b = slice(part.start, part.stop)
             return xp.concatenate([super(TapedOperations, self).attention(
                 q[b, :, block.start:block.stop], k[b, :, :start + block.stop], v[b, :, :start + block.stop],
-                start + block.start) for block in self.query_blocks(q.shape[2])], axis=1)
+                start + block.start, window=window) for block in self.query_blocks(q.shape[2])], axis=1)
 
         out = xp.concatenate(self.map(sequences, self.pieces(len(q))), axis=0)
-        self.save("attention", q=q, k=k, v=v, start=start, out=out)
+        self.save("attention", q=q, k=k, v=v, start=start, window=window, out=out)
         return out
 
-    def attention_backward(self, dy, q, k, v, out, start: int):
+    def attention_backward(self, dy, q, k, v, out, start: int, window: int | None = None):
         """:func:`minimoe.layers.causal_attention_backward` one sequence at a time on the threads, in the
         forward's query blocks: each block gives its queries' dq and adds to the dk, dv of the keys it saw."""
         xp = self.xp
@@ -229,7 +215,8 @@ class TapedOperations(Operations):
             for block in self.query_blocks(q.shape[2]):
                 rows, keys = slice(block.start, block.stop), slice(0, start + block.stop)
                 dq[:, :, rows], block_dk, block_dv = layers.causal_attention_backward(
-                    xp, dy[b, rows], q[b, :, rows], k[b, :, keys], v[b, :, keys], out[b, rows], start + block.start)
+                    xp, dy[b, rows], q[b, :, rows], k[b, :, keys], v[b, :, keys], out[b, rows], start + block.start,
+                    window)
                 dk[:, :, keys] += block_dk
                 dv[:, :, keys] += block_dv
             return dq, dk, dv
@@ -278,7 +265,8 @@ class TapedOperations(Operations):
             projections = (mlp.gate, mlp.up, mlp.down) if len(parts) == 1 else (
                 mlp.gate.row_slice(part), mlp.up.row_slice(part), mlp.down.column_slice(part))  # views
             gate, up = Recorded(projections[0]), Recorded(projections[1])
-            return layers.swiglu(self.xp, x, gate, up, projections[2]), (part, gate.output, up.output)
+            activation = layers.ACTIVATIONS[mlp.activation]  # silu: parameters() refuses the others
+            return layers.swiglu(self.xp, x, gate, up, projections[2], activation), (part, gate.output, up.output)
 
         found = self.map(run, parts)
         y = sum(part[0] for part in found[1:]) + found[0][0] if len(found) > 1 else found[0][0]
@@ -387,7 +375,7 @@ class Backward:
         saved = self.taped.pop("attention")
         d_heads = self.projection(attention.o, saved["out"], d_out)  # [B, T, nh*D]
         dq, dk, dv = self.taped.attention_backward(d_heads, saved["q"], saved["k"], saved["v"], saved["out"],
-                                                   saved["start"])
+                                                   saved["start"], saved["window"])
         inputs = self.taped.pop("attention_inputs")
         q, k = inputs["q"], inputs["k"]  # the projections' outputs [B, T, nh*D], [B, T, nkv*D]
         dq = layers.apply_rope_backward(xp, dq, inputs["cos"], inputs["sin"])

@@ -36,6 +36,10 @@ def parameters(model: Model) -> dict:
     if model.backend not in TRAINABLE_BACKENDS:
         raise MinimoeError(f"training runs on the reference operations (backend {' or '.join(TRAINABLE_BACKENDS)}), "
                            f"not on backend {model.backend!r}, whose CUDA kernels have no backward")
+    missing = missing_backward(model.config)
+    if missing:
+        raise MinimoeError(f"minimoe cannot train {model.config.model_type} models yet: the backward of {missing} "
+                           "is not written")
     xp = model.xp
     params: dict = {}
 
@@ -48,6 +52,27 @@ def parameters(model: Model) -> dict:
     model.ops.weights_replaced()  # anything the backend made from the old arrays is stale
     _trained[model] = params
     return params
+
+
+def missing_backward(config) -> str | None:
+    """What of ``config``'s family has no backward in :mod:`minimoe.layers` (None: all of it has).  Covered:
+    RMSNorm, SwiGLU, RoPE, causal attention (sliding window too), q/k norms, q/k/v biases, the router with
+    top-k renormalised by its sum, routed experts, the sigmoid-gated shared expert, and transformers' balance
+    loss."""
+    family = config.family
+    if config.model_type == "deepseek":
+        return "DeepSeekMoE's own balance loss (per sequence, seq_aux) and its ungated shared experts"
+    if family.norm != "rms":
+        return {"layer": "LayerNorm", "rms_one_plus": "the (1 + w) RMSNorm"}.get(family.norm, family.norm)
+    if family.activation != "silu":
+        return f"the {family.activation} activation"
+    if family.embedding_scaled:
+        return "the scaled embedding"
+    if config.clip_qkv is not None:
+        return "clip_qkv"
+    if config.topk_norm_p != 1:
+        return f"the top-k weights' {config.topk_norm_p:g}-norm"
+    return None
 
 
 def _places(model: Model) -> Iterator[tuple[str, object, str]]:
@@ -78,7 +103,9 @@ def _places(model: Model) -> Iterator[tuple[str, object, str]]:
             for expert, mlp in enumerate(moe.experts):
                 yield from _swiglu_places(names.expert_names(index, expert, config.model_type), mlp)
             if moe.shared is not None:
-                yield from _swiglu_places(names.swiglu_names(names.shared_expert_prefix(index)), moe.shared)
+                shared_names = names.swiglu_names(names.shared_expert_prefix(index, config.model_type))
+                yield from _swiglu_places(shared_names, moe.shared)
+            if moe.shared_gate is not None:
                 yield names.shared_expert_gate_name(index), moe.shared_gate, "weight"
         else:
             yield from _swiglu_places(names.swiglu_names(names.dense_mlp_prefix(index)), layer.mlp)
