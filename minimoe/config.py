@@ -25,7 +25,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from .errors import MinimoeError
@@ -178,6 +177,8 @@ class ModelConfig:
         dtype, as transformers rounds it (``embed_scale.to(weight.dtype)``: sqrt(3072) = 55.43 is 55.5 in bf16)."""
         if not self.family.embedding_scaled:
             return 1.0
+        import ml_dtypes  # here, not at the top: the GPU check starts with NumPy and CuPy alone
+
         dtype = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}.get(self.dtype, np.float32)
         return float(np.asarray(self.hidden_size ** 0.5, dtype=np.float32).astype(dtype))
 
