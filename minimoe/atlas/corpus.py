@@ -65,9 +65,11 @@ class Plan:
 
     @classmethod
     def build(cls, inputs: list[str | Path], domains: list[str] | None = None, glob: str = "*",
-              shard_size: int = 16, text_field: str = "text", domain_field: str = "domain") -> "Plan":
+              shard_size: int = 16, text_field: str = "text", domain_field: str = "domain",
+              skip_unreadable: bool = False) -> "Plan":
         """The plan of ``inputs`` (``domains``: none, one for all, or one per input); MinimoeError for a missing
-        input, a Parquet file without the text column, or nothing to read."""
+        input, a Parquet file without the text column, or nothing to read.  Unless ``skip_unreadable``, every
+        document is read once here (:meth:`check`), so that a bad file or line is named before any tracing."""
         if not inputs:
             raise MinimoeError("no inputs: give text files, folders, .jsonl or .parquet files")
         if domains and len(domains) not in (1, len(inputs)):
@@ -80,10 +82,18 @@ class Plan:
             domain = (domains[0] if len(domains) == 1 else domains[number]) if domains else None
             sources += expand(Path(spec), domain, glob, text_field)
         plan = cls(tuple(sources), shard_size, text_field, domain_field)
+        if not skip_unreadable:
+            plan.check()
         if plan.num_documents == 0:
             raise MinimoeError(f"the corpus is empty: no documents in {', '.join(map(str, inputs))}"
                                + (f" (files matching {glob!r})" if glob != "*" else ""))
         return plan
+
+    def check(self) -> None:
+        """Read every document once: MinimoeError for the first that cannot be read, naming its file and line."""
+        for shard in self.shards():
+            for _ in self.documents(shard):
+                pass
 
     @property
     def num_documents(self) -> int:

@@ -131,7 +131,7 @@ def shard_path(out: Path, shard: Shard) -> Path:
 def prepare(out: Path, identity: dict, plan: Plan, settings: Settings, resume: bool) -> list[Shard]:
     """Check ``out`` against this run and write its ``atlas.json`` -> the shards still to compute."""
     manifest_path = out / "atlas.json"
-    run = {"model": identity, "plan": plan.describe(), "window": settings.window, "overlap": settings.overlap,
+    run = {"model": identity, **plan.describe(), "window": settings.window, "overlap": settings.overlap,
            "threads": settings.threads, "backend": settings.backend}
     shards = plan.shards()
     done = sorted((out / "shards").glob("shard-*.npz")) if (out / "shards").is_dir() else []
@@ -184,7 +184,7 @@ def build(inputs: list, out: str | Path, model: str | Path, *, engine: str = "lo
         if not (isinstance(value, int) and value >= 1):
             raise MinimoeError(f"{name} must be a positive integer, got {value!r}")
     out = Path(out)
-    plan = Plan.build(inputs, domains, glob, shard_size, text_field, domain_field)
+    plan = Plan.build(inputs, domains, glob, shard_size, text_field, domain_field, skip_unreadable)
     settings = Settings(str(model), backend, threads, window, overlap, skip_unreadable)
     probe = load(model)  # the identity, and bad --window/--overlap caught before any worker starts
     if not probe.config.sparse_layers:
