@@ -361,6 +361,7 @@ def test_the_page_renders_and_a_click_opens_a_card(built, tmp_path):
     assert f"<h2>Layer {atlas.layers[s]}, expert {e}</h2>" in card[2]
     assert f"Load: {atlas.slot_counts[s, e]:,} of {atlas.tokens * 4:,} top-4 assignments" in card[2]
     assert card[2].count('<div class="ctx">') == aggregates.SAMPLES
-    cells = re.findall(r'<div class="cell[^"]*" data-layer="\d+" data-expert="\d+" style="background: ([^;]+);', dom)
+    cells = re.findall(r'<div class="cell[^"]*" data-layer="\d+" data-expert="\d+" title="[^"]*" '
+                       r'style="background: ([^;]+);', dom)
     assert len(cells) == 4 * 60 and len(set(cells)) > 3  # coloured, by more than one value
     assert "preference for prose" in dom
