@@ -3,6 +3,7 @@
     python scripts/atlas_stdlib.py run [--workers 2] [--out DIR]    # the whole stdlib: tokens, wall time, peak memory
     python scripts/atlas_stdlib.py throughput [--rounds 2]          # tokens/s: tracing alone, local and Ray workers
     python scripts/atlas_stdlib.py memory                           # peak memory, a corpus and one 10x larger
+    python scripts/atlas_stdlib.py partial [--out DIR]              # the finished shards of an unfinished run
 
 Each package of ``Lib/`` (site-packages left out) is a domain, the top-level modules one more
 (``toplevel``); every ``*.py`` file is a document (the few that are not UTF-8, kept as test data
@@ -103,7 +104,9 @@ def atlas_command(inputs: list[str], domains: list[str], out: Path, *extra: str)
 
 
 def machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
+    return {"cpu": names[0] if names else platform.machine(), "cores": os.cpu_count(),
             "python": platform.python_version(), "note": "a 2-core machine shared with other jobs"}
 
 
@@ -120,9 +123,36 @@ def cmd_run(args) -> None:
                "stdlib": str(LIB), "machine": machine()}
     DATA.mkdir(parents=True, exist_ok=True)
     (DATA / "stdlib_run.json").write_text(json.dumps(result, indent=1) + "\n")
-    shutil.copy(out / "atlas.npz", DATA / "stdlib_atlas.npz")
-    for plot in ("load", "domains", "distinct_experts", "histograms"):
-        shutil.copy(out / f"{plot}.png", IMAGES / f"atlas_{plot}.png")
+    publish(atlas, out)
+    print(json.dumps(result, indent=1))
+
+
+def publish(atlas, out: Path) -> None:
+    """The atlas and its plots into docs/ (the notebook and docs/atlas.md read them)."""
+    from minimoe.atlas.page import write_page
+
+    DATA.mkdir(parents=True, exist_ok=True)
+    atlas.save(DATA / "stdlib_atlas.npz")
+    for path in write_page(atlas, out, REPO / "minimoe" / "assets" / "tiny-moe"):
+        if path.suffix == ".png":
+            shutil.copy(path, IMAGES / f"atlas_{path.name}")
+
+
+def cmd_partial(args) -> None:
+    """Merge the finished shards of a run still going (or stopped): what is known so far, said to be partial."""
+    from minimoe.atlas.aggregates import Atlas, read_atlas
+
+    out = Path(args.out)
+    shards = sorted((out / "shards").glob("shard-*.npz"))
+    manifest = json.loads((out / "atlas.json").read_text())
+    atlas = Atlas.empty(manifest["model"])
+    for path in shards:
+        atlas = atlas.merge(read_atlas(path)[0])
+    total = -(-sum(source["items"] for source in manifest["sources"]) // manifest["shard_size"])
+    publish(atlas, out / "partial")
+    result = {"partial": True, "shards_done": len(shards), "shards": total, "tokens": atlas.tokens,
+              "documents": atlas.documents, "machine": machine()}
+    (DATA / "stdlib_partial.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 
 
@@ -244,6 +274,9 @@ def main() -> None:
     memory.add_argument("--fraction", type=int, default=100, help="the small corpus: 1/n of the stdlib's inputs")
     memory.add_argument("--workers", type=int, default=1)
     memory.set_defaults(go=cmd_memory)
+    partial = commands.add_parser("partial")
+    partial.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "atlas-stdlib"))
+    partial.set_defaults(go=cmd_partial)
     args = parser.parse_args()
     args.go(args)
 

@@ -129,12 +129,27 @@ def _figure(width: float, height: float, rows: int = 1, cols: int = 1):
     return figure, figure.subplots(rows, cols, squeeze=False)
 
 
+def diverging():
+    """Blue below, red above, grey for an expert never chosen (NaN)."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["RdBu_r"].copy()
+    cmap.set_bad("#bbbbbb")
+    return cmap
+
+
+def unused_masked(atlas: Atlas, values: np.ndarray) -> np.ndarray:
+    """``values [L, E]`` with NaN where the expert was never chosen."""
+    return np.where(atlas.slot_counts == 0, np.nan, values)
+
+
 def plot_load(atlas: Atlas):
     """Each expert's share of its layer's assignments against uniform (log2; 0 is an even share)."""
     figure, axes = _figure(10, 1 + 0.35 * len(atlas.layers))
-    ratio = np.log2(np.maximum(atlas.load_share() * atlas.num_experts, 1e-3))
-    image = axes[0, 0].imshow(ratio, aspect="auto", cmap="RdBu_r", vmin=-3, vmax=3, interpolation="nearest")
-    axes[0, 0].set(xlabel="expert", ylabel="layer", yticks=range(len(atlas.layers)), yticklabels=atlas.layers,
+    ratio = unused_masked(atlas, np.log2(np.maximum(atlas.load_share() * atlas.num_experts, 1e-3)))
+    image = axes[0, 0].imshow(ratio, aspect="auto", cmap=diverging(), vmin=-3, vmax=3, interpolation="nearest")
+    axes[0, 0].set(xlabel="expert (grey: never chosen)", ylabel="layer", yticks=range(len(atlas.layers)),
+                   yticklabels=atlas.layers,
                    title=f"load against uniform over {atlas.tokens:,} tokens (log2: +1 is twice its share)")
     figure.colorbar(image, ax=axes[0, 0], label="log2(load x E)")
     return figure
@@ -146,8 +161,9 @@ def plot_domains(atlas: Atlas, top: int = 12):
     order = np.argsort(-atlas.domain_tokens, kind="stable")[:top]
     figure, axes = _figure(10, 1.2 + 0.3 * len(order))
     ratio = np.log2(np.maximum(atlas.domain_preference()[order, layer], 1e-3))
-    image = axes[0, 0].imshow(ratio, aspect="auto", cmap="RdBu_r", vmin=-2, vmax=2, interpolation="nearest")
-    axes[0, 0].set(xlabel="expert", yticks=range(len(order)), yticklabels=[atlas.domains[d] for d in order],
+    ratio[:, atlas.slot_counts[layer] == 0] = np.nan
+    image = axes[0, 0].imshow(ratio, aspect="auto", cmap=diverging(), vmin=-2, vmax=2, interpolation="nearest")
+    axes[0, 0].set(xlabel="expert (grey: never chosen)", yticks=range(len(order)), yticklabels=[atlas.domains[d] for d in order],
                    title=f"layer {atlas.layers[layer]}: P(domain | expert) / P(domain), log2 (0 is chance)")
     figure.colorbar(image, ax=axes[0, 0], label="log2 preference")
     return figure
@@ -228,10 +244,12 @@ for (const [value, label] of stats) {
   option.value = value; option.textContent = label; select.appendChild(option);
 }
 function value(stat, s, e) {
+  if (atlas.slots[s][e] === 0) return null;  // never chosen: grey
   const v = stat === "load" ? atlas.load[s][e] : atlas.preference[+stat.slice(4)][s][e];
   return Math.log2(Math.max(v, 1 / 8));
 }
-function colour(v) {  // -3 .. 3 -> blue .. white .. red
+function colour(v) {  // -3 .. 3 -> blue .. white .. red; null (never chosen) -> grey
+  if (v === null) return "rgb(187, 187, 187)";
   const t = Math.max(-1, Math.min(1, v / 3));
   const a = Math.round(255 * (1 - Math.abs(t)));
   return t >= 0 ? `rgb(255,${a},${a})` : `rgb(${a},${a},255)`;
@@ -253,9 +271,10 @@ function paint() {
   for (const cell of cells) {
     const s = +cell.dataset.layer, e = +cell.dataset.expert, v = value(select.value, s, e);
     cell.style.background = colour(v);
-    cell.title = `layer ${atlas.layers[s]}, expert ${e}: ${v.toFixed(2)}`;
+    cell.title = `layer ${atlas.layers[s]}, expert ${e}: ${v === null ? "never chosen" : v.toFixed(2)}`;
   }
-  document.getElementById("scale").textContent = " blue below, red above (log2 ratio, clipped at ±3)";
+  document.getElementById("scale").textContent =
+    " blue below, red above (log2 ratio, clipped at ±3); grey: never chosen";
 }
 select.addEventListener("change", paint);
 paint();
