@@ -75,7 +75,7 @@ class Worker:
         self.tokenizer = load_tokenizer(settings.model)
         self.identity = model_identity(self.model, settings.model)
 
-    def run(self, shard: Shard) -> tuple[Atlas, int]:
+    def run(self, shard: Shard) -> tuple[Atlas, float]:
         """(the shard's partial atlas, seconds spent)."""
         return run_shard(self.model, self.tokenizer, self.identity, self.plan, shard, self.settings)
 
