@@ -3,6 +3,7 @@
     python scripts/atlas_stdlib.py run [--workers 2] [--out DIR]    # the whole stdlib: tokens, wall time, peak memory
     python scripts/atlas_stdlib.py throughput [--rounds 2]          # tokens/s: tracing alone, local and Ray workers
     python scripts/atlas_stdlib.py memory                           # peak memory, a corpus and one 10x larger
+    python scripts/atlas_stdlib.py fold [--rounds 3]                # in one process: tracing alone, tracing + folding
     python scripts/atlas_stdlib.py partial [--out DIR]              # the finished shards of an unfinished run
 
 Each package of ``Lib/`` (site-packages left out) is a domain, the top-level modules one more
@@ -224,6 +225,58 @@ def cmd_throughput(args) -> None:
     print(json.dumps(result, indent=1))
 
 
+def cmd_fold(args) -> None:
+    """Steady-state cost of the atlas's folding: one process, one thread, the same documents traced window by
+    window with and without each window folded into an Accumulator, interleaved round by round."""
+    import numpy as np
+
+    import minimoe
+    from minimoe import backend
+    from minimoe.atlas.aggregates import Accumulator, model_identity
+    from minimoe.atlas.corpus import Plan
+    from minimoe.inspect.tracing import Windowing, trace_windows
+
+    backend.NUM_THREADS = 1
+    path = minimoe.default_model_path()
+    model, tokenizer = minimoe.load(path), minimoe.load_tokenizer(path)
+    inputs, _ = subset(args.fraction)
+    plan = Plan.build(inputs, glob="*.py", skip_unreadable=True)
+    documents = [(d.key, np.asarray(tokenizer.encode(d.text), dtype=np.int64))
+                 for shard in plan.shards() for d in plan.documents(shard, True, [])]
+    documents = [(key, ids) for key, ids in documents if len(ids)]
+    identity = model_identity(model, path)
+
+    def trace_only():
+        for _, ids in documents:
+            for _ in trace_windows(model, ids, Windowing.plan(len(ids), model.config.max_position_embeddings)):
+                pass
+
+    def trace_and_fold():
+        accumulator = Accumulator(identity)
+        for key, ids in documents:
+            accumulator.begin(key, "all", ids)
+            for piece in trace_windows(model, ids, Windowing.plan(len(ids), model.config.max_position_embeddings)):
+                accumulator.add_window(piece)
+        accumulator.flush()
+
+    times: dict[str, list[float]] = {"trace alone": [], "trace + fold": []}
+    for _ in range(args.rounds):
+        for name, run in (("trace alone", trace_only), ("trace + fold", trace_and_fold)):
+            began = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - began)
+    tokens = sum(len(ids) for _, ids in documents)
+    best = {name: min(values) for name, values in times.items()}
+    result = {"tokens": tokens, "rounds": args.rounds, "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
+              "tokens_per_s": {name: round(tokens / t) for name, t in best.items()},
+              "trace + fold / trace alone": round(best["trace alone"] / best["trace + fold"], 3),
+              "note": "tokens/s of the same documents, best of the rounds, in one process on one thread",
+              "machine": machine()}
+    DATA.mkdir(parents=True, exist_ok=True)
+    (DATA / "fold.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
 def cmd_memory(args) -> None:
     """Peak memory of an atlas of a corpus and of one 10x larger (the same text repeated in JSONL documents)."""
     import minimoe.atlas
@@ -274,6 +327,10 @@ def main() -> None:
     memory.add_argument("--fraction", type=int, default=100, help="the small corpus: 1/n of the stdlib's inputs")
     memory.add_argument("--workers", type=int, default=1)
     memory.set_defaults(go=cmd_memory)
+    fold = commands.add_parser("fold")
+    fold.add_argument("--rounds", type=int, default=3)
+    fold.add_argument("--fraction", type=int, default=40, help="use 1/n of the stdlib's inputs")
+    fold.set_defaults(go=cmd_fold)
     partial = commands.add_parser("partial")
     partial.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "atlas-stdlib"))
     partial.set_defaults(go=cmd_partial)
