@@ -345,23 +345,24 @@ class Accumulator:
         document, for every b, counted in the window where the batch ends (earlier tokens come from the carry).
 
         With ``C`` the running count of each expert's uses, a batch ``[s, s + b)`` touched the experts
-        whose ``C[s + b] - C[s]`` is positive: O(T E) per b, about 6 T E per window over b = 1 .. 256."""
-        a = self.atlas
+        whose ``C[s + b] - C[s]`` is positive: all the batches of every b at once, about 6 T rows of ``[L, E]``."""
+        a, L = self.atlas, self.L
         rows = np.concatenate([self.carry, onehot])  # [P + T, L, E], the first at document position `start`
         start = first - len(self.carry)
         end = first + len(onehot)
         uses = np.zeros((len(rows) + 1, *rows.shape[1:]), dtype=np.int32)
         np.cumsum(rows, axis=0, out=uses[1:])
-        for b in range(1, MAX_BATCH + 1):
-            lo = (first // b) * b  # the first batch that ends in this window starts here
-            starts = np.arange(lo, end - b + 1, b)
-            starts = starts[starts + b > first]
-            if len(starts) == 0:
-                continue
-            offsets = starts - start
-            touched = (uses[offsets + b] - uses[offsets]) > 0  # [n, L, E]
-            a.distinct_sum[:, b - 1] += touched.sum((0, 2))
-            a.distinct_batches[b - 1] += len(starts)
+        sizes = np.arange(1, MAX_BATCH + 1)
+        lo = (first // sizes) * sizes  # for each b, the first batch that ends in this window starts here
+        counts = np.maximum((end - sizes - lo) // sizes + 1, 0)  # batches of each b that end in this window
+        b = np.repeat(sizes, counts)  # [N]: each batch's size
+        j = np.arange(len(b)) - np.repeat(np.cumsum(counts) - counts, counts)
+        starts = np.repeat(lo, counts) + b * j - start  # rows of `uses`
+        touched = ((uses[starts + b] - uses[starts]) > 0).sum(2)  # [N, L]
+        keys = (np.arange(L)[None, :] * MAX_BATCH + (b - 1)[:, None]).ravel()
+        a.distinct_sum += np.bincount(keys, weights=touched.ravel(), minlength=L * MAX_BATCH).reshape(
+            L, MAX_BATCH).round().astype(np.int64)  # float64 weights hold these integers exactly
+        a.distinct_batches += counts
         self.carry = rows[-(MAX_BATCH - 1):]
 
     def _histograms(self, trace) -> None:
@@ -431,8 +432,8 @@ def keep_smallest(hashes: np.ndarray, context: np.ndarray, new_hashes: np.ndarra
     all_hashes = np.concatenate([hashes.reshape(-1), new_hashes])
     all_context = np.concatenate([context.reshape(-1, width), new_context])
     all_groups = np.concatenate([np.repeat(np.arange(count), SAMPLES), groups])
-    # Ties (the same hash twice: the same assignment offered twice never happens) fall back to the context.
-    order = np.lexsort((*all_context.T[::-1], all_hashes, all_groups))
+    # A hash names one (document, position, layer, expert): two equal ones are a 64-bit collision.
+    order = np.lexsort((all_hashes, all_groups))
     sorted_groups = all_groups[order]
     rank = np.arange(len(order)) - np.searchsorted(sorted_groups, sorted_groups, side="left")
     keep = order[rank < SAMPLES]
