@@ -4,6 +4,7 @@
     python scripts/atlas_stdlib.py throughput [--rounds 2]          # tokens/s: tracing alone, local and Ray workers
     python scripts/atlas_stdlib.py memory                           # peak memory, a corpus and one 10x larger
     python scripts/atlas_stdlib.py fold [--rounds 3]                # in one process: tracing alone, tracing + folding
+    python scripts/atlas_stdlib.py overhead                         # each engine's fixed cost: a one-line corpus
     python scripts/atlas_stdlib.py partial [--out DIR]              # the finished shards of an unfinished run
 
 Each package of ``Lib/`` (site-packages left out) is a domain, the top-level modules one more
@@ -151,7 +152,7 @@ def cmd_partial(args) -> None:
         atlas = atlas.merge(read_atlas(path)[0])
     total = -(-sum(source["items"] for source in manifest["sources"]) // manifest["shard_size"])
     publish(atlas, out / "partial")
-    result = {"partial": True, "shards_done": len(shards), "shards": total, "tokens": atlas.tokens,
+    result = {"partial": len(shards) < total, "shards_done": len(shards), "shards": total, "tokens": atlas.tokens,
               "documents": atlas.documents, "machine": machine()}
     (DATA / "stdlib_partial.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
@@ -277,6 +278,27 @@ def cmd_fold(args) -> None:
     print(json.dumps(result, indent=1))
 
 
+def cmd_overhead(args) -> None:
+    """Each configuration's fixed cost (start, model loads, workers or actors, merge, page) on a one-line corpus."""
+    walls: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "one.txt"
+        corpus.write_text("def f(x):\n    return x\n")
+        for round_ in range(args.rounds):
+            for engine, workers in (("local", 1), ("local", 2), ("ray", 1), ("ray", 2)):
+                began = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "minimoe", "atlas", str(corpus), "--out",
+                                str(Path(tmp) / f"{engine}{workers}-{round_}"), "--engine", engine, "--workers",
+                                str(workers)], check=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+                               stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+                walls.setdefault(f"{engine} x{workers}", []).append(round(time.perf_counter() - began, 1))
+    result = {"wall_s": walls, "best_s": {name: min(values) for name, values in walls.items()},
+              "note": "minimoe atlas on a one-line corpus: what every run pays besides tracing", "machine": machine()}
+    DATA.mkdir(parents=True, exist_ok=True)
+    (DATA / "overhead.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
 def cmd_memory(args) -> None:
     """Peak memory of an atlas of a corpus and of one 10x larger (the same text repeated in JSONL documents)."""
     import minimoe.atlas
@@ -331,6 +353,9 @@ def main() -> None:
     fold.add_argument("--rounds", type=int, default=3)
     fold.add_argument("--fraction", type=int, default=40, help="use 1/n of the stdlib's inputs")
     fold.set_defaults(go=cmd_fold)
+    overhead = commands.add_parser("overhead")
+    overhead.add_argument("--rounds", type=int, default=2)
+    overhead.set_defaults(go=cmd_overhead)
     partial = commands.add_parser("partial")
     partial.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "atlas-stdlib"))
     partial.set_defaults(go=cmd_partial)
