@@ -194,7 +194,8 @@ print(json.dumps({{"tokens": tokens, "wall_s": time.perf_counter() - began}}))
 def cmd_throughput(args) -> None:
     import minimoe.atlas
 
-    inputs, domains = subset(args.fraction)
+    inputs, domains = ([str(LIB / name) for name in args.packages], list(args.packages)) if args.packages \
+        else subset(args.fraction)
     runs = {"trace alone": None, "local x1": ("local", 1), "local x2": ("local", 2), "ray x1": ("ray", 1),
             "ray x2": ("ray", 2)}
     walls: dict[str, list[float]] = {name: [] for name in runs}
@@ -352,6 +353,7 @@ def main() -> None:
     throughput = commands.add_parser("throughput")
     throughput.add_argument("--rounds", type=int, default=2)
     throughput.add_argument("--fraction", type=int, default=40, help="use 1/n of the stdlib's inputs")
+    throughput.add_argument("--packages", nargs="*", help="instead: these packages of Lib/ (e.g. asyncio json)")
     throughput.set_defaults(go=cmd_throughput)
     memory = commands.add_parser("memory")
     memory.add_argument("--fraction", type=int, default=100, help="the small corpus: 1/n of the stdlib's inputs")
