@@ -133,9 +133,7 @@ def diverging():
     """Blue below, red above, grey for an expert never chosen (NaN)."""
     import matplotlib
 
-    cmap = matplotlib.colormaps["RdBu_r"].copy()
-    cmap.set_bad("#bbbbbb")
-    return cmap
+    return matplotlib.colormaps["RdBu_r"].with_extremes(bad="#bbbbbb")
 
 
 def unused_masked(atlas: Atlas, values: np.ndarray) -> np.ndarray:
