@@ -16,7 +16,8 @@ except ModuleNotFoundError:  # Python 3.10
 
 REPO = Path(__file__).resolve().parent.parent
 # Imported only where an optional feature needs them, each behind a clear MinimoeError when missing.
-OPTIONAL = {"cupy": "the gpu extra", "pandas": "RoutingTrace.to_dataframe"}
+OPTIONAL = {"cupy": "the gpu extra", "pandas": "RoutingTrace.to_dataframe", "ray": "the ray extra (minimoe atlas)",
+            "pyarrow": "the parquet extra (minimoe atlas)"}
 
 
 def canonical(name: str) -> str:

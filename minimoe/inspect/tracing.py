@@ -35,7 +35,7 @@ hundred bytes per token and sparse layer (router logits and probabilities ``[E]`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -130,19 +130,30 @@ def trace_text(model, ids, tokenizer=None, *, interventions: Mapping | Intervent
         raise MinimoeError("trace takes one sequence of ids [T]; trace a batch one row at a time")
     plan = Windowing.plan(len(ids), model.config.max_position_embeddings, window, overlap)
     keep = plan.fits if keep_logits is None else keep_logits
+    trace = RoutingTrace.concat(list(trace_windows(model, ids, plan, interventions=interventions, keep_logits=keep,
+                                                   progress=progress)))
+    if tokenizer is not None:
+        trace.tokens = tokenizer.token_texts(trace.token_ids)
+    return trace
+
+
+def trace_windows(model, ids, plan: Windowing, *, interventions: Mapping | Interventions | None = None,
+                  keep_logits: bool = False, progress: Progress = False) -> Iterator[RoutingTrace]:
+    """The traces of ``plan``'s windows over ``ids`` ``[T]``, one at a time and in order: each covers the
+    window's traced tokens only, at the text's positions, so together they cover every token once.
+
+    :func:`trace_text` joins them; a caller that folds each into running statistics (:mod:`minimoe.atlas`)
+    holds one window's trace at a time, however long the text.  Without ``keep_logits`` each trace
+    holds an empty ``[t, 0]`` logits array.
+    """
     interventions = Interventions.of(model.config, interventions)  # checked once, before the first window
-    pieces = []
     for part in _progress(progress, plan.windows(), desc="tracing", unit="window"):
         recorder = Recorder()
         model.forward(ids[part.start : part.stop], record=recorder, interventions=interventions)
         piece = RoutingTrace.from_recorder(recorder, model.config, interventions=interventions).select(
-            part.traced - part.start)
-        pieces.append(piece.shifted(part.start) if keep else piece.shifted(part.start).without_logits())
-        del recorder  # this window's [window, vocab] logits go now, not after the next forward
-    trace = RoutingTrace.concat(pieces)
-    if tokenizer is not None:
-        trace.tokens = tokenizer.token_texts(trace.token_ids)
-    return trace
+            part.traced - part.start).shifted(part.start)
+        del recorder  # this window's [window, vocab] logits go with it, unless kept
+        yield piece if keep_logits else piece.without_logits()
 
 
 def measure_interventions(model, ids, interventions: Mapping[str, Mapping | Interventions], *,

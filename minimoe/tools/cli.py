@@ -1,4 +1,4 @@
-"""The ``minimoe`` command line: demo, generate, chat, inspect, params, bench, upcycle.
+"""The ``minimoe`` command line: demo, generate, chat, inspect, params, bench, upcycle, atlas.
 
 ``--model`` defaults to the small MoE bundled with minimoe, so every command runs
 offline on a fresh install.  Exit codes: 0 success; 1 bad input (a
@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import __version__
 from ..assets import BUNDLED_MODELS, default_model_path
+from ..atlas.command import add_parser as add_atlas_parser
 from ..config import shipped_configs
 from ..errors import MinimoeError
 from ..files import write_text
@@ -461,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "fastest NumPy could go on this machine (docs/benchmarks.md)")
     bench.add_argument("--memory-limit-gb", type=float, help=argparse.SUPPRESS)  # a tighter watchdog, for tests
     bench.set_defaults(run=cmd_bench)
+
+    add_atlas_parser(commands, add_model_flag)
     return parser
 
 
