@@ -50,6 +50,10 @@ class Family:
     # What transformers' config class puts in when config.json omits num_key_value_heads: a fixed
     # count (the size the class was written for), not num_attention_heads; None: as many as query heads.
     num_key_value_heads: int | None = None
+    # The embedding row transformers keeps out of training (nn.Embedding's padding_idx) when config.json gives no
+    # pad_token_id, and the load-balancing loss's weight when it gives no router_aux_loss_coef.
+    pad_token_id: int | None = None
+    router_aux_loss_coef: float = 0.001
 
 
 FAMILIES: dict[str, Family] = {
@@ -59,7 +63,7 @@ FAMILIES: dict[str, Family] = {
     "mixtral": Family("MixtralForCausalLM", always_renormalise=True, experts_keys=("num_local_experts",),
                       expert_width_key="intermediate_size", rope_theta=1e6, rms_norm_eps=1e-5, num_key_value_heads=8),
     "olmoe": Family("OlmoeForCausalLM", qk_norm="projection", expert_width_key="intermediate_size",
-                    rms_norm_eps=1e-5),
+                    rms_norm_eps=1e-5, pad_token_id=1, router_aux_loss_coef=0.01),
     # transformers 5.x writes Qwen3-MoE's expert count as num_local_experts; the Hub's files say num_experts.
     "qwen3_moe": Family("Qwen3MoeForCausalLM", qk_norm="head", experts_keys=("num_experts", "num_local_experts"),
                         sparse_step=True, num_key_value_heads=4),
@@ -97,6 +101,7 @@ class ModelConfig:
     dtype: str = "bfloat16"
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None  # its embedding row gets no gradient in training (as nn.Embedding's padding_idx)
 
     def is_sparse_layer(self, layer: int) -> bool:
         """True when decoder layer ``layer`` uses the MoE block (the one home of this rule).
@@ -226,7 +231,7 @@ def _parse(raw: dict[str, Any], source: str) -> ModelConfig:
             norm_topk_prob=True if family.always_renormalise else optional("norm_topk_prob", family.norm_topk_prob, bool),
             decoder_sparse_step=optional("decoder_sparse_step", 1, int) if family.sparse_step else 1,
             mlp_only_layers=tuple(optional("mlp_only_layers", [], list)) if family.sparse_step else (),
-            router_aux_loss_coef=optional("router_aux_loss_coef", 0.001, float),
+            router_aux_loss_coef=optional("router_aux_loss_coef", family.router_aux_loss_coef, float),
         )
         if moe["num_experts"] > 0 and not 0 < moe["num_experts_per_tok"] <= moe["num_experts"]:
             raise fail(
@@ -255,6 +260,8 @@ def _parse(raw: dict[str, Any], source: str) -> ModelConfig:
         qk_norm=family.qk_norm,
         dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"),
         bos_token_id=optional("bos_token_id", None, int),
+        # an explicit null means none, as in transformers; an absent key, the family's default
+        pad_token_id=optional("pad_token_id", None, int) if "pad_token_id" in raw else family.pad_token_id,
         eos_token_id=_eos(raw.get("eos_token_id"), fail),
         **moe,
     )

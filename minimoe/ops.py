@@ -84,6 +84,11 @@ class Operations:
                 None if shared_gate is None else self.linear(shared_gate),
                 None if shared is None else self.swiglu_weights(*shared))
 
+    def weights_replaced(self) -> None:
+        """Forget what was made from the weights' arrays (the wide MLPs' slices, :meth:`swiglu`): the model's
+        arrays have been replaced (:func:`minimoe.train.parameters` puts float32 copies in their place)."""
+        self._wide.clear()
+
     # --- a forward pass --------------------------------------------------------------------------------
 
     def forward_context(self):
