@@ -1,8 +1,9 @@
 """scripts/upcycling_experiment.py's code paths, on a few steps: every arm starts, trains, and is reported.
 
-The full experiment takes about 40 minutes on 2 cores (its results are in docs/data/upcycling_experiment.json);
-here each arm runs a handful of steps on a few documents, so what is checked is the plumbing: the
-starting points, the shared data order, the evaluations, the summary arithmetic and the figure.
+The full experiment takes hours on 2 cores (its results are in docs/data/upcycling_experiment_minimoe.json,
+the torch reference's in docs/data/upcycling_experiment.json); here each arm runs a handful of steps on a
+few documents, so what is checked is the plumbing: the starting points, the shared data order, the
+evaluations, the summary arithmetic, the comparison of engines and the figures.
 """
 
 from __future__ import annotations
@@ -10,9 +11,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
 
 import upcycling_experiment as experiment  # noqa: E402  (scripts/, put on sys.path by conftest)
 
@@ -43,10 +41,15 @@ def test_upcycled_arms_start_near_the_parent_and_scratch_far_from_it(runs):
     assert start["scratch"] > start["dense"] + 2.0  # an untrained model: about ln(4096) = 8.3 nats
 
 
-def test_report_writes_the_table_json_and_figure(runs, tmp_path, capsys):
-    results, figure = tmp_path / "results.json", tmp_path / "figure.png"
-    experiment.main(["--report", "--runs", str(runs), "--results", str(results), "--figure", str(figure)])
-    summary = json.loads(results.read_text())["summary"]
+def test_report_writes_the_table_json_and_figures(runs, tmp_path, capsys):
+    results, figure, engines = tmp_path / "results.json", tmp_path / "figure.png", tmp_path / "engines.png"
+    experiment.main(["--report", "--runs", str(runs), "--results", str(results), "--figure", str(figure),
+                     "--torch-runs", str(runs), "--engines-figure", str(engines)])  # an engine against itself
+    written = json.loads(results.read_text())
+    summary = written["summary"]
+    assert set(written["engines"]) == set(summary["arms"])
+    assert all(row["gap"] == 0 and row["agree"] for arm in written["engines"].values() for row in arm.values())
+    assert engines.read_bytes().startswith(b"\x89PNG")
     assert set(summary["arms"]) == {"scratch", "copy", "qwen", "dense"}
     assert summary["parent_loss"] == json.loads((runs / "dense-seed0.json").read_text())["loss"][0]
     assert figure.read_bytes().startswith(b"\x89PNG")
