@@ -15,7 +15,7 @@ decay 0.1 on every tensor, the cosine ending at a tenth of the peak.
 The output folder ``OUT``::
 
     OUT/checkpoint-000120/   the latest checkpoint: config.json, model.safetensors (float32),
-                             tokenizer files, optimizer.safetensors (AdamW's moments), trainer_state.json
+                             tokenizer files, optimizer.npz (AdamW's moments), trainer_state.json
     OUT/training.json        settings, the training curve and the held-out curve so far
     OUT/config.json, model.safetensors, tokenizer ...   the final model, once training has finished
 
@@ -52,7 +52,7 @@ from .data import check_stream, fingerprint, held_out_windows, read_token_stream
 from .optim import AdamW, clip_grad_norm, cosine_lr
 
 CHECKPOINT_PREFIX = "checkpoint-"
-OPTIMIZER_FILE, STATE_FILE, LOG_FILE = "optimizer.safetensors", "trainer_state.json", "training.json"
+OPTIMIZER_FILE, STATE_FILE, LOG_FILE = "optimizer.npz", "trainer_state.json", "training.json"  # npz: arrays, no pickles
 
 
 @dataclass(frozen=True)
@@ -284,8 +284,6 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def save_checkpoint(out: Path, step: int, model, params: dict, optimizer: AdamW, log: dict) -> Path:
     """Write checkpoint ``step`` whole under a hidden name, rename it into place, then drop the older ones."""
-    from safetensors.numpy import save_file
-
     source = model.checkpoint.folder
     target = out / f"{CHECKPOINT_PREFIX}{step:06d}"
     staging = out / f".{target.name}.partial-{os.getpid()}"
@@ -294,7 +292,7 @@ def save_checkpoint(out: Path, step: int, model, params: dict, optimizer: AdamW,
     try:
         shapes = expected_shapes(model.config)
         write_checkpoint(staging, shapes, np.float32, ((name, params[name]) for name in shapes))
-        save_file(optimizer.state(), str(staging / OPTIMIZER_FILE))
+        np.savez(staging / OPTIMIZER_FILE, **optimizer.state())
         for name in SIDE_FILES:
             if (source / name).is_file():
                 shutil.copyfile(source / name, staging / name)
@@ -323,8 +321,6 @@ def float32_config(source: Path) -> dict:
 
 def restore(checkpoint: Path, params: dict, optimizer: AdamW, settings: Settings, data_id: str, log: dict) -> dict:
     """Load a checkpoint's weights into ``params`` and its moments into ``optimizer``; returns its log."""
-    from safetensors.numpy import load_file
-
     from ..checkpoint.reader import Checkpoint
 
     state = json.loads((checkpoint / STATE_FILE).read_text())
@@ -339,7 +335,8 @@ def restore(checkpoint: Path, params: dict, optimizer: AdamW, settings: Settings
     weights = Checkpoint(checkpoint)
     for name, param in params.items():
         param[...] = weights.array(name)
-    optimizer.load_state(load_file(str(checkpoint / OPTIMIZER_FILE)))
+    with np.load(checkpoint / OPTIMIZER_FILE, allow_pickle=False) as saved_state:
+        optimizer.load_state(dict(saved_state))
     if optimizer.steps != state["step"]:
         raise MinimoeError(f"{checkpoint}: the optimizer has taken {optimizer.steps} steps, the state says {state['step']}")
     state.pop("step")
