@@ -42,6 +42,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from ..backend import to_numpy
 from ..checkpoint.names import expected_shapes
 from ..checkpoint.writer import SIDE_FILES, write_checkpoint
 from ..config import read_config_file
@@ -112,7 +113,7 @@ def held_out_loss(model, windows: np.ndarray, chunk: int = 8) -> float:
     total, count = 0.0, 0
     for first in range(0, len(windows), chunk):
         ids = windows[first : first + chunk]
-        logits = np.asarray(model.forward(ids), dtype=np.float32)[:, :-1]  # [b, T-1, V]: predicting ids[:, 1:]
+        logits = to_numpy(model.forward(ids))[:, :-1]  # [b, T-1, V]: position t predicts ids[:, t + 1]
         peak = logits.max(axis=-1, keepdims=True)
         log_norm = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[..., 0]  # [b, T-1]
         target = np.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
