@@ -1,147 +1,171 @@
 #!/usr/bin/env python
-"""Tokens/s of one training step -- forward, backward, clipping, AdamW -- minimoe against torch float32.
+"""Training-step speed: minimoe's training step against torch's, on the same model and batch.
 
-    python scripts/bench_train.py                        # the bundled MoE, batch 16 x 256, 5 steps each
-    python scripts/bench_train.py --batch 4 --context 128 --steps 3 --json out.json
+    PYTHONPATH=. python scripts/bench_train.py [--model DIR] [--batch 16] [--context 256] [--repeats 5]
+                                               [--forward-backward-only]
 
-Both engines train the same checkpoint (``minimoe.default_model_path()``, or ``--model``) on the same
-random batch: minimoe with :func:`minimoe.train.loss_and_grads`, :func:`~minimoe.train.optim.clip_grad_norm`
-and :class:`~minimoe.train.optim.AdamW`; torch with transformers' ``Qwen2MoeForCausalLM`` loaded from the
-same folder in float32 (``output_router_logits=True``, so both add the load-balancing loss),
-``clip_grad_norm_`` and ``torch.optim.AdamW``.  Each engine lives in its own child process (so its peak
-memory is its own, and minimoe's never imports torch); the parent makes them take turns, one step each,
-so both see the same machine load.  Reported: each engine's median step time and tokens/s, the ratio,
-and each child's peak resident memory (``ru_maxrss``: the interpreter and libraries included) and its
-growth over the moment after loading.
+A step is the forward, the backward, clipping to a global norm of 1 and an AdamW update (betas 0.9, 0.95,
+weight decay 0.1: what minimoe's trainer does); ``--forward-backward-only`` leaves out the last two.
+
+Both sides compute in float32 from the same checkpoint (minimoe: ``minimoe.train.loss_and_grads`` on the
+numpy backend; torch: transformers' model, upcast to float32, ``loss.backward()`` with
+``output_router_logits=True``), on the same random batch, with the same number of threads (the CPUs this
+process may use).  Steps alternate -- minimoe, torch, minimoe, ... -- so that a machine whose speed drifts
+(other jobs, turbo, heat) slows both alike; each side's median step gives its tokens/s, and their ratio is
+the figure.  Peak memory is each side's own process (one started per side): the largest resident set of a
+process that loads the model and runs two steps, and what a step adds to it (model loaded and warmed up).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
-import platform
-import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+import minimoe
+from minimoe import train
+from minimoe.files import write_text
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+THREADS = len(os.sched_getaffinity(0))
 
 
-def minimoe_engine(model_path: str, threads: int):
-    """A step function for minimoe: fwd + bwd + clip + AdamW on ``ids``."""
-    import minimoe
-    import minimoe.backend
-    from minimoe.train import loss_and_grads, parameters
+def batch_of(config, batch: int, context: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, config.vocab_size, (batch, context))
+
+
+OPTIMIZER = dict(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)  # a small lr: the weights stay near the checkpoint's
+
+
+def minimoe_side(folder: Path, optimize: bool = True):
+    """(step(ids) -> loss, config): minimoe's forward and backward on the numpy backend, then clip and AdamW."""
     from minimoe.train.optim import AdamW, clip_grad_norm
 
-    minimoe.backend.NUM_THREADS = threads
-    model = minimoe.load(model_path)
-    params = parameters(model)
-    optimizer = AdamW(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    model = minimoe.load(folder)
+    params = train.parameters(model)  # the float32 weights, made once (not timed)
+    optimizer = AdamW(**OPTIMIZER)
 
-    def step(ids: np.ndarray) -> float:
-        loss, grads = loss_and_grads(model, ids)
-        clip_grad_norm(grads, 1.0)
-        optimizer.step(params, grads)
+    def step(ids):
+        loss, grads = train.loss_and_grads(model, ids)
+        if optimize:
+            clip_grad_norm(grads, 1.0)
+            optimizer.step(params, grads)
         return loss
 
-    return step
+    return step, model.config
 
 
-def torch_engine(model_path: str, threads: int):
-    """The same step in torch float32 with transformers' model."""
+def torch_side(folder: Path, optimize: bool = True):
+    """(step(ids) -> loss, model): transformers' float32 model, loss.backward(), clip_grad_norm_ and
+    torch.optim.AdamW, gradients cleared after."""
     import torch
-    from transformers import AutoModelForCausalLM
+    import transformers
 
-    torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    router = {"output_router_logits": True} if hasattr(model.config, "num_experts") else {}
+    torch.set_num_threads(THREADS)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    moe = getattr(model.config, "num_experts", 0) or getattr(model.config, "num_local_experts", 0)
+    optimizer = torch.optim.AdamW(model.parameters(), **OPTIMIZER)
 
-    def step(ids: np.ndarray) -> float:
-        batch = torch.from_numpy(ids)
-        loss = model(batch, labels=batch, **router).loss
+    def step(ids):
+        ids = torch.from_numpy(ids)
+        loss = model(ids, labels=ids, **({"output_router_logits": True} if moe else {})).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if optimize:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
         return loss.item()
 
-    return step
+    return step, model
 
 
-ENGINES = {"minimoe": minimoe_engine, "torch": torch_engine}
+def timed(step, ids) -> tuple[float, float]:
+    start = time.perf_counter()
+    loss = step(ids)
+    return time.perf_counter() - start, loss
 
 
-def child(engine: str, model_path: str, threads: int, connection) -> None:
-    """Load the engine, report memory, then run one step per message until told to stop."""
-    step = ENGINES[engine](model_path, threads)
-    connection.send({"loaded_rss_mb": peak_rss_mb()})
-    while (ids := connection.recv()) is not None:
-        started = time.perf_counter()
-        loss = step(ids)
-        connection.send({"seconds": time.perf_counter() - started, "loss": float(loss)})
-    connection.send({"peak_rss_mb": peak_rss_mb()})
+def peak_memory(side: str, folder: Path, batch: int, context: int, seed: int, optimize: bool) -> dict:
+    """Peak resident memory of a fresh process running ``side``: after loading and one step, and after a second."""
+    command = [sys.executable, __file__, "--model", str(folder), "--batch", str(batch), "--context", str(context),
+               "--seed", str(seed), "--memory-of", side, *([] if optimize else ["--forward-backward-only"])]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.splitlines()[-1])
 
 
-def main(argv: list[str] | None = None) -> dict:
-    import minimoe
+def measure_memory(side: str, folder: Path, batch: int, context: int, seed: int, optimize: bool) -> None:
+    """In a child process: print the peak resident set (MB) after loading, and after two steps."""
+    def peak_mb() -> float:  # the process's high-water mark (ru_maxrss would carry the parent's over exec)
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) / 1024  # kB
 
+    step, _ = minimoe_side(folder, optimize) if side == "minimoe" else torch_side(folder, optimize)
+    loaded = peak_mb()
+    ids = batch_of(minimoe.load(folder).config, batch, context, seed)
+    step(ids)
+    step(ids)
+    print(json.dumps({"loaded_mb": loaded, "peak_mb": peak_mb()}))
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(minimoe.default_model_path()))
+    parser.add_argument("--model", type=Path, default=Path(minimoe.default_model_path()))
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--context", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per engine, after one warm-up step")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps of each side (after one warm-up)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument("--forward-backward-only", action="store_true", help="no clipping, no AdamW update")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--memory-of", choices=("minimoe", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    optimize = not args.forward_backward_only
+    if args.memory_of:
+        measure_memory(args.memory_of, args.model, args.batch, args.context, args.seed, optimize)
+        return 0
 
-    vocab = minimoe.ModelConfig.from_file(args.model).vocab_size
-    ids = np.random.default_rng(0).integers(0, vocab, (args.batch, args.context))
-    context = mp.get_context("spawn")
-    pipes, processes, results = {}, {}, {}
-    for engine in ENGINES:
-        ours, theirs = context.Pipe()
-        processes[engine] = context.Process(target=child, args=(engine, args.model, args.threads, theirs))
-        processes[engine].start()
-        pipes[engine] = ours
-        results[engine] = {"seconds": [], "loss": [], **ours.recv()}  # loaded one at a time
-    for round_ in range(args.steps + 1):  # round 0 warms up
-        for engine in ENGINES if round_ % 2 == 0 else reversed(list(ENGINES)):  # alternate who goes first
-            pipes[engine].send(ids)
-            reply = pipes[engine].recv()
-            if round_ > 0:
-                results[engine]["seconds"].append(reply["seconds"])
-            results[engine]["loss"].append(reply["loss"])
-    tokens = args.batch * args.context
-    for engine in ENGINES:
-        pipes[engine].send(None)
-        results[engine].update(pipes[engine].recv())
-        processes[engine].join()
-        seconds = statistics.median(results[engine]["seconds"])
-        results[engine].update(median_seconds=round(seconds, 3), tokens_per_second=round(tokens / seconds, 1))
-    summary = {"model": Path(args.model).name, "batch": args.batch, "context": args.context, "threads": args.threads,
-               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-               "engines": results,
-               "ratio": round(results["minimoe"]["tokens_per_second"] / results["torch"]["tokens_per_second"], 3)}
-    for engine, row in results.items():
-        print(f"{engine:8s} {row['median_seconds']:7.2f} s/step  {row['tokens_per_second']:8,.0f} tokens/s  "
-              f"peak {row['peak_rss_mb']:6,.0f} MB (+{row['peak_rss_mb'] - row['loaded_rss_mb']:,.0f} MB over "
-              f"loaded)  first loss {row['loss'][0]:.4f}")
-    print(f"minimoe / torch: {summary['ratio']:.2f}x tokens/s  ({args.batch} x {args.context} tokens, "
-          f"{args.threads} threads, median of {args.steps} interleaved steps)")
+    ours, config = minimoe_side(args.model, optimize)
+    theirs, _ = torch_side(args.model, optimize)
+    ids = batch_of(config, args.batch, args.context, args.seed)
+    tokens = ids.size
+    times = {"minimoe": [], "torch": []}
+    losses = {}
+    for repeat in range(args.repeats + 1):  # the first round warms both up and is not counted
+        for side, step in (("minimoe", ours), ("torch", theirs)):
+            seconds, losses[side] = timed(step, ids)
+            if repeat:
+                times[side].append(seconds)
+        print(f"round {repeat}: " + ", ".join(f"{side} {times[side][-1]:.3f} s" for side in times) if repeat
+              else "warm-up done", flush=True)
+    result = {
+        "model": str(args.model), "batch": args.batch, "context": args.context, "tokens_per_step": tokens,
+        "threads": THREADS, "repeats": args.repeats, "losses": losses,
+        "step": "forward + backward + clip + AdamW" if optimize else "forward + backward",
+        "step_seconds": times,
+        "tokens_per_s": {side: tokens / statistics.median(seconds) for side, seconds in times.items()},
+    }
+    result["ratio"] = result["tokens_per_s"]["minimoe"] / result["tokens_per_s"]["torch"]
+    if not args.no_memory:
+        result["memory_mb"] = {side: peak_memory(side, args.model, args.batch, args.context, args.seed, optimize)
+                               for side in ("minimoe", "torch")}
+    result["load_average"] = os.getloadavg()
+    print(f"{result['step']}, batch {args.batch} x {args.context} ({tokens} tokens), {THREADS} threads, "
+          f"median of {args.repeats}; load average {result['load_average'][0]:.1f} (other jobs slow both sides):")
+    for side in ("minimoe", "torch"):
+        memory = result.get("memory_mb", {}).get(side)
+        extra = f", peak memory {memory['peak_mb']:,.0f} MB ({memory['loaded_mb']:,.0f} MB loaded)" if memory else ""
+        print(f"  {side:8s} {result['tokens_per_s'][side]:9,.0f} tokens/s  (loss {losses[side]:.5f}){extra}")
+    print(f"  minimoe / torch: {result['ratio']:.2f}x")
     if args.json:
-        args.json.write_text(json.dumps(summary, indent=1) + "\n")
-    return summary
+        write_text(args.json, json.dumps(result, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

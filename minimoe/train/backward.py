@@ -69,7 +69,8 @@ def loss_and_grads(model: Model, input_ids, labels=None, *, aux_loss_coef: float
         d_router_probs = coef * layers.load_balancing_loss_backward(xp, [c.expert_ids for c in choices],
                                                                     config.num_experts)
     grads = Gradients(params, xp)
-    Backward(taped, grads, d_router_probs).model(model, d_logits)
+    with taped.forward_context():  # NumPy: BLAS on one thread, minimoe's threads split the work (as in the forward)
+        Backward(taped, grads, d_router_probs).model(model, d_logits)
     return float(loss), grads.complete()
 
 
