@@ -46,6 +46,7 @@ import numpy as np
 
 import minimoe
 from minimoe.config import read_config_file
+from minimoe.files import write_text
 from minimoe.inspect.params import count_parameters
 from minimoe.train.init import write_random_checkpoint
 from minimoe.train.trainer import Settings, evenly_spaced, train
@@ -92,26 +93,35 @@ def active_parameters(model) -> int:
 
 
 def run_arm(arm: str, seed: int, args, train_ids: np.ndarray, held: np.ndarray) -> dict:
-    """Train one arm; held-out loss at ``args.evaluations`` evenly spaced token counts (and at 0)."""
+    """Train one arm; held-out loss at ``args.evaluations`` evenly spaced token counts (and at 0).
+
+    After each evaluation the curve so far is written to ``args.runs/ARM-seedN.json`` marked
+    ``"partial": true``; the finished run replaces it.
+    """
     settings = Settings(tokens=args.tokens, context=args.context, batch=args.batch, lr=args.lr, warmup=args.warmup,
                         seed=seed)
     curve = {"tokens": [], "loss": []}
+    started, model = time.time(), None
+
+    def result(partial: bool) -> dict:
+        steps = settings.steps
+        return {"arm": arm, "seed": seed, **curve, "steps": steps, "tokens_seen": steps * args.batch * args.context,
+                "context": args.context, "batch": args.batch, "peak_lr": args.lr,
+                "train_minutes": round((time.time() - started) / 60, 1), "active_parameters": active_parameters(model),
+                "parameters": count_parameters(model.config).total, "threads": args.threads, "trainer": "minimoe",
+                **({"partial": True} if partial else {})}
 
     def report(tokens_seen: int, loss: float) -> None:
         curve["tokens"].append(tokens_seen)
         curve["loss"].append(round(loss, 4))
         print(f"{arm} seed {seed}: {tokens_seen:>9,} tokens  held-out {loss:.3f}", flush=True)
+        write_text(args.runs / f"{arm}-seed{seed}.json", json.dumps(result(partial=True)) + "\n")
 
-    started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         model = starting_model(arm, seed, Path(tmp))
         train(model, train_ids, settings, held_out=windows(held, args.context),
               eval_steps=evenly_spaced(settings.steps, args.evaluations), on_eval=report, progress=False)
-    steps = settings.steps
-    return {"arm": arm, "seed": seed, **curve, "steps": steps, "tokens_seen": steps * args.batch * args.context,
-            "context": args.context, "batch": args.batch, "peak_lr": args.lr,
-            "train_minutes": round((time.time() - started) / 60, 1), "active_parameters": active_parameters(model),
-            "parameters": count_parameters(model.config).total, "threads": args.threads, "trainer": "minimoe"}
+    return result(partial=False)
 
 
 def limit_threads(threads: int) -> None:
@@ -213,7 +223,8 @@ def draw(runs: list[dict], summary: dict, out: Path) -> None:
 
 
 def report(args) -> None:
-    runs = [json.loads(p.read_text()) for p in sorted(args.runs.glob("*.json"))]
+    every = [json.loads(p.read_text()) for p in sorted(args.runs.glob("*.json"))]
+    runs = [run for run in every if not run.get("partial")]  # the summary: finished runs only
     if not any(run["arm"] == "dense" for run in runs):
         raise SystemExit(f"no dense run in {args.runs}: its first evaluation is the parent's loss, the yardstick")
     summary = summarise(runs)
@@ -222,28 +233,38 @@ def report(args) -> None:
     results = {"settings": settings, "summary": summary, "runs": runs}
     torch_runs = [json.loads(p.read_text()) for p in sorted(args.torch_runs.glob("*.json"))]
     if torch_runs:
-        results["engines"] = compare_engines(summary, summarise(torch_runs))
-        draw_engines(runs, torch_runs, args.engines_figure)
+        results["engines"] = compare_engines(every, torch_runs)
+        draw_engines(every, torch_runs, args.engines_figure)
+    results["partial_runs"] = [run for run in every if run.get("partial")]
     args.results.write_text(json.dumps(results, indent=1) + "\n")
     draw(runs, summary, args.figure)
 
 
-def compare_engines(ours: dict, theirs: dict) -> dict:
-    """Per arm both engines share, at 25/50/100% of the budget: the gap between their seed means, against the seeds' spread.
+def compare_engines(runs: list[dict], torch_runs: list[dict]) -> dict:
+    """Per arm, at every evaluation both engines reached with every seed: the gap between their seed means,
+    against the spread between seeds (max - min, the larger of the two engines').
 
-    They agree at a point when the gap is within the larger of the two spreads (max - min over seeds).
+    The engines agree at a point when the gap is within that spread.  Unfinished runs count up to where they got.
     """
-    print(f"\n{'arm':10s} {'at':>5s} {'minimoe':>16s} {'torch':>16s} {'gap':>7s}  agree")
+    print(f"\n{'arm':10s} {'tokens':>9s} {'minimoe':>8s} {'torch':>8s} {'gap':>7s} {'spread':>7s}  agree")
     comparison = {}
-    for arm in [a for a in ours["arms"] if a in theirs["arms"]]:
-        rows = {}
-        for key in ("loss_25", "loss_50", "loss_100"):
-            (mean, spread), (reference, reference_spread) = ours["arms"][arm][key], theirs["arms"][arm][key]
-            gap = round(mean - reference, 4)
-            rows[key] = {"minimoe": [mean, spread], "torch": [reference, reference_spread], "gap": gap,
-                         "agree": abs(gap) <= max(spread, reference_spread)}
-            print(f"{arm:10s} {key[5:] + '%':>5s} {mean:9.3f} ± {spread / 2:.3f} {reference:9.3f} ± "
-                  f"{reference_spread / 2:.3f} {gap:+7.3f}  {'yes' if rows[key]['agree'] else 'NO'}")
+    for arm in [a for a in ARMS if any(r["arm"] == a for r in runs)]:
+        ours = [r for r in runs if r["arm"] == arm]
+        theirs = [r for r in torch_runs if r["arm"] == arm]
+        if not theirs:
+            continue
+        rows = []
+        for i, tokens in enumerate(theirs[0]["tokens"]):
+            if any(len(r["loss"]) <= i for r in ours + theirs) or i == 0:  # not reached; at 0 both are the start
+                continue
+            mine, reference = [r["loss"][i] for r in ours], [r["loss"][i] for r in theirs]
+            spread = max(np.ptp(mine), np.ptp(reference))
+            gap = float(np.mean(mine) - np.mean(reference))
+            rows.append({"tokens": tokens, "minimoe": round(float(np.mean(mine)), 4),
+                         "torch": round(float(np.mean(reference)), 4), "gap": round(gap, 4),
+                         "spread": round(float(spread), 4), "agree": bool(abs(gap) <= spread), "seeds": len(mine)})
+            print(f"{arm:10s} {tokens:9,d} {rows[-1]['minimoe']:8.3f} {rows[-1]['torch']:8.3f} {gap:+7.3f} "
+                  f"{spread:7.3f}  {'yes' if rows[-1]['agree'] else 'NO'} ({len(mine)} seeds)")
         comparison[arm] = rows
     return comparison
 
@@ -309,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     for arm in arms:
         started = time.time()
         result = run_arm(arm, args.seed, args, train_ids, held)
-        (args.runs / f"{arm}-seed{args.seed}.json").write_text(json.dumps(result) + "\n")
+        write_text(args.runs / f"{arm}-seed{args.seed}.json", json.dumps(result) + "\n")
         print(f"{arm} seed {args.seed}: done in {(time.time() - started) / 60:.1f} min", flush=True)
 
 

@@ -48,12 +48,31 @@ def test_report_writes_the_table_json_and_figures(runs, tmp_path, capsys):
     written = json.loads(results.read_text())
     summary = written["summary"]
     assert set(written["engines"]) == set(summary["arms"])
-    assert all(row["gap"] == 0 and row["agree"] for arm in written["engines"].values() for row in arm.values())
+    rows = [row for arm in written["engines"].values() for row in arm]
+    assert [row["tokens"] for row in written["engines"]["qwen"]] == [128, 256]
+    assert all(row["gap"] == 0 and row["agree"] for row in rows)
     assert engines.read_bytes().startswith(b"\x89PNG")
     assert set(summary["arms"]) == {"scratch", "copy", "qwen", "dense"}
     assert summary["parent_loss"] == json.loads((runs / "dense-seed0.json").read_text())["loss"][0]
     assert figure.read_bytes().startswith(b"\x89PNG")
     assert "tokens to parent" in capsys.readouterr().out
+
+
+def test_an_unfinished_run_counts_in_the_comparison_of_engines_up_to_where_it_got_but_not_in_the_summary(runs, tmp_path):
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    for path in runs.glob("*.json"):
+        (folder / path.name).write_text(path.read_text())
+    unfinished = json.loads((runs / "qwen-seed0.json").read_text())
+    unfinished.update(seed=1, tokens=unfinished["tokens"][:2], loss=unfinished["loss"][:2], partial=True)
+    (folder / "qwen-seed1.json").write_text(json.dumps(unfinished))
+    results = tmp_path / "results.json"
+    experiment.main(["--report", "--runs", str(folder), "--results", str(results), "--figure", str(tmp_path / "f.png"),
+                     "--torch-runs", str(runs), "--engines-figure", str(tmp_path / "e.png")])
+    written = json.loads(results.read_text())
+    assert written["summary"]["arms"]["qwen"]["seeds"] == [0]
+    assert [row["tokens"] for row in written["engines"]["qwen"]] == [128]  # seed 1 stopped after it
+    assert [run["seed"] for run in written["partial_runs"]] == [1]
 
 
 def test_tokens_to_reach_interpolates_between_evaluations():
