@@ -223,21 +223,28 @@ def draw(runs: list[dict], summary: dict, out: Path) -> None:
 
 
 def report(args) -> None:
+    """The table, JSON and figure of the finished runs; with torch's runs beside, the engines compared.
+
+    The summary needs a finished dense run (its first evaluation is the parent's loss, the yardstick);
+    without one, only the engines are compared, as far as the runs got.
+    """
     every = [json.loads(p.read_text()) for p in sorted(args.runs.glob("*.json"))]
+    if not every:
+        raise SystemExit(f"no runs in {args.runs}")
     runs = [run for run in every if not run.get("partial")]  # the summary: finished runs only
-    if not any(run["arm"] == "dense" for run in runs):
-        raise SystemExit(f"no dense run in {args.runs}: its first evaluation is the parent's loss, the yardstick")
-    summary = summarise(runs)
-    print_table(summary, runs[0]["tokens_seen"])
-    settings = {k: runs[0][k] for k in ("tokens_seen", "context", "batch", "peak_lr")}
-    results = {"settings": settings, "summary": summary, "runs": runs}
+    settings = {k: every[0][k] for k in ("tokens_seen", "context", "batch", "peak_lr")}
+    results = {"settings": settings, "runs": runs, "partial_runs": [run for run in every if run.get("partial")]}
+    if any(run["arm"] == "dense" for run in runs):
+        results["summary"] = summarise(runs)
+        print_table(results["summary"], settings["tokens_seen"])
+        draw(runs, results["summary"], args.figure)
+    else:
+        print(f"no finished dense run in {args.runs}: no summary (its first evaluation is the parent's loss)")
     torch_runs = [json.loads(p.read_text()) for p in sorted(args.torch_runs.glob("*.json"))]
     if torch_runs:
         results["engines"] = compare_engines(every, torch_runs)
         draw_engines(every, torch_runs, args.engines_figure)
-    results["partial_runs"] = [run for run in every if run.get("partial")]
     args.results.write_text(json.dumps(results, indent=1) + "\n")
-    draw(runs, summary, args.figure)
 
 
 def compare_engines(runs: list[dict], torch_runs: list[dict]) -> dict:

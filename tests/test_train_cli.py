@@ -201,3 +201,45 @@ def test_a_non_empty_out_without_resume_is_left_as_it_was(start, tmp_path, capsy
     assert train(start, out) == 1
     assert "not empty" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+
+
+def test_the_trainer_follows_the_torch_loop_it_replaces(start):
+    """minimoe's trainer and the torch loop the project trained with before (transformers' model, AdamW betas
+    (0.9, 0.95), weight decay 0.1, clipping to 1, the same schedule) on the same batches: the same losses and
+    weights, to float32 rounding compounded over the steps."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from minimoe.train import parameters
+    from minimoe.train.data import read_token_stream, training_batch
+    from minimoe.train.optim import cosine_lr
+
+    settings = trainer.Settings(tokens=6 * 2 * 32, context=32, batch=2, lr=3e-3, warmup=2)
+    model = minimoe.load(start)
+    stream = read_token_stream([TRAIN_TEXT], minimoe.load_tokenizer(start), 0)
+    log = trainer.train(model, stream, settings, progress=False)
+
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
+    optimizer = torch.optim.AdamW(theirs.parameters(), lr=settings.lr, betas=settings.betas,
+                                  weight_decay=settings.weight_decay)
+    losses = []
+    for step in range(settings.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(settings.lr, step, settings.steps, settings.warmup)
+        ids = torch.from_numpy(training_batch(stream, settings.context, settings.batch, settings.seed, step))
+        loss = theirs(ids, labels=ids, output_router_logits=True).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(theirs.parameters(), settings.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    np.testing.assert_allclose(log["curve"]["loss"], losses, rtol=1e-4)
+    # AdamW moves each weight by up to about lr a step, and divides tiny gradients by their own tiny scale, so
+    # float32 differences in a gradient show most in the weights: measured 2e-5 at most (under 1% of one
+    # step's move); a twentieth of a step's move is the bound.
+    ours = parameters(model)
+    for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.gate.weight",
+                 "model.layers.1.mlp.experts.3.down_proj.weight", "model.norm.weight", "lm_head.weight"):
+        expected = theirs.state_dict().get(name)
+        if expected is None:  # transformers 5 holds a layer's experts fused: [E, H, I] for down_proj
+            expected = theirs.state_dict()["model.layers.1.mlp.experts.down_proj"][3]
+        np.testing.assert_allclose(ours[name], expected.numpy(), rtol=0, atol=settings.lr / 20, err_msg=name)
