@@ -297,8 +297,8 @@ def draw_engines(runs: list[dict], torch_runs: list[dict], out: Path) -> None:
     axes[0][0].legend(fontsize=8)
     low = min(min(r["loss"]) for r in runs + torch_runs)
     axes[0][0].set_ylim(low - 0.05, low + 2.0)  # the scratch arm starts far above; its start is cut off
-    fig.suptitle("The upcycling experiment trained by minimoe (NumPy backward, AdamW) and by torch: "
-                 "same arms, settings and seeds, one line per seed", fontsize=10)
+    fig.suptitle("The upcycling experiment trained by minimoe and by torch\n"
+                 "same arms, settings and seeds; one line per seed; unfinished runs end where they got", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
