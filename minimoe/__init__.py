@@ -8,10 +8,12 @@ The package, floor by floor (each imports only from the floors below it; tests/t
 holds it so): the math (:mod:`.layers`), the forward pass's inputs (:mod:`.hooks`), the backends'
 operations (:mod:`.backend`, :mod:`.ops`), the one composition of the model (:mod:`.model`); then
 loading, generation and tracing (:mod:`.loading`, :mod:`.generate`, :mod:`.inspect.tracing`); then
-inspection (:mod:`.inspect`), the GPU backend (:mod:`.gpu`) and the tools (:mod:`.tools`: the CLI,
-benchmarks, upcycling).  Checkpoints are read and written by :mod:`.checkpoint`.
+inspection (:mod:`.inspect`), training (:mod:`.train`: ``minimoe.train.loss_and_grads``, ``AdamW``), corpus
+statistics (:mod:`.atlas`: ``minimoe.atlas.load``), the GPU backend (:mod:`.gpu`) and the tools (:mod:`.tools`:
+the CLI, benchmarks, upcycling).  Checkpoints are read and written by :mod:`.checkpoint`.
 """
 
+from . import atlas, train
 from .assets import default_model_path
 from .backend import to_numpy
 from .config import ModelConfig

@@ -1,7 +1,11 @@
 #!/usr/bin/env python
-"""Training-step speed: minimoe's forward + backward against torch's, on the same model and batch.
+"""Training-step speed: minimoe's training step against torch's, on the same model and batch.
 
     PYTHONPATH=. python scripts/bench_train.py [--model DIR] [--batch 16] [--context 256] [--repeats 5]
+                                               [--forward-backward-only]
+
+A step is the forward, the backward, clipping to a global norm of 1 and an AdamW update (betas 0.9, 0.95,
+weight decay 0.1: what minimoe's trainer does); ``--forward-backward-only`` leaves out the last two.
 
 Both sides compute in float32 from the same checkpoint (minimoe: ``minimoe.train.loss_and_grads`` on the
 numpy backend; torch: transformers' model, upcast to float32, ``loss.backward()`` with
@@ -37,26 +41,45 @@ def batch_of(config, batch: int, context: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, config.vocab_size, (batch, context))
 
 
-def minimoe_side(folder: Path):
-    """(step(ids) -> loss, config): minimoe's forward and backward on the numpy backend."""
+OPTIMIZER = dict(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)  # a small lr: the weights stay near the checkpoint's
+
+
+def minimoe_side(folder: Path, optimize: bool = True):
+    """(step(ids) -> loss, config): minimoe's forward and backward on the numpy backend, then clip and AdamW."""
+    from minimoe.train.optim import AdamW, clip_grad_norm
+
     model = minimoe.load(folder)
-    train.parameters(model)  # the float32 weights, made once (not timed)
-    return (lambda ids: train.loss_and_grads(model, ids)[0]), model.config
+    params = train.parameters(model)  # the float32 weights, made once (not timed)
+    optimizer = AdamW(**OPTIMIZER)
+
+    def step(ids):
+        loss, grads = train.loss_and_grads(model, ids)
+        if optimize:
+            clip_grad_norm(grads, 1.0)
+            optimizer.step(params, grads)
+        return loss
+
+    return step, model.config
 
 
-def torch_side(folder: Path):
-    """(step(ids) -> loss, model): transformers' float32 model, loss.backward(), gradients cleared after."""
+def torch_side(folder: Path, optimize: bool = True):
+    """(step(ids) -> loss, model): transformers' float32 model, loss.backward(), clip_grad_norm_ and
+    torch.optim.AdamW, gradients cleared after."""
     import torch
     import transformers
 
     torch.set_num_threads(THREADS)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     moe = getattr(model.config, "num_experts", 0) or getattr(model.config, "num_local_experts", 0)
+    optimizer = torch.optim.AdamW(model.parameters(), **OPTIMIZER)
 
     def step(ids):
         ids = torch.from_numpy(ids)
         loss = model(ids, labels=ids, **({"output_router_logits": True} if moe else {})).loss
         loss.backward()
+        if optimize:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
         model.zero_grad(set_to_none=True)
         return loss.item()
 
@@ -70,21 +93,21 @@ def timed(step, ids) -> tuple[float, float, float]:
     return time.perf_counter() - start, time.process_time() - cpu, loss
 
 
-def peak_memory(side: str, folder: Path, batch: int, context: int, seed: int) -> dict:
+def peak_memory(side: str, folder: Path, batch: int, context: int, seed: int, optimize: bool) -> dict:
     """Peak resident memory of a fresh process running ``side``: after loading and one step, and after a second."""
     command = [sys.executable, __file__, "--model", str(folder), "--batch", str(batch), "--context", str(context),
-               "--seed", str(seed), "--memory-of", side]
+               "--seed", str(seed), "--memory-of", side, *([] if optimize else ["--forward-backward-only"])]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.splitlines()[-1])
 
 
-def measure_memory(side: str, folder: Path, batch: int, context: int, seed: int) -> None:
+def measure_memory(side: str, folder: Path, batch: int, context: int, seed: int, optimize: bool) -> None:
     """In a child process: print the peak resident set (MB) after loading, and after two steps."""
     def peak_mb() -> float:  # the process's high-water mark (ru_maxrss would carry the parent's over exec)
         status = Path("/proc/self/status").read_text().splitlines()
         return int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) / 1024  # kB
 
-    step, _ = minimoe_side(folder) if side == "minimoe" else torch_side(folder)
+    step, _ = minimoe_side(folder, optimize) if side == "minimoe" else torch_side(folder, optimize)
     loaded = peak_mb()
     ids = batch_of(minimoe.load(folder).config, batch, context, seed)
     step(ids)
@@ -100,15 +123,17 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps of each side (after one warm-up)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument("--forward-backward-only", action="store_true", help="no clipping, no AdamW update")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--memory-of", choices=("minimoe", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    optimize = not args.forward_backward_only
     if args.memory_of:
-        measure_memory(args.memory_of, args.model, args.batch, args.context, args.seed)
+        measure_memory(args.memory_of, args.model, args.batch, args.context, args.seed, optimize)
         return 0
 
-    ours, config = minimoe_side(args.model)
-    theirs, _ = torch_side(args.model)
+    ours, config = minimoe_side(args.model, optimize)
+    theirs, _ = torch_side(args.model, optimize)
     ids = batch_of(config, args.batch, args.context, args.seed)
     tokens = ids.size
     times, cpu_times = {"minimoe": [], "torch": []}, {"minimoe": [], "torch": []}
@@ -124,15 +149,16 @@ def main(argv=None) -> int:
     result = {
         "model": str(args.model), "batch": args.batch, "context": args.context, "tokens_per_step": tokens,
         "threads": THREADS, "repeats": args.repeats, "losses": losses,
+        "step": "forward + backward + clip + AdamW" if optimize else "forward + backward",
         "step_seconds": times, "step_cpu_seconds": cpu_times,
         "tokens_per_s": {side: tokens / statistics.median(seconds) for side, seconds in times.items()},
     }
     result["ratio"] = result["tokens_per_s"]["minimoe"] / result["tokens_per_s"]["torch"]
     if not args.no_memory:
-        result["memory_mb"] = {side: peak_memory(side, args.model, args.batch, args.context, args.seed)
+        result["memory_mb"] = {side: peak_memory(side, args.model, args.batch, args.context, args.seed, optimize)
                                for side in ("minimoe", "torch")}
     result["load_average"] = os.getloadavg()
-    print(f"forward + backward, batch {args.batch} x {args.context} ({tokens} tokens), "
+    print(f"{result['step']}, batch {args.batch} x {args.context} ({tokens} tokens), "
           f"{THREADS} thread{'s' if THREADS > 1 else ''} each, "
           f"median of {args.repeats}; load average {result['load_average'][0]:.1f} (other jobs slow both sides):")
     for side in ("minimoe", "torch"):

@@ -53,10 +53,15 @@ def data_paragraph(results: dict) -> str:
         third_tokens=results["sets"]["third_party"]["tokens"])
 
 
+TRAINERS = {"minimoe.train": "minimoe's own trainer (NumPy backward, AdamW)"}
+TORCH_TRAINER = "transformers + torch.optim.AdamW"  # every model trained before training.json said which
+
+
 def training_line(log: dict) -> str:
+    trainer = TRAINERS.get(log.get("trainer"), TORCH_TRAINER)
     return (f"{log['tokens_seen']:,} tokens ({log['steps']:,} steps of {log['batch']} windows of {log['context']} "
             f"tokens), AdamW, peak learning rate {log['peak_lr']}, cosine schedule, {log['train_minutes']} minutes "
-            f"on {log['machine']}")
+            f"on {log['machine']}, trained by {trainer}")
 
 
 def training_tokens(moe_log: dict, dense_log: dict) -> tuple[int, int]:

@@ -15,12 +15,15 @@ Their shapes relate as the real ones do: the dense FFN (344) is to the expert wi
 Qwen1.5-1.8B's 5504 is to Qwen1.5-MoE's 1408, and the MoE has 64 segments per layer, 4 fused
 into the sigmoid-gated shared expert and 60 routed, top-4, ``norm_topk_prob`` false.
 
-Training uses transformers' ``Qwen2ForCausalLM`` / ``Qwen2MoeForCausalLM`` (the reference
-implementation; needs the ``test`` extra) on text every Python install has: the standard library's
+Training is minimoe's own (:mod:`minimoe.train`: its NumPy forward and backward, AdamW with betas
+(0.9, 0.95) and weight decay 0.1, gradients clipped to norm 1, a warm-up and a cosine to a tenth of
+the peak; torch is only the reference the tests hold it to) on text every Python install has: the standard library's
 own sources and the ``pydoc_data`` help topics, split into training and held-out documents by a
 hash of their name.  Python outside the standard library (requests and jinja2, installed with the
 ``test`` extra) is held out entirely, to measure how far the models generalise.  Budgets are in
-tokens, so a rerun on another machine does the same work.
+tokens, so a rerun on another machine does the same work.  Each model's training.json says which
+trainer made it (``trainer``; the shipped ones were trained by transformers + ``torch.optim.AdamW``
+with the same settings).  ``--assets DIR`` writes the models elsewhere.
 """
 
 from __future__ import annotations
@@ -29,22 +32,26 @@ import argparse
 import importlib
 import importlib.metadata
 import json
-import math
+import os
 import platform
 import shutil
-import subprocess
-import sys
 import sysconfig
 import tempfile
 import time
 import zlib
 from pathlib import Path
-from typing import Callable
 
+import ml_dtypes
 import numpy as np
-import torch
 
+import minimoe
+from minimoe.checkpoint.names import expected_shapes
+from minimoe.checkpoint.writer import write_checkpoint
 from minimoe.tokenizer import CHATML_TEMPLATE  # Qwen's ChatML, the bundled models' chat template
+from minimoe.train import parameters
+from minimoe.train.init import write_random_checkpoint
+from minimoe.train.trainer import Settings, train
+from minimoe.train.trainer import held_out_loss as windows_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "minimoe" / "assets"
@@ -61,6 +68,11 @@ COMMON = dict(
     rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=0, eos_token_id=[0, 2],
 )
 DENSE = dict(COMMON, intermediate_size=344)  # 344 / 88 = 3.91, as 5504 / 1408
+DENSE_CONFIG = dict(  # config.json of the dense parent, as transformers' Qwen2Config(**DENSE) writes it
+    DENSE, architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act="silu", initializer_range=0.02,
+    attention_dropout=0.0, dtype="bfloat16", use_cache=True, use_sliding_window=False, sliding_window=None,
+    max_window_layers=28, layer_types=["full_attention"] * COMMON["num_hidden_layers"], pad_token_id=None)
+OPTIMIZER = dict(betas=(0.9, 0.95), weight_decay=0.1, clip=1.0, floor=0.1)  # minimoe.train.Settings' defaults
 UPCYCLE = dict(experts=64, shared_experts=4, top_k=4, expert_size=88, method="qwen", reinit=0.5, seed=0)
 AUX_LOSS = 0.01  # router load-balancing loss coefficient in training: ten times Qwen1.5-MoE's config.json (0.001)
 
@@ -147,91 +159,60 @@ def unigram_loss(train_ids: np.ndarray, held_ids: np.ndarray, vocab: int) -> flo
 
 # ----------------------------------------------------------------------------------------------- training
 
-@torch.no_grad()
 def held_out_loss(model, ids: np.ndarray, context: int, max_windows: int | None = 200) -> float:
     """Mean next-token cross-entropy (nats) over up to ``max_windows`` windows of ``context`` tokens (None: all)."""
-    model.eval()
-    batches = windows(ids, context)[:max_windows]
-    total = 0.0
-    for chunk in range(0, len(batches), 8):
-        batch = torch.from_numpy(batches[chunk : chunk + 8])
-        total += model(batch, labels=batch.clone()).loss.item() * len(batch)
-    model.train()
-    return total / len(batches)
+    return windows_loss(model, windows(ids, context)[:max_windows])
 
 
-def cosine_lr(peak: float, step: int, steps: int, warmup: int) -> float:
-    """Linear warm-up to ``peak``, then a cosine down to a tenth of it at ``steps``."""
-    progress = min(1.0, step / max(1, steps))
-    return peak * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def train(model, train_ids: np.ndarray, *, tokens: int, context: int, batch: int, lr: float, seed: int,
-          warmup: int = 100, evaluate: Callable[[int], None] | None = None, evaluations: int = 0,
-          log_every: int = 100) -> dict:
-    """Train ``model`` on ``tokens`` tokens of random windows of ``train_ids`` (AdamW, cosine schedule).
-
-    The data order depends on ``seed`` only, so arms of an experiment given the same seed see the
-    same batches.  ``evaluate(tokens_seen)`` is called before the first step and ``evaluations``
-    times more, evenly spaced, the last after the final step.
-    """
-    rng = np.random.default_rng(seed)
-    steps = max(1, tokens // (batch * context))
-    evaluations = min(evaluations, steps)  # at most one per step
-    eval_steps = {round(steps * (i + 1) / evaluations) for i in range(evaluations)} if evaluations else set()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    is_moe = hasattr(model.config, "num_experts")
+def train_model(model, train_ids: np.ndarray, *, tokens: int, context: int, batch: int, lr: float, seed: int,
+                warmup: int = 100, aux_loss_coef: float | None = None) -> dict:
+    """Train ``model`` (minimoe.load's) on ``tokens`` tokens of random windows of ``train_ids``; the log's summary."""
+    settings = Settings(tokens=tokens, context=context, batch=batch, lr=lr, warmup=warmup, seed=seed,
+                        aux_loss_coef=aux_loss_coef)
     started = time.time()
-    if evaluate:
-        evaluate(0)
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(lr, step, steps, warmup)
-        starts = rng.integers(0, len(train_ids) - context, batch)
-        ids = torch.from_numpy(np.stack([train_ids[s : s + context] for s in starts]))
-        out = model(ids, labels=ids.clone(), **({"output_router_logits": True} if is_moe else {}))
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        seen = (step + 1) * batch * context
-        if log_every and (step + 1) % log_every == 0:
-            elapsed = time.time() - started
-            print(f"step {step + 1:5d}/{steps}  {elapsed / 60:5.1f} min  loss {out.loss.item():.3f}  "
-                  f"{seen / elapsed:,.0f} tok/s", flush=True)
-        if evaluate and step + 1 in eval_steps:
-            evaluate(seen)
-    return {"steps": steps, "tokens_seen": steps * batch * context, "context": context, "batch": batch,
-            "peak_lr": lr, "train_minutes": round((time.time() - started) / 60, 1)}
+    train(model, train_ids, settings)
+    return {"steps": settings.steps, "tokens_seen": settings.steps * batch * context, "context": context,
+            "batch": batch, "peak_lr": lr, "train_minutes": round((time.time() - started) / 60, 1),
+            "trainer": "minimoe.train"}
 
 
 def machine() -> str:
-    threads = torch.get_num_threads()
-    return f"{platform.processor() or platform.machine()}, {threads} thread{'s' * (threads > 1)}, torch {torch.__version__}"
+    cores = len(os.sched_getaffinity(0))
+    return f"{platform.processor() or platform.machine()}, {cores} core{'s' * (cores > 1)}, numpy {np.__version__}"
 
 
-def save(model, out: Path, tokenizer_dir: Path | None, tokenizer=None) -> None:
-    """bf16 weights in the Hub's layout, the tokenizer (trained or copied) and a generation config."""
+def save(model, out: Path, tokenizer_dir: Path | None, tokenizer=None, config_updates: dict | None = None) -> None:
+    """bf16 weights in the Hub's layout, the config, the tokenizer (trained or copied) and a generation config."""
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*.safetensors*"):
         stale.unlink()
-    model.to(torch.bfloat16).save_pretrained(out)
+    params, shapes = parameters(model), expected_shapes(model.config)
+    write_checkpoint(out, shapes, ml_dtypes.bfloat16,
+                     ((name, params[name].astype(ml_dtypes.bfloat16)) for name in shapes))
+    config = json.loads((model.checkpoint.folder / "config.json").read_text())
+    config.update(dtype="bfloat16", **(config_updates or {}))
+    config.pop("torch_dtype", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 0, "eos_token_id": [0, 2], "do_sample": True, "temperature": 0.8, "top_k": 40,
          "top_p": 0.95, "max_new_tokens": 64}, indent=2) + "\n")
     if tokenizer is not None:
-        tokenizer.save(str(out / "tokenizer.json"))
-        (out / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
-            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
-            "model_max_length": CONTEXT,
-            "clean_up_tokenization_spaces": False,
-            "chat_template": CHATML_TEMPLATE,
-        }, indent=2) + "\n")
+        save_tokenizer(tokenizer, out)
     elif tokenizer_dir is not None and tokenizer_dir != out:
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copyfile(tokenizer_dir / name, out / name)
+
+
+def save_tokenizer(tokenizer, out: Path) -> None:
+    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "model_max_length": CONTEXT,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHATML_TEMPLATE,
+    }, indent=2) + "\n")
 
 
 def load_tokenizer(folder: Path):
@@ -248,19 +229,20 @@ def write_training_log(folder: Path, log: dict) -> None:
 
 def train_dense(args) -> None:
     """The dense parent, from scratch; it also trains the tokenizer both models share."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(args.seed)
     train_texts, held_texts, _ = corpus()
     tokenizer = train_tokenizer(train_texts, DENSE["vocab_size"])
     train_ids, held_ids = encode_all(tokenizer, train_texts), encode_all(tokenizer, held_texts)
-    model = Qwen2ForCausalLM(Qwen2Config(**DENSE))
-    log = {"command": "python scripts/train_bundled_model.py dense", "parameters": model.num_parameters()}
-    log.update(train(model, train_ids, tokens=args.tokens or 4_000_000, context=CONTEXT, batch=args.batch,
-                     lr=args.lr or 3e-3, seed=args.seed))
-    log.update(held_out_loss_1024=round(held_out_loss(model, held_ids, CONTEXT), 4), machine=machine())
-    save(model, DENSE_DIR, None, tokenizer)
-    write_training_log(DENSE_DIR, log)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = write_random_checkpoint(DENSE_CONFIG, Path(tmp) / "scratch", seed=args.seed)
+        save_tokenizer(tokenizer, start)
+        model = minimoe.load(start)
+        log = {"command": "python scripts/train_bundled_model.py dense",
+               "parameters": minimoe.count_parameters(model.config).total}
+        log.update(train_model(model, train_ids, tokens=args.tokens or 4_000_000, context=CONTEXT,
+                               batch=args.batch, lr=args.lr or 3e-3, seed=args.seed))
+        log.update(held_out_loss_1024=round(held_out_loss(model, held_ids, CONTEXT), 4), machine=machine())
+        save(model, args.dense_dir, None, tokenizer)
+    write_training_log(args.dense_dir, log)
 
 
 def upcycle_command(dense: Path, out: Path) -> list[str]:
@@ -274,44 +256,45 @@ def upcycle_command(dense: Path, out: Path) -> list[str]:
 
 def train_moe(args) -> None:
     """`minimoe upcycle` the dense parent, then train the MoE on the same corpus."""
-    from transformers import Qwen2MoeForCausalLM
-
-    torch.manual_seed(args.seed)
-    train_ids, held_ids = stdlib_ids(load_tokenizer(DENSE_DIR))
+    train_ids, held_ids = stdlib_ids(load_tokenizer(args.dense_dir))
+    u = UPCYCLE
     with tempfile.TemporaryDirectory() as tmp:
-        start = Path(tmp) / "upcycled"
-        command = upcycle_command(DENSE_DIR, start)
-        subprocess.run([sys.executable, "-m", "minimoe", *command[1:]], check=True)
-        model = Qwen2MoeForCausalLM.from_pretrained(start, dtype=torch.float32)
-    model.config.router_aux_loss_coef = AUX_LOSS
-    relative = upcycle_command(DENSE_DIR.relative_to(ROOT), Path("/tmp/tiny-moe-upcycled"))
-    log = {"commands": [" ".join(relative), "python scripts/train_bundled_model.py moe"],
-           "parameters": model.num_parameters(), "router_aux_loss_coef": AUX_LOSS,
-           "held_out_loss_1024_at_upcycling": round(held_out_loss(model, held_ids, CONTEXT), 4)}
-    log.update(train(model, train_ids, tokens=args.tokens or 6_000_000, context=CONTEXT, batch=args.batch,
-                     lr=args.lr or 2e-3, seed=args.seed))
-    log.update(held_out_loss_1024=round(held_out_loss(model, held_ids, CONTEXT), 4), machine=machine())
-    save(model, MOE_DIR, DENSE_DIR)
-    write_training_log(MOE_DIR, log)
+        start = minimoe.upcycle(args.dense_dir, Path(tmp) / "upcycled", num_experts=u["experts"],
+                                shared_experts=u["shared_experts"], top_k=u["top_k"], expert_size=u["expert_size"],
+                                method=u["method"], reinit=u["reinit"], seed=u["seed"])
+        model = minimoe.load(start)
+        relative = upcycle_command(display_path(args.dense_dir), Path("/tmp/tiny-moe-upcycled"))
+        log = {"commands": [" ".join(relative), "python scripts/train_bundled_model.py moe"],
+               "parameters": minimoe.count_parameters(model.config).total, "router_aux_loss_coef": AUX_LOSS,
+               "held_out_loss_1024_at_upcycling": round(held_out_loss(model, held_ids, CONTEXT), 4)}
+        log.update(train_model(model, train_ids, tokens=args.tokens or 6_000_000, context=CONTEXT, batch=args.batch,
+                               lr=args.lr or 2e-3, seed=args.seed, aux_loss_coef=AUX_LOSS))
+        log.update(held_out_loss_1024=round(held_out_loss(model, held_ids, CONTEXT), 4), machine=machine())
+        save(model, args.moe_dir, args.dense_dir, config_updates={"router_aux_loss_coef": AUX_LOSS})
+    write_training_log(args.moe_dir, log)
 
 
 def train_moe_more(args) -> None:
     """A second stage: the bundled MoE trained on from its saved weights, with a schedule of its own."""
-    from transformers import Qwen2MoeForCausalLM
+    train_ids, held_ids = stdlib_ids(load_tokenizer(args.moe_dir))
+    log = json.loads((args.moe_dir / "training.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:  # a copy to train from, as the folder itself is rewritten at the end
+        start = Path(shutil.copytree(args.moe_dir, Path(tmp) / "start"))
+        model = minimoe.load(start)
+        stage = {"command": f"python scripts/train_bundled_model.py more --tokens {args.tokens} --lr {args.lr} "
+                            f"--seed {args.seed}"}
+        stage.update(train_model(model, train_ids, tokens=args.tokens, context=CONTEXT, batch=args.batch, lr=args.lr,
+                                 seed=args.seed, aux_loss_coef=AUX_LOSS))
+        stage.update(held_out_loss_1024=round(held_out_loss(model, held_ids, CONTEXT), 4), machine=machine())
+        log.setdefault("more", []).append(stage)
+        save(model, args.moe_dir, None)
+    write_training_log(args.moe_dir, log)
 
-    torch.manual_seed(args.seed)
-    train_ids, held_ids = stdlib_ids(load_tokenizer(MOE_DIR))
-    model = Qwen2MoeForCausalLM.from_pretrained(MOE_DIR, dtype=torch.float32)
-    model.config.router_aux_loss_coef = AUX_LOSS
-    log = json.loads((MOE_DIR / "training.json").read_text())
-    stage = {"command": f"python scripts/train_bundled_model.py more --tokens {args.tokens} --lr {args.lr} "
-                        f"--seed {args.seed}"}
-    stage.update(train(model, train_ids, tokens=args.tokens, context=CONTEXT, batch=args.batch, lr=args.lr,
-                       seed=args.seed))
-    stage.update(held_out_loss_1024=round(held_out_loss(model, held_ids, CONTEXT), 4), machine=machine())
-    log.setdefault("more", []).append(stage)
-    save(model, MOE_DIR, None)
-    write_training_log(MOE_DIR, log)
+
+def display_path(path: Path) -> Path:
+    """``path`` relative to the repository when inside it (as training.json records commands)."""
+    where = Path(path).resolve()
+    return where.relative_to(ROOT) if where.is_relative_to(ROOT) else where
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -329,17 +312,15 @@ def slice_text(texts: list[str], chars: int = 20_000) -> str:
 
 
 def slice_loss(model, tokenizer, text: str, context: int = 256) -> float:
-    """Held-out loss on a shipped slice, as tests/test_bundled.py recomputes it with minimoe."""
+    """Held-out loss on a shipped slice, as tests/test_bundled.py recomputes it."""
     return held_out_loss(model, np.array(tokenizer.encode(text).ids, dtype=np.int64), context)
 
 
 def evaluate(args) -> None:
     """Every model on the same held-out tokens; writes evaluation.json, both cards and the shipped slices."""
-    from transformers import AutoModelForCausalLM
-
     train_texts, held_texts, held_names = corpus()
     third_texts, third_names = third_party_corpus()
-    tokenizer = load_tokenizer(MOE_DIR)
+    tokenizer = load_tokenizer(args.moe_dir)
     train_ids = encode_all(tokenizer, train_texts)
     sets = {"stdlib": (held_texts, encode_all(tokenizer, held_texts)),
             "third_party": (third_texts, encode_all(tokenizer, third_texts))}
@@ -348,7 +329,7 @@ def evaluate(args) -> None:
     for name, text in slices.items():
         (SLICES / f"{name}.txt").write_text(text)
     spread = 50  # chunks of 1024 tokens evenly spaced over each set: 51,200 tokens, read whole or as 4 x 256
-    models = {"tiny-moe": MOE_DIR, "tiny-dense": DENSE_DIR}
+    models = {"tiny-moe": args.moe_dir, "tiny-dense": args.dense_dir}
     if args.baseline:
         models["baseline"] = args.baseline
     measured = {name: spread_tokens(ids, spread, CONTEXT) for name, (_, ids) in sets.items()}
@@ -358,11 +339,11 @@ def evaluate(args) -> None:
                                  "unigram": round(unigram_loss(train_ids, measured[name], 4096), 4),
                                  "slice_tokens": len(tokenizer.encode(slices[name]).ids)}
     for label, folder in models.items():
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = minimoe.load(folder)
         assert load_tokenizer(Path(folder)).to_str() == tokenizer.to_str(), f"{folder}: another tokenizer"
         where = Path(folder).resolve()
         row = {"path": str(where.relative_to(ROOT)) if where.is_relative_to(ROOT) else where.name,
-               "parameters": model.num_parameters(),
+               "parameters": minimoe.count_parameters(model.config).total,
                "context": model.config.max_position_embeddings}
         for name in sets:
             for context in (256, 1024):
@@ -374,17 +355,17 @@ def evaluate(args) -> None:
     results["held_out_documents"] = {"stdlib": held_names, "third_party": third_names}
     results["third_party_versions"] = {p: importlib.metadata.version(p) for p in THIRD_PARTY}
     results["python"] = platform.python_version()
-    (MOE_DIR / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_cards(results)
+    (args.moe_dir / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_cards(results, args.dense_dir, args.moe_dir)
 
 
-def write_cards(results: dict) -> None:
+def write_cards(results: dict, dense_dir: Path = DENSE_DIR, moe_dir: Path = MOE_DIR) -> None:
     """README.md beside each model's weights, from training.json and evaluation.json."""
     from model_cards import dense_card, moe_card
 
-    dense_log, moe_log = (json.loads((folder / "training.json").read_text()) for folder in (DENSE_DIR, MOE_DIR))
-    (DENSE_DIR / "README.md").write_text(dense_card(results, dense_log, moe_log))
-    (MOE_DIR / "README.md").write_text(moe_card(results, moe_log, dense_log))
+    dense_log, moe_log = (json.loads((folder / "training.json").read_text()) for folder in (dense_dir, moe_dir))
+    (dense_dir / "README.md").write_text(dense_card(results, dense_log, moe_log))
+    (moe_dir / "README.md").write_text(moe_card(results, moe_log, dense_log))
 
 
 def main() -> None:
@@ -395,9 +376,17 @@ def main() -> None:
     parser.add_argument("--lr", type=float, help="peak learning rate (dense 3e-3, moe 2e-3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--baseline", type=Path, help="evaluate: also measure this model (same tokenizer) into evaluation.json")
+    parser.add_argument("--assets", type=Path, default=ASSETS, help="where tiny-dense and tiny-moe are (default: "
+                                                                   "minimoe/assets, the bundled models)")
+    parser.add_argument("--threads", type=int, help="minimoe's threads (default: every core)")
     args = parser.parse_args()
+    args.dense_dir, args.moe_dir = args.assets / DENSE_DIR.name, args.assets / MOE_DIR.name
+    if args.threads:
+        import minimoe.backend
+
+        minimoe.backend.NUM_THREADS = args.threads
     if args.step == "cards":
-        write_cards(json.loads((MOE_DIR / "evaluation.json").read_text()))
+        write_cards(json.loads((args.moe_dir / "evaluation.json").read_text()), args.dense_dir, args.moe_dir)
         return
     if args.step == "more" and not (args.tokens and args.lr):
         parser.error("more needs --tokens and --lr")

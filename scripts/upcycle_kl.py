@@ -59,10 +59,10 @@ def train_dense(folder: Path, minutes: float, seed: int = 0) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-    loss = held_out_loss(model, held_ids, 255, max_windows=64)
     model.to(torch.bfloat16).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (folder / name).write_bytes((tokenizer_file.parent / name).read_bytes())
+    loss = held_out_loss(minimoe.load(folder), held_ids, 255, max_windows=64)  # the saved (bf16) model's, by minimoe
     return {"steps": step, "minutes": minutes, "held_out_loss": loss, "held_ids": held_ids}
 
 

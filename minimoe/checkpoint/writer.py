@@ -26,6 +26,9 @@ from .reader import DTYPES, INDEX_FILE, SINGLE_FILE
 
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 SHARD_BYTES = 4 * 10**9  # about the size of the Hub's Qwen1.5 shards
+# The files of a checkpoint folder besides config.json and the weights, which a new checkpoint made from it carries along.
+SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+              "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
 def plan_shards(shapes: dict[str, tuple[int, ...]], itemsize: int, shard_bytes: int) -> list[list[str]]:

@@ -1,4 +1,4 @@
-"""The ``minimoe`` command line: demo, generate, chat, inspect, params, bench, upcycle, atlas.
+"""The ``minimoe`` command line: demo, generate, chat, inspect, params, bench, upcycle, train, atlas.
 
 ``--model`` defaults to the small MoE bundled with minimoe, so every command runs
 offline on a fresh install.  Exit codes: 0 success; 1 bad input (a
@@ -297,6 +297,21 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         print(path)
 
 
+# --- train --------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from ..train.trainer import Settings, train_folder
+
+    settings = Settings(tokens=args.tokens, context=args.context, batch=args.batch, lr=args.lr,
+                        warmup=args.warmup if args.warmup is not None else args.tokens // (args.batch * args.context) // 20,
+                        aux_loss_coef=args.aux_loss_coef, seed=args.seed, save_every=args.save_every,
+                        eval_every=args.eval_every, eval_windows=args.eval_windows)
+    log = train_folder(args.model_dir, args.data, args.out, settings, eval_paths=args.eval or (), resume=args.resume)
+    held = log["held_out"]["loss"]
+    print(f"trained {settings.steps} steps: loss {log['curve']['loss'][0]:.3f} -> {log['curve']['loss'][-1]:.3f}"
+          + (f", held-out {held[0]:.3f} -> {held[-1]:.3f}" if held else "") + f"; model in {args.out}")
+
+
 # --- bench --------------------------------------------------------------------------
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -442,6 +457,31 @@ def build_parser() -> argparse.ArgumentParser:
                               "write nothing")
     upcycle.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     upcycle.set_defaults(run=cmd_upcycle)
+
+    train = commands.add_parser(
+        "train", help="train a checkpoint on text files (NumPy forward, backward and AdamW), with resumable checkpoints",
+        description="Train MODEL_DIR on windows of --context tokens sampled from the text under --data, in an order "
+                    "set by --seed: AdamW (betas 0.9, 0.95; weight decay 0.1), gradients clipped to norm 1, a linear "
+                    "warm-up and a cosine down to a tenth of --lr. Writes OUT/checkpoint-N (Hub layout, float32, with "
+                    "the optimizer state), OUT/training.json and, at the end, the final model in OUT. --resume "
+                    "continues the run in OUT exactly as if it had not stopped.")
+    train.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="checkpoint folder to start from")
+    train.add_argument("--data", nargs="+", required=True, metavar="PATH", help="text files or folders to train on")
+    train.add_argument("--out", type=Path, required=True, help="folder for checkpoints and the trained model")
+    train.add_argument("--tokens", type=int, required=True, help="training tokens; steps = tokens / (batch x context)")
+    train.add_argument("--context", type=int, required=True, help="tokens per window")
+    train.add_argument("--batch", type=int, required=True, help="windows per step")
+    train.add_argument("--lr", type=float, required=True, help="peak learning rate")
+    train.add_argument("--warmup", type=int, help="warm-up steps (default: 5%% of the steps)")
+    train.add_argument("--aux-loss-coef", type=float, help="load-balancing loss weight (default: the config's)")
+    train.add_argument("--eval", nargs="+", metavar="PATH", help="held-out text files or folders")
+    train.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (default: "
+                                                                 "at the start and the end only)")
+    train.add_argument("--eval-windows", type=int, default=32, help="held-out windows per evaluation (default 32)")
+    train.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (default: at the end)")
+    train.add_argument("--seed", type=int, default=0, help="the order of the windows (default 0)")
+    train.add_argument("--resume", action="store_true", help="continue the run in OUT from its latest checkpoint")
+    train.set_defaults(run=cmd_train)
 
     bench = commands.add_parser(
         "bench", help="measure prefill and decode tokens/s, time to first token, load time and peak memory",

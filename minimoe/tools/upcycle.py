@@ -74,7 +74,7 @@ import numpy as np
 from ..checkpoint.names import (EMBED, dense_mlp_prefix, expected_shapes, expert_prefix, router_name,
                                 shared_expert_gate_name, shared_expert_prefix, swiglu_names)
 from ..checkpoint.reader import Checkpoint
-from ..checkpoint.writer import SHARD_BYTES, write_checkpoint
+from ..checkpoint.writer import SHARD_BYTES, SIDE_FILES, write_checkpoint
 from ..config import ModelConfig, read_config_file
 from ..errors import MinimoeError
 from ..layers import swiglu
@@ -84,8 +84,6 @@ METHODS = ("copy", "qwen", "drop")
 ROUTER_STD = 0.02  # transformers' initializer_range for Qwen2-MoE
 ROUTER_AUX_LOSS_COEF = 0.001  # Qwen1.5-MoE-A2.7B's config.json
 # Files besides the weights that a checkpoint folder carries over unchanged.
-SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-              "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 # Independent random streams per layer (numpy SeedSequence entropy [seed, layer, stream, ...]), so that
 # any one expert can be rebuilt alone, in any order, and the same seed always gives the same bytes.
 SHUFFLE_STREAM, ROUTER_STREAM, SEGMENT_STREAM = 0, 1, 2
