@@ -27,5 +27,5 @@ def test_fresh_model_matches_transformers(spec, tmp_path):
     model = minimoe.load(tmp_path / spec.name)
     check_logits(model, reference)
     check_cached_decoding(model, reference)
-    if spec.architecture != "qwen2":
+    if model.config.num_experts > 0:  # a dense model has no routing to compare
         check_routing(model, reference)
