@@ -430,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     params.set_defaults(run=cmd_params)
 
     upcycle = commands.add_parser(
-        "upcycle", help="make a Qwen2-MoE checkpoint from a dense Qwen2 one (how Qwen1.5-MoE was initialised)",
+        "upcycle", help="make a Qwen2-MoE checkpoint from a dense Qwen2 one (upcycling, as the blog says Qwen1.5-MoE was made)",
         description="Cut each dense FFN into --experts segments of --expert-size neurons (--shared-experts of them "
                     "fused into the shared expert, the rest routed), copy attention, norms and embeddings, and write "
                     "the MoE to OUT_DIR. Qwen1.5-MoE-A2.7B from Qwen1.5-1.8B: --experts 64 --shared-experts 4 "
